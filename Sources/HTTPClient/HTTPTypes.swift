@@ -1,0 +1,131 @@
+/// The one seam between the project and the network: every remote store speaks HTTP through
+/// `HTTPTransport`, so tests can put a fault-injecting double where libcurl would be.
+
+/// Header fields in order, looked up case-insensitively.
+public struct HTTPHeaders: Sendable, Equatable, Sequence {
+    public private(set) var fields: [(name: String, value: String)]
+
+    public init(_ fields: [(name: String, value: String)] = []) { self.fields = fields }
+
+    public subscript(name: String) -> String? {
+        let lower = name.lowercased()
+        return fields.first { $0.name.lowercased() == lower }?.value
+    }
+
+    public func values(_ name: String) -> [String] {
+        let lower = name.lowercased()
+        return fields.filter { $0.name.lowercased() == lower }.map(\.value)
+    }
+
+    public mutating func add(_ name: String, _ value: String) { fields.append((name, value)) }
+
+    public mutating func set(_ name: String, _ value: String) {
+        remove(name)
+        fields.append((name, value))
+    }
+
+    public mutating func remove(_ name: String) {
+        let lower = name.lowercased()
+        fields.removeAll { $0.name.lowercased() == lower }
+    }
+
+    public func makeIterator() -> IndexingIterator<[(name: String, value: String)]> { fields.makeIterator() }
+
+    public static func == (lhs: HTTPHeaders, rhs: HTTPHeaders) -> Bool {
+        lhs.fields.elementsEqual(rhs.fields) { $0.name == $1.name && $0.value == $1.value }
+    }
+}
+
+public struct HTTPRequest: Sendable {
+    public var method: String
+    public var url: String
+    public var headers: HTTPHeaders
+    public var body: [UInt8]?
+    /// Bound on connecting and on any stall: a transfer that moves no byte for this long fails.
+    public var stallTimeout: Duration
+    /// Bound on the whole exchange, for small requests (tokens, manifests); nil for streams.
+    public var totalTimeout: Duration?
+
+    public init(method: String = "GET", url: String, headers: HTTPHeaders = HTTPHeaders(),
+                body: [UInt8]? = nil, stallTimeout: Duration = .seconds(60), totalTimeout: Duration? = nil) {
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.stallTimeout = stallTimeout
+        self.totalTimeout = totalTimeout
+    }
+}
+
+public struct HTTPResponseHead: Sendable {
+    public var status: Int
+    public var headers: HTTPHeaders
+
+    public init(status: Int, headers: HTTPHeaders) {
+        self.status = status
+        self.headers = headers
+    }
+}
+
+public struct HTTPResponse: Sendable {
+    public var head: HTTPResponseHead
+    public var body: [UInt8]
+    public var status: Int { head.status }
+    public var headers: HTTPHeaders { head.headers }
+
+    public init(head: HTTPResponseHead, body: [UInt8]) {
+        self.head = head
+        self.body = body
+    }
+}
+
+public enum HTTPTransportError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// DNS, refused or reset connection, TLS handshake or verification failure.
+    case connectionFailed(String)
+    /// No progress within `stallTimeout`, or the whole exchange exceeded `totalTimeout`.
+    case timedOut(String)
+    /// A response body larger than the caller allowed.
+    case bodyTooLarge(limit: Int)
+    /// The server broke the protocol (truncated body, bad framing).
+    case protocolError(String)
+    /// The caller's body handler threw; the transfer was stopped.
+    case aborted(String)
+
+    public var description: String {
+        switch self {
+        case .connectionFailed(let m): return "connection failed: \(m)"
+        case .timedOut(let m): return "timed out: \(m)"
+        case .bodyTooLarge(let limit): return "response body larger than \(limit) bytes"
+        case .protocolError(let m): return "protocol error: \(m)"
+        case .aborted(let m): return "transfer aborted: \(m)"
+        }
+    }
+}
+
+public protocol HTTPTransport: Sendable {
+    /// Performs one exchange on the calling thread, blocking until it ends. Redirects are not
+    /// followed (callers decide what a redirect may carry). `onResponse` is called once with the
+    /// final status and headers before any body byte; `onBody` receives the body in order.
+    /// Either handler may throw to stop the transfer; that error is rethrown unchanged.
+    /// Transport failures throw `HTTPTransportError`.
+    func execute(
+        _ request: HTTPRequest,
+        onResponse: (HTTPResponseHead) throws -> Void,
+        onBody: (UnsafeRawBufferPointer) throws -> Void
+    ) throws
+}
+
+extension HTTPTransport {
+    /// Collects a whole (small) response, refusing bodies over `maxBodyBytes`.
+    public func fetch(_ request: HTTPRequest, maxBodyBytes: Int) throws -> HTTPResponse {
+        var head = HTTPResponseHead(status: 0, headers: HTTPHeaders())
+        var body: [UInt8] = []
+        try execute(request, onResponse: { head = $0 }, onBody: { chunk in
+            guard body.count + chunk.count <= maxBodyBytes else {
+                throw HTTPTransportError.bodyTooLarge(limit: maxBodyBytes)
+            }
+            body.append(contentsOf: chunk)
+        })
+        return HTTPResponse(head: head, body: body)
+    }
+}
