@@ -1,0 +1,432 @@
+import ContentCache
+import Logging
+import OCI
+import RemoteStore
+import Synchronization
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+/// The filesystem core: an OCI image layout over a remote cache, plus a local scratch area for
+/// the small writes that clients make even when they only import (lock files, probe
+/// directories, `ingest/`). It knows nothing of libfuse; the binding forwards kernel requests
+/// to these methods and tests call them directly.
+public final class CacheFilesystem: Sendable {
+    public static let rootInode: UInt64 = 1
+    /// Immutable content: the kernel may cache names and attributes for a long time.
+    static let immutableCacheSeconds = 86_400.0
+    /// Scratch entries change under the kernel's eyes only through us, but stay modest.
+    static let scratchCacheSeconds = 1.0
+    /// Scratch data lives in memory; clients write a few bytes, so a small cap is plenty.
+    public static let scratchCapacity = 64 << 20
+
+    enum Content {
+        /// `creatable`: new names may be made here (they become scratch entries).
+        case directory(children: [String: UInt64], creatable: Bool)
+        case bytes([UInt8])
+        case lazyBlob(Digest, size: Int64)
+        case scratchFile([UInt8])
+        case scratchDirectory(children: [String: UInt64])
+    }
+
+    struct Node {
+        var parent: UInt64
+        var name: String
+        var content: Content
+        var permissions: UInt32
+        var modified: Timestamp
+        var lookups = 0
+        var opens = 0
+        var unlinked = false
+
+        var isScratch: Bool {
+            switch content {
+            case .scratchFile, .scratchDirectory: return true
+            default: return false
+            }
+        }
+
+        var children: [String: UInt64]? {
+            switch content {
+            case .directory(let children, _), .scratchDirectory(let children): return children
+            default: return nil
+            }
+        }
+
+        /// New names may be created in this directory.
+        var acceptsNewEntries: Bool {
+            switch content {
+            case .directory(_, let creatable): return creatable
+            case .scratchDirectory: return true
+            default: return false
+            }
+        }
+    }
+
+    struct State {
+        var nodes: [UInt64: Node] = [:]
+        var nextInode: UInt64 = CacheFilesystem.rootInode + 1
+        var scratchBytes = 0
+    }
+
+    private let state: Mutex<State>
+    private let fetcher: BlobFetcher
+    private let logger: Logger
+    private let uid: UInt32
+    private let gid: UInt32
+
+    public init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger) {
+        self.fetcher = fetcher
+        self.logger = logger
+        self.uid = getuid()
+        self.gid = getgid()
+        self.state = Mutex(Self.layout(snapshot))
+    }
+
+    // MARK: Layout
+
+    private static func layout(_ snapshot: CacheSnapshot) -> State {
+        var state = State()
+        let now = Timestamp.now()
+        func add(_ parent: UInt64, _ name: String, _ content: Content, permissions: UInt32) -> UInt64 {
+            let inode = state.nextInode
+            state.nextInode += 1
+            state.nodes[inode] = Node(parent: parent, name: name, content: content, permissions: permissions, modified: now)
+            if case .directory(var children, let creatable)? = state.nodes[parent]?.content {
+                children[name] = inode
+                state.nodes[parent]!.content = .directory(children: children, creatable: creatable)
+            }
+            return inode
+        }
+        let root = rootInode
+        state.nodes[root] = Node(parent: root, name: "", content: .directory(children: [:], creatable: true),
+                                 permissions: 0o755, modified: now)
+        _ = add(root, "oci-layout", .bytes(OCILayout.ociLayoutFile), permissions: 0o444)
+        _ = add(root, "index.json", .bytes(OCILayout.indexFile(snapshot.tags)), permissions: 0o444)
+        // containerd 1.x clients MkdirAll ingest/ on every open; it is scratch space.
+        _ = add(root, "ingest", .directory(children: [:], creatable: true), permissions: 0o755)
+        let blobs = add(root, "blobs", .directory(children: [:], creatable: false), permissions: 0o755)
+        let sha256 = add(blobs, "sha256", .directory(children: [:], creatable: false), permissions: 0o755)
+        for (digest, bytes) in snapshot.smallBlobs.sorted(by: { $0.key < $1.key }) {
+            _ = add(sha256, digest.hex, .bytes(bytes), permissions: 0o444)
+        }
+        for (digest, size) in snapshot.lazyBlobs.sorted(by: { $0.key < $1.key }) {
+            _ = add(sha256, digest.hex, .lazyBlob(digest, size: size), permissions: 0o444)
+        }
+        return state
+    }
+
+    // MARK: Reading the tree
+
+    public func lookup(parent: UInt64, name: String) -> Result<Entry, FSError> {
+        state.withLock { state in
+            guard let directory = state.nodes[parent] else { return .failure(.noSuchFileOrDirectory) }
+            guard let children = directory.children else { return .failure(.notDirectory) }
+            guard let inode = children[name] else { return .failure(.noSuchFileOrDirectory) }
+            state.nodes[inode]!.lookups += 1
+            return .success(entry(inode, state.nodes[inode]!))
+        }
+    }
+
+    /// The kernel dropped `count` references to an inode; unlinked scratch entries go away.
+    public func forget(_ inode: UInt64, count: Int) {
+        state.withLock { state in
+            guard var node = state.nodes[inode] else { return }
+            node.lookups = max(0, node.lookups - count)
+            state.nodes[inode] = node
+            Self.dropIfUnreferenced(inode, in: &state)
+        }
+    }
+
+    public func getattr(_ inode: UInt64) -> Result<Entry, FSError> {
+        state.withLock { state in
+            guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+            return .success(entry(inode, node))
+        }
+    }
+
+    public func readdir(_ inode: UInt64) -> Result<[DirectoryEntry], FSError> {
+        state.withLock { state in
+            guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+            guard let children = node.children else { return .failure(.notDirectory) }
+            var entries = [DirectoryEntry(name: ".", inode: inode, type: .directory),
+                           DirectoryEntry(name: "..", inode: node.parent, type: .directory)]
+            for (name, child) in children.sorted(by: { $0.key < $1.key }) {
+                entries.append(DirectoryEntry(name: name, inode: child, type: state.nodes[child]!.children == nil ? .regular : .directory))
+            }
+            return .success(entries)
+        }
+    }
+
+    /// Opens a file. No network I/O happens here: clients open a blob once per 1 MiB chunk.
+    /// Returns whether the kernel may keep its page cache for the file across opens.
+    public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
+        state.withLock { state in
+            guard var node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+            switch node.content {
+            case .directory, .scratchDirectory:
+                return .failure(.isDirectory)
+            case .bytes, .lazyBlob:
+                if flags.wantsWrite || flags.truncates { return .failure(.readOnlyFileSystem) }
+                node.opens += 1
+                state.nodes[inode] = node
+                return .success(OpenedFile(keepCache: true))
+            case .scratchFile(let bytes):
+                if flags.truncates && flags.wantsWrite {
+                    state.scratchBytes -= bytes.count
+                    node.content = .scratchFile([])
+                    node.modified = .now()
+                }
+                node.opens += 1
+                state.nodes[inode] = node
+                return .success(OpenedFile(keepCache: false))
+            }
+        }
+    }
+
+    public func release(_ inode: UInt64) {
+        state.withLock { state in
+            guard state.nodes[inode] != nil else { return }
+            state.nodes[inode]!.opens = max(0, state.nodes[inode]!.opens - 1)
+            Self.dropIfUnreferenced(inode, in: &state)
+        }
+    }
+
+    /// Reads `count` bytes at `offset`. `reply` is called exactly once, on this thread when the
+    /// bytes are local, later when they must come from the remote.
+    public func read(_ inode: UInt64, offset: Int64, count: Int, reply: @escaping @Sendable (Result<[UInt8], FSError>) -> Void) {
+        let content: Content? = state.withLock { $0.nodes[inode]?.content }
+        switch content {
+        case nil:
+            reply(.failure(.badFileDescriptor))
+        case .directory?, .scratchDirectory?:
+            reply(.failure(.isDirectory))
+        case .bytes(let bytes)?, .scratchFile(let bytes)?:
+            reply(.success(Self.slice(bytes, offset: offset, count: count)))
+        case .lazyBlob(let digest, let size)?:
+            let logger = self.logger
+            fetcher.read(digest, size: size, offset: offset, count: count) { result in
+                reply(result.mapError { error in
+                    if case .cancelled = error {} else {
+                        logger.warning("read failed", metadata: ["digest": "\(digest)", "offset": "\(offset)", "error": "\(error)"])
+                    }
+                    return .ioError
+                })
+            }
+        }
+    }
+
+    // MARK: Scratch writes
+
+    public func create(parent: UInt64, name: String, permissions: UInt32, flags: OpenFlags) -> Result<(Entry, OpenedFile), FSError> {
+        state.withLock { state in
+            switch Self.insert(parent: parent, name: name, content: .scratchFile([]), permissions: permissions, in: &state) {
+            case .success(let inode):
+                state.nodes[inode]!.lookups += 1
+                state.nodes[inode]!.opens += 1
+                return .success((entry(inode, state.nodes[inode]!), OpenedFile(keepCache: false)))
+            case .failure(let error):
+                return .failure(error)
+            }
+        }
+    }
+
+    public func mkdir(parent: UInt64, name: String, permissions: UInt32) -> Result<Entry, FSError> {
+        state.withLock { state in
+            Self.insert(parent: parent, name: name, content: .scratchDirectory(children: [:]), permissions: permissions, in: &state)
+                .map { inode in
+                    state.nodes[inode]!.lookups += 1
+                    return entry(inode, state.nodes[inode]!)
+                }
+        }
+    }
+
+    public func write(_ inode: UInt64, offset: Int64, data: UnsafeRawBufferPointer) -> Result<Int, FSError> {
+        state.withLock { state in
+            guard var node = state.nodes[inode] else { return .failure(.badFileDescriptor) }
+            guard case .scratchFile(var bytes) = node.content else {
+                return .failure(node.children == nil ? .readOnlyFileSystem : .isDirectory)
+            }
+            guard offset >= 0 else { return .failure(.invalidArgument) }
+            let end = Int(offset) + data.count
+            let growth = max(0, end - bytes.count)
+            guard state.scratchBytes + growth <= Self.scratchCapacity else { return .failure(.noSpace) }
+            if end > bytes.count { bytes.append(contentsOf: repeatElement(0, count: end - bytes.count)) }
+            bytes.replaceSubrange(Int(offset)..<end, with: data)
+            node.content = .scratchFile(bytes)
+            node.modified = .now()
+            state.scratchBytes += growth
+            state.nodes[inode] = node
+            return .success(data.count)
+        }
+    }
+
+    public func setattr(_ inode: UInt64, _ changes: AttributeChanges) -> Result<Entry, FSError> {
+        state.withLock { state in
+            guard var node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+            guard node.isScratch || changes.isEmpty else { return .failure(.readOnlyFileSystem) }
+            if let size = changes.size {
+                guard case .scratchFile(var bytes) = node.content else { return .failure(.isDirectory) }
+                guard size >= 0 else { return .failure(.invalidArgument) }
+                let growth = max(0, Int(size) - bytes.count)
+                guard state.scratchBytes + growth <= Self.scratchCapacity else { return .failure(.noSpace) }
+                state.scratchBytes += Int(size) - bytes.count
+                if Int(size) < bytes.count {
+                    bytes.removeLast(bytes.count - Int(size))
+                } else {
+                    bytes.append(contentsOf: repeatElement(0, count: Int(size) - bytes.count))
+                }
+                node.content = .scratchFile(bytes)
+                node.modified = .now()
+            }
+            if let permissions = changes.permissions { node.permissions = permissions & 0o7777 }
+            if let modified = changes.modified { node.modified = modified }
+            state.nodes[inode] = node
+            return .success(entry(inode, node))
+        }
+    }
+
+    public func unlink(parent: UInt64, name: String) -> Result<Void, FSError> {
+        remove(parent: parent, name: name, directory: false)
+    }
+
+    public func rmdir(parent: UInt64, name: String) -> Result<Void, FSError> {
+        remove(parent: parent, name: name, directory: true)
+    }
+
+    public func rename(parent: UInt64, name: String, newParent: UInt64, newName: String) -> Result<Void, FSError> {
+        state.withLock { state in
+            guard let source = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
+            guard state.nodes[source]!.isScratch, state.nodes[newParent]?.acceptsNewEntries == true else {
+                return .failure(.readOnlyFileSystem)
+            }
+            guard Self.isValidName(newName) else { return .failure(.nameTooLong) }
+            if let target = state.nodes[newParent]?.children?[newName] {
+                if target == source { return .success(()) }
+                let targetNode = state.nodes[target]!
+                guard targetNode.isScratch else { return .failure(.readOnlyFileSystem) }
+                let sourceIsDirectory = state.nodes[source]!.children != nil
+                if let children = targetNode.children {
+                    guard sourceIsDirectory else { return .failure(.isDirectory) }
+                    guard children.isEmpty else { return .failure(.directoryNotEmpty) }
+                } else if sourceIsDirectory {
+                    return .failure(.notDirectory)
+                }
+                Self.detach(target, in: &state)
+            }
+            // A directory may not move below itself.
+            var ancestor = newParent
+            while ancestor != Self.rootInode {
+                if ancestor == source { return .failure(.invalidArgument) }
+                ancestor = state.nodes[ancestor]!.parent
+            }
+            Self.setChild(parent, name, nil, in: &state)
+            Self.setChild(newParent, newName, source, in: &state)
+            state.nodes[source]!.parent = newParent
+            state.nodes[source]!.name = newName
+            return .success(())
+        }
+    }
+
+    public func statfs() -> FilesystemStatistics {
+        let files = state.withLock { UInt64($0.nodes.count) }
+        return FilesystemStatistics(blockSize: 4096, files: files, nameMax: 255)
+    }
+
+    // MARK: Helpers
+
+    private func entry(_ inode: UInt64, _ node: Node) -> Entry {
+        let type: FileType = node.children == nil ? .regular : .directory
+        let size: Int64
+        switch node.content {
+        case .bytes(let bytes), .scratchFile(let bytes): size = Int64(bytes.count)
+        case .lazyBlob(_, let blobSize): size = blobSize
+        case .directory, .scratchDirectory: size = 4096
+        }
+        let attributes = FileAttributes(inode: inode, type: type, permissions: node.permissions,
+                                        linkCount: type == .directory ? 2 : (node.unlinked ? 0 : 1),
+                                        size: size, modified: node.modified, uid: uid, gid: gid)
+        return Entry(attributes: attributes, cacheSeconds: node.isScratch ? Self.scratchCacheSeconds : Self.immutableCacheSeconds)
+    }
+
+    private func remove(parent: UInt64, name: String, directory: Bool) -> Result<Void, FSError> {
+        state.withLock { state in
+            guard let inode = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
+            let node = state.nodes[inode]!
+            guard node.isScratch else { return .failure(.readOnlyFileSystem) }
+            if directory {
+                guard let children = node.children else { return .failure(.notDirectory) }
+                guard children.isEmpty else { return .failure(.directoryNotEmpty) }
+            } else if node.children != nil {
+                return .failure(.isDirectory)
+            }
+            Self.detach(inode, in: &state)
+            return .success(())
+        }
+    }
+
+    private static func insert(parent: UInt64, name: String, content: Content, permissions: UInt32,
+                               in state: inout State) -> Result<UInt64, FSError> {
+        guard let directory = state.nodes[parent] else { return .failure(.noSuchFileOrDirectory) }
+        guard let children = directory.children else { return .failure(.notDirectory) }
+        guard children[name] == nil else { return .failure(.fileExists) }
+        guard directory.acceptsNewEntries else { return .failure(.readOnlyFileSystem) }
+        guard isValidName(name) else { return .failure(.nameTooLong) }
+        let inode = state.nextInode
+        state.nextInode += 1
+        state.nodes[inode] = Node(parent: parent, name: name, content: content, permissions: permissions & 0o7777, modified: .now())
+        setChild(parent, name, inode, in: &state)
+        return .success(inode)
+    }
+
+    private static func setChild(_ parent: UInt64, _ name: String, _ child: UInt64?, in state: inout State) {
+        switch state.nodes[parent]!.content {
+        case .directory(var children, let creatable):
+            children[name] = child
+            state.nodes[parent]!.content = .directory(children: children, creatable: creatable)
+        case .scratchDirectory(var children):
+            children[name] = child
+            state.nodes[parent]!.content = .scratchDirectory(children: children)
+        default:
+            break
+        }
+    }
+
+    private static func detach(_ inode: UInt64, in state: inout State) {
+        let node = state.nodes[inode]!
+        setChild(node.parent, node.name, nil, in: &state)
+        state.nodes[inode]!.unlinked = true
+        dropIfUnreferenced(inode, in: &state)
+    }
+
+    private static func dropIfUnreferenced(_ inode: UInt64, in state: inout State) {
+        guard let node = state.nodes[inode], node.unlinked, node.lookups == 0, node.opens == 0 else { return }
+        if case .scratchFile(let bytes) = node.content { state.scratchBytes -= bytes.count }
+        state.nodes[inode] = nil
+    }
+
+    private static func isValidName(_ name: String) -> Bool { !name.isEmpty && name.utf8.count <= 255 }
+
+    private static func slice(_ bytes: [UInt8], offset: Int64, count: Int) -> [UInt8] {
+        guard offset >= 0, offset < Int64(bytes.count) else { return [] }
+        let start = Int(offset)
+        return Array(bytes[start..<min(bytes.count, start + count)])
+    }
+}
+
+public struct OpenedFile: Sendable, Equatable {
+    /// Immutable content: the kernel may keep cached pages across opens.
+    public var keepCache: Bool
+}
+
+public struct FilesystemStatistics: Sendable {
+    public var blockSize: UInt64
+    public var files: UInt64
+    public var nameMax: UInt64
+}
+
+extension CacheFilesystem {
+    /// Fails reads still waiting on the network and returns once none is owed a reply.
+    public func shutdown() { fetcher.shutdown() }
+}

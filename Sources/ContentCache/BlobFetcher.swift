@@ -1,0 +1,289 @@
+import Foundation
+import Logging
+import OCI
+import RemoteStore
+import Synchronization
+
+public enum BlobReadError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The remote failed or stalled past every retry.
+    case remote(String)
+    /// The bytes the remote sent do not hash to the blob's name.
+    case digestMismatch(Digest)
+    /// The local cache could not be read or written.
+    case local(String)
+    /// The mount is shutting down.
+    case cancelled
+
+    public var description: String {
+        switch self {
+        case .remote(let message): return message
+        case .digestMismatch(let digest): return "blob \(digest): downloaded content does not match its digest; discarded"
+        case .local(let message): return message
+        case .cancelled: return "cancelled"
+        }
+    }
+}
+
+/// Serves byte ranges of lazily downloaded blobs. The first read of a blob starts one streaming
+/// download into the content store; every reader of that blob, in this mount or through the
+/// same fetcher, waits on that one download (single flight) and is answered as soon as its
+/// range has arrived. A read that reaches the end of a blob is answered only after the whole
+/// blob matched its digest, so a reader can never receive a corrupt blob whole.
+public final class BlobFetcher: Sendable {
+    public typealias Reply = @Sendable (Result<[UInt8], BlobReadError>) -> Void
+
+    private struct Waiter {
+        var offset: Int64
+        var end: Int64
+        var reply: Reply
+    }
+
+    private struct Download {
+        var file: OpenFile
+        var size: Int64
+        var written: Int64 = 0
+        var waiters: [Waiter] = []
+    }
+
+    private struct State {
+        var complete: [Digest: OpenFile] = [:]
+        var downloads: [Digest: Download] = [:]
+        var cancelled = false
+    }
+
+    private let store: ContentStore
+    private let source: any RemoteCacheSource
+    private let logger: Logger
+    private let maxAttempts: Int
+    private let state = Mutex(State())
+    /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
+    /// request after the kernel session is gone.
+    private let owedReplies = Atomic<Int>(0)
+
+    public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3) {
+        self.store = store
+        self.source = source
+        self.logger = logger
+        self.maxAttempts = maxAttempts
+    }
+
+    /// Reads `count` bytes at `offset` of a blob of `size` bytes. `reply` is called exactly once:
+    /// on the calling thread when the bytes are already local, later from the download otherwise.
+    public func read(_ digest: Digest, size: Int64, offset: Int64, count: Int, reply: @escaping Reply) {
+        let end = min(offset + Int64(count), size)
+        guard offset < end else { return reply(.success([])) }
+        enum Next {
+            case serve(OpenFile)
+            case waiting
+            case startDownload
+            case fail(BlobReadError)
+        }
+        let next: Next = state.withLock { state in
+            if state.cancelled { return .fail(.cancelled) }
+            if let file = state.complete[digest] { return .serve(file) }
+            if var download = state.downloads[digest] {
+                if end < size && end <= download.written { return .serve(download.file) }
+                download.waiters.append(Waiter(offset: offset, end: end, reply: reply))
+                state.downloads[digest] = download
+                owedReplies.add(1, ordering: .relaxed)
+                return .waiting
+            }
+            return .startDownload
+        }
+        switch next {
+        case .serve(let file):
+            reply(Self.readRange(file, offset: offset, end: end))
+        case .fail(let error):
+            reply(.failure(error))
+        case .waiting:
+            break
+        case .startDownload:
+            startDownloadOrServe(digest, size: size, first: Waiter(offset: offset, end: end, reply: reply))
+        }
+    }
+
+    /// True when the blob is in the local cache, complete and verified.
+    public func isComplete(_ digest: Digest) -> Bool {
+        state.withLock { $0.complete[digest] != nil } || store.hasComplete(digest)
+    }
+
+    /// Fails every waiting read and stops downloads; returns once no reply is owed any more.
+    public func shutdown() {
+        let waiters = state.withLock { state -> [Waiter] in
+            state.cancelled = true
+            var all: [Waiter] = []
+            for (digest, var download) in state.downloads {
+                all += download.waiters
+                download.waiters = []
+                state.downloads[digest] = download
+            }
+            return all
+        }
+        for waiter in waiters { answer(waiter, .failure(.cancelled)) }
+        // Replies already taken off a queue are being sent right now; they finish quickly.
+        while owedReplies.load(ordering: .acquiring) > 0 { usleep(1000) }
+    }
+
+    // MARK: - Download
+
+    private func startDownloadOrServe(_ digest: Digest, size: Int64, first: Waiter) {
+        let cached: OpenFile?
+        do {
+            cached = try store.openComplete(digest)
+        } catch {
+            return first.reply(.failure(.local(error.description)))
+        }
+        let partial: (path: String, file: OpenFile)?
+        do {
+            partial = cached == nil ? try store.createPartial(digest) : nil
+        } catch {
+            return first.reply(.failure(.local(error.description)))
+        }
+        enum Next {
+            case serve(OpenFile)
+            case waiting
+            case download(path: String, file: OpenFile)
+        }
+        // Another reader may have raced us here; the state decides who downloads.
+        let next: Next = state.withLock { state in
+            if let file = state.complete[digest] { return .serve(file) }
+            if let cached {
+                state.complete[digest] = cached
+                return .serve(cached)
+            }
+            owedReplies.add(1, ordering: .relaxed)
+            if var download = state.downloads[digest] {
+                download.waiters.append(first)
+                state.downloads[digest] = download
+                return .waiting
+            }
+            let partial = partial!
+            state.downloads[digest] = Download(file: partial.file, size: size, waiters: [first])
+            return .download(path: partial.path, file: partial.file)
+        }
+        switch next {
+        case .serve(let file):
+            if let partial { store.discardPartial(partial.path) }
+            first.reply(Self.readRange(file, offset: first.offset, end: first.end))
+        case .waiting:
+            if let partial { store.discardPartial(partial.path) }
+        case .download(let path, let file):
+            logger.debug("downloading blob", metadata: ["digest": "\(digest)", "size": "\(size)"])
+            Thread.detachNewThread { [self] in
+                download(digest, size: size, path: path, file: file)
+            }
+        }
+    }
+
+    private func download(_ digest: Digest, size: Int64, path: String, file: OpenFile) {
+        let result = transfer(digest, size: size, file: file)
+        var outcome: Result<Void, BlobReadError>
+        switch result {
+        case .success:
+            do {
+                try store.commit(partialPath: path, file: file, digest: digest)
+                outcome = .success(())
+            } catch {
+                outcome = .failure(.local(error.description))
+            }
+        case .failure(let error):
+            outcome = .failure(error)
+        }
+        if case .failure(let error) = outcome {
+            store.discardPartial(path)
+            if case .cancelled = error {} else {
+                logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
+            }
+        } else {
+            logger.debug("blob complete", metadata: ["digest": "\(digest)"])
+        }
+        let waiters = state.withLock { state -> [Waiter] in
+            let waiters = state.downloads.removeValue(forKey: digest)?.waiters ?? []
+            if case .success = outcome { state.complete[digest] = file }
+            return waiters
+        }
+        for waiter in waiters {
+            switch outcome {
+            case .success: answer(waiter, Self.readRange(file, offset: waiter.offset, end: waiter.end))
+            case .failure(let error): answer(waiter, .failure(error))
+            }
+        }
+    }
+
+    /// Streams the blob into `file`, resuming with a range request after a transient failure.
+    private func transfer(_ digest: Digest, size: Int64, file: OpenFile) -> Result<Void, BlobReadError> {
+        var verifier = DigestVerifier()
+        var lastError = BlobReadError.remote("blob \(digest): no attempt made")
+        for attempt in 1...maxAttempts {
+            do {
+                try source.streamBlob(digest, from: verifier.byteCount, onStart: { start in
+                    if start != verifier.byteCount {
+                        // The server ignored the range: start over from its first byte.
+                        verifier = DigestVerifier()
+                        file.truncate()
+                        self.setWritten(digest, 0)
+                    }
+                }, onBody: { chunk in
+                    if self.state.withLock({ $0.cancelled }) { throw BlobReadError.cancelled }
+                    guard verifier.byteCount + Int64(chunk.count) <= size else {
+                        throw BlobReadError.remote("blob \(digest): the remote sent more than its \(size) bytes")
+                    }
+                    try file.write(chunk, at: verifier.byteCount)
+                    verifier.update(chunk)
+                    self.setWritten(digest, verifier.byteCount)
+                })
+                guard verifier.byteCount == size else {
+                    throw BlobReadError.remote("blob \(digest): the remote sent \(verifier.byteCount) of \(size) bytes")
+                }
+                guard verifier.finalize() == digest else { return .failure(.digestMismatch(digest)) }
+                return .success(())
+            } catch let error as BlobReadError {
+                if case .cancelled = error { return .failure(error) }
+                lastError = error
+            } catch let error as CacheError {
+                return .failure(.local(error.description))
+            } catch let error as RemoteStoreError {
+                lastError = .remote("blob \(digest): \(error)")
+                guard error.isTransient else { break }
+            } catch {
+                lastError = .remote("blob \(digest): \(error)")
+            }
+            if attempt < maxAttempts {
+                logger.warning("retrying blob download", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
+                Thread.sleep(forTimeInterval: 0.25 * Double(attempt))
+            }
+        }
+        return .failure(lastError)
+    }
+
+    /// Records progress and answers every waiter whose range is now local.
+    private func setWritten(_ digest: Digest, _ written: Int64) {
+        let ready: (OpenFile, [Waiter])? = state.withLock { state in
+            guard var download = state.downloads[digest] else { return nil }
+            download.written = written
+            var ready: [Waiter] = []
+            download.waiters.removeAll { waiter in
+                let isReady = waiter.end < download.size && waiter.end <= written
+                if isReady { ready.append(waiter) }
+                return isReady
+            }
+            state.downloads[digest] = download
+            return ready.isEmpty ? nil : (download.file, ready)
+        }
+        guard let (file, waiters) = ready else { return }
+        for waiter in waiters { answer(waiter, Self.readRange(file, offset: waiter.offset, end: waiter.end)) }
+    }
+
+    private func answer(_ waiter: Waiter, _ result: Result<[UInt8], BlobReadError>) {
+        waiter.reply(result)
+        owedReplies.subtract(1, ordering: .releasing)
+    }
+
+    private static func readRange(_ file: OpenFile, offset: Int64, end: Int64) -> Result<[UInt8], BlobReadError> {
+        do {
+            return .success(try file.read(offset: offset, count: Int(end - offset)))
+        } catch {
+            return .failure(.local(error.description))
+        }
+    }
+}

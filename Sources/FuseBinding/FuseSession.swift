@@ -1,0 +1,286 @@
+internal import CFuse3
+import CacheFS
+import Logging
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+public struct FuseError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+}
+
+/// A mounted libfuse low-level session serving a `CacheFilesystem`. The binding only
+/// translates: every decision is the core's.
+public final class FuseSession: Sendable {
+    // SAFETY: the session pointer is created in init, used by the loop and by `unmount` (which
+    // libfuse allows from another thread), and destroyed once in `run` after the loop ends.
+    private nonisolated(unsafe) let session: OpaquePointer
+    // SAFETY: retained for the session's lifetime; released after fuse_session_destroy.
+    private nonisolated(unsafe) let context: Unmanaged<FuseContext>
+    public let mountpoint: String
+
+    public init(filesystem: CacheFilesystem, mountpoint: String, options: [String], logger: Logger) throws {
+        self.mountpoint = mountpoint
+        let context = Unmanaged.passRetained(FuseContext(filesystem: filesystem, logger: logger))
+        var arguments = ["ocicachefs"]
+        for option in options { arguments += ["-o", option] }
+        var cStrings = arguments.map { strdup($0) }
+        defer { cStrings.forEach { free($0) } }
+        var ops = makeOperations()
+        let created: OpaquePointer? = cStrings.withUnsafeMutableBufferPointer { buffer in
+            var args = fuse_args(argc: Int32(buffer.count), argv: buffer.baseAddress, allocated: 0)
+            // SAFETY: libfuse copies the ops table and the arguments; userdata outlives the session.
+            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, context.toOpaque())
+        }
+        guard let created else {
+            context.release()
+            throw FuseError(description: "cannot create a FUSE session (bad mount options?)")
+        }
+        guard fuse_session_mount(created, mountpoint) == 0 else {
+            fuse_session_destroy(created)
+            context.release()
+            throw FuseError(description: "cannot mount on \(mountpoint): is /dev/fuse available and the directory empty and not mounted?")
+        }
+        self.session = created
+        self.context = context
+    }
+
+    /// Serves requests until the filesystem is unmounted, then waits for every owed reply and
+    /// tears the session down. Returns 0, a signal number, or a negative errno.
+    public func run(maxThreads: UInt32 = 16) -> Int32 {
+        let status = CFuse3_loopMultiThreaded(session, maxThreads)
+        // No reply may be sent after the session is destroyed.
+        context.takeUnretainedValue().filesystem.shutdown()
+        fuse_session_unmount(session)
+        fuse_session_destroy(session)
+        context.release()
+        return status
+    }
+
+    /// Asks the kernel to drop the mount; the loop in `run` then ends. Safe from any thread:
+    /// it never touches libfuse's own unmount state, which `run` tears down.
+    public func requestUnmount() {
+        fuse_session_exit(session)
+        _ = Unmounter.unmount(mountpoint, lazy: true)
+    }
+}
+
+final class FuseContext: Sendable {
+    let filesystem: CacheFilesystem
+    let logger: Logger
+
+    init(filesystem: CacheFilesystem, logger: Logger) {
+        self.filesystem = filesystem
+        self.logger = logger
+    }
+}
+
+/// A request that is answered exactly once.
+struct FuseRequest: @unchecked Sendable {
+    // SAFETY: libfuse allows replying from any thread; every code path below replies once.
+    let raw: fuse_req_t
+
+    var context: FuseContext {
+        // SAFETY: the userdata is the retained FuseContext, alive until the session is destroyed.
+        Unmanaged<FuseContext>.fromOpaque(fuse_req_userdata(raw)!).takeUnretainedValue()
+    }
+    var filesystem: CacheFilesystem { context.filesystem }
+
+    func fail(_ error: FSError) { fuse_reply_err(raw, error.code) }
+    func ok() { fuse_reply_err(raw, 0) }
+
+    func reply(_ entry: Entry) {
+        var param = fuse_entry_param()
+        param.ino = entry.attributes.inode
+        param.generation = 1
+        param.attr = Self.stat(entry.attributes)
+        param.attr_timeout = entry.cacheSeconds
+        param.entry_timeout = entry.cacheSeconds
+        fuse_reply_entry(raw, &param)
+    }
+
+    func replyAttributes(_ entry: Entry) {
+        var attributes = Self.stat(entry.attributes)
+        fuse_reply_attr(raw, &attributes, entry.cacheSeconds)
+    }
+
+    func reply<T>(_ result: Result<T, FSError>, _ success: (T) -> Void) {
+        switch result {
+        case .success(let value): success(value)
+        case .failure(let error): fail(error)
+        }
+    }
+
+    static func stat(_ attributes: FileAttributes) -> stat {
+        var result = Glibc.stat()
+        result.st_ino = UInt(attributes.inode)
+        result.st_mode = attributes.mode
+        result.st_nlink = UInt(attributes.linkCount)
+        result.st_size = Int(attributes.size)
+        result.st_uid = attributes.uid
+        result.st_gid = attributes.gid
+        result.st_blksize = 4096
+        result.st_blocks = (Int(attributes.size) + 511) / 512
+        let time = timespec(tv_sec: attributes.modified.seconds, tv_nsec: attributes.modified.nanoseconds)
+        result.st_mtim = time
+        result.st_ctim = time
+        result.st_atim = time
+        return result
+    }
+}
+
+private func name(_ pointer: UnsafePointer<CChar>?) -> String {
+    // SAFETY: libfuse passes a NUL-terminated name valid for the duration of the callback.
+    pointer.map { String(cString: $0) } ?? ""
+}
+
+private func makeOperations() -> fuse_lowlevel_ops {
+    var ops = fuse_lowlevel_ops()
+    ops.`init` = { userdata, connection in
+        guard let connection else { return }
+        CFuse3_tuneConnection(connection, 1 << 20, 64)
+    }
+    ops.lookup = { req, parent, namePointer in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.lookup(parent: parent, name: name(namePointer)), request.reply)
+    }
+    ops.forget = { req, inode, count in
+        let request = FuseRequest(raw: req!)
+        request.filesystem.forget(inode, count: Int(count))
+        fuse_reply_none(req)
+    }
+    ops.forget_multi = { req, count, forgets in
+        let request = FuseRequest(raw: req!)
+        // SAFETY: libfuse passes `count` valid entries for the duration of the callback.
+        for item in UnsafeBufferPointer(start: forgets, count: count) {
+            request.filesystem.forget(item.ino, count: Int(item.nlookup))
+        }
+        fuse_reply_none(req)
+    }
+    ops.getattr = { req, inode, _ in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.getattr(inode), request.replyAttributes)
+    }
+    ops.setattr = { req, inode, attributes, toSet, _ in
+        let request = FuseRequest(raw: req!)
+        guard let attributes else { return request.fail(.invalidArgument) }
+        var changes = AttributeChanges()
+        if toSet & FUSE_SET_ATTR_MODE != 0 { changes.permissions = attributes.pointee.st_mode & 0o7777 }
+        if toSet & FUSE_SET_ATTR_SIZE != 0 { changes.size = Int64(attributes.pointee.st_size) }
+        if toSet & FUSE_SET_ATTR_MTIME_NOW != 0 {
+            changes.modified = .now()
+        } else if toSet & FUSE_SET_ATTR_MTIME != 0 {
+            changes.modified = Timestamp(seconds: attributes.pointee.st_mtim.tv_sec, nanoseconds: attributes.pointee.st_mtim.tv_nsec)
+        }
+        // atime, uid and gid are not kept: accepting them keeps touch and chown-free tools working.
+        request.reply(request.filesystem.setattr(inode, changes), request.replyAttributes)
+    }
+    ops.mkdir = { req, parent, namePointer, mode in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.mkdir(parent: parent, name: name(namePointer), permissions: mode), request.reply)
+    }
+    ops.unlink = { req, parent, namePointer in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.unlink(parent: parent, name: name(namePointer))) { request.ok() }
+    }
+    ops.rmdir = { req, parent, namePointer in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.rmdir(parent: parent, name: name(namePointer))) { request.ok() }
+    }
+    ops.rename = { req, parent, namePointer, newParent, newNamePointer, flags in
+        let request = FuseRequest(raw: req!)
+        // RENAME_EXCHANGE and RENAME_NOREPLACE are not needed by any client we serve.
+        guard flags == 0 else { return request.fail(.invalidArgument) }
+        request.reply(request.filesystem.rename(parent: parent, name: name(namePointer),
+                                                newParent: newParent, newName: name(newNamePointer))) { request.ok() }
+    }
+    ops.open = { req, inode, info in
+        let request = FuseRequest(raw: req!)
+        guard let info else { return request.fail(.invalidArgument) }
+        request.reply(request.filesystem.open(inode, flags: OpenFlags(info.pointee.flags))) { opened in
+            CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
+            fuse_reply_open(req, info)
+        }
+    }
+    ops.create = { req, parent, namePointer, mode, info in
+        let request = FuseRequest(raw: req!)
+        guard let info else { return request.fail(.invalidArgument) }
+        let result = request.filesystem.create(parent: parent, name: name(namePointer), permissions: mode,
+                                               flags: OpenFlags(info.pointee.flags))
+        request.reply(result) { entry, opened in
+            CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
+            var param = fuse_entry_param()
+            param.ino = entry.attributes.inode
+            param.generation = 1
+            param.attr = FuseRequest.stat(entry.attributes)
+            param.attr_timeout = entry.cacheSeconds
+            param.entry_timeout = entry.cacheSeconds
+            fuse_reply_create(req, &param, info)
+        }
+    }
+    ops.read = { req, inode, size, offset, _ in
+        let request = FuseRequest(raw: req!)
+        request.filesystem.read(inode, offset: Int64(offset), count: size) { result in
+            switch result {
+            case .success(let bytes):
+                bytes.withUnsafeBytes { buffer in _ = CFuse3_replyBuffer(request.raw, buffer.baseAddress, buffer.count) }
+            case .failure(let error):
+                request.fail(error)
+            }
+        }
+    }
+    ops.write = { req, inode, buffer, size, offset, _ in
+        let request = FuseRequest(raw: req!)
+        // SAFETY: libfuse passes `size` readable bytes for the duration of the callback.
+        let data = UnsafeRawBufferPointer(start: buffer, count: size)
+        request.reply(request.filesystem.write(inode, offset: Int64(offset), data: data)) { written in
+            fuse_reply_write(req, written)
+        }
+    }
+    ops.flush = { req, _, _ in FuseRequest(raw: req!).ok() }
+    ops.release = { req, inode, _ in
+        let request = FuseRequest(raw: req!)
+        request.filesystem.release(inode)
+        request.ok()
+    }
+    ops.fsync = { req, _, _, _ in FuseRequest(raw: req!).ok() }
+    ops.opendir = { req, inode, info in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.readdir(inode)) { _ in fuse_reply_open(req, info) }
+    }
+    ops.readdir = { req, inode, size, offset, _ in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.readdir(inode)) { entries in
+            var buffer = [CChar](repeating: 0, count: size)
+            var used = 0
+            var index = Int(offset)
+            while index < entries.count {
+                let entry = entries[index]
+                var attributes = Glibc.stat()
+                attributes.st_ino = UInt(entry.inode)
+                attributes.st_mode = entry.type.modeBits
+                let needed = buffer.withUnsafeMutableBufferPointer { storage in
+                    fuse_add_direntry(req, storage.baseAddress! + used, size - used, entry.name, &attributes, off_t(index + 1))
+                }
+                if used + needed > size { break }
+                used += needed
+                index += 1
+            }
+            _ = buffer.withUnsafeBytes { CFuse3_replyBuffer(req, $0.baseAddress, used) }
+        }
+    }
+    ops.releasedir = { req, _, _ in FuseRequest(raw: req!).ok() }
+    ops.fsyncdir = { req, _, _, _ in FuseRequest(raw: req!).ok() }
+    ops.statfs = { req, _ in
+        let request = FuseRequest(raw: req!)
+        let statistics = request.filesystem.statfs()
+        var result = statvfs()
+        result.f_bsize = UInt(statistics.blockSize)
+        result.f_frsize = UInt(statistics.blockSize)
+        result.f_files = UInt(statistics.files)
+        result.f_namemax = UInt(statistics.nameMax)
+        fuse_reply_statfs(req, &result)
+    }
+    return ops
+}

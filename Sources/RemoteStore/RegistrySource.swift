@@ -1,0 +1,266 @@
+import Foundation
+import HTTPClient
+import Logging
+import OCI
+
+/// A repository in an OCI registry, read through the distribution API.
+public final class RegistrySource: RemoteCacheSource {
+    /// Manifests and configs are read whole into memory at mount; anything bigger is refused.
+    public static let maxSmallBlobSize = 4 << 20
+    private static let maxRedirects = 5
+    private static let maxAttempts = 3
+
+    public let reference: RegistryReference
+    private let baseURL: URL
+    private let transport: any HTTPTransport
+    private let authenticator: RegistryAuthenticator
+    private let timeout: Duration
+    private let logger: Logger
+
+    public var displayName: String { reference.description }
+
+    public init(reference: RegistryReference, insecure: Bool, credential: RegistryCredential?,
+                transport: any HTTPTransport, timeout: Duration, logger: Logger) {
+        self.reference = reference
+        let scheme = reference.isLoopback || insecure ? "http" : "https"
+        self.baseURL = URL(string: "\(scheme)://\(reference.apiHost)")!
+        self.transport = transport
+        self.timeout = timeout
+        self.logger = logger
+        self.authenticator = RegistryAuthenticator(host: reference.host, credential: credential,
+                                                   transport: transport, timeout: timeout)
+    }
+
+    private var pullScope: String { "repository:\(reference.repository):pull" }
+
+    // MARK: Snapshot
+
+    public func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
+        var snapshot = CacheSnapshot()
+        let root: (bytes: [UInt8], contentType: String?)
+        do {
+            root = try fetchManifest(reference.manifestReference)
+        } catch .notFound(let message) {
+            snapshot.warnings.append("\(reference) has no cache yet (\(message)); showing an empty index.json")
+            return snapshot
+        }
+        let digest = Digest.sha256(of: root.bytes)
+        if let pinned = reference.digest, pinned != digest {
+            throw .invalidContent("manifest of \(reference) has digest \(digest), not the requested \(pinned)")
+        }
+        let content = try parseManifest(root.bytes, contentType: root.contentType, digest: digest)
+        snapshot.tags.append(.init(tag: reference.layoutTag,
+                                   manifest: Descriptor(mediaType: content.mediaType, digest: digest, size: Int64(root.bytes.count))))
+        snapshot.addSmallBlob(digest, root.bytes)
+        try addReferencedBlobs(of: content, to: &snapshot, depth: 0)
+        return snapshot
+    }
+
+    private func addReferencedBlobs(of content: ManifestContent, to snapshot: inout CacheSnapshot, depth: Int) throws(RemoteStoreError) {
+        switch content {
+        case .image(_, let config, let layers):
+            snapshot.addSmallBlob(config.digest, try fetchSmallBlob(config))
+            layers.forEach { snapshot.addLazyBlob($0) }
+        case .index(_, let manifests) where content.buildkitCacheConfig != nil:
+            // BuildKit's index variant: the entries are layers plus one cache config, not manifests.
+            for entry in manifests {
+                if entry.mediaType == MediaType.buildkitCacheConfig {
+                    snapshot.addSmallBlob(entry.digest, try fetchSmallBlob(entry))
+                } else {
+                    snapshot.addLazyBlob(entry)
+                }
+            }
+        case .index(_, let manifests):
+            guard depth < 2 else { throw .invalidContent("\(reference): indexes nested deeper than two levels") }
+            for entry in manifests where snapshot.smallBlobs[entry.digest] == nil {
+                guard MediaType.indexTypes.contains(entry.mediaType) || MediaType.manifestTypes.contains(entry.mediaType) else {
+                    snapshot.addLazyBlob(entry)
+                    continue
+                }
+                let child = try fetchManifest(entry.digest.description, expectedSize: entry.size)
+                let childDigest = Digest.sha256(of: child.bytes)
+                guard childDigest == entry.digest else {
+                    throw .invalidContent("\(reference): manifest \(entry.digest) arrived with digest \(childDigest)")
+                }
+                snapshot.addSmallBlob(entry.digest, child.bytes)
+                let childContent = try parseManifest(child.bytes, contentType: child.contentType, digest: childDigest)
+                try addReferencedBlobs(of: childContent, to: &snapshot, depth: depth + 1)
+            }
+        }
+    }
+
+    private func parseManifest(_ bytes: [UInt8], contentType: String?, digest: Digest) throws(RemoteStoreError) -> ManifestContent {
+        do {
+            return try ManifestContent.parse(bytes, contentType: contentType)
+        } catch {
+            throw .invalidContent("manifest \(digest) of \(reference) is invalid: \(error)")
+        }
+    }
+
+    private func fetchManifest(_ manifestReference: String, expectedSize: Int64? = nil) throws(RemoteStoreError) -> (bytes: [UInt8], contentType: String?) {
+        let url = apiURL("manifests/\(manifestReference)")
+        let response = try fetchSmall(url, accept: MediaType.acceptedManifests.joined(separator: ", "),
+                                      what: "manifest \(manifestReference)")
+        if let expectedSize, Int64(response.body.count) != expectedSize {
+            throw .invalidContent("\(reference): manifest \(manifestReference) is \(response.body.count) bytes, its descriptor says \(expectedSize)")
+        }
+        if let claimed = response.headers["Docker-Content-Digest"], let claimedDigest = Digest(claimed),
+           claimedDigest != Digest.sha256(of: response.body) {
+            throw .invalidContent("\(reference): registry sent manifest bytes that do not match its Docker-Content-Digest \(claimed)")
+        }
+        return (response.body, response.headers["Content-Type"])
+    }
+
+    private func fetchSmallBlob(_ descriptor: Descriptor) throws(RemoteStoreError) -> [UInt8] {
+        guard descriptor.size <= Self.maxSmallBlobSize else {
+            throw .invalidContent("\(reference): \(descriptor.mediaType) blob \(descriptor.digest) is \(descriptor.size) bytes; configs over \(Self.maxSmallBlobSize) bytes are refused")
+        }
+        let response = try fetchSmall(apiURL("blobs/\(descriptor.digest)"), accept: nil, what: "blob \(descriptor.digest)")
+        let actual = Digest.sha256(of: response.body)
+        guard actual == descriptor.digest, Int64(response.body.count) == descriptor.size else {
+            throw .invalidContent("\(reference): blob \(descriptor.digest) arrived as \(response.body.count) bytes with digest \(actual)")
+        }
+        return response.body
+    }
+
+    /// A bounded request for a small document, retried on transient failures.
+    private func fetchSmall(_ url: URL, accept: String?, what: String) throws(RemoteStoreError) -> HTTPResponse {
+        var attempt = 1
+        while true {
+            do {
+                var body: [UInt8] = []
+                let head = try perform(url, headers: accept.map { HTTPHeaders([("Accept", $0)]) } ?? HTTPHeaders(),
+                                       totalTimeout: timeout, onResponse: { _ in }, onBody: { chunk in
+                    guard body.count + chunk.count <= Self.maxSmallBlobSize else {
+                        throw RemoteStoreError.invalidContent("\(self.reference): \(what) is larger than \(Self.maxSmallBlobSize) bytes; refused")
+                    }
+                    body.append(contentsOf: chunk)
+                })
+                return HTTPResponse(head: head, body: body)
+            } catch let error as RemoteStoreError {
+                guard attempt < Self.maxAttempts, error.isTransient else { throw error }
+                logger.debug("retrying after transient error", metadata: ["what": "\(what)", "error": "\(error)"])
+                Thread.sleep(forTimeInterval: 0.2 * Double(attempt))
+                attempt += 1
+            } catch {
+                throw .transport("\(reference): \(what): \(error)")
+            }
+        }
+    }
+
+    // MARK: Blobs
+
+    public func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+                           onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        var headers = HTTPHeaders()
+        if offset > 0 { headers.set("Range", "bytes=\(offset)-") }
+        _ = try perform(apiURL("blobs/\(digest)"), headers: headers, totalTimeout: nil, onResponse: { head in
+            if head.status == 206 {
+                guard let start = Self.contentRangeStart(head.headers["Content-Range"]), start == offset else {
+                    throw RemoteStoreError.invalidContent("\(self.reference): blob \(digest): range answer does not start at \(offset)")
+                }
+                try onStart(start)
+            } else {
+                try onStart(0)
+            }
+        }, onBody: onBody)
+    }
+
+    static func contentRangeStart(_ value: String?) -> Int64? {
+        // "bytes 100-199/1000"
+        guard let value, value.hasPrefix("bytes ") else { return nil }
+        let range = value.dropFirst("bytes ".count).split(separator: "/").first ?? ""
+        return range.split(separator: "-").first.flatMap { Int64($0) }
+    }
+
+    // MARK: HTTP with auth and redirects
+
+    private func apiURL(_ path: String) -> URL {
+        baseURL.appendingPathComponent("v2/\(reference.repository)/\(path)")
+    }
+
+    /// One registry exchange: answers auth challenges once, follows redirects (never carrying
+    /// credentials to another origin), and hands only a successful body to the caller.
+    private func perform(_ url: URL, headers: HTTPHeaders, totalTimeout: Duration?,
+                         onResponse: (HTTPResponseHead) throws -> Void,
+                         onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead {
+        var url = url
+        var redirects = 0
+        var answeredChallenge = false
+        while true {
+            var request = HTTPRequest(url: url.absoluteString, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
+            let sameOrigin = Self.origin(of: url) == Self.origin(of: baseURL)
+            if sameOrigin, let authorization = authenticator.currentAuthorization() {
+                request.headers.set("Authorization", authorization)
+            }
+            var head = HTTPResponseHead(status: 0, headers: HTTPHeaders())
+            var errorBody: [UInt8] = []
+            do {
+                try transport.execute(request, onResponse: { response in
+                    head = response
+                    if (200..<300).contains(response.status) { try onResponse(response) }
+                }, onBody: { chunk in
+                    if (200..<300).contains(head.status) {
+                        try onBody(chunk)
+                    } else if errorBody.count < 16 << 10 {
+                        errorBody.append(contentsOf: chunk.prefix(16 << 10))
+                    }
+                })
+            } catch let error as HTTPTransportError {
+                throw RemoteStoreError.transport("\(reference.host): \(error)")
+            }
+            switch head.status {
+            case 200..<300:
+                return head
+            case 301, 302, 303, 307, 308:
+                guard redirects < Self.maxRedirects, let location = head.headers["Location"],
+                      let next = URL(string: location, relativeTo: url)?.absoluteURL else {
+                    throw RemoteStoreError.server("\(reference.host): too many or unusable redirects for \(url.path)")
+                }
+                redirects += 1
+                url = next
+            case 401 where sameOrigin && !answeredChallenge:
+                answeredChallenge = true
+                try authenticator.answer(challenges: head.headers.values("WWW-Authenticate"), scope: pullScope)
+            case 401, 403:
+                throw RemoteStoreError.unauthorized("\(reference.host) refused access to \(reference.repository) (HTTP \(head.status)\(Self.registryErrorSummary(errorBody)))")
+            case 404:
+                throw RemoteStoreError.notFound("\(url.path): HTTP 404\(Self.registryErrorSummary(errorBody))")
+            case 429, 500...599:
+                throw RemoteStoreError.server("\(reference.host): HTTP \(head.status) for \(url.path)\(Self.registryErrorSummary(errorBody))")
+            default:
+                throw RemoteStoreError.server("\(reference.host): unexpected HTTP \(head.status) for \(url.path)\(Self.registryErrorSummary(errorBody))")
+            }
+        }
+    }
+
+    private static func origin(of url: URL) -> String {
+        "\(url.scheme ?? "")://\(url.host ?? ""):\(url.port ?? (url.scheme == "https" ? 443 : 80))"
+    }
+
+    /// `{"errors":[{"code":"MANIFEST_UNKNOWN","message":"..."}]}` → `: MANIFEST_UNKNOWN manifest unknown`.
+    static func registryErrorSummary(_ body: [UInt8]) -> String {
+        struct Errors: Decodable {
+            struct Entry: Decodable {
+                var code: String?
+                var message: String?
+            }
+            var errors: [Entry]
+        }
+        guard let decoded = try? JSONDecoder().decode(Errors.self, from: Data(body)), let first = decoded.errors.first else {
+            return ""
+        }
+        let text = [first.code, first.message].compactMap { $0 }.joined(separator: " ")
+        return text.isEmpty ? "" : ": " + String(text.prefix(200))
+    }
+}
+
+extension RemoteStoreError {
+    /// Worth another try: the server or the network may do better in a moment.
+    public var isTransient: Bool {
+        switch self {
+        case .server, .transport: return true
+        default: return false
+        }
+    }
+}

@@ -1,0 +1,59 @@
+import HTTPClient
+import OCI
+
+/// Everything the mount shows, resolved once at mount time: tags, the small blobs (manifests
+/// and configs, exact bytes) and the sizes of the large ones (layers, fetched lazily).
+public struct CacheSnapshot: Sendable {
+    public var tags: [OCILayout.TaggedManifest] = []
+    public var smallBlobs: [Digest: [UInt8]] = [:]
+    public var lazyBlobs: [Digest: Int64] = [:]
+    /// Things a person should know that do not stop the mount (a tag that does not exist yet).
+    public var warnings: [String] = []
+
+    public init() {}
+
+    public mutating func addLazyBlob(_ descriptor: Descriptor) {
+        if smallBlobs[descriptor.digest] == nil { lazyBlobs[descriptor.digest] = descriptor.size }
+    }
+
+    public mutating func addSmallBlob(_ digest: Digest, _ bytes: [UInt8]) {
+        smallBlobs[digest] = bytes
+        lazyBlobs[digest] = nil
+    }
+}
+
+/// A remote cache (a registry repository, later an S3 prefix). Calls block the calling thread
+/// and every wait inside them is bounded.
+public protocol RemoteCacheSource: Sendable {
+    /// For logs and error messages; never contains credentials.
+    var displayName: String { get }
+
+    /// Resolves the tags and fetches every manifest and config.
+    func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot
+
+    /// Streams a blob's bytes from `offset` to its end. `onStart` receives the offset the body
+    /// actually starts at (0 when the server ignored the range), before any body byte.
+    func streamBlob(
+        _ digest: Digest, from offset: Int64,
+        onStart: (Int64) throws -> Void,
+        onBody: (UnsafeRawBufferPointer) throws -> Void
+    ) throws
+}
+
+/// One readable line per failure; never contains credentials.
+public enum RemoteStoreError: Error, Sendable, Equatable, CustomStringConvertible {
+    case unauthorized(String)
+    case notFound(String)
+    case invalidContent(String)
+    case server(String)
+    case transport(String)
+    case configuration(String)
+
+    public var description: String {
+        switch self {
+        case .unauthorized(let m), .notFound(let m), .invalidContent(let m), .server(let m),
+             .transport(let m), .configuration(let m):
+            return m
+        }
+    }
+}

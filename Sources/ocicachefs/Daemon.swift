@@ -1,0 +1,162 @@
+import Foundation
+import OCI
+import Synchronization
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+/// Starting the mount in the background: the command re-executes itself in the foreground in a
+/// new session, and returns only once the child says the mount is ready or why it is not.
+enum Daemon {
+    private static let childReadyFD: Int32 = 3
+    /// glibc's POSIX_SPAWN_SETSID, which its header hides behind _GNU_SOURCE.
+    private static let spawnSetSID: Int32 = 0x80
+
+    static func spawnAndAwaitReady(arguments: [String], logPath: String, readyTimeout: Double) -> Int32 {
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0 else {
+            printError("cannot create a pipe: \(String(cString: strerror(errno)))")
+            return 1
+        }
+        let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
+        // Only the dup2'd copy at fd 3 may reach the child.
+        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
+        _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC)
+        defer { close(readEnd) }
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, childReadyFD)
+
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var emptySet = sigset_t()
+        sigemptyset(&emptySet)
+        posix_spawnattr_setsigmask(&attributes, &emptySet)
+        posix_spawnattr_setflags(&attributes, Int16(spawnSetSID | POSIX_SPAWN_SETSIGMASK))
+
+        let childArguments = ["ocicachefs"] + arguments + ["--foreground", "--ready-fd", String(childReadyFD)]
+        var cArguments = childArguments.map { strdup($0) } + [nil]
+        defer { cArguments.forEach { free($0) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, &cArguments, environ)
+        close(writeEnd)
+        guard spawned == 0 else {
+            printError("cannot start the mount daemon: \(String(cString: strerror(spawned)))")
+            return 1
+        }
+
+        let message = readLine(from: readEnd, timeoutSeconds: readyTimeout)
+        if message == "ready" { return 0 }
+        if let message, message.hasPrefix("error: ") {
+            printError(String(message.dropFirst("error: ".count)))
+        } else if message == nil {
+            printError("the mount daemon (pid \(pid)) did not become ready within \(Int(readyTimeout)) s; see \(logPath)")
+            kill(pid, SIGTERM)
+        } else {
+            printError("the mount daemon exited before the mount was ready; see \(logPath)")
+        }
+        var status: Int32 = 0
+        waitpid(pid, &status, WNOHANG)
+        return 1
+    }
+
+    /// One line from `fd`, or nil on timeout; "" when the writer closed without a line.
+    private static func readLine(from fd: Int32, timeoutSeconds: Double) -> String? {
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        var bytes: [UInt8] = []
+        while true {
+            let remaining = deadline.timeIntervalSinceNow
+            guard remaining > 0 else { return nil }
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&poller, 1, Int32(min(remaining, 1) * 1000))
+            if ready < 0 && errno != EINTR { return "" }
+            guard ready > 0 else { continue }
+            var byte: UInt8 = 0
+            let n = Glibc.read(fd, &byte, 1)
+            if n <= 0 { return String(decoding: bytes, as: UTF8.self) }
+            if byte == UInt8(ascii: "\n") { return String(decoding: bytes, as: UTF8.self) }
+            bytes.append(byte)
+        }
+    }
+}
+
+/// The child's half of the readiness pipe; says "ready" or why not, once.
+final class ReadinessReporter: Sendable {
+    private let fd: Int32?
+    private let reported = Atomic<Bool>(false)
+
+    init(fd: Int32?) { self.fd = fd }
+
+    func ready() { send("ready") }
+
+    func fail(_ line: String) { send("error: " + line.replacingOccurrences(of: "\n", with: " ")) }
+
+    private func send(_ line: String) {
+        guard let fd, !reported.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let text = line + "\n"
+        _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+}
+
+enum Signals {
+    private static let termination: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+
+    /// A shell starts background jobs with SIGINT ignored; an ignored signal never reaches
+    /// sigwait, so restore the defaults, then block them so that only our waiter sees them.
+    static func blockTerminationSignals() {
+        signal(SIGPIPE, SIG_IGN)
+        var set = sigset_t()
+        sigemptyset(&set)
+        for signal in termination {
+            Glibc.signal(signal, SIG_DFL)
+            sigaddset(&set, signal)
+        }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+    }
+
+    static func onTermination(_ handler: @escaping @Sendable (Int32) -> Void) {
+        Thread.detachNewThread {
+            var set = sigset_t()
+            sigemptyset(&set)
+            for signal in termination { sigaddset(&set, signal) }
+            while true {
+                var received: Int32 = 0
+                if sigwait(&set, &received) == 0 { handler(received) }
+            }
+        }
+    }
+}
+
+/// Where a running mount records its daemon's PID, so `unmount` can wait for it.
+enum RuntimeFiles {
+    static var directory: String {
+        if getuid() == 0 { return "/run/ocicachefs" }
+        if let runtime = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"], !runtime.isEmpty {
+            return runtime + "/ocicachefs"
+        }
+        return "/tmp/ocicachefs-\(getuid())"
+    }
+
+    static func pidFile(forMountpoint mountpoint: String) -> String {
+        directory + "/" + String(Digest.sha256(of: Array(mountpoint.utf8)).hex.prefix(32)) + ".pid"
+    }
+
+    static func write(pid: pid_t, to path: String) {
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                 attributes: [.posixPermissions: 0o700])
+        try? "\(pid)\n".write(toFile: path, atomically: true, encoding: .utf8)
+    }
+
+    static func readPID(_ path: String) -> pid_t? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+}

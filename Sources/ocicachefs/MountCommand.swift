@@ -1,0 +1,197 @@
+import ArgumentParser
+import CacheFS
+import ContentCache
+import Foundation
+import FuseBinding
+import HTTPClient
+import Logging
+import OCI
+import RemoteStore
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount a remote cache at MOUNTPOINT.",
+        discussion: """
+        SOURCE uses BuildKit's cache attribute syntax:
+
+          type=registry,ref=HOST[:PORT]/REPO[:TAG|@sha256:HEX][,registry.insecure=true]
+
+        Loopback hosts (localhost, 127.x.x.x, ::1) are reached over plain HTTP, as BuildKit does; \
+        other hosts over HTTPS unless registry.insecure=true. The tag is shown in index.json \
+        (annotation org.opencontainers.image.ref.name), so import it with tag=TAG; a reference \
+        by digest alone is shown as tag "latest". A tag that does not exist yet is not an error: \
+        the mount shows an empty index.json (the first CI run has no cache).
+
+        Credentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker): auths entries, \
+        credHelpers and credsStore, as `docker login` leaves them.
+
+        Without --foreground the command returns once the mount is ready, so \
+        `ocicachefs mount ... && buildctl ...` needs no sleep; it exits non-zero with one line \
+        saying why when the registry is unreachable, refuses the credentials or serves an \
+        invalid manifest.
+
+        Examples:
+          ocicachefs mount type=registry,ref=127.0.0.1:5000/cache:main /mnt/cache
+          ocicachefs mount --cache-dir /var/cache/ci type=registry,ref=ghcr.io/org/app:cache /mnt/cache
+          buildctl build --frontend dockerfile.v0 --local context=. --local dockerfile=. \\
+            --import-cache type=local,src=/mnt/cache,tag=cache
+        """
+    )
+
+    @Option(help: ArgumentHelp("Local content cache, shared by every mount that names it.", valueName: "DIR"))
+    var cacheDir: String?
+
+    @Flag(help: "Stay in the foreground and log to stderr.")
+    var foreground = false
+
+    @Option(help: ArgumentHelp("Bound, in seconds, on every network wait (connect, stall, token and manifest requests).", valueName: "SECONDS"))
+    var timeout: Double = 60
+
+    @Option(help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "LEVEL"))
+    var logLevel: String = "info"
+
+    @Option(help: ArgumentHelp("Where the background daemon logs (default: ocicachefs.log in the cache directory).", valueName: "FILE"))
+    var logFile: String?
+
+    @Flag(help: "Let users other than the one mounting read the mount (FUSE allow_other).")
+    var allowOther = false
+
+    @Option(help: .hidden)
+    var readyFD: Int32?
+
+    @Argument(help: ArgumentHelp("The remote cache, in BuildKit's syntax (see above).", valueName: "SOURCE"))
+    var source: String
+
+    @Argument(help: ArgumentHelp("An existing empty directory.", valueName: "MOUNTPOINT"))
+    var mountpoint: String
+
+    func validate() throws {
+        guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
+        }
+    }
+
+    func run() throws {
+        let mountpoint = try Self.checkedMountpoint(mountpoint)
+        let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
+        if !foreground {
+            let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
+            try? FileManager.default.createDirectory(atPath: cacheDirectory, withIntermediateDirectories: true)
+            throw ExitCode(Daemon.spawnAndAwaitReady(arguments: Array(CommandLine.arguments.dropFirst()), logPath: logPath,
+                                                     readyTimeout: timeout * 4 + 30))
+        }
+        let reporter = ReadinessReporter(fd: readyFD)
+        do {
+            try serve(mountpoint: mountpoint, cacheDirectory: cacheDirectory, reporter: reporter)
+        } catch {
+            let line = "\(error)"
+            reporter.fail(line)
+            printError(line)
+            throw ExitCode.failure
+        }
+    }
+
+    private func serve(mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
+        // Signals go to one waiting thread, not to whichever thread happens to run.
+        Signals.blockTerminationSignals()
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "ocicachefs")
+        let bound = Duration.milliseconds(Int64(timeout * 1000))
+
+        let spec = try SourceSpec(parsing: source)
+        let remote = try SourceFactory.make(spec, timeout: bound, logger: logger)
+        logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
+        let snapshot = try remote.loadSnapshot()
+        snapshot.warnings.forEach { logger.warning("\($0)") }
+
+        let store = try ContentStore(directory: cacheDirectory)
+        let fetcher = BlobFetcher(store: store, source: remote, logger: logger)
+        let filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
+        var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
+        if allowOther { options.append("allow_other") }
+        let session = try FuseSession(filesystem: filesystem, mountpoint: mountpoint, options: options, logger: logger)
+        let pidFile = RuntimeFiles.pidFile(forMountpoint: mountpoint)
+        RuntimeFiles.write(pid: getpid(), to: pidFile)
+        defer { unlink(pidFile) }
+        logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)", "tags": "\(snapshot.tags.count)",
+                                          "blobs": "\(snapshot.smallBlobs.count + snapshot.lazyBlobs.count)"])
+
+        Signals.onTermination { signal in
+            logger.info("signal received; unmounting", metadata: ["signal": "\(signal)"])
+            session.requestUnmount()
+        }
+        Thread.detachNewThread {
+            // Ready means a client can read index.json through the kernel, not merely mounted.
+            if FileManager.default.contents(atPath: mountpoint + "/index.json") != nil {
+                reporter.ready()
+            } else {
+                reporter.fail("mounted at \(mountpoint) but index.json is not readable")
+                session.requestUnmount()
+            }
+        }
+        let status = session.run()
+        logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(status)"])
+    }
+
+    static func checkedMountpoint(_ path: String) throws -> String {
+        guard let resolved = realpath(path, nil) else {
+            throw ValidationError("mountpoint \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { free(resolved) }
+        var isDirectory: ObjCBool = false
+        let absolute = String(cString: resolved)
+        guard FileManager.default.fileExists(atPath: absolute, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw ValidationError("mountpoint \(path) is not a directory")
+        }
+        return absolute
+    }
+
+    static func defaultCacheDirectory() -> String {
+        let environment = ProcessInfo.processInfo.environment
+        if let xdg = environment["XDG_CACHE_HOME"], !xdg.isEmpty { return xdg + "/ocicachefs" }
+        if getuid() == 0 { return "/var/cache/ocicachefs" }
+        return (environment["HOME"] ?? NSHomeDirectory()) + "/.cache/ocicachefs"
+    }
+}
+
+func printError(_ line: String) {
+    let text = "ocicachefs: \(line)\n"
+    _ = text.withCString { write(2, $0, strlen($0)) }
+}
+
+enum SourceFactory {
+    static func make(_ spec: SourceSpec, timeout: Duration, logger: Logger) throws -> any RemoteCacheSource {
+        switch spec.type {
+        case "registry":
+            guard let ref = spec.attributes["ref"] else {
+                throw RemoteStoreError.configuration("type=registry needs ref=HOST/REPO:TAG")
+            }
+            let unknown = Set(spec.attributes.keys).subtracting(["ref", "registry.insecure"])
+            if let first = unknown.sorted().first {
+                throw RemoteStoreError.configuration("type=registry does not know the attribute '\(first)'")
+            }
+            let reference = try RegistryReference(parsing: ref)
+            let credential: RegistryCredential?
+            do {
+                credential = try DockerCredentialStore().credential(forHost: reference.host)
+            } catch {
+                throw RemoteStoreError.configuration("\(error)")
+            }
+            return RegistrySource(reference: reference, insecure: try spec.flag("registry.insecure"), credential: credential,
+                                  transport: CurlTransport(), timeout: timeout, logger: logger)
+        default:
+            throw RemoteStoreError.configuration("source type '\(spec.type)' is not supported (supported: registry)")
+        }
+    }
+}

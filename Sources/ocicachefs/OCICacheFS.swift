@@ -1,0 +1,20 @@
+import ArgumentParser
+
+@main
+struct OCICacheFS: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ocicachefs",
+        abstract: "Mount a remote BuildKit cache (an OCI registry) as a local OCI image layout.",
+        discussion: """
+        BuildKit's type=local cache, docker buildx, skopeo, umoci and oras read the mount as if it \
+        were a local directory; layer blobs are downloaded only when something reads them, \
+        verified against their digest, and kept in a local content cache shared by every mount.
+
+        Example:
+          ocicachefs mount type=registry,ref=registry.example.com/team/app:buildcache /mnt/cache
+          buildctl build ... --import-cache type=local,src=/mnt/cache,tag=buildcache
+          ocicachefs unmount /mnt/cache
+        """,
+        subcommands: [MountCommand.self, UnmountCommand.self]
+    )
+}
