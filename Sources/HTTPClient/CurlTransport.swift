@@ -1,0 +1,415 @@
+internal import CCurl
+import Synchronization
+
+/// The real `HTTPTransport`: libcurl's easy interface, one blocking transfer per call on the
+/// caller's thread.
+///
+/// Idle easy handles are pooled and reset between requests; a handle keeps its connection
+/// cache across `curl_easy_reset`, so sequential requests to one host reuse keep-alive
+/// connections. A handle belongs either to the pool or to exactly one running `execute`.
+public final class CurlTransport: HTTPTransport {
+    /// `curl_global_init` runs once per process, on first use (a `static let` is initialised
+    /// exactly once, thread-safely).
+    private static let globalInitResult: CURLcode = curl_global_init(CCurl_GLOBAL_ALL())
+
+    private let idleHandles = Mutex<[EasyHandle]>([])
+    private let maxIdleHandles: Int
+    private let receiveBufferSize: Int
+
+    /// - Parameters:
+    ///   - maxIdleHandles: easy handles (each with its own connection cache) kept for reuse.
+    ///   - receiveBufferSize: libcurl's receive buffer, the largest chunk `onBody` gets.
+    public init(maxIdleHandles: Int = 8, receiveBufferSize: Int = 256 * 1024) {
+        _ = Self.globalInitResult
+        self.maxIdleHandles = max(0, maxIdleHandles)
+        self.receiveBufferSize = min(max(receiveBufferSize, 1024), 10 * 1024 * 1024)
+    }
+
+    public func execute(
+        _ request: HTTPRequest,
+        onResponse: (HTTPResponseHead) throws -> Void,
+        onBody: (UnsafeRawBufferPointer) throws -> Void
+    ) throws {
+        guard Self.globalInitResult == CURLE_OK else {
+            throw HTTPTransportError.connectionFailed("libcurl initialisation failed")
+        }
+        let handle = try checkOut()
+        defer { checkIn(handle) }
+        try withoutActuallyEscaping(onResponse) { onResponse in
+            try withoutActuallyEscaping(onBody) { onBody in
+                // The context (and the closures in it) dies before these scopes end: curl only
+                // calls back inside `perform`, and the handle's pointers to it are reset on checkIn.
+                let context = TransferContext(onResponse: onResponse, onBody: onBody,
+                                              stallTimeout: request.stallTimeout)
+                try perform(request, handle: handle, context: context)
+            }
+        }
+    }
+
+    // MARK: - Handle pool
+
+    private func checkOut() throws -> EasyHandle {
+        if let handle = idleHandles.withLock({ $0.popLast() }) { return handle }
+        guard let handle = EasyHandle() else {
+            throw HTTPTransportError.connectionFailed("curl_easy_init failed")
+        }
+        return handle
+    }
+
+    private func checkIn(_ handle: EasyHandle) {
+        // Drops every option, including the pointers to this transfer's context and body,
+        // while keeping the handle's live connections.
+        curl_easy_reset(handle.raw)
+        let rejected: EasyHandle? = idleHandles.withLock { idle in
+            guard idle.count < maxIdleHandles else { return handle }
+            idle.append(handle)
+            return nil
+        }
+        _ = rejected  // released (curl_easy_cleanup) here, outside the lock
+    }
+
+    // MARK: - One transfer
+
+    private func perform(_ request: HTTPRequest, handle: EasyHandle, context: TransferContext) throws {
+        let curl = handle.raw
+        curl_easy_reset(curl)
+        // SAFETY: the buffer has CURL_ERROR_SIZE bytes and this call owns the handle.
+        handle.errorBuffer[0] = 0
+
+        // SAFETY: the list is freed after curl_easy_perform, and checkIn's reset drops curl's
+        // pointer to it before the handle is used again.
+        var headerList = try Self.makeHeaderList(request.headers)
+        defer { curl_slist_free_all(headerList) }
+
+        try check(CCurl_easy_setopt_string(curl, CURLOPT_URL, request.url), "URL")
+        try check(CCurl_easy_setopt_string(curl, CURLOPT_PROTOCOLS_STR, "http,https"), "protocols")
+        // SAFETY: the error buffer lives as long as the handle (CURL_ERROR_SIZE bytes).
+        try check(CCurl_easy_setopt_pointer(curl, CURLOPT_ERRORBUFFER, handle.errorBuffer), "error buffer")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_NOSIGNAL, 1), "NOSIGNAL")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_FOLLOWLOCATION, 0), "FOLLOWLOCATION")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_TCP_KEEPALIVE, 1), "TCP_KEEPALIVE")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_BUFFERSIZE, receiveBufferSize), "BUFFERSIZE")
+        // Best effort: a libcurl built without HTTP/2 keeps speaking HTTP/1.1.
+        _ = CCurl_easy_setopt_long(curl, CURLOPT_HTTP_VERSION, CCurl_HTTP_VERSION_2TLS())
+
+        let stallMillis = Self.milliseconds(request.stallTimeout)
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_CONNECTTIMEOUT_MS, stallMillis), "CONNECTTIMEOUT_MS")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_LOW_SPEED_LIMIT, 1), "LOW_SPEED_LIMIT")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_LOW_SPEED_TIME, max(1, (stallMillis + 999) / 1000)),
+                  "LOW_SPEED_TIME")
+        if let total = request.totalTimeout {
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_TIMEOUT_MS, Self.milliseconds(total)), "TIMEOUT_MS")
+        }
+
+        // SAFETY: `context` outlives the transfer: `execute` holds it until `perform` returns,
+        // curl calls back only inside `curl_easy_perform`, and checkIn resets the pointers.
+        let contextPointer = Unmanaged.passUnretained(context).toOpaque()
+        try check(CCurl_easy_setopt_write_callback(curl, CURLOPT_HEADERFUNCTION, curlHeaderCallback), "HEADERFUNCTION")
+        try check(CCurl_easy_setopt_pointer(curl, CURLOPT_HEADERDATA, contextPointer), "HEADERDATA")
+        try check(CCurl_easy_setopt_write_callback(curl, CURLOPT_WRITEFUNCTION, curlWriteCallback), "WRITEFUNCTION")
+        try check(CCurl_easy_setopt_pointer(curl, CURLOPT_WRITEDATA, contextPointer), "WRITEDATA")
+        // LOW_SPEED_* averages over several seconds, so a stall after some bytes is noticed late;
+        // the progress callback enforces "no byte for stallTimeout" to about a second.
+        try check(CCurl_easy_setopt_xferinfo_callback(curl, CURLOPT_XFERINFOFUNCTION, curlProgressCallback),
+                  "XFERINFOFUNCTION")
+        try check(CCurl_easy_setopt_pointer(curl, CURLOPT_XFERINFODATA, contextPointer), "XFERINFODATA")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_NOPROGRESS, 0), "NOPROGRESS")
+
+        let method = request.method
+        guard !method.isEmpty, method.utf8.allSatisfy(Self.isTokenByte) else {
+            throw HTTPTransportError.protocolError("invalid request method")
+        }
+        let body: [UInt8]? = method == "HEAD" ? nil : request.body
+        switch method {
+        case "HEAD":
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_NOBODY, 1), "NOBODY")
+        case "GET" where body == nil:
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_HTTPGET, 1), "HTTPGET")
+        case "POST":
+            break  // the body setup below makes it a POST
+        default:
+            try check(CCurl_easy_setopt_string(curl, CURLOPT_CUSTOMREQUEST, method), "CUSTOMREQUEST")
+        }
+        if body != nil || method == "POST" || method == "PUT" || method == "PATCH" {
+            // A body is sent through POSTFIELDS, which makes libcurl add a form Content-Type:
+            // suppress it unless the caller chose one.
+            if request.headers["Content-Type"] == nil {
+                headerList = try Self.append(headerList, "Content-Type:")
+            }
+        }
+        try check(CCurl_easy_setopt_slist(curl, CURLOPT_HTTPHEADER, headerList), "HTTPHEADER")
+
+        let code: CURLcode
+        if let body, !body.isEmpty {
+            code = try body.withUnsafeBytes { bytes in
+                try check(CCurl_easy_setopt_off_t(curl, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(bytes.count)),
+                          "POSTFIELDSIZE_LARGE")
+                // SAFETY: `bytes` stays valid until this closure returns, after curl_easy_perform;
+                // checkIn resets the option before the handle is used again.
+                try check(CCurl_easy_setopt_const_pointer(curl, CURLOPT_POSTFIELDS, bytes.baseAddress), "POSTFIELDS")
+                return curl_easy_perform(curl)
+            }
+        } else {
+            if body != nil || method == "POST" || method == "PUT" || method == "PATCH" {
+                try check(CCurl_easy_set_empty_postfields(curl), "POSTFIELDS")
+            }
+            code = curl_easy_perform(curl)
+        }
+
+        if let error = context.handlerError { throw error }
+        if context.stalled {
+            throw HTTPTransportError.timedOut("no data moved for \(request.stallTimeout)")
+        }
+        guard code == CURLE_OK else {
+            // SAFETY: curl NUL-terminates what it writes to the buffer, which was zeroed above.
+            throw Self.mapError(code, detail: String(cString: handle.errorBuffer))
+        }
+        if !context.responded {
+            context.responded = true
+            var status = context.status
+            if status == 0 {
+                var fromCurl = 0
+                _ = CCurl_easy_getinfo_long(curl, CURLINFO_RESPONSE_CODE, &fromCurl)
+                status = fromCurl
+            }
+            try context.onResponse(HTTPResponseHead(status: status, headers: context.headers))
+        }
+    }
+
+    private func check(_ code: CURLcode, _ what: String) throws {
+        guard code == CURLE_OK else {
+            throw HTTPTransportError.protocolError("cannot set \(what): \(String(cString: curl_easy_strerror(code)))")
+        }
+    }
+
+    // MARK: - Helpers
+
+    /// The caller frees the list with curl_slist_free_all; on error it is freed here.
+    private static func makeHeaderList(_ headers: HTTPHeaders) throws -> UnsafeMutablePointer<curl_slist>? {
+        var list: UnsafeMutablePointer<curl_slist>? = nil
+        do {
+            for (name, value) in headers {
+                guard !name.isEmpty, name.utf8.allSatisfy(isTokenByte) else {
+                    throw HTTPTransportError.protocolError("invalid request header name")
+                }
+                // Never echo the value: it may be a credential.
+                guard !value.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else {
+                    throw HTTPTransportError.protocolError("request header \(name) has a control character in its value")
+                }
+                let trimmed = value.trimmingHTTPWhitespace()
+                // "Name:" would remove a header in libcurl; "Name;" sends it with an empty value.
+                list = try append(list, trimmed.isEmpty ? "\(name);" : "\(name): \(trimmed)")
+            }
+            // Disable "Expect: 100-continue" for every body.
+            return try append(list, "Expect:")
+        } catch {
+            curl_slist_free_all(list)
+            throw error
+        }
+    }
+
+    private static func append(_ list: UnsafeMutablePointer<curl_slist>?, _ line: String) throws
+        -> UnsafeMutablePointer<curl_slist>?
+    {
+        guard let new = curl_slist_append(list, line) else {
+            throw HTTPTransportError.protocolError("out of memory building request headers")
+        }
+        return new
+    }
+
+    /// RFC 9110 token characters (method and header names).
+    private static func isTokenByte(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+             UInt8(ascii: "0")...UInt8(ascii: "9"):
+            return true
+        default:
+            return "!#$%&'*+-.^_`|~".utf8.contains(byte)
+        }
+    }
+
+    /// Rounded up, at least 1 ms (0 means "no timeout" to libcurl).
+    static func milliseconds(_ duration: Duration) -> Int {
+        let (seconds, attoseconds) = duration.components
+        guard seconds >= 0 else { return 1 }
+        let perMilli: Int64 = 1_000_000_000_000_000
+        let millis = seconds.multipliedReportingOverflow(by: 1000)
+        guard !millis.overflow else { return Int.max / 2 }
+        let fraction = (attoseconds + perMilli - 1) / perMilli
+        return max(1, Int(clamping: millis.partialValue + fraction))
+    }
+
+    static func mapError(_ code: CURLcode, detail: String) -> HTTPTransportError {
+        let reason = String(cString: curl_easy_strerror(code))
+        let message = detail.isEmpty ? "\(reason) (curl \(code.rawValue))" : "\(detail) (curl \(code.rawValue))"
+        switch code {
+        case CURLE_OPERATION_TIMEDOUT:
+            return .timedOut(message)
+        case CURLE_COULDNT_RESOLVE_PROXY, CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_CONNECT,
+             CURLE_SEND_ERROR, CURLE_RECV_ERROR, CURLE_PEER_FAILED_VERIFICATION, CURLE_USE_SSL_FAILED,
+             CURLE_SSL_CONNECT_ERROR, CURLE_SSL_ENGINE_NOTFOUND, CURLE_SSL_ENGINE_SETFAILED,
+             CURLE_SSL_CERTPROBLEM, CURLE_SSL_CIPHER, CURLE_SSL_ENGINE_INITFAILED, CURLE_SSL_CACERT_BADFILE,
+             CURLE_SSL_SHUTDOWN_FAILED, CURLE_SSL_CRL_BADFILE, CURLE_SSL_ISSUER_ERROR,
+             CURLE_SSL_PINNEDPUBKEYNOTMATCH, CURLE_SSL_INVALIDCERTSTATUS, CURLE_SSL_CLIENTCERT,
+             CURLE_QUIC_CONNECT_ERROR, CURLE_PROXY:
+            return .connectionFailed(message)
+        case CURLE_ABORTED_BY_CALLBACK, CURLE_WRITE_ERROR, CURLE_READ_ERROR:
+            return .aborted(message)
+        default:
+            // CURLE_PARTIAL_FILE, CURLE_GOT_NOTHING, CURLE_WEIRD_SERVER_REPLY, CURLE_HTTP2,
+            // CURLE_HTTP2_STREAM, CURLE_URL_MALFORMAT, CURLE_UNSUPPORTED_PROTOCOL, ...
+            return .protocolError(message)
+        }
+    }
+}
+
+// MARK: - Easy handle
+
+/// One libcurl easy handle and its error buffer.
+// SAFETY: a handle is owned by the pool (under its Mutex) or by exactly one running `execute`,
+// so the CURL pointer and the error buffer are never used by two threads at once.
+private final class EasyHandle: @unchecked Sendable {
+    let raw: UnsafeMutableRawPointer
+    let errorBuffer: UnsafeMutablePointer<CChar>
+
+    init?() {
+        guard let raw = curl_easy_init() else { return nil }
+        self.raw = raw
+        // SAFETY: allocated with the size libcurl writes into (CURL_ERROR_SIZE), freed in deinit
+        // after curl_easy_cleanup, the last call that may touch it.
+        errorBuffer = .allocate(capacity: CCurl_ERROR_SIZE())
+        errorBuffer.initialize(repeating: 0, count: CCurl_ERROR_SIZE())
+    }
+
+    deinit {
+        curl_easy_cleanup(raw)
+        errorBuffer.deallocate()
+    }
+}
+
+// MARK: - Transfer state and C callbacks
+
+/// State of one transfer, reached from curl's callbacks; used only on the transfer's thread.
+private final class TransferContext {
+    let onResponse: (HTTPResponseHead) throws -> Void
+    let onBody: (UnsafeRawBufferPointer) throws -> Void
+    var status = 0
+    var headers = HTTPHeaders()
+    var responded = false
+    /// The handler's error that stopped the transfer, rethrown unchanged.
+    var handlerError: (any Error)?
+
+    let stallTimeout: Duration
+    var lastProgressAt = ContinuousClock.now
+    var lastProgressBytes: Int64 = 0
+    /// Set when the progress callback stopped a transfer that moved no byte for `stallTimeout`.
+    var stalled = false
+
+    init(onResponse: @escaping (HTTPResponseHead) throws -> Void,
+         onBody: @escaping (UnsafeRawBufferPointer) throws -> Void,
+         stallTimeout: Duration) {
+        self.onResponse = onResponse
+        self.onBody = onBody
+        self.stallTimeout = stallTimeout
+    }
+
+    /// Returns false to stop a transfer that made no progress for `stallTimeout`.
+    func progress(downloaded: Int64, uploaded: Int64) -> Bool {
+        let bytes = downloaded &+ uploaded
+        let now = ContinuousClock.now
+        if bytes != lastProgressBytes {
+            lastProgressBytes = bytes
+            lastProgressAt = now
+            return true
+        }
+        if now - lastProgressAt >= stallTimeout {
+            stalled = true
+            return false
+        }
+        return true
+    }
+
+    /// One raw header line as curl delivers it (with its CRLF).
+    func receiveHeaderLine(_ line: UnsafeRawBufferPointer) {
+        guard !responded else { return }  // trailers after the body: ignored
+        var bytes = line[...]
+        while let last = bytes.last, last == 0x0D || last == 0x0A { bytes = bytes.dropLast() }
+        if bytes.isEmpty { return }  // end of a header block
+        if bytes.starts(with: "HTTP/".utf8) {
+            // A new response (after 1xx, or a proxy's CONNECT answer): only the last one counts.
+            headers = HTTPHeaders()
+            let parts = bytes.split(separator: 0x20, maxSplits: 2, omittingEmptySubsequences: true)
+            status = parts.count >= 2 ? Int(String(decoding: parts[1], as: UTF8.self)) ?? 0 : 0
+            return
+        }
+        if let first = bytes.first, first == 0x20 || first == 0x09 {
+            // Obsolete line folding: continues the previous field's value.
+            let extra = String(decoding: bytes, as: UTF8.self).trimmingHTTPWhitespace()
+            var fields = headers.fields
+            if let lastField = fields.popLast() {
+                let joined = lastField.value.isEmpty ? extra : lastField.value + " " + extra
+                headers = HTTPHeaders(fields + [(name: lastField.name, value: joined)])
+            }
+            return
+        }
+        guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else { return }
+        let name = String(decoding: bytes[..<colon], as: UTF8.self).trimmingHTTPWhitespace()
+        let value = String(decoding: bytes[(colon + 1)...], as: UTF8.self).trimmingHTTPWhitespace()
+        if !name.isEmpty { headers.add(name, value) }
+    }
+
+    /// Returns false to stop the transfer.
+    func receiveBody(_ chunk: UnsafeRawBufferPointer) -> Bool {
+        do {
+            if !responded {
+                responded = true
+                try onResponse(HTTPResponseHead(status: status, headers: headers))
+            }
+            try onBody(chunk)
+            return true
+        } catch {
+            handlerError = error
+            return false
+        }
+    }
+}
+
+private let curlHeaderCallback: curl_write_callback = { buffer, size, count, userdata in
+    let length = size * count
+    guard let userdata else { return 0 }
+    // SAFETY: userdata is the TransferContext passed unretained in `perform`, alive for the transfer.
+    let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
+    // SAFETY: curl guarantees `buffer` holds `length` bytes for the duration of this call.
+    context.receiveHeaderLine(UnsafeRawBufferPointer(start: buffer, count: length))
+    return length
+}
+
+private let curlWriteCallback: curl_write_callback = { buffer, size, count, userdata in
+    let length = size * count
+    guard let userdata else { return 0 }
+    // SAFETY: userdata is the TransferContext passed unretained in `perform`, alive for the transfer.
+    let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
+    // SAFETY: curl guarantees `buffer` holds `length` bytes for the duration of this call; the
+    // handler is told (by the protocol) not to keep the pointer.
+    let chunk = UnsafeRawBufferPointer(start: buffer, count: length)
+    // Returning a count other than `length` makes curl stop with CURLE_WRITE_ERROR.
+    return context.receiveBody(chunk) ? length : 0
+}
+
+private let curlProgressCallback: curl_xferinfo_callback = { userdata, _, downloaded, _, uploaded in
+    guard let userdata else { return 0 }
+    // SAFETY: userdata is the TransferContext passed unretained in `perform`, alive for the transfer.
+    let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
+    // Non-zero aborts the transfer with CURLE_ABORTED_BY_CALLBACK.
+    return context.progress(downloaded: Int64(downloaded), uploaded: Int64(uploaded)) ? 0 : 1
+}
+
+fileprivate extension String {
+    /// Drops leading and trailing spaces and horizontal tabs.
+    func trimmingHTTPWhitespace() -> String {
+        let utf8 = self.utf8
+        guard let start = utf8.firstIndex(where: { $0 != 0x20 && $0 != 0x09 }) else { return "" }
+        let end = utf8.lastIndex(where: { $0 != 0x20 && $0 != 0x09 })!
+        return String(self[start...end])
+    }
+}
