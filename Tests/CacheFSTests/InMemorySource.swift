@@ -1,0 +1,106 @@
+import Foundation
+import OCI
+import RemoteStore
+import Synchronization
+
+/// A remote cache held in memory, with the faults the read path must survive.
+final class InMemorySource: RemoteCacheSource {
+    struct Behaviour {
+        /// Bytes sent instead of the real content (a lying server).
+        var substitutes: [Digest: [UInt8]] = [:]
+        /// The next stream of any blob breaks after this many bytes.
+        var breakNextStreamAfter: Int?
+        /// Ranges are ignored and the whole blob resent.
+        var ignoresRanges = false
+        /// Streams pause after this many bytes until `resume()`.
+        var pauseAfter: Int?
+        var failEverything = false
+    }
+
+    let displayName = "memory"
+    let blobs: [Digest: [UInt8]]
+    let snapshot: CacheSnapshot
+    private let behaviour: Mutex<Behaviour>
+    private let streamOffsets = Mutex<[Int64]>([])
+    private let pause = DispatchSemaphore(value: 0)
+    private let chunkSize: Int
+
+    init(layers: [[UInt8]], behaviour: Behaviour = Behaviour(), chunkSize: Int = 64 << 10) {
+        var blobs: [Digest: [UInt8]] = [:]
+        var snapshot = CacheSnapshot()
+        let config = Array(#"{"layers":[],"records":[]}"#.utf8)
+        let configDigest = Digest.sha256(of: config)
+        var layerDescriptors: [Descriptor] = []
+        for layer in layers {
+            let digest = Digest.sha256(of: layer)
+            blobs[digest] = layer
+            layerDescriptors.append(Descriptor(mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: digest, size: Int64(layer.count)))
+            snapshot.addLazyBlob(layerDescriptors.last!)
+        }
+        struct Manifest: Encodable {
+            var schemaVersion = 2
+            var mediaType = MediaType.ociManifest
+            var config: Descriptor
+            var layers: [Descriptor]
+        }
+        let manifest = OCILayout.canonicalJSON(Manifest(
+            config: Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: configDigest, size: Int64(config.count)),
+            layers: layerDescriptors))
+        let manifestDigest = Digest.sha256(of: manifest)
+        snapshot.addSmallBlob(configDigest, config)
+        snapshot.addSmallBlob(manifestDigest, manifest)
+        snapshot.tags = [.init(tag: "latest", manifest: Descriptor(mediaType: MediaType.ociManifest, digest: manifestDigest, size: Int64(manifest.count)))]
+        self.blobs = blobs
+        self.snapshot = snapshot
+        self.behaviour = Mutex(behaviour)
+        self.chunkSize = chunkSize
+    }
+
+    /// Offsets of every stream started, in order.
+    var streamsStarted: [Int64] { streamOffsets.withLock { $0 } }
+
+    func update(_ change: (inout Behaviour) -> Void) { behaviour.withLock { change(&$0) } }
+
+    func resume() { pause.signal() }
+
+    func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot { snapshot }
+
+    func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+                    onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        streamOffsets.withLock { $0.append(offset) }
+        let current = behaviour.withLock { behaviour -> Behaviour in
+            let snapshot = behaviour
+            behaviour.breakNextStreamAfter = nil
+            return snapshot
+        }
+        if current.failEverything { throw RemoteStoreError.transport("memory: unreachable") }
+        guard let real = blobs[digest] else { throw RemoteStoreError.notFound("memory: no blob \(digest)") }
+        let content = current.substitutes[digest] ?? real
+        let start = current.ignoresRanges ? 0 : Int(offset)
+        try onStart(Int64(start))
+        var position = start
+        var sent = 0
+        while position < content.count {
+            if let limit = current.breakNextStreamAfter, sent >= limit {
+                throw RemoteStoreError.transport("memory: connection reset")
+            }
+            if let pauseAfter = current.pauseAfter, sent >= pauseAfter, sent - chunkSize < pauseAfter {
+                pause.wait()
+            }
+            let end = min(content.count, position + chunkSize)
+            try content[position..<end].withUnsafeBytes { try onBody($0) }
+            sent += end - position
+            position = end
+        }
+    }
+}
+
+func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { _ in
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
+        return UInt8(truncatingIfNeeded: state)
+    }
+}
