@@ -17,7 +17,7 @@ public final class FuseSession: Sendable {
     // libfuse allows from another thread), and destroyed once in `run` after the loop ends.
     private nonisolated(unsafe) let session: OpaquePointer
     // SAFETY: retained for the session's lifetime; released after fuse_session_destroy.
-    private nonisolated(unsafe) let context: Unmanaged<FuseContext>
+    private let context: Unmanaged<FuseContext>
     public let mountpoint: String
 
     public init(filesystem: CacheFilesystem, mountpoint: String, options: [String], logger: Logger) throws {
@@ -91,13 +91,18 @@ struct FuseRequest: @unchecked Sendable {
     func ok() { fuse_reply_err(raw, 0) }
 
     func reply(_ entry: Entry) {
+        var param = Self.entryParameters(entry)
+        fuse_reply_entry(raw, &param)
+    }
+
+    static func entryParameters(_ entry: Entry) -> fuse_entry_param {
         var param = fuse_entry_param()
         param.ino = entry.attributes.inode
         param.generation = 1
-        param.attr = Self.stat(entry.attributes)
+        param.attr = stat(entry.attributes)
         param.attr_timeout = entry.cacheSeconds
         param.entry_timeout = entry.cacheSeconds
-        fuse_reply_entry(raw, &param)
+        return param
     }
 
     func replyAttributes(_ entry: Entry) {
@@ -210,12 +215,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
                                                flags: OpenFlags(info.pointee.flags))
         request.reply(result) { entry, opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
-            var param = fuse_entry_param()
-            param.ino = entry.attributes.inode
-            param.generation = 1
-            param.attr = FuseRequest.stat(entry.attributes)
-            param.attr_timeout = entry.cacheSeconds
-            param.entry_timeout = entry.cacheSeconds
+            var param = FuseRequest.entryParameters(entry)
             fuse_reply_create(req, &param, info)
         }
     }
