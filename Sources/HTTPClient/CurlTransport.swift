@@ -89,6 +89,10 @@ public final class CurlTransport: HTTPTransport {
         try check(CCurl_easy_setopt_long(curl, CURLOPT_FOLLOWLOCATION, 0), "FOLLOWLOCATION")
         try check(CCurl_easy_setopt_long(curl, CURLOPT_TCP_KEEPALIVE, 1), "TCP_KEEPALIVE")
         try check(CCurl_easy_setopt_long(curl, CURLOPT_BUFFERSIZE, receiveBufferSize), "BUFFERSIZE")
+        if !request.verifiesTLSPeer {
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_SSL_VERIFYPEER, 0), "SSL_VERIFYPEER")
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_SSL_VERIFYHOST, 0), "SSL_VERIFYHOST")
+        }
         // Best effort: a libcurl built without HTTP/2 keeps speaking HTTP/1.1.
         _ = CCurl_easy_setopt_long(curl, CURLOPT_HTTP_VERSION, CCurl_HTTP_VERSION_2TLS())
 

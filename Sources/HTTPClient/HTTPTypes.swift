@@ -45,6 +45,8 @@ public struct HTTPRequest: Sendable {
     public var stallTimeout: Duration
     /// Bound on the whole exchange, for small requests (tokens, manifests); nil for streams.
     public var totalTimeout: Duration?
+    /// False only for registries the user marked insecure (BuildKit's `registry.insecure`).
+    public var verifiesTLSPeer = true
 
     public init(method: String = "GET", url: String, headers: HTTPHeaders = HTTPHeaders(),
                 body: [UInt8]? = nil, stallTimeout: Duration = .seconds(60), totalTimeout: Duration? = nil) {

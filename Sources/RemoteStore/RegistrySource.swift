@@ -2,6 +2,7 @@ import Foundation
 import HTTPClient
 import Logging
 import OCI
+import Synchronization
 
 /// A repository in an OCI registry, read through the distribution API.
 public final class RegistrySource: RemoteCacheSource {
@@ -11,7 +12,10 @@ public final class RegistrySource: RemoteCacheSource {
     private static let maxAttempts = 3
 
     public let reference: RegistryReference
-    private let baseURL: URL
+    private let insecure: Bool
+    /// For an insecure registry, HTTPS without verification until a probe shows only HTTP works.
+    private let resolvedBaseURL: Mutex<URL>
+    private var baseURL: URL { resolvedBaseURL.withLock { $0 } }
     private let transport: any HTTPTransport
     private let authenticator: RegistryAuthenticator
     private let timeout: Duration
@@ -22,8 +26,9 @@ public final class RegistrySource: RemoteCacheSource {
     public init(reference: RegistryReference, insecure: Bool, credential: RegistryCredential?,
                 transport: any HTTPTransport, timeout: Duration, logger: Logger) {
         self.reference = reference
-        let scheme = reference.isLoopback || insecure ? "http" : "https"
-        self.baseURL = URL(string: "\(scheme)://\(reference.apiHost)")!
+        self.insecure = insecure && !reference.isLoopback
+        let scheme = reference.isLoopback ? "http" : "https"
+        self.resolvedBaseURL = Mutex(URL(string: "\(scheme)://\(reference.apiHost)")!)
         self.transport = transport
         self.timeout = timeout
         self.logger = logger
@@ -36,6 +41,7 @@ public final class RegistrySource: RemoteCacheSource {
     // MARK: Snapshot
 
     public func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
+        if insecure { chooseInsecureScheme() }
         var snapshot = CacheSnapshot()
         let root: (bytes: [UInt8], contentType: String?)
         do {
@@ -173,6 +179,21 @@ public final class RegistrySource: RemoteCacheSource {
         return range.split(separator: "-").first.flatMap { Int64($0) }
     }
 
+    /// BuildKit's `registry.insecure`: HTTPS without certificate checks, else plain HTTP.
+    private func chooseInsecureScheme() {
+        let probe = HTTPRequest(url: baseURL.appendingPathComponent("v2/").absoluteString,
+                                stallTimeout: timeout, totalTimeout: timeout)
+        do {
+            var request = probe
+            request.verifiesTLSPeer = false
+            _ = try transport.fetch(request, maxBodyBytes: 64 << 10)
+        } catch {
+            let http = URL(string: "http://\(reference.apiHost)")!
+            logger.info("registry is insecure and does not answer HTTPS; using HTTP", metadata: ["host": "\(reference.host)"])
+            resolvedBaseURL.withLock { $0 = http }
+        }
+    }
+
     // MARK: HTTP with auth and redirects
 
     private func apiURL(_ path: String) -> URL {
@@ -190,6 +211,7 @@ public final class RegistrySource: RemoteCacheSource {
         while true {
             var request = HTTPRequest(url: url.absoluteString, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
             let sameOrigin = Self.origin(of: url) == Self.origin(of: baseURL)
+            request.verifiesTLSPeer = !(insecure && sameOrigin)
             if sameOrigin, let authorization = authenticator.currentAuthorization() {
                 request.headers.set("Authorization", authorization)
             }
