@@ -22,7 +22,8 @@ struct MountCommand: ParsableCommand {
           type=registry,ref=HOST[:PORT]/REPO[:TAG|@sha256:HEX][,registry.insecure=true]
 
         Loopback hosts (localhost, 127.x.x.x, ::1) are reached over plain HTTP, as BuildKit does; \
-        other hosts over HTTPS unless registry.insecure=true. The tag is shown in index.json \
+        other hosts over HTTPS with certificate verification; registry.insecure=true skips the \
+        certificate check and falls back to HTTP when the registry does not speak HTTPS. The tag is shown in index.json \
         (annotation org.opencontainers.image.ref.name), so import it with tag=TAG; a reference \
         by digest alone is shown as tag "latest". A tag that does not exist yet is not an error: \
         the mount shows an empty index.json (the first CI run has no cache).
@@ -37,9 +38,10 @@ struct MountCommand: ParsableCommand {
 
         Examples:
           ocicachefs mount type=registry,ref=127.0.0.1:5000/cache:main /mnt/cache
-          ocicachefs mount --cache-dir /var/cache/ci type=registry,ref=ghcr.io/org/app:cache /mnt/cache
-          buildctl build --frontend dockerfile.v0 --local context=. --local dockerfile=. \\
-            --import-cache type=local,src=/mnt/cache,tag=cache
+          ocicachefs mount --cache-dir /var/cache/ci \\
+              type=registry,ref=ghcr.io/org/app:cache /mnt/cache
+          buildctl build --frontend dockerfile.v0 --local context=. \\
+              --local dockerfile=. --import-cache type=local,src=/mnt/cache,tag=cache
         """
     )
 

@@ -11,8 +11,8 @@ struct OCICacheFS: ParsableCommand {
         verified against their digest, and kept in a local content cache shared by every mount.
 
         Example:
-          ocicachefs mount type=registry,ref=registry.example.com/team/app:buildcache /mnt/cache
-          buildctl build ... --import-cache type=local,src=/mnt/cache,tag=buildcache
+          ocicachefs mount type=registry,ref=registry.example.com/app:cache /mnt/cache
+          buildctl build ... --import-cache type=local,src=/mnt/cache,tag=cache
           ocicachefs unmount /mnt/cache
         """,
         subcommands: [MountCommand.self, UnmountCommand.self]
