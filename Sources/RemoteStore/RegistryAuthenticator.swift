@@ -15,9 +15,13 @@ final class RegistryAuthenticator: Sendable {
     private let transport: any HTTPTransport
     private let timeout: Duration
     private let cached = Mutex<CachedAuthorization?>(nil)
+    /// An insecure registry's own host, whose token endpoint is trusted without a certificate check.
+    private let unverifiedTLSHost: String?
 
-    init(host: String, credential: RegistryCredential?, transport: any HTTPTransport, timeout: Duration) {
+    init(host: String, credential: RegistryCredential?, transport: any HTTPTransport, timeout: Duration,
+         unverifiedTLSHost: String? = nil) {
         self.host = host
+        self.unverifiedTLSHost = unverifiedTLSHost
         self.credential = credential
         self.transport = transport
         self.timeout = timeout
@@ -80,6 +84,9 @@ final class RegistryAuthenticator: Sendable {
             components.queryItems = items
             request.url = components.string ?? realm
         }
+        if let unverifiedTLSHost, URL(string: request.url).map({ Self.hostAndPort($0) }) == unverifiedTLSHost {
+            request.verifiesTLSPeer = false
+        }
         let response: HTTPResponse
         do {
             response = try transport.fetch(request, maxBodyBytes: 1 << 20)
@@ -107,6 +114,11 @@ final class RegistryAuthenticator: Sendable {
         // The distribution spec's default lifetime is 60 s when none is given.
         let seconds = max(decoded.expires_in ?? 60, 1)
         return (token, .seconds(seconds))
+    }
+
+    private static func hostAndPort(_ url: URL) -> String {
+        guard let host = url.host else { return "" }
+        return url.port.map { "\(host):\($0)" } ?? host
     }
 
     static func basicHeader(_ username: String, _ password: String) -> String {

@@ -28,12 +28,19 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
         }
         let components = rest.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
         if components.count > 1, let first = components.first,
-           first.contains(".") || first.contains(":") || first == "localhost" {
+           first.contains(".") || first.contains(":") || first == "localhost" || first.hasPrefix("[") {
+            guard Self.isValidHost(first) else {
+                throw .configuration("reference '\(text)': '\(first)' is not a valid registry host (HOST[:PORT])")
+            }
             host = first
             repository = components.dropFirst().joined(separator: "/")
         } else {
             host = "docker.io"
-            repository = components.count == 1 ? "library/" + components[0] : components.joined(separator: "/")
+            repository = components.joined(separator: "/")
+        }
+        // Docker Hub's official images live under library/.
+        if Self.isDockerHub(host), !repository.contains("/"), !repository.isEmpty {
+            repository = "library/" + repository
         }
         guard Self.isValidRepository(repository) else {
             throw .configuration("reference '\(text)': '\(repository)' is not a valid repository name (lowercase letters, digits, . _ - and /)")
@@ -41,13 +48,18 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// The host the Registry API is reached at.
-    public var apiHost: String { host == "docker.io" || host == "index.docker.io" ? "registry-1.docker.io" : host }
+    public var apiHost: String { Self.isDockerHub(host) ? "registry-1.docker.io" : host }
 
-    /// Loopback registries are reached over plain HTTP, as BuildKit does.
+    /// Loopback registries are reached over plain HTTP, as BuildKit does: `localhost` and
+    /// loopback addresses, never a DNS name that merely starts with "127.".
     public var isLoopback: Bool {
         let name = hostName.lowercased()
-        return name == "localhost" || name.hasPrefix("127.") || name == "::1" || name == "[::1]"
+        if name == "localhost" || name == "[::1]" { return true }
+        let octets = name.split(separator: ".", omittingEmptySubsequences: false)
+        return octets.count == 4 && octets[0] == "127" && octets.allSatisfy { UInt8($0) != nil }
     }
+
+    private static func isDockerHub(_ host: String) -> Bool { host == "docker.io" || host == "index.docker.io" }
 
     /// The host without its port.
     public var hostName: String {
@@ -68,6 +80,32 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
         return text
     }
 
+    /// A DNS name or IPv4 address with an optional port, or a bracketed IPv6 address with one.
+    static func isValidHost(_ host: String) -> Bool {
+        var name = Substring(host)
+        if name.hasPrefix("[") {
+            guard let close = name.firstIndex(of: "]") else { return false }
+            let address = name[name.index(after: name.startIndex)..<close]
+            guard !address.isEmpty, address.allSatisfy({ $0.isHexDigit || $0 == ":" }) else { return false }
+            name = name[name.index(after: close)...]
+            return name.isEmpty || isValidPort(name)
+        }
+        if let colon = name.firstIndex(of: ":") {
+            guard isValidPort(name[colon...]) else { return false }
+            name = name[..<colon]
+        }
+        return name.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
+            guard let first = label.first, let last = label.last, first != "-", last != "-" else { return false }
+            return label.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+        }
+    }
+
+    /// `:` followed by 1 to 5 digits.
+    private static func isValidPort(_ text: Substring) -> Bool {
+        let digits = text.dropFirst()
+        return text.first == ":" && (1...5).contains(digits.count) && digits.allSatisfy { $0.isASCII && $0.isNumber }
+    }
+
     static func isValidTag(_ tag: String) -> Bool {
         guard let first = tag.utf8.first, tag.utf8.count <= 128, first != UInt8(ascii: "."), first != UInt8(ascii: "-") else {
             return false
@@ -78,11 +116,23 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
     static func isValidRepository(_ name: String) -> Bool {
         guard !name.isEmpty, name.utf8.count <= 255 else { return false }
         return name.split(separator: "/", omittingEmptySubsequences: false).allSatisfy { component in
+            // alphanumerics joined by ".", "_", "__" or runs of "-" (the distribution grammar)
             guard let first = component.utf8.first, let last = component.utf8.last,
                   isLowerAlphanumeric(first), isLowerAlphanumeric(last) else { return false }
-            return component.utf8.allSatisfy {
-                isLowerAlphanumeric($0) || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-")
+            var separator: [UInt8] = []
+            for c in component.utf8 {
+                if isLowerAlphanumeric(c) {
+                    let valid = separator.isEmpty || separator == [UInt8(ascii: ".")] || separator == [UInt8(ascii: "_")]
+                        || separator == [UInt8(ascii: "_"), UInt8(ascii: "_")] || separator.allSatisfy { $0 == UInt8(ascii: "-") }
+                    guard valid else { return false }
+                    separator = []
+                } else if c == UInt8(ascii: ".") || c == UInt8(ascii: "_") || c == UInt8(ascii: "-") {
+                    separator.append(c)
+                } else {
+                    return false
+                }
             }
+            return true
         }
     }
 

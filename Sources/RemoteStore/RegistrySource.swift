@@ -28,12 +28,14 @@ public final class RegistrySource: RemoteCacheSource {
         self.reference = reference
         self.insecure = insecure && !reference.isLoopback
         let scheme = reference.isLoopback ? "http" : "https"
+        // RegistryReference accepts only hosts that make a URL.
         self.resolvedBaseURL = Mutex(URL(string: "\(scheme)://\(reference.apiHost)")!)
         self.transport = transport
         self.timeout = timeout
         self.logger = logger
         self.authenticator = RegistryAuthenticator(host: reference.host, credential: credential,
-                                                   transport: transport, timeout: timeout)
+                                                   transport: transport, timeout: timeout,
+                                                   unverifiedTLSHost: self.insecure ? reference.apiHost : nil)
     }
 
     private var pullScope: String { "repository:\(reference.repository):pull" }
@@ -237,7 +239,7 @@ public final class RegistrySource: RemoteCacheSource {
             case 301, 302, 303, 307, 308:
                 guard redirects < Self.maxRedirects, let location = head.headers["Location"],
                       let next = URL(string: location, relativeTo: url)?.absoluteURL else {
-                    throw RemoteStoreError.server("\(reference.host): too many or unusable redirects for \(url.path)")
+                    throw RemoteStoreError.invalidContent("\(reference.host): too many or unusable redirects for \(url.path)")
                 }
                 redirects += 1
                 url = next
@@ -273,7 +275,8 @@ public final class RegistrySource: RemoteCacheSource {
             return ""
         }
         let text = [first.code, first.message].compactMap { $0 }.joined(separator: " ")
-        return text.isEmpty ? "" : ": " + String(text.prefix(200))
+            .map { $0.isNewline || $0 == "\t" ? " " : $0 }
+        return text.isEmpty ? "" : ": " + String(String(text).prefix(200))
     }
 }
 

@@ -1,0 +1,293 @@
+import Foundation
+import Testing
+@testable import OCI
+
+// Fixed digests so the golden documents below are readable.
+private func fixedDigest(_ c: Character) -> Digest { Digest("sha256:" + String(repeating: c, count: 64))! }
+private let dA = fixedDigest("a")
+private let dB = fixedDigest("b")
+private let dC = fixedDigest("c")
+private let dD = fixedDigest("d")
+private let dE = fixedDigest("e")
+private let dF = fixedDigest("f")
+
+private let gzipLayer = "application/vnd.oci.image.layer.v1.tar+gzip"
+private let zstdLayer = "application/vnd.oci.image.layer.v1.tar+zstd"
+private let dockerLayer = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+private func parse(_ json: String, contentType: String? = nil) throws(ManifestError) -> ManifestContent {
+    try ManifestContent.parse(Array(json.utf8), contentType: contentType)
+}
+
+/// The message of the ManifestError `json` raises; records an issue when it parses.
+private func errorMessage(_ json: String, contentType: String? = nil,
+                          sourceLocation: SourceLocation = #_sourceLocation) -> String {
+    do {
+        let content = try parse(json, contentType: contentType)
+        Issue.record("expected a ManifestError, parsed \(content)", sourceLocation: sourceLocation)
+        return ""
+    } catch {
+        return error.description
+    }
+}
+
+@Suite("ManifestContent.parse")
+struct ManifestContentTests {
+    // MARK: Variants
+
+    /// BuildKit's index variant (image-manifest=false), as buildctl v0.11.6 pushes it.
+    @Test func buildkitIndexVariant() throws {
+        let json = """
+        {"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[\
+        {"mediaType":"\(gzipLayer)","digest":"\(dA)","size":3623807,"annotations":{"buildkit/createdat":"2024-01-01T00:00:00Z","containerd.io/uncompressed":"\(dD)"}},\
+        {"mediaType":"\(zstdLayer)","digest":"\(dB)","size":1024,"annotations":{"containerd.io/uncompressed":"\(dE)"}},\
+        {"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"\(dC)","size":402}]}
+        """
+        let content = try parse(json)
+        let layerA = Descriptor(mediaType: gzipLayer, digest: dA, size: 3_623_807,
+                                annotations: ["buildkit/createdat": "2024-01-01T00:00:00Z", "containerd.io/uncompressed": dD.description])
+        let layerB = Descriptor(mediaType: zstdLayer, digest: dB, size: 1024, annotations: ["containerd.io/uncompressed": dE.description])
+        let config = Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: dC, size: 402)
+        #expect(content == .index(mediaType: MediaType.ociIndex, manifests: [layerA, layerB, config]))
+        #expect(content.mediaType == MediaType.ociIndex)
+        #expect(content.buildkitCacheConfig == config)
+    }
+
+    /// The same with oci-mediatypes=false: a Docker manifest list of Docker layers.
+    @Test func buildkitDockerManifestListVariant() throws {
+        let json = """
+        {"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[\
+        {"mediaType":"\(dockerLayer)","digest":"\(dA)","size":10,"annotations":{"containerd.io/uncompressed":"\(dD)"}},\
+        {"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"\(dC)","size":402}]}
+        """
+        let content = try parse(json)
+        guard case .index(let type, let manifests) = content else {
+            Issue.record("expected an index, got \(content)")
+            return
+        }
+        #expect(type == MediaType.dockerManifestList)
+        #expect(manifests.map(\.digest) == [dA, dC])
+        #expect(manifests[0].mediaType == dockerLayer)
+        #expect(content.buildkitCacheConfig == Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: dC, size: 402))
+    }
+
+    /// BuildKit's image-manifest variant (image-manifest=true), the reference's example.
+    @Test func buildkitImageManifestVariant() throws {
+        let json = """
+        {"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"\(dC)","size":402},
+         "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"\(dA)","size":3623807,"annotations":{"containerd.io/uncompressed":"\(dD)"}}]}
+        """
+        let content = try parse(json)
+        #expect(content == .image(
+            mediaType: MediaType.ociManifest,
+            config: Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: dC, size: 402),
+            layers: [Descriptor(mediaType: gzipLayer, digest: dA, size: 3_623_807, annotations: ["containerd.io/uncompressed": dD.description])]))
+        #expect(content.mediaType == MediaType.ociManifest)
+        // Only the index variant reports a cache config this way; the image variant has it as `config`.
+        #expect(content.buildkitCacheConfig == nil)
+    }
+
+    @Test func plainOCIImageManifest() throws {
+        let json = """
+        {
+          "schemaVersion": 2,
+          "mediaType": "application/vnd.oci.image.manifest.v1+json",
+          "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "\(dF)", "size": 7023},
+          "layers": [
+            {"mediaType": "\(gzipLayer)", "digest": "\(dA)", "size": 32654},
+            {"mediaType": "\(gzipLayer)", "digest": "\(dB)", "size": 16724}
+          ],
+          "annotations": {"org.opencontainers.image.created": "2024-01-01T00:00:00Z"},
+          "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "\(dE)", "size": 1}
+        }
+        """
+        #expect(try parse(json) == .image(
+            mediaType: MediaType.ociManifest,
+            config: Descriptor(mediaType: MediaType.ociConfig, digest: dF, size: 7023),
+            layers: [Descriptor(mediaType: gzipLayer, digest: dA, size: 32654),
+                     Descriptor(mediaType: gzipLayer, digest: dB, size: 16724)]))
+    }
+
+    @Test func dockerSchema2Manifest() throws {
+        let json = """
+        {"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",\
+        "config":{"mediaType":"application/vnd.docker.container.image.v1+json","size":7023,"digest":"\(dF)"},\
+        "layers":[{"mediaType":"\(dockerLayer)","size":32654,"digest":"\(dA)"}]}
+        """
+        #expect(try parse(json) == .image(
+            mediaType: MediaType.dockerManifest,
+            config: Descriptor(mediaType: MediaType.dockerConfig, digest: dF, size: 7023),
+            layers: [Descriptor(mediaType: dockerLayer, digest: dA, size: 32654)]))
+    }
+
+    @Test func multiPlatformOCIIndexIsNotACacheIndex() throws {
+        let json = """
+        {"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[\
+        {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"\(dA)","size":500,"platform":{"architecture":"amd64","os":"linux"}},\
+        {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"\(dB)","size":501,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}}]}
+        """
+        let content = try parse(json)
+        #expect(content == .index(mediaType: MediaType.ociIndex, manifests: [
+            Descriptor(mediaType: MediaType.ociManifest, digest: dA, size: 500),
+            Descriptor(mediaType: MediaType.ociManifest, digest: dB, size: 501),
+        ]))
+        #expect(content.buildkitCacheConfig == nil)
+    }
+
+    @Test func imageManifestWithoutLayersHasNoLayers() throws {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"\#(dC)","size":2}}"#
+        #expect(try parse(json) == .image(mediaType: MediaType.ociManifest,
+                                          config: Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: dC, size: 2),
+                                          layers: []))
+    }
+
+    @Test func emptyIndexIsAnIndex() throws {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#
+        #expect(try parse(json) == .index(mediaType: MediaType.ociIndex, manifests: []))
+    }
+
+    // MARK: Where the media type comes from
+
+    private static let untypedImage = #"{"schemaVersion":2,"config":{"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"sha256:\#(String(repeating: "c", count: 64))","size":402},"layers":[]}"#
+    private static let untypedIndex = #"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"sha256:\#(String(repeating: "c", count: 64))","size":402}]}"#
+
+    @Test func mediaTypeFromContentTypeWhenTheDocumentHasNone() throws {
+        #expect(try parse(Self.untypedImage, contentType: MediaType.dockerManifest).mediaType == MediaType.dockerManifest)
+        #expect(try parse(Self.untypedImage, contentType: MediaType.ociManifest).mediaType == MediaType.ociManifest)
+        #expect(try parse(Self.untypedIndex, contentType: MediaType.dockerManifestList).mediaType == MediaType.dockerManifestList)
+        #expect(try parse(Self.untypedIndex, contentType: MediaType.ociIndex).mediaType == MediaType.ociIndex)
+    }
+
+    @Test(arguments: [
+        "application/vnd.docker.distribution.manifest.v2+json; charset=utf-8",
+        "application/vnd.docker.distribution.manifest.v2+json;charset=utf-8",
+        "  application/vnd.docker.distribution.manifest.v2+json ; charset=\"utf-8\"",
+    ])
+    func contentTypeParametersAreIgnored(_ contentType: String) throws {
+        let content = try parse(Self.untypedImage, contentType: contentType)
+        #expect(content.mediaType == MediaType.dockerManifest)
+        guard case .image = content else {
+            Issue.record("expected an image manifest, got \(content)")
+            return
+        }
+    }
+
+    @Test func documentMediaTypeWinsOverContentType() throws {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(dC)","size":1}}"#
+        #expect(try parse(json, contentType: MediaType.dockerManifest).mediaType == MediaType.ociManifest)
+    }
+
+    @Test func mediaTypeFromShapeWhenNeither() throws {
+        let image = try parse(Self.untypedImage)
+        #expect(image.mediaType == MediaType.ociManifest)
+        guard case .image = image else {
+            Issue.record("expected an image manifest, got \(image)")
+            return
+        }
+        let index = try parse(Self.untypedIndex)
+        #expect(index.mediaType == MediaType.ociIndex)
+        #expect(index.buildkitCacheConfig?.digest == dC)
+    }
+
+    @Test func bareMediaType() {
+        #expect(ManifestContent.bareMediaType("application/json; charset=utf-8") == "application/json")
+        #expect(ManifestContent.bareMediaType(" a/b ") == "a/b")
+        #expect(ManifestContent.bareMediaType("a/b") == "a/b")
+        #expect(ManifestContent.bareMediaType("") == "")
+    }
+
+    // MARK: Errors
+
+    @Test(arguments: ["", "{", "not json", "{\"schemaVersion\":2,", "\u{FEFF}{]"])
+    func malformedJSON(_ json: String) {
+        let message = errorMessage(json)
+        #expect(message.hasPrefix("malformed manifest JSON"), "\(message)")
+        #expect(!message.contains("\n"))
+    }
+
+    @Test func topLevelNotAnObject() {
+        let message = errorMessage("[1,2,3]")
+        #expect(message.hasPrefix("malformed manifest JSON"), "\(message)")
+        #expect(!message.contains("\n"))
+    }
+
+    @Test func schemaVersion1IsRefused() {
+        let json = #"{"schemaVersion":1,"name":"library/alpine","tag":"latest","architecture":"amd64","fsLayers":[],"history":[]}"#
+        #expect(errorMessage(json) == "unsupported manifest schemaVersion 1")
+        #expect(errorMessage(json, contentType: "application/vnd.docker.distribution.manifest.v1+prettyjws") == "unsupported manifest schemaVersion 1")
+    }
+
+    @Test func missingSchemaVersionIsRefused() {
+        let json = #"{"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(dC)","size":1}}"#
+        #expect(errorMessage(json) == "unsupported manifest schemaVersion (missing)")
+    }
+
+    @Test func missingConfig() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#
+        #expect(errorMessage(json) == "image manifest has no config")
+        let docker = #"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":null,"layers":[]}"#
+        #expect(errorMessage(docker) == "image manifest has no config")
+    }
+
+    @Test func indexWithoutManifests() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}"#
+        #expect(errorMessage(json) == "index application/vnd.oci.image.index.v1+json has no manifests list")
+    }
+
+    @Test func negativeSize() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(dC)","size":1},"layers":[{"mediaType":"m","digest":"\#(dA)","size":-5}]}"#
+        let message = errorMessage(json)
+        #expect(message.hasPrefix("malformed manifest JSON"), "\(message)")
+        #expect(message.contains("negative size -5"), "\(message)")
+        #expect(message.contains("size"), "\(message)")
+        #expect(!message.contains("\n"))
+    }
+
+    @Test func negativeSizeInIndex() {
+        let json = #"{"schemaVersion":2,"manifests":[{"mediaType":"m","digest":"\#(dA)","size":-1}]}"#
+        #expect(errorMessage(json).contains("negative size -1"))
+    }
+
+    @Test(arguments: [
+        "sha256:XYZ",
+        "sha512:" + String(repeating: "a", count: 128),
+        "sha256:" + String(repeating: "A", count: 64),
+        "../../etc/passwd",
+    ])
+    func badDigest(_ digest: String) {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(digest)","size":1},"layers":[]}"#
+        let message = errorMessage(json)
+        #expect(message.hasPrefix("malformed manifest JSON"), "\(message)")
+        #expect(message.contains("not a sha256 digest"), "\(message)")
+        #expect(message.contains("config"), "\(message)")
+        #expect(!message.contains("\n"))
+    }
+
+    @Test func missingDigestNamesTheField() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","size":1}}"#
+        #expect(errorMessage(json) == "malformed manifest JSON: missing config.digest")
+    }
+
+    @Test func wrongTypeForSize() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(dC)","size":"402"}}"#
+        let message = errorMessage(json)
+        #expect(message.hasPrefix("malformed manifest JSON: config.size"), "\(message)")
+        #expect(!message.contains("\n"))
+    }
+
+    @Test func unknownMediaType() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.example.thing+json","config":{"mediaType":"m","digest":"\#(dC)","size":1}}"#
+        #expect(errorMessage(json) == "unsupported manifest media type application/vnd.example.thing+json")
+    }
+
+    @Test func unknownMediaTypeFromContentType() {
+        #expect(errorMessage(Self.untypedImage, contentType: "text/html; charset=utf-8") == "unsupported manifest media type text/html")
+    }
+
+    @Test func bigBadDigestDoesNotFloodTheMessage() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"sha256:\#(String(repeating: "q", count: 100_000))","size":1}}"#
+        let message = errorMessage(json)
+        #expect(message.contains("not a sha256 digest"))
+        #expect(message.count < 300, "message is \(message.count) characters")
+    }
+}
