@@ -45,9 +45,13 @@ public final class BlobFetcher: Sendable {
         var waiters: [Waiter] = []
     }
 
+    /// Complete blobs are opened per read rather than kept open: a mount may read thousands
+    /// of blobs, and descriptors are a bounded resource.
     private struct State {
-        var complete: [Digest: OpenFile] = [:]
         var downloads: [Digest: Download] = [:]
+        /// Blobs this fetcher committed; a reader that missed both the download and the file
+        /// (it looked in between) finds the file on a second look instead of downloading again.
+        var committed: Set<Digest> = []
         var cancelled = false
     }
 
@@ -80,7 +84,6 @@ public final class BlobFetcher: Sendable {
         }
         let next: Next = state.withLock { state in
             if state.cancelled { return .fail(.cancelled) }
-            if let file = state.complete[digest] { return .serve(file) }
             if var download = state.downloads[digest] {
                 if end < size && end <= download.written { return .serve(download.file) }
                 download.waiters.append(Waiter(offset: offset, end: end, reply: reply))
@@ -104,7 +107,7 @@ public final class BlobFetcher: Sendable {
 
     /// True when the blob is in the local cache, complete and verified.
     public func isComplete(_ digest: Digest) -> Bool {
-        state.withLock { $0.complete[digest] != nil } || store.hasComplete(digest)
+        store.hasComplete(digest)
     }
 
     /// Fails every waiting read and stops downloads; returns once no reply is owed any more.
@@ -141,16 +144,14 @@ public final class BlobFetcher: Sendable {
         }
         enum Next {
             case serve(OpenFile)
+            case lookAgain
             case waiting
             case download(path: String, file: OpenFile)
         }
         // Another reader may have raced us here; the state decides who downloads.
         let next: Next = state.withLock { state in
-            if let file = state.complete[digest] { return .serve(file) }
-            if let cached {
-                state.complete[digest] = cached
-                return .serve(cached)
-            }
+            if let cached { return .serve(cached) }
+            if state.committed.contains(digest) { return .lookAgain }
             owedReplies.add(1, ordering: .relaxed)
             if var download = state.downloads[digest] {
                 download.waiters.append(first)
@@ -165,6 +166,16 @@ public final class BlobFetcher: Sendable {
         case .serve(let file):
             if let partial { store.discardPartial(partial.path) }
             first.reply(Self.readRange(file, offset: first.offset, end: first.end))
+        case .lookAgain:
+            if let partial { store.discardPartial(partial.path) }
+            do {
+                guard let file = try store.openComplete(digest) else {
+                    return first.reply(.failure(.local("blob \(digest) vanished from the cache directory")))
+                }
+                first.reply(Self.readRange(file, offset: first.offset, end: first.end))
+            } catch {
+                first.reply(.failure(.local(error.description)))
+            }
         case .waiting:
             if let partial { store.discardPartial(partial.path) }
         case .download(let path, let file):
@@ -198,9 +209,8 @@ public final class BlobFetcher: Sendable {
             logger.debug("blob complete", metadata: ["digest": "\(digest)"])
         }
         let waiters = state.withLock { state -> [Waiter] in
-            let waiters = state.downloads.removeValue(forKey: digest)?.waiters ?? []
-            if case .success = outcome { state.complete[digest] = file }
-            return waiters
+            if case .success = outcome { state.committed.insert(digest) }
+            return state.downloads.removeValue(forKey: digest)?.waiters ?? []
         }
         for waiter in waiters {
             switch outcome {

@@ -102,6 +102,7 @@ struct MountCommand: ParsableCommand {
     private func serve(mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
         // Signals go to one waiting thread, not to whichever thread happens to run.
         Signals.blockTerminationSignals()
+        Self.raiseOpenFileLimit()
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -144,6 +145,14 @@ struct MountCommand: ParsableCommand {
         }
         let status = session.run()
         logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(status)"])
+    }
+
+    /// Every download holds a descriptor and the kernel may have many requests in flight.
+    static func raiseOpenFileLimit() {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
     }
 
     static func checkedMountpoint(_ path: String) throws -> String {
