@@ -52,6 +52,9 @@ public final class BlobFetcher: Sendable {
         /// Blobs this fetcher committed; a reader that missed both the download and the file
         /// (it looked in between) finds the file on a second look instead of downloading again.
         var committed: Set<Digest> = []
+        /// Recently failed downloads answer at once: the kernel retries a failed readahead
+        /// page by page, and each retry must not pay for a whole new download.
+        var failures: [Digest: (error: BlobReadError, until: ContinuousClock.Instant)] = [:]
         var cancelled = false
     }
 
@@ -59,16 +62,19 @@ public final class BlobFetcher: Sendable {
     private let source: any RemoteCacheSource
     private let logger: Logger
     private let maxAttempts: Int
+    private let failureMemory: Duration
     private let state = Mutex(State())
     /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
     /// request after the kernel session is gone.
     private let owedReplies = Atomic<Int>(0)
 
-    public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3) {
+    public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
+                failureMemory: Duration = .seconds(5)) {
         self.store = store
         self.source = source
         self.logger = logger
         self.maxAttempts = maxAttempts
+        self.failureMemory = failureMemory
     }
 
     /// Reads `count` bytes at `offset` of a blob of `size` bytes. `reply` is called exactly once:
@@ -84,6 +90,10 @@ public final class BlobFetcher: Sendable {
         }
         let next: Next = state.withLock { state in
             if state.cancelled { return .fail(.cancelled) }
+            if let failure = state.failures[digest] {
+                if failure.until > .now { return .fail(failure.error) }
+                state.failures[digest] = nil
+            }
             if var download = state.downloads[digest] {
                 if end < size && end <= download.written { return .serve(download.file) }
                 download.waiters.append(Waiter(offset: offset, end: end, reply: reply))
@@ -209,7 +219,14 @@ public final class BlobFetcher: Sendable {
             logger.debug("blob complete", metadata: ["digest": "\(digest)"])
         }
         let waiters = state.withLock { state -> [Waiter] in
-            if case .success = outcome { state.committed.insert(digest) }
+            switch outcome {
+            case .success:
+                state.committed.insert(digest)
+            case .failure(.cancelled):
+                break
+            case .failure(let error):
+                state.failures[digest] = (error, .now + failureMemory)
+            }
             return state.downloads.removeValue(forKey: digest)?.waiters ?? []
         }
         for waiter in waiters {

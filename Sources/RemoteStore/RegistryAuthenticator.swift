@@ -90,6 +90,8 @@ final class RegistryAuthenticator: Sendable {
         let response: HTTPResponse
         do {
             response = try transport.fetch(request, maxBodyBytes: 1 << 20)
+        } catch let error as HTTPTransportError {
+            throw RemoteStoreError(error, context: "token server \(components.host ?? realm) for \(host)")
         } catch {
             throw .transport("token server \(components.host ?? realm) for \(host): \(error)")
         }

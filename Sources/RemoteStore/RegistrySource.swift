@@ -231,7 +231,7 @@ public final class RegistrySource: RemoteCacheSource {
                     }
                 })
             } catch let error as HTTPTransportError {
-                throw RemoteStoreError.transport("\(reference.host): \(error)")
+                throw RemoteStoreError(error, context: reference.host)
             }
             switch head.status {
             case 200..<300:

@@ -47,12 +47,23 @@ public enum RemoteStoreError: Error, Sendable, Equatable, CustomStringConvertibl
     case invalidContent(String)
     case server(String)
     case transport(String)
+    /// Nothing moved for the whole `--timeout`: not retried, so every wait keeps its bound.
+    case timedOut(String)
     case configuration(String)
+
+    /// Names the failing exchange; a stall becomes `.timedOut`, anything else `.transport`.
+    public init(_ error: HTTPTransportError, context: String) {
+        if case .timedOut = error {
+            self = .timedOut("\(context): \(error)")
+        } else {
+            self = .transport("\(context): \(error)")
+        }
+    }
 
     public var description: String {
         switch self {
         case .unauthorized(let m), .notFound(let m), .invalidContent(let m), .server(let m),
-             .transport(let m), .configuration(let m):
+             .transport(let m), .timedOut(let m), .configuration(let m):
             return m
         }
     }

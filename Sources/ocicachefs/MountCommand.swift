@@ -80,7 +80,14 @@ struct MountCommand: ParsableCommand {
     }
 
     func run() throws {
-        let mountpoint = try Self.checkedMountpoint(mountpoint)
+        let mountpoint: String
+        do {
+            mountpoint = try Self.checkedMountpoint(self.mountpoint)
+            try Self.checkMountable(mountpoint)
+        } catch {
+            printError("\(error)")
+            throw ExitCode.failure
+        }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
         if !foreground {
             let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
@@ -157,15 +164,28 @@ struct MountCommand: ParsableCommand {
 
     static func checkedMountpoint(_ path: String) throws -> String {
         guard let resolved = realpath(path, nil) else {
-            throw ValidationError("mountpoint \(path): \(String(cString: strerror(errno)))")
+            throw CommandError("mountpoint \(path): \(String(cString: strerror(errno)))")
         }
         defer { free(resolved) }
         var isDirectory: ObjCBool = false
         let absolute = String(cString: resolved)
         guard FileManager.default.fileExists(atPath: absolute, isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw ValidationError("mountpoint \(path) is not a directory")
+            throw CommandError("mountpoint \(path) is not a directory")
         }
         return absolute
+    }
+
+    /// Mounting over a mount or over files would hide them; clients would see the wrong tree.
+    static func checkMountable(_ path: String) throws {
+        var own = stat()
+        var parent = stat()
+        if stat(path, &own) == 0, stat(path + "/..", &parent) == 0, own.st_dev != parent.st_dev || own.st_ino == parent.st_ino {
+            throw CommandError("\(path) is already a mount point; unmount it first")
+        }
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        guard entries.isEmpty else {
+            throw CommandError("mountpoint \(path) is not empty; mounting would hide its files")
+        }
     }
 
     static func defaultCacheDirectory() -> String {
@@ -174,6 +194,12 @@ struct MountCommand: ParsableCommand {
         if getuid() == 0 { return "/var/cache/ocicachefs" }
         return (environment["HOME"] ?? NSHomeDirectory()) + "/.cache/ocicachefs"
     }
+}
+
+/// A failure told to the person in one line, without the usage text.
+struct CommandError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }
 
 func printError(_ line: String) {

@@ -26,7 +26,13 @@ struct UnmountCommand: ParsableCommand {
     var mountpoint: String
 
     func run() throws {
-        let path = try MountCommand.checkedMountpoint(mountpoint)
+        let path: String
+        do {
+            path = try MountCommand.checkedMountpoint(mountpoint)
+        } catch {
+            printError("\(error)")
+            throw ExitCode.failure
+        }
         let pidFile = RuntimeFiles.pidFile(forMountpoint: path)
         let pid = RuntimeFiles.readPID(pidFile)
         switch Unmounter.unmount(path, lazy: false) {

@@ -19,11 +19,12 @@ final class Fixture: Sendable {
     let filesystem: CacheFilesystem
     let fetcher: BlobFetcher
 
-    init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil) throws {
+    init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
+         failureMemory: Duration = .zero) throws {
         source = InMemorySource(layers: layers, behaviour: behaviour)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
-        fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3)
+        fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory)
         filesystem = CacheFilesystem(snapshot: source.snapshot, fetcher: fetcher, logger: Logger(label: "test"))
     }
 
@@ -258,6 +259,19 @@ final class Fixture: Sendable {
         // Once the remote tells the truth, the blob is served.
         fixture.source.update { $0.substitutes = [:] }
         #expect(try fixture.readWhole(inode).get() == layer)
+    }
+
+    /// The kernel retries a failed readahead page by page; a fresh failure answers at once.
+    @Test func aRecentFailureIsRememberedInsteadOfDownloadingAgain() throws {
+        let layer = randomBytes(1 << 20, seed: 16)
+        let fixture = try Fixture(layers: [layer], behaviour: .init(failEverything: true), failureMemory: .seconds(60))
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        #expect(fixture.read(inode, offset: 0, count: 4096).failure == .ioError)
+        let streams = fixture.source.streamsStarted.count
+        fixture.source.update { $0.failEverything = false }
+        #expect(fixture.read(inode, offset: 4096, count: 4096).failure == .ioError)
+        #expect(fixture.source.streamsStarted.count == streams)
     }
 
     @Test func aBrokenStreamResumesWithARangeRequest() throws {
