@@ -85,7 +85,7 @@ public enum ManifestContent: Sendable, Equatable {
 public enum OCILayout {
     public static let ociLayoutFile: [UInt8] = Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8)
 
-    public struct TaggedManifest: Sendable, Equatable {
+    public struct TaggedManifest: Sendable, Equatable, Codable {
         public var tag: String
         public var manifest: Descriptor
         public init(tag: String, manifest: Descriptor) {

@@ -121,11 +121,11 @@ struct MountCommand: ParsableCommand {
 
         let spec = try SourceSpec(parsing: source)
         let remote = try SourceFactory.make(spec, timeout: bound, logger: logger)
+        let store = try ContentStore(directory: cacheDirectory)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
-        let snapshot = try remote.loadSnapshot()
+        let snapshot = try store.resolve(remote, logger: logger)
         snapshot.warnings.forEach { logger.warning("\($0)") }
 
-        let store = try ContentStore(directory: cacheDirectory)
         let fetcher = BlobFetcher(store: store, source: remote, logger: logger)
         let filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]

@@ -15,6 +15,8 @@ final class InMemorySource: RemoteCacheSource {
         /// Streams pause after this many bytes until `resume()`.
         var pauseAfter: Int?
         var failEverything = false
+        /// What resolving the source throws, if anything.
+        var resolutionError: RemoteStoreError?
     }
 
     let displayName = "memory"
@@ -63,7 +65,10 @@ final class InMemorySource: RemoteCacheSource {
 
     func resume() { pause.signal() }
 
-    func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot { snapshot }
+    func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
+        if let error = behaviour.withLock({ $0.resolutionError }) { throw error }
+        return snapshot
+    }
 
     func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
                     onBody: (UnsafeRawBufferPointer) throws -> Void) throws {

@@ -1,0 +1,105 @@
+import Foundation
+import Logging
+import OCI
+import RemoteStore
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+/// What a source resolved to at its last successful mount, so that a mount made while the
+/// remote is unreachable can still show the cache it showed before. Small blobs are stored
+/// in the content store like any blob; the resolution file names them.
+extension ContentStore {
+    private struct SavedResolution: Codable {
+        struct LazyBlob: Codable {
+            var digest: Digest
+            var size: Int64
+        }
+        var source: String
+        var resolvedAt: Date
+        var tags: [OCILayout.TaggedManifest]
+        var smallBlobs: [Digest]
+        var lazyBlobs: [LazyBlob]
+    }
+
+    var resolutionsDirectory: String { directory + "/resolutions" }
+
+    /// Resolves `source`; when the remote is unavailable (not when it refuses us), falls back
+    /// to its last saved resolution whose small blobs are all still in the store.
+    public func resolve(_ source: any RemoteCacheSource, logger: Logger) throws(RemoteStoreError) -> CacheSnapshot {
+        do {
+            let snapshot = try source.loadSnapshot()
+            do {
+                try save(snapshot, for: source.displayName)
+            } catch {
+                logger.warning("cannot save the resolution for offline mounts", metadata: ["error": "\(error)"])
+            }
+            return snapshot
+        } catch {
+            guard error.isUnavailability, let (snapshot, resolvedAt) = savedResolution(for: source.displayName) else { throw error }
+            logger.warning("remote unavailable; serving the resolution saved at its last mount",
+                           metadata: ["source": "\(source.displayName)", "resolvedAt": "\(resolvedAt)", "error": "\(error)"])
+            return snapshot
+        }
+    }
+
+    func save(_ snapshot: CacheSnapshot, for source: String) throws(CacheError) {
+        for (digest, bytes) in snapshot.smallBlobs where !hasComplete(digest) {
+            let partial = try createPartial(digest)
+            do {
+                try bytes.withUnsafeBytes { try partial.file.write($0, at: 0) }
+            } catch {
+                discardPartial(partial.path)
+                throw CacheError("cannot store blob \(digest): \(error)")
+            }
+            try commit(partialPath: partial.path, file: partial.file, digest: digest)
+        }
+        let record = SavedResolution(
+            source: source, resolvedAt: Date(), tags: snapshot.tags,
+            smallBlobs: snapshot.smallBlobs.keys.sorted(),
+            lazyBlobs: snapshot.lazyBlobs.sorted { $0.key < $1.key }.map { SavedResolution.LazyBlob(digest: $0.key, size: $0.value) })
+        let path = resolutionPath(for: source)
+        let temporary = "\(path).\(getpid()).tmp"
+        do {
+            try FileManager.default.createDirectory(atPath: resolutionsDirectory, withIntermediateDirectories: true)
+            try JSONEncoder().encode(record).write(to: URL(fileURLWithPath: temporary))
+        } catch {
+            throw CacheError("cannot write \(temporary): \(error.localizedDescription)")
+        }
+        guard rename(temporary, path) == 0 else {
+            unlink(temporary)
+            throw CacheError("cannot write \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    func savedResolution(for source: String) -> (CacheSnapshot, Date)? {
+        guard let data = FileManager.default.contents(atPath: resolutionPath(for: source)),
+              let record = try? JSONDecoder().decode(SavedResolution.self, from: data),
+              record.source == source else { return nil }
+        var snapshot = CacheSnapshot()
+        snapshot.tags = record.tags
+        for digest in record.smallBlobs {
+            // Small blobs are read whole and checked: a damaged one voids the resolution.
+            guard let file = try? openComplete(digest), let bytes = try? file.read(offset: 0, count: 4 << 20),
+                  Digest.sha256(of: bytes) == digest else { return nil }
+            snapshot.addSmallBlob(digest, bytes)
+        }
+        for blob in record.lazyBlobs { snapshot.addLazyBlob(Descriptor(mediaType: "", digest: blob.digest, size: blob.size)) }
+        return (snapshot, record.resolvedAt)
+    }
+
+    private func resolutionPath(for source: String) -> String {
+        resolutionsDirectory + "/" + Digest.sha256(of: Array(source.utf8)).hex + ".json"
+    }
+}
+
+extension RemoteStoreError {
+    /// The remote could not be reached or did not answer usefully; it did not say no.
+    public var isUnavailability: Bool {
+        switch self {
+        case .server, .transport, .timedOut: return true
+        default: return false
+        }
+    }
+}

@@ -1,0 +1,63 @@
+import ContentCache
+import Foundation
+import Logging
+import OCI
+import RemoteStore
+import Testing
+
+@Suite struct SavedResolutionTests {
+    let logger = Logger(label: "test")
+
+    @Test func anUnreachableRemoteIsServedFromTheLastResolution() throws {
+        let layer = randomBytes(100_000, seed: 20)
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let live = try store.resolve(fixture.source, logger: logger)
+
+        fixture.source.update { $0.resolutionError = .transport("memory: connection refused") }
+        let offline = try store.resolve(fixture.source, logger: logger)
+        #expect(offline.tags == live.tags)
+        #expect(offline.smallBlobs == live.smallBlobs)
+        #expect(offline.lazyBlobs == live.lazyBlobs)
+
+        fixture.source.update { $0.resolutionError = .timedOut("memory: no answer") }
+        #expect(try store.resolve(fixture.source, logger: logger).tags == live.tags)
+    }
+
+    @Test func aRefusalIsNeverMaskedByTheSavedResolution() throws {
+        let fixture = try Fixture(layers: [randomBytes(1000, seed: 21)])
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        _ = try store.resolve(fixture.source, logger: logger)
+        for refusal in [RemoteStoreError.unauthorized("no"), .invalidContent("bad manifest")] {
+            fixture.source.update { $0.resolutionError = refusal }
+            #expect(throws: refusal) { try store.resolve(fixture.source, logger: logger) }
+        }
+    }
+
+    @Test func withoutASavedResolutionTheErrorStands() throws {
+        let fixture = try Fixture(layers: [randomBytes(1000, seed: 22)],
+                                  behaviour: .init(resolutionError: .transport("memory: connection refused")))
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        #expect(throws: RemoteStoreError.transport("memory: connection refused")) {
+            try store.resolve(fixture.source, logger: logger)
+        }
+    }
+
+    @Test func aDamagedSmallBlobVoidsTheSavedResolution() throws {
+        let fixture = try Fixture(layers: [randomBytes(1000, seed: 23)])
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let live = try store.resolve(fixture.source, logger: logger)
+        let manifest = live.tags[0].manifest.digest
+        let path = store.completePath(manifest)
+        chmod(path, 0o644)
+        try Data("{}".utf8).write(to: URL(fileURLWithPath: path))
+        fixture.source.update { $0.resolutionError = .transport("memory: connection refused") }
+        #expect(throws: RemoteStoreError.transport("memory: connection refused")) {
+            try store.resolve(fixture.source, logger: logger)
+        }
+    }
+}
