@@ -33,8 +33,9 @@ struct MountCommand: ParsableCommand {
 
         Without --foreground the command returns once the mount is ready, so \
         `ocicachefs mount ... && buildctl ...` needs no sleep; it exits non-zero with one line \
-        saying why when the registry is unreachable, refuses the credentials or serves an \
-        invalid manifest.
+        saying why when the registry refuses the credentials, serves an invalid manifest, or \
+        is unreachable with no earlier resolution of the reference in the cache directory \
+        (with one, the mount shows that resolution and logs a warning).
 
         Examples:
           ocicachefs mount type=registry,ref=127.0.0.1:5000/cache:main /mnt/cache
