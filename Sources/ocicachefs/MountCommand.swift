@@ -228,8 +228,17 @@ enum SourceFactory {
             }
             return RegistrySource(reference: reference, insecure: try spec.flag("registry.insecure"), credential: credential,
                                   transport: CurlTransport(), timeout: timeout, logger: logger)
+        case "s3":
+            let location = try S3Location(spec: spec, environment: ProcessInfo.processInfo.environment)
+            var explicit: AWSCredentials?
+            if let keyID = spec.attributes["access_key_id"], let secret = spec.attributes["secret_access_key"] {
+                explicit = AWSCredentials(accessKeyID: keyID, secretAccessKey: secret, sessionToken: spec.attributes["session_token"])
+            }
+            let transport = CurlTransport()
+            let credentials = AWSCredentialChain(explicit: explicit, transport: transport)
+            return S3Source(location: location, credentials: credentials, transport: transport, timeout: timeout, logger: logger)
         default:
-            throw RemoteStoreError.configuration("source type '\(spec.type)' is not supported (supported: registry)")
+            throw RemoteStoreError.configuration("source type '\(spec.type)' is not supported (supported: registry, s3)")
         }
     }
 }

@@ -1,0 +1,226 @@
+import Foundation
+import HTTPClient
+import Logging
+import OCI
+
+/// BuildKit's `type=s3` cache in any S3-compatible store. Each manifest object (a BuildKit
+/// cache config with per-layer annotations) is presented as a synthesized OCI image manifest,
+/// the same bytes for the same object, so `type=local` imports find the cache they expect.
+public final class S3Source: RemoteCacheSource {
+    private static let maxAttempts = 3
+
+    public let location: S3Location
+    private let credentials: any AWSCredentialProvider
+    private let transport: any HTTPTransport
+    private let timeout: Duration
+    private let logger: Logger
+
+    public var displayName: String { "s3://\(location.bucket)/\(location.prefix)\(location.manifestsPrefix){\(location.names.joined(separator: ";"))}" }
+
+    public init(location: S3Location, credentials: any AWSCredentialProvider, transport: any HTTPTransport,
+                timeout: Duration, logger: Logger) {
+        self.location = location
+        self.credentials = credentials
+        self.transport = transport
+        self.timeout = timeout
+        self.logger = logger
+    }
+
+    // MARK: Snapshot
+
+    public func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
+        var snapshot = CacheSnapshot()
+        for name in location.names {
+            let key = location.manifestKey(name)
+            let config: [UInt8]
+            do {
+                config = try fetchSmall(key)
+            } catch .notFound(let message) {
+                snapshot.warnings.append("\(displayName): \(name) has no cache yet (\(message))")
+                continue
+            }
+            let manifest = try synthesizeManifest(fromCacheConfig: config, name: name)
+            snapshot.addSmallBlob(Digest.sha256(of: config), config)
+            snapshot.addSmallBlob(manifest.digest, manifest.bytes)
+            for layer in manifest.layers { snapshot.addLazyBlob(layer) }
+            snapshot.tags.append(.init(tag: name, manifest: Descriptor(mediaType: MediaType.ociManifest, digest: manifest.digest,
+                                                                      size: Int64(manifest.bytes.count))))
+        }
+        return snapshot
+    }
+
+    private struct AnnotatedCacheConfig: Decodable {
+        struct Layer: Decodable {
+            struct Annotations: Decodable {
+                var mediaType: String?
+                var diffID: String?
+                var size: Int64?
+                var createdAt: String?
+            }
+            var blob: Digest
+            var annotations: Annotations?
+        }
+        var layers: [Layer]?
+    }
+
+    private struct SynthesizedManifest: Encodable {
+        var schemaVersion = 2
+        var mediaType = MediaType.ociManifest
+        var config: Descriptor
+        var layers: [Descriptor]
+    }
+
+    /// The image manifest BuildKit's own S3 importer builds in memory, serialized canonically.
+    func synthesizeManifest(fromCacheConfig config: [UInt8], name: String) throws(RemoteStoreError)
+        -> (bytes: [UInt8], digest: Digest, layers: [Descriptor]) {
+        let parsed: AnnotatedCacheConfig
+        do {
+            parsed = try JSONDecoder().decode(AnnotatedCacheConfig.self, from: Data(config))
+        } catch {
+            throw .invalidContent("\(displayName): \(location.manifestKey(name)) is not a BuildKit cache config")
+        }
+        var layers: [Descriptor] = []
+        for layer in parsed.layers ?? [] {
+            let annotations = layer.annotations
+            guard let diffID = annotations?.diffID, Digest(diffID) != nil else {
+                throw .invalidContent("\(displayName): layer \(layer.blob) in \(name) has no diffID annotation")
+            }
+            let size: Int64
+            if let annotated = annotations?.size {
+                size = annotated
+            } else {
+                size = try headSize(location.blobKey(layer.blob.description))
+            }
+            var layerAnnotations = [Annotation.uncompressed: diffID]
+            if let createdAt = annotations?.createdAt { layerAnnotations[Annotation.buildkitCreatedAt] = createdAt }
+            layers.append(Descriptor(mediaType: annotations?.mediaType ?? "application/vnd.oci.image.layer.v1.tar+gzip",
+                                     digest: layer.blob, size: size, annotations: layerAnnotations))
+        }
+        let manifest = SynthesizedManifest(
+            config: Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: Digest.sha256(of: config), size: Int64(config.count)),
+            layers: layers)
+        let bytes = OCILayout.canonicalJSON(manifest)
+        return (bytes, Digest.sha256(of: bytes), layers)
+    }
+
+    // MARK: Requests
+
+    public func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+                           onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        var headers = HTTPHeaders()
+        if offset > 0 { headers.set("Range", "bytes=\(offset)-") }
+        _ = try perform("GET", key: location.blobKey(digest.description), headers: headers, totalTimeout: nil,
+                        onResponse: { head in
+            if head.status == 206 {
+                guard let start = RegistrySource.contentRangeStart(head.headers["Content-Range"]), start == offset else {
+                    throw RemoteStoreError.invalidContent("\(self.displayName): blob \(digest): range answer does not start at \(offset)")
+                }
+                try onStart(start)
+            } else {
+                try onStart(0)
+            }
+        }, onBody: onBody)
+    }
+
+    private func headSize(_ key: String) throws(RemoteStoreError) -> Int64 {
+        do {
+            let head = try perform("HEAD", key: key, headers: HTTPHeaders(), totalTimeout: timeout, onResponse: { _ in }, onBody: { _ in })
+            guard let length = head.headers["Content-Length"].flatMap({ Int64($0) }) else {
+                throw RemoteStoreError.invalidContent("\(displayName): HEAD \(key) gave no Content-Length")
+            }
+            return length
+        } catch let error as RemoteStoreError {
+            throw error
+        } catch {
+            throw .transport("\(displayName): HEAD \(key): \(error)")
+        }
+    }
+
+    /// A bounded GET of a small object, retried on transient failures (503 SlowDown included).
+    private func fetchSmall(_ key: String) throws(RemoteStoreError) -> [UInt8] {
+        var attempt = 1
+        while true {
+            do {
+                var body: [UInt8] = []
+                _ = try perform("GET", key: key, headers: HTTPHeaders(), totalTimeout: timeout, onResponse: { _ in }, onBody: { chunk in
+                    guard body.count + chunk.count <= RegistrySource.maxSmallBlobSize else {
+                        throw RemoteStoreError.invalidContent("\(self.displayName): \(key) is larger than \(RegistrySource.maxSmallBlobSize) bytes; refused")
+                    }
+                    body.append(contentsOf: chunk)
+                })
+                return body
+            } catch let error as RemoteStoreError {
+                guard attempt < Self.maxAttempts, error.isTransient else { throw error }
+                Thread.sleep(forTimeInterval: 0.2 * Double(1 << attempt))
+                attempt += 1
+            } catch {
+                throw .transport("\(displayName): \(key): \(error)")
+            }
+        }
+    }
+
+    /// One signed exchange; only a successful body reaches the caller, errors become one line.
+    private func perform(_ method: String, key: String, headers: HTTPHeaders, totalTimeout: Duration?,
+                         onResponse: (HTTPResponseHead) throws -> Void,
+                         onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead {
+        let url = SigV4.s3ObjectURL(endpoint: location.endpoint, bucket: location.bucket, key: key, pathStyle: location.pathStyle)
+        var request = HTTPRequest(method: method, url: url, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
+        SigV4.sign(&request, credentials: try credentials.credentials(), region: location.region, service: "s3",
+                   date: Date(), payloadHash: SigV4.unsignedPayload)
+        var head = HTTPResponseHead(status: 0, headers: HTTPHeaders())
+        var errorBody: [UInt8] = []
+        do {
+            try transport.execute(request, onResponse: { response in
+                head = response
+                if (200..<300).contains(response.status) { try onResponse(response) }
+            }, onBody: { chunk in
+                if (200..<300).contains(head.status) {
+                    try onBody(chunk)
+                } else if errorBody.count < 16 << 10 {
+                    errorBody.append(contentsOf: chunk.prefix(16 << 10))
+                }
+            })
+        } catch let error as HTTPTransportError {
+            throw RemoteStoreError(error, context: "\(displayName): \(method) \(key)")
+        }
+        if (200..<300).contains(head.status) { return head }
+        throw S3ErrorResponse(status: head.status, headers: head.headers, body: errorBody)
+            .remoteStoreError(context: "\(location.bucket)/\(key)", region: location.region)
+    }
+}
+
+/// S3's XML error document, turned into one line.
+struct S3ErrorResponse {
+    var status: Int
+    var headers: HTTPHeaders
+    var body: [UInt8]
+
+    var code: String? { element("Code") }
+    var message: String? { element("Message") }
+
+    func remoteStoreError(context: String, region: String) -> RemoteStoreError {
+        let summary = [code, message].compactMap { $0 }.joined(separator: ": ")
+        let detail = summary.isEmpty ? "HTTP \(status)" : "HTTP \(status) \(summary)"
+        if status == 301 || code == "PermanentRedirect" || code == "AuthorizationHeaderMalformed",
+           let actual = headers["x-amz-bucket-region"] ?? element("Region"), actual != region {
+            return .configuration("\(context): the bucket is in region \(actual), not \(region); set region=\(actual)")
+        }
+        switch (status, code) {
+        case (404, "NoSuchBucket"?): return .configuration("\(context): \(detail)")
+        case (404, _): return .notFound("\(context): \(detail)")
+        case (401, _), (403, _): return .unauthorized("\(context): \(detail)")
+        case (429, _), (500...599, _): return .server("\(context): \(detail)")
+        default: return .invalidContent("\(context): \(detail)")
+        }
+    }
+
+    /// The text of the first `<name>` element; the error documents are flat and small.
+    private func element(_ name: String) -> String? {
+        let text = String(decoding: body, as: UTF8.self)
+        guard let open = text.range(of: "<\(name)>"), let close = text.range(of: "</\(name)>", range: open.upperBound..<text.endIndex) else {
+            return nil
+        }
+        let value = text[open.upperBound..<close.lowerBound].map { $0.isNewline ? " " : $0 }
+        return String(String(value).prefix(300))
+    }
+}
