@@ -17,10 +17,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# The test servers' helper scripts (token issuer, cache seeder) use these.
-python3 -c 'import cryptography, requests' 2>/dev/null ||
-    python3 -m pip install --quiet cryptography requests 2>/dev/null ||
-    python3 -m pip install --quiet --break-system-packages cryptography requests
+# The test servers' helper scripts (token issuer, cache seeders, moto's S3 server) use these.
+python_packages=(cryptography requests boto3 "moto[server]")
+python3 -c 'import cryptography, requests, boto3, moto.server, flask' 2>/dev/null ||
+    python3 -m pip install --quiet "${python_packages[@]}" 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages "${python_packages[@]}"
 
 command -v swift >/dev/null || { echo "setup: swift is not on PATH (expected Swift 6 toolchain)" >&2; exit 1; }
 swift build

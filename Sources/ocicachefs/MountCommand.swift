@@ -20,6 +20,9 @@ struct MountCommand: ParsableCommand {
         SOURCE uses BuildKit's cache attribute syntax:
 
           type=registry,ref=HOST[:PORT]/REPO[:TAG|@sha256:HEX][,registry.insecure=true]
+          type=s3,bucket=B,region=R[,name=N1;N2][,prefix=P][,endpoint_url=URL]
+              [,use_path_style=true][,blobs_prefix=B/][,manifests_prefix=M/]
+              [,access_key_id=ID,secret_access_key=KEY[,session_token=TOKEN]]
 
         Loopback hosts (localhost, 127.x.x.x, ::1) are reached over plain HTTP, as BuildKit does; \
         other hosts over HTTPS with certificate verification; registry.insecure=true skips the \
@@ -28,8 +31,14 @@ struct MountCommand: ParsableCommand {
         by digest alone is shown as tag "latest". A tag that does not exist yet is not an error: \
         the mount shows an empty index.json (the first CI run has no cache).
 
-        Credentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker): auths entries, \
-        credHelpers and credsStore, as `docker login` leaves them.
+        Registry credentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker): \
+        auths entries, credHelpers and credsStore, as `docker login` leaves them.
+
+        For S3, bucket and region fall back to AWS_BUCKET and AWS_REGION and name to \
+        "buildkit"; every name becomes a tag. Credentials: the attributes, then \
+        AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, then AWS_PROFILE in \
+        ~/.aws/credentials and ~/.aws/config, then container credentials, then EC2 instance \
+        metadata.
 
         Without --foreground the command returns once the mount is ready, so \
         `ocicachefs mount ... && buildctl ...` needs no sleep; it exits non-zero with one line \
@@ -39,6 +48,7 @@ struct MountCommand: ParsableCommand {
 
         Examples:
           ocicachefs mount type=registry,ref=127.0.0.1:5000/cache:main /mnt/cache
+          ocicachefs mount "type=s3,bucket=ci-cache,region=eu-west-1,name=main" /mnt/cache
           ocicachefs mount --cache-dir /var/cache/ci \\
               type=registry,ref=ghcr.io/org/app:cache /mnt/cache
           buildctl build --frontend dockerfile.v0 --local context=. \\

@@ -4,7 +4,7 @@ import ArgumentParser
 struct OCICacheFS: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ocicachefs",
-        abstract: "Mount a remote BuildKit cache (an OCI registry) as a local OCI image layout.",
+        abstract: "Mount a remote BuildKit cache (an OCI registry or S3) as a local OCI layout.",
         discussion: """
         BuildKit's type=local cache, docker buildx, skopeo, umoci and oras read the mount as if it \
         were a local directory; layer blobs are downloaded only when something reads them, \
