@@ -490,6 +490,13 @@ enum HelperProcess {
         process.standardInput = stdinPipe
         process.standardOutput = stdoutPipe
         process.standardError = stderrPipe
+        // Any other process spawned meanwhile by this program must not inherit these ends: one
+        // holding the write end of stdout would keep us waiting for an end of file.
+        for handle in [stdinPipe.fileHandleForReading, stdinPipe.fileHandleForWriting,
+                       stdoutPipe.fileHandleForReading, stdoutPipe.fileHandleForWriting,
+                       stderrPipe.fileHandleForReading, stderrPipe.fileHandleForWriting] {
+            _ = fcntl(handle.fileDescriptor, F_SETFD, FD_CLOEXEC)
+        }
 
         let exited = DispatchSemaphore(value: 0)
         process.terminationHandler = { _ in exited.signal() }

@@ -15,7 +15,10 @@ public final class S3Source: RemoteCacheSource {
     private let timeout: Duration
     private let logger: Logger
 
-    public var displayName: String { "s3://\(location.bucket)/\(location.prefix)\(location.manifestsPrefix){\(location.names.joined(separator: ";"))}" }
+    /// Names the endpoint too: the same bucket name at two endpoints is two caches.
+    public var displayName: String {
+        "s3://\(location.bucket)/\(location.prefix)\(location.manifestsPrefix){\(location.names.joined(separator: ";"))} at \(location.endpoint)"
+    }
 
     public init(location: S3Location, credentials: any AWSCredentialProvider, transport: any HTTPTransport,
                 timeout: Duration, logger: Logger) {

@@ -114,6 +114,11 @@ struct ProcessResult: CustomStringConvertible {
     }
 }
 
+/// glibc (2.34+) has it; Swift's Glibc module does not export it.
+@_silgen_name("posix_spawn_file_actions_addclosefrom_np")
+@discardableResult
+func spawnActionsCloseFrom(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ lowestFD: Int32) -> Int32
+
 /// A child process started with posix_spawn and reaped with waitpid, by its PID.
 ///
 /// Not Foundation's `Process`: on Linux it passes the spawning thread's signal mask on (test
@@ -151,6 +156,10 @@ final class ChildProcess: @unchecked Sendable {
         }
         posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        // Tests run in parallel: without this, a long-lived server would inherit whatever
+        // another test had open at that moment (pipes that then never see EOF, scripts being
+        // written that then cannot be executed: ETXTBSY).
+        spawnActionsCloseFrom(&actions, 3)
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
