@@ -20,9 +20,9 @@ enum Daemon {
             return 1
         }
         let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
-        // Only the dup2'd copy at fd 3 may reach the child.
+        // Only the copy at fd 3 may reach the child (dup2 onto itself would keep close-on-exec).
         _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
-        _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC)
+        if writeEnd != childReadyFD { _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC) }
         defer { close(readEnd) }
 
         var actions = posix_spawn_file_actions_t()
@@ -32,6 +32,11 @@ enum Daemon {
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, childReadyFD)
+        // The daemon outlives this command: it must not hold whatever its caller left open
+        // (a CI runner's pipes would then never see their end).
+        for fd in inheritedDescriptors() where fd > childReadyFD {
+            posix_spawn_file_actions_addclose(&actions, fd)
+        }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -65,6 +70,12 @@ enum Daemon {
         var status: Int32 = 0
         waitpid(pid, &status, WNOHANG)
         return 1
+    }
+
+    /// Descriptors open in this process now (it has no other threads starting processes).
+    private static func inheritedDescriptors() -> [Int32] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return names.compactMap { Int32($0) }.filter { fcntl($0, F_GETFD) >= 0 }
     }
 
     /// One line from `fd`, or nil on timeout; "" when the writer closed without a line.
