@@ -131,3 +131,27 @@ extension HTTPTransport {
         return HTTPResponse(head: head, body: body)
     }
 }
+
+extension HTTPTransport {
+    /// One exchange in which only a successful (2xx) answer's head and body reach the handlers;
+    /// of any other answer the first `errorBodyLimit` bytes are kept for its error message.
+    public func executeExpectingSuccess(
+        _ request: HTTPRequest, errorBodyLimit: Int = 16 << 10,
+        onSuccess: (HTTPResponseHead) throws -> Void,
+        onBody: (UnsafeRawBufferPointer) throws -> Void
+    ) throws -> (head: HTTPResponseHead, errorBody: [UInt8]) {
+        var head = HTTPResponseHead(status: 0, headers: HTTPHeaders())
+        var errorBody: [UInt8] = []
+        try execute(request, onResponse: { response in
+            head = response
+            if (200..<300).contains(response.status) { try onSuccess(response) }
+        }, onBody: { chunk in
+            if (200..<300).contains(head.status) {
+                try onBody(chunk)
+            } else if errorBody.count < errorBodyLimit {
+                errorBody.append(contentsOf: chunk.prefix(errorBodyLimit - errorBody.count))
+            }
+        })
+        return (head, errorBody)
+    }
+}

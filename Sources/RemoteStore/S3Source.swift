@@ -170,19 +170,10 @@ public final class S3Source: RemoteCacheSource {
         var request = HTTPRequest(method: method, url: url, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
         SigV4.sign(&request, credentials: try credentials.credentials(), region: location.region, service: "s3",
                    date: Date(), payloadHash: SigV4.unsignedPayload)
-        var head = HTTPResponseHead(status: 0, headers: HTTPHeaders())
-        var errorBody: [UInt8] = []
+        let head: HTTPResponseHead
+        let errorBody: [UInt8]
         do {
-            try transport.execute(request, onResponse: { response in
-                head = response
-                if (200..<300).contains(response.status) { try onResponse(response) }
-            }, onBody: { chunk in
-                if (200..<300).contains(head.status) {
-                    try onBody(chunk)
-                } else if errorBody.count < 16 << 10 {
-                    errorBody.append(contentsOf: chunk.prefix(16 << 10))
-                }
-            })
+            (head, errorBody) = try transport.executeExpectingSuccess(request, onSuccess: onResponse, onBody: onBody)
         } catch let error as HTTPTransportError {
             throw RemoteStoreError(error, context: "\(displayName): \(method) \(key)")
         }
