@@ -7,9 +7,8 @@ import Synchronization
 /// A repository in an OCI registry, read through the distribution API.
 public final class RegistrySource: RemoteCacheSource {
     /// Manifests and configs are read whole into memory at mount; anything bigger is refused.
-    public static let maxSmallBlobSize = 4 << 20
+    public static let maxSmallBlobSize = SmallDocument.maxSize
     private static let maxRedirects = 5
-    private static let maxAttempts = 3
 
     public let reference: RegistryReference
     private let insecure: Bool
@@ -131,28 +130,10 @@ public final class RegistrySource: RemoteCacheSource {
         return response.body
     }
 
-    /// A bounded request for a small document, retried on transient failures.
     private func fetchSmall(_ url: URL, accept: String?, what: String) throws(RemoteStoreError) -> HTTPResponse {
-        var attempt = 1
-        while true {
-            do {
-                var body: [UInt8] = []
-                let head = try perform(url, headers: accept.map { HTTPHeaders([("Accept", $0)]) } ?? HTTPHeaders(),
-                                       totalTimeout: timeout, onResponse: { _ in }, onBody: { chunk in
-                    guard body.count + chunk.count <= Self.maxSmallBlobSize else {
-                        throw RemoteStoreError.invalidContent("\(self.reference): \(what) is larger than \(Self.maxSmallBlobSize) bytes; refused")
-                    }
-                    body.append(contentsOf: chunk)
-                })
-                return HTTPResponse(head: head, body: body)
-            } catch let error as RemoteStoreError {
-                guard attempt < Self.maxAttempts, error.isTransient else { throw error }
-                logger.debug("retrying after transient error", metadata: ["what": "\(what)", "error": "\(error)"])
-                Thread.sleep(forTimeInterval: 0.2 * Double(attempt))
-                attempt += 1
-            } catch {
-                throw .transport("\(reference): \(what): \(error)")
-            }
+        let headers = accept.map { HTTPHeaders([("Accept", $0)]) } ?? HTTPHeaders()
+        return try SmallDocument.fetch("\(reference): \(what)", logger: logger) { onBody in
+            try perform(url, headers: headers, totalTimeout: timeout, onResponse: { _ in }, onBody: onBody)
         }
     }
 

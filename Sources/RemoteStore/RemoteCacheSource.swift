@@ -1,4 +1,6 @@
+import Foundation
 import HTTPClient
+import Logging
 import OCI
 
 /// Everything the mount shows, resolved once at mount time: tags, the small blobs (manifests
@@ -65,6 +67,39 @@ public enum RemoteStoreError: Error, Sendable, Equatable, CustomStringConvertibl
         case .unauthorized(let m), .notFound(let m), .invalidContent(let m), .server(let m),
              .transport(let m), .timedOut(let m), .configuration(let m):
             return m
+        }
+    }
+}
+
+/// Manifests, configs and cache configs are read whole at mount time: bounded in size, and
+/// tried again, with a growing pause, after a failure that may pass.
+enum SmallDocument {
+    static let maxSize = 4 << 20
+    static let attempts = 3
+
+    /// `exchange` performs one request, handing each body chunk to the closure it is given.
+    static func fetch(_ what: String, logger: Logger,
+                      _ exchange: (_ onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead)
+        throws(RemoteStoreError) -> HTTPResponse {
+        var attempt = 1
+        while true {
+            do {
+                var body: [UInt8] = []
+                let head = try exchange { chunk in
+                    guard body.count + chunk.count <= maxSize else {
+                        throw RemoteStoreError.invalidContent("\(what) is larger than \(maxSize) bytes; refused")
+                    }
+                    body.append(contentsOf: chunk)
+                }
+                return HTTPResponse(head: head, body: body)
+            } catch let error as RemoteStoreError {
+                guard attempt < attempts, error.isTransient else { throw error }
+                logger.debug("retrying after a transient error", metadata: ["what": "\(what)", "error": "\(error)"])
+                Thread.sleep(forTimeInterval: 0.2 * Double(1 << attempt))
+                attempt += 1
+            } catch {
+                throw .transport("\(what): \(error)")
+            }
         }
     }
 }

@@ -7,8 +7,6 @@ import OCI
 /// cache config with per-layer annotations) is presented as a synthesized OCI image manifest,
 /// the same bytes for the same object, so `type=local` imports find the cache they expect.
 public final class S3Source: RemoteCacheSource {
-    private static let maxAttempts = 3
-
     public let location: S3Location
     private let credentials: any AWSCredentialProvider
     private let transport: any HTTPTransport
@@ -141,25 +139,9 @@ public final class S3Source: RemoteCacheSource {
 
     /// A bounded GET of a small object, retried on transient failures (503 SlowDown included).
     private func fetchSmall(_ key: String) throws(RemoteStoreError) -> [UInt8] {
-        var attempt = 1
-        while true {
-            do {
-                var body: [UInt8] = []
-                _ = try perform("GET", key: key, headers: HTTPHeaders(), totalTimeout: timeout, onResponse: { _ in }, onBody: { chunk in
-                    guard body.count + chunk.count <= RegistrySource.maxSmallBlobSize else {
-                        throw RemoteStoreError.invalidContent("\(self.displayName): \(key) is larger than \(RegistrySource.maxSmallBlobSize) bytes; refused")
-                    }
-                    body.append(contentsOf: chunk)
-                })
-                return body
-            } catch let error as RemoteStoreError {
-                guard attempt < Self.maxAttempts, error.isTransient else { throw error }
-                Thread.sleep(forTimeInterval: 0.2 * Double(1 << attempt))
-                attempt += 1
-            } catch {
-                throw .transport("\(displayName): \(key): \(error)")
-            }
-        }
+        try SmallDocument.fetch("\(displayName): \(key)", logger: logger) { onBody in
+            try perform("GET", key: key, headers: HTTPHeaders(), totalTimeout: timeout, onResponse: { _ in }, onBody: onBody)
+        }.body
     }
 
     /// One signed exchange; only a successful body reaches the caller, errors become one line.
