@@ -162,6 +162,21 @@ public final class CacheFilesystem: Sendable {
     /// Opens a file. No network I/O happens here: clients open a blob once per 1 MiB chunk.
     /// Returns whether the kernel may keep its page cache for the file across opens.
     public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
+        openNode(inode, flags: flags).map { opened, lazyBlob in
+            if let lazyBlob { fetcher.pin(lazyBlob) }
+            return opened
+        }
+    }
+
+    private func lazyBlobDigest(_ inode: UInt64) -> Digest? {
+        state.withLock { state in
+            guard case .lazyBlob(let digest, _)? = state.nodes[inode]?.content else { return nil }
+            return digest
+        }
+    }
+
+    /// The opened file, and the blob to keep out of eviction while it is open.
+    private func openNode(_ inode: UInt64, flags: OpenFlags) -> Result<(OpenedFile, Digest?), FSError> {
         state.withLock { state in
             guard var node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
             switch node.content {
@@ -171,7 +186,8 @@ public final class CacheFilesystem: Sendable {
                 if flags.wantsWrite || flags.truncates { return .failure(.readOnlyFileSystem) }
                 node.opens += 1
                 state.nodes[inode] = node
-                return .success(OpenedFile(keepCache: true))
+                if case .lazyBlob(let digest, _) = node.content { return .success((OpenedFile(keepCache: true), digest)) }
+                return .success((OpenedFile(keepCache: true), nil))
             case .scratchFile(let bytes):
                 if flags.truncates && flags.wantsWrite {
                     state.scratchBytes -= bytes.count
@@ -180,12 +196,13 @@ public final class CacheFilesystem: Sendable {
                 }
                 node.opens += 1
                 state.nodes[inode] = node
-                return .success(OpenedFile(keepCache: false))
+                return .success((OpenedFile(keepCache: false), nil))
             }
         }
     }
 
     public func release(_ inode: UInt64) {
+        if let digest = lazyBlobDigest(inode) { fetcher.unpin(digest) }
         state.withLock { state in
             guard state.nodes[inode] != nil else { return }
             state.nodes[inode]!.opens = max(0, state.nodes[inode]!.opens - 1)

@@ -55,6 +55,12 @@ public final class BlobFetcher: Sendable {
         /// Recently failed downloads answer at once: the kernel retries a failed readahead
         /// page by page, and each retry must not pay for a whole new download.
         var failures: [Digest: (error: BlobReadError, until: ContinuousClock.Instant)] = [:]
+        /// Blobs with open file handles: never evicted by this process.
+        var pins: [Digest: Int] = [:]
+        /// When each blob's use was last recorded on disk (for LRU), to record it rarely.
+        var lastMarkedUsed: [Digest: ContinuousClock.Instant] = [:]
+        /// Bytes of downloads under way, for which room has been made in the cache.
+        var reservedBytes: Int64 = 0
         var cancelled = false
     }
 
@@ -63,13 +69,15 @@ public final class BlobFetcher: Sendable {
     private let logger: Logger
     private let maxAttempts: Int
     private let failureMemory: Duration
+    private let limits: CacheLimits?
     private let state = Mutex(State())
     /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
     /// request after the kernel session is gone.
     private let owedReplies = Atomic<Int>(0)
 
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
-                failureMemory: Duration = .seconds(5)) {
+                failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil) {
+        self.limits = limits
         self.store = store
         self.source = source
         self.logger = logger
@@ -112,6 +120,25 @@ public final class BlobFetcher: Sendable {
             break
         case .startDownload:
             startDownloadOrServe(digest, size: size, first: Waiter(offset: offset, end: end, reply: reply))
+        }
+    }
+
+    /// A file handle on the blob opened: keep it out of eviction and record the use. No I/O
+    /// beyond, at most once a minute per blob, one timestamp update.
+    public func pin(_ digest: Digest) {
+        let markNow = state.withLock { state -> Bool in
+            state.pins[digest, default: 0] += 1
+            if let last = state.lastMarkedUsed[digest], last.duration(to: .now) < .seconds(60) { return false }
+            state.lastMarkedUsed[digest] = .now
+            return true
+        }
+        if markNow { store.markUsed(digest) }
+    }
+
+    public func unpin(_ digest: Digest) {
+        state.withLock { state in
+            guard let count = state.pins[digest] else { return }
+            state.pins[digest] = count > 1 ? count - 1 : nil
         }
     }
 
@@ -180,7 +207,9 @@ public final class BlobFetcher: Sendable {
             if let partial { store.discardPartial(partial.path) }
             do {
                 guard let file = try store.openComplete(digest) else {
-                    return first.reply(.failure(.local("blob \(digest) vanished from the cache directory")))
+                    // Evicted since: fetch it again.
+                    state.withLock { _ = $0.committed.remove(digest) }
+                    return startDownloadOrServe(digest, size: size, first: first)
                 }
                 first.reply(Self.readRange(file, offset: first.offset, end: first.end))
             } catch {
@@ -197,7 +226,8 @@ public final class BlobFetcher: Sendable {
     }
 
     private func download(_ digest: Digest, size: Int64, path: String, file: OpenFile) {
-        let result = transfer(digest, size: size, file: file)
+        let result = makeRoom(for: digest, size: size).flatMap { transfer(digest, size: size, file: file) }
+        if limits != nil { state.withLock { $0.reservedBytes -= size } }
         var outcome: Result<Void, BlobReadError>
         switch result {
         case .success:
@@ -235,6 +265,26 @@ public final class BlobFetcher: Sendable {
             case .failure(let error): answer(waiter, .failure(error))
             }
         }
+    }
+
+    /// Evicts least recently used blobs so that this one fits under the cap; one that could
+    /// never fit is refused rather than allowed to break the cap.
+    private func makeRoom(for digest: Digest, size: Int64) -> Result<Void, BlobReadError> {
+        guard let limits else { return .success(()) }
+        let reserved = state.withLock { state -> Int64 in
+            state.reservedBytes += size
+            return state.reservedBytes
+        }
+        guard size <= limits.maxBytes else {
+            return .failure(.local("blob \(digest) is \(size) bytes, more than the cache may hold (--cache-size \(limits.maxBytes))"))
+        }
+        let pinned = state.withLock { $0.pins }
+        let removed = store.evict(toFit: limits, making: reserved, protected: { pinned[$0] != nil })
+        if !removed.isEmpty {
+            logger.info("evicted least recently used blobs", metadata: ["count": "\(removed.count)",
+                                                                        "bytes": "\(removed.reduce(0) { $0 + $1.size })"])
+        }
+        return .success(())
     }
 
     /// Streams the blob into `file`, resuming with a range request after a transient failure.

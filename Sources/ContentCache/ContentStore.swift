@@ -35,6 +35,9 @@ public final class ContentStore: Sendable {
             if errno == ENOENT { return nil }
             throw CacheError("cannot open cached blob \(digest): \(String(cString: strerror(errno)))")
         }
+        // Held until the file is closed: eviction spares blobs being read. Were the blob
+        // evicted between open and lock, this descriptor still reads its (verified) content.
+        _ = flock(fd, LOCK_SH)
         return OpenFile(fd: fd)
     }
 

@@ -59,6 +59,12 @@ struct MountCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Local content cache, shared by every mount that names it.", valueName: "DIR"))
     var cacheDir: String?
 
+    @Option(help: ArgumentHelp("Hard cap on the content cache, e.g. 20G (default: a quarter of its filesystem); least recently used blobs are evicted.", valueName: "SIZE"))
+    var cacheSize: ByteSize?
+
+    @Option(help: ArgumentHelp("Free space the cache leaves on its filesystem (default: 5% of it).", valueName: "SIZE"))
+    var minFree: ByteSize?
+
     @Flag(help: "Stay in the foreground and log to stderr.")
     var foreground = false
 
@@ -137,7 +143,10 @@ struct MountCommand: ParsableCommand {
         let snapshot = try store.resolve(remote, logger: logger)
         snapshot.warnings.forEach { logger.warning("\($0)") }
 
-        let fetcher = BlobFetcher(store: store, source: remote, logger: logger)
+        var limits = CacheLimits.defaults(forDirectory: cacheDirectory)
+        if let cacheSize { limits.maxBytes = cacheSize.bytes }
+        if let minFree { limits.minFreeBytes = minFree.bytes }
+        let fetcher = BlobFetcher(store: store, source: remote, logger: logger, limits: limits)
         let filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
         if allowOther { options.append("allow_other") }

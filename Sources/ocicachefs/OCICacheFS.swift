@@ -15,6 +15,6 @@ struct OCICacheFS: ParsableCommand {
           buildctl build ... --import-cache type=local,src=/mnt/cache,tag=cache
           ocicachefs unmount /mnt/cache
         """,
-        subcommands: [MountCommand.self, UnmountCommand.self]
+        subcommands: [MountCommand.self, UnmountCommand.self, CacheCommand.self]
     )
 }

@@ -1,0 +1,112 @@
+import Foundation
+import OCI
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+/// How much room the content cache may take: a hard cap on its complete blobs, and a floor of
+/// free space on its filesystem that it never eats into.
+public struct CacheLimits: Sendable, Equatable {
+    public var maxBytes: Int64
+    public var minFreeBytes: Int64
+
+    public init(maxBytes: Int64, minFreeBytes: Int64) {
+        self.maxBytes = maxBytes
+        self.minFreeBytes = minFreeBytes
+    }
+
+    /// A quarter of the cache's filesystem and 5% of it kept free, as peers default to.
+    public static func defaults(forDirectory directory: String) -> CacheLimits {
+        var statistics = statvfs()
+        var path = directory
+        // The directory may not exist yet: measure the nearest existing parent.
+        while statvfs(path, &statistics) != 0 && path != "/" {
+            path = (path as NSString).deletingLastPathComponent
+            if path.isEmpty { path = "/" }
+        }
+        let total = Int64(statistics.f_blocks) * Int64(statistics.f_frsize)
+        return CacheLimits(maxBytes: max(total / 4, 1 << 30), minFreeBytes: total / 20)
+    }
+
+    /// `10G`, `500M`, `2GiB`, `1.5T`, or plain bytes; K/M/G/T are powers of 1024.
+    public static func parseSize(_ text: String) -> Int64? {
+        var number = text.trimmingCharacters(in: .whitespaces).uppercased()
+        for suffix in ["IB", "B"] where number.hasSuffix(suffix) && number.count > suffix.count {
+            number.removeLast(suffix.count)
+            break
+        }
+        var multiplier: Double = 1
+        if let unit = number.last, let power = "KMGT".firstIndex(of: unit) {
+            multiplier = pow(1024, Double("KMGT".distance(from: "KMGT".startIndex, to: power) + 1))
+            number.removeLast()
+        }
+        guard let value = Double(number), value >= 0, value.isFinite else { return nil }
+        let bytes = value * multiplier
+        return bytes < Double(Int64.max) ? Int64(bytes) : nil
+    }
+}
+
+/// A complete blob in the content store, as `cache ls` shows it.
+public struct CachedBlob: Sendable, Equatable {
+    public var digest: Digest
+    public var size: Int64
+    public var lastUsed: Date
+}
+
+extension ContentStore {
+    /// Every complete blob, least recently used first.
+    public func completeBlobs() -> [CachedBlob] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: blobsDirectory)) ?? []
+        return names.compactMap { name -> CachedBlob? in
+            guard let digest = Digest(hex: name) else { return nil }
+            var info = stat()
+            guard stat(blobsDirectory + "/" + name, &info) == 0 else { return nil }
+            let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
+            return CachedBlob(digest: digest, size: Int64(info.st_size), lastUsed: lastUsed)
+        }.sorted { ($0.lastUsed, $0.digest) < ($1.lastUsed, $1.digest) }
+    }
+
+    /// Records a use: eviction takes the least recently used first. The modification time
+    /// serves, since complete blobs never change and atime is often not kept.
+    public func markUsed(_ digest: Digest) {
+        _ = utimensat(AT_FDCWD, completePath(digest), nil, 0)
+    }
+
+    /// Bytes free on the cache's filesystem.
+    public func freeBytes() -> Int64 {
+        var statistics = statvfs()
+        guard statvfs(directory, &statistics) == 0 else { return .max }
+        return Int64(statistics.f_bavail) * Int64(statistics.f_frsize)
+    }
+
+    /// Removes least recently used complete blobs until they take at most `maxBytes` and at
+    /// least `minFreeBytes` are free, sparing `protected` blobs and any a reader holds (a
+    /// shared flock, in this or another process). Returns what was removed.
+    @discardableResult
+    public func evict(toFit limits: CacheLimits, making room: Int64 = 0,
+                      protected: (Digest) -> Bool = { _ in false }) -> [CachedBlob] {
+        let blobs = completeBlobs()
+        var total = blobs.reduce(0) { $0 + $1.size } + room
+        var free = freeBytes() - room
+        var removed: [CachedBlob] = []
+        for blob in blobs {
+            guard total > limits.maxBytes || free < limits.minFreeBytes else { break }
+            guard !protected(blob.digest), removeUnlessInUse(blob.digest) else { continue }
+            total -= blob.size
+            free += blob.size
+            removed.append(blob)
+        }
+        return removed
+    }
+
+    /// Removes a blob unless some reader holds it: the exclusive lock fails while any shared one exists.
+    private func removeUnlessInUse(_ digest: Digest) -> Bool {
+        let path = completePath(digest)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { return false }
+        return unlink(path) == 0
+    }
+}

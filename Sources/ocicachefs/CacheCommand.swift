@@ -1,0 +1,102 @@
+import ArgumentParser
+import ContentCache
+import Foundation
+
+/// A size on the command line: `10G`, `500M`, `2GiB`, or bytes.
+struct ByteSize: ExpressibleByArgument {
+    var bytes: Int64
+
+    init?(argument: String) {
+        guard let bytes = CacheLimits.parseSize(argument) else { return nil }
+        self.bytes = bytes
+    }
+
+    static func describe(_ bytes: Int64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(bytes)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return unit == 0 ? "\(bytes) B" : String(format: "%.1f %@", value, units[unit])
+    }
+}
+
+struct CacheOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The content cache (default: as for mount).", valueName: "DIR"))
+    var cacheDir: String?
+
+    var directory: String { cacheDir ?? MountCommand.defaultCacheDirectory() }
+}
+
+struct CacheCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cache",
+        abstract: "Inspect or prune the local content cache.",
+        subcommands: [List.self, Prune.self]
+    )
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "ls",
+            abstract: "List the cached blobs, least recently used first, with sizes and last use.")
+
+        @OptionGroup var options: CacheOptions
+
+        func run() throws {
+            let store = try openStore(options.directory)
+            let blobs = store.completeBlobs()
+            let formatter = ISO8601DateFormatter()
+            print("DIGEST".padding(toLength: 72, withPad: " ", startingAt: 0) + "SIZE".padding(toLength: 14, withPad: " ", startingAt: 0) + "LAST USED")
+            for blob in blobs {
+                print(blob.digest.description.padding(toLength: 72, withPad: " ", startingAt: 0)
+                      + ByteSize.describe(blob.size).padding(toLength: 14, withPad: " ", startingAt: 0)
+                      + formatter.string(from: blob.lastUsed))
+            }
+            print("\(blobs.count) blobs, \(ByteSize.describe(blobs.reduce(0) { $0 + $1.size })) in \(options.directory)")
+        }
+    }
+
+    struct Prune: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "prune",
+            abstract: "Remove least recently used blobs until the cache fits.",
+            discussion: """
+            Blobs that a mount is reading at that moment are kept. Without --max-size the cache \
+            is pruned to the default cap (a quarter of its filesystem); --max-size 0 empties it.
+
+            Example:
+              ocicachefs cache prune --max-size 20G
+            """)
+
+        @OptionGroup var options: CacheOptions
+
+        @Option(help: ArgumentHelp("Keep at most this much (e.g. 20G, 500M).", valueName: "SIZE"))
+        var maxSize: ByteSize?
+
+        func run() throws {
+            let store = try openStore(options.directory)
+            var limits = CacheLimits.defaults(forDirectory: options.directory)
+            limits.minFreeBytes = 0
+            if let maxSize { limits.maxBytes = maxSize.bytes }
+            let removed = store.evict(toFit: limits)
+            let kept = store.completeBlobs()
+            print("removed \(removed.count) blobs (\(ByteSize.describe(removed.reduce(0) { $0 + $1.size }))); "
+                  + "kept \(kept.count) (\(ByteSize.describe(kept.reduce(0) { $0 + $1.size })))")
+        }
+    }
+}
+
+private func openStore(_ directory: String) throws -> ContentStore {
+    guard FileManager.default.fileExists(atPath: directory) else {
+        printError("no content cache at \(directory)")
+        throw ExitCode.failure
+    }
+    do {
+        return try ContentStore(directory: directory)
+    } catch {
+        printError("\(error)")
+        throw ExitCode.failure
+    }
+}
