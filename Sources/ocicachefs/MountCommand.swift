@@ -164,6 +164,9 @@ struct MountCommand: ParsableCommand {
         Thread.detachNewThread {
             // Ready means a client can read index.json through the kernel, not merely mounted.
             if FileManager.default.contents(atPath: mountpoint + "/index.json") != nil {
+                if !session.setReadahead(kilobytes: 1024) {
+                    logger.debug("kernel readahead left at its default (not root, or no bdi entry)")
+                }
                 reporter.ready()
             } else {
                 reporter.fail("mounted at \(mountpoint) but index.json is not readable")
