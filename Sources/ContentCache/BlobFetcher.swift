@@ -175,7 +175,13 @@ public final class BlobFetcher: Sendable {
         }
         let partial: (path: String, file: OpenFile)?
         do {
-            partial = cached == nil ? try store.createPartial(digest) : nil
+            if cached != nil {
+                partial = nil
+            } else if let orphan = store.adoptOrphanedPartial(digest) {
+                partial = (orphan.path, orphan.file)
+            } else {
+                partial = try store.createPartial(digest)
+            }
         } catch {
             return first.reply(.failure(.local(error.description)))
         }
@@ -289,7 +295,12 @@ public final class BlobFetcher: Sendable {
 
     /// Streams the blob into `file`, resuming with a range request after a transient failure.
     private func transfer(_ digest: Digest, size: Int64, file: OpenFile) -> Result<Void, BlobReadError> {
-        var verifier = DigestVerifier()
+        var verifier = resumableVerifier(of: file, size: size)
+        var resumedFromOrphan = verifier.byteCount > 0
+        if resumedFromOrphan {
+            logger.info("continuing an interrupted download", metadata: ["digest": "\(digest)", "from": "\(verifier.byteCount)"])
+            setWritten(digest, verifier.byteCount)
+        }
         var lastError = BlobReadError.remote("blob \(digest): no attempt made")
         for attempt in 1...maxAttempts {
             do {
@@ -312,7 +323,15 @@ public final class BlobFetcher: Sendable {
                 guard verifier.byteCount == size else {
                     throw BlobReadError.remote("blob \(digest): the remote sent \(verifier.byteCount) of \(size) bytes")
                 }
-                guard verifier.finalize() == digest else { return .failure(.digestMismatch(digest)) }
+                guard verifier.finalize() == digest else {
+                    // The bytes a crashed process left may be what is wrong: fetch it all once more.
+                    guard resumedFromOrphan else { return .failure(.digestMismatch(digest)) }
+                    resumedFromOrphan = false
+                    verifier = DigestVerifier()
+                    file.truncate()
+                    setWritten(digest, 0)
+                    throw BlobReadError.digestMismatch(digest)
+                }
                 return .success(())
             } catch let error as BlobReadError {
                 if case .cancelled = error { return .failure(error) }
@@ -331,6 +350,22 @@ public final class BlobFetcher: Sendable {
             }
         }
         return .failure(lastError)
+    }
+
+    /// Hashes what an adopted partial file already holds, so the download continues after it.
+    private func resumableVerifier(of file: OpenFile, size: Int64) -> DigestVerifier {
+        var verifier = DigestVerifier()
+        var info = stat()
+        guard fstat(file.fd, &info) == 0, info.st_size > 0 else { return verifier }
+        // Leave at least the last byte to fetch: a range starting at the end is not satisfiable.
+        let length = min(Int64(info.st_size), max(0, size - 1))
+        while verifier.byteCount < length {
+            guard let chunk = try? file.read(offset: verifier.byteCount, count: Int(min(1 << 20, length - verifier.byteCount))),
+                  !chunk.isEmpty else { break }
+            chunk.withUnsafeBytes { verifier.update($0) }
+        }
+        _ = ftruncate(file.fd, off_t(verifier.byteCount))
+        return verifier
     }
 
     /// Records progress and answers every waiter whose range is now local.

@@ -43,10 +43,38 @@ public final class ContentStore: Sendable {
 
     /// A new partial file, named so that its owner can be recognised after a crash.
     func createPartial(_ digest: Digest) throws(CacheError) -> (path: String, file: OpenFile) {
-        let path = "\(partialDirectory)/\(digest.hex).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+        let path = newPartialPath(digest)
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw CacheError("cannot create \(path): \(String(cString: strerror(errno)))") }
         return (path, OpenFile(fd: fd))
+    }
+
+    /// The partial file a crashed or killed process left for this blob, taken over (renamed,
+    /// so no two processes can adopt it), to be continued rather than downloaded again. Its
+    /// bytes are unverified: the digest of the whole blob decides, as for any download.
+    func adoptOrphanedPartial(_ digest: Digest) -> (path: String, file: OpenFile, length: Int64)? {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: partialDirectory)) ?? []
+        for name in names where name.hasPrefix(digest.hex + ".") && Self.ownerIsGone(name) {
+            let path = newPartialPath(digest)
+            guard rename(partialDirectory + "/" + name, path) == 0 else { continue }
+            let fd = open(path, O_RDWR | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            var info = stat()
+            fstat(fd, &info)
+            return (path, OpenFile(fd: fd), Int64(info.st_size))
+        }
+        return nil
+    }
+
+    private func newPartialPath(_ digest: Digest) -> String {
+        "\(partialDirectory)/\(digest.hex).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+    }
+
+    /// `<hex>.<pid>.<random>` whose writer process no longer exists.
+    private static func ownerIsGone(_ name: String) -> Bool {
+        let parts = name.split(separator: ".")
+        guard parts.count == 3, let pid = Int32(parts[1]) else { return false }
+        return kill(pid, 0) != 0 && errno == ESRCH
     }
 
     /// Makes a verified partial file the complete blob, durably.
@@ -66,15 +94,15 @@ public final class ContentStore: Sendable {
 
     func discardPartial(_ path: String) { unlink(path) }
 
-    /// Partial files whose writer process is gone are debris from a crash.
+    /// Partial files whose writer died are kept for a day, for a later mount to continue;
+    /// after that they are debris.
     private func removeOrphanedPartials() {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: partialDirectory) else { return }
-        for name in names {
-            let parts = name.split(separator: ".")
-            guard parts.count == 3, let pid = Int32(parts[1]) else { continue }
-            if kill(pid, 0) != 0 && errno == ESRCH {
-                unlink(partialDirectory + "/" + name)
-            }
+        let dayAgo = time(nil) - 86_400
+        for name in names where Self.ownerIsGone(name) {
+            var info = stat()
+            let path = partialDirectory + "/" + name
+            if stat(path, &info) == 0, info.st_mtim.tv_sec < dayAgo { unlink(path) }
         }
     }
 

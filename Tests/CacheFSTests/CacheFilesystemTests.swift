@@ -334,18 +334,48 @@ final class Fixture: Sendable {
         fixture.source.resume()
     }
 
-    @Test func orphanedPartialFilesAreRemoved() throws {
+    @Test func orphanedPartialFilesAreKeptForADayThenRemoved() throws {
         let directory = NSTemporaryDirectory() + "cachefs-orphans-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: directory) }
         _ = try ContentStore(directory: directory)
-        // A partial from a process that no longer exists, and one of our own.
-        let dead = directory + "/partial/" + String(repeating: "a", count: 64) + ".999999999.1"
-        let alive = directory + "/partial/" + String(repeating: "b", count: 64) + ".\(getpid()).1"
-        FileManager.default.createFile(atPath: dead, contents: Data([1]))
-        FileManager.default.createFile(atPath: alive, contents: Data([1]))
+        // Partials of a process that no longer exists: a fresh one and a day-old one.
+        let fresh = directory + "/partial/" + String(repeating: "a", count: 64) + ".999999999.1"
+        let stale = directory + "/partial/" + String(repeating: "b", count: 64) + ".999999999.2"
+        FileManager.default.createFile(atPath: fresh, contents: Data([1]))
+        FileManager.default.createFile(atPath: stale, contents: Data([1]))
+        var old = [timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0), timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0)]
+        utimensat(AT_FDCWD, stale, &old, 0)
         _ = try ContentStore(directory: directory)
-        #expect(!FileManager.default.fileExists(atPath: dead))
-        #expect(FileManager.default.fileExists(atPath: alive))
+        #expect(FileManager.default.fileExists(atPath: fresh))
+        #expect(!FileManager.default.fileExists(atPath: stale))
+    }
+
+    /// A daemon killed mid-download leaves its partial file; the next one continues it with a
+    /// range request, and the whole blob is still verified.
+    @Test func anInterruptedDownloadIsContinuedNotRestarted() throws {
+        let layer = randomBytes(3 << 20, seed: 17)
+        let digest = Digest.sha256(of: layer)
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let orphan = fixture.cacheDirectory + "/partial/\(digest.hex).999999999.7"
+        FileManager.default.createFile(atPath: orphan, contents: Data(layer[0..<(2 << 20)]))
+        let inode = try fixture.inode("blobs/sha256/" + digest.hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+        #expect(fixture.source.streamsStarted == [2 << 20])
+        #expect(!FileManager.default.fileExists(atPath: orphan))
+    }
+
+    @Test func aCorruptOrphanIsCaughtByTheDigestAndFetchedAgain() throws {
+        let layer = randomBytes(1 << 20, seed: 18)
+        let digest = Digest.sha256(of: layer)
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        var garbage = Array(layer[0..<(512 << 10)])
+        garbage[100] ^= 0xFF
+        FileManager.default.createFile(atPath: fixture.cacheDirectory + "/partial/\(digest.hex).999999999.8", contents: Data(garbage))
+        let inode = try fixture.inode("blobs/sha256/" + digest.hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+        #expect(fixture.source.streamsStarted == [512 << 10, 0])
     }
 }
 
