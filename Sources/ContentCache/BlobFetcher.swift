@@ -247,8 +247,9 @@ public final class BlobFetcher: Sendable {
             outcome = .failure(error)
         }
         if case .failure(let error) = outcome {
-            store.discardPartial(path)
+            // Cut short by unmounting: the partial file stays for the next mount to continue.
             if case .cancelled = error {} else {
+                store.discardPartial(path)
                 logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
             }
         } else {
