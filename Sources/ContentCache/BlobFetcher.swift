@@ -232,20 +232,32 @@ public final class BlobFetcher: Sendable {
     }
 
     private func download(_ digest: Digest, size: Int64, path: String, file: OpenFile) {
-        let result = makeRoom(for: digest, size: size).flatMap { transfer(digest, size: size, file: file) }
-        if limits != nil { state.withLock { $0.reservedBytes -= size } }
         var outcome: Result<Void, BlobReadError>
-        switch result {
-        case .success:
-            do {
-                try store.commit(partialPath: path, file: file, digest: digest)
-                outcome = .success(())
-            } catch {
-                outcome = .failure(.local(error.description))
+        switch awaitOtherProcessDownload(digest) {
+        case .completedElsewhere:
+            store.discardPartial(path)
+            outcome = .success(())
+        case .cancelled:
+            store.discardPartial(path)
+            outcome = .failure(.cancelled)
+        case .ours(let lock):
+            let result = makeRoom(for: digest, size: size).flatMap { transfer(digest, size: size, file: file) }
+            if limits != nil { state.withLock { $0.reservedBytes -= size } }
+            switch result {
+            case .success:
+                do {
+                    try store.commit(partialPath: path, file: file, digest: digest)
+                    outcome = .success(())
+                } catch {
+                    outcome = .failure(.local(error.description))
+                }
+            case .failure(let error):
+                outcome = .failure(error)
             }
-        case .failure(let error):
-            outcome = .failure(error)
+            withExtendedLifetime(lock) {}
         }
+        // Waiters of a blob another process completed read the complete file.
+        let completeFile = (try? store.openComplete(digest)) ?? nil
         if case .failure(let error) = outcome {
             // Cut short by unmounting: the partial file stays for the next mount to continue.
             if case .cancelled = error {} else {
@@ -268,9 +280,34 @@ public final class BlobFetcher: Sendable {
         }
         for waiter in waiters {
             switch outcome {
-            case .success: answer(waiter, Self.readRange(file, offset: waiter.offset, end: waiter.end))
+            case .success: answer(waiter, Self.readRange(completeFile ?? file, offset: waiter.offset, end: waiter.end))
             case .failure(let error): answer(waiter, .failure(error))
             }
+        }
+    }
+
+    private enum DownloadTurn {
+        case ours(OpenFile)
+        case completedElsewhere
+        case cancelled
+    }
+
+    /// Another mount on this cache directory may be downloading the blob already: wait for it
+    /// to finish (or to die, which releases its lock) instead of fetching the bytes twice.
+    private func awaitOtherProcessDownload(_ digest: Digest) -> DownloadTurn {
+        var loggedWait = false
+        while true {
+            if state.withLock({ $0.cancelled }) { return .cancelled }
+            if let lock = store.tryDownloadLock(digest) {
+                // The other process may have completed it just before letting go.
+                return store.hasComplete(digest) ? .completedElsewhere : .ours(lock)
+            }
+            if store.hasComplete(digest) { return .completedElsewhere }
+            if !loggedWait {
+                logger.debug("another mount is downloading this blob; waiting for it", metadata: ["digest": "\(digest)"])
+                loggedWait = true
+            }
+            usleep(20_000)
         }
     }
 

@@ -106,7 +106,9 @@ extension ContentStore {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { return false }
-        return unlink(path) == 0
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0, unlink(path) == 0 else { return false }
+        // Its download lock goes too; at worst a racing mount downloads the blob a second time.
+        unlink(locksDirectory + "/" + digest.hex)
+        return true
     }
 }

@@ -15,7 +15,7 @@ public final class ContentStore: Sendable {
 
     public init(directory: String) throws(CacheError) {
         self.directory = directory
-        for path in [directory, blobsDirectory, partialDirectory] {
+        for path in [directory, blobsDirectory, partialDirectory, locksDirectory] {
             try Self.makeDirectory(path)
         }
         removeOrphanedPartials()
@@ -23,6 +23,8 @@ public final class ContentStore: Sendable {
 
     var blobsDirectory: String { directory + "/blobs/sha256" }
     var partialDirectory: String { directory + "/partial" }
+    /// One empty file per blob ever downloaded here, only ever flocked.
+    var locksDirectory: String { directory + "/locks" }
 
     public func completePath(_ digest: Digest) -> String { blobsDirectory + "/" + digest.hex }
 
@@ -64,6 +66,19 @@ public final class ContentStore: Sendable {
             return (path, OpenFile(fd: fd), Int64(info.st_size))
         }
         return nil
+    }
+
+    /// Held by the one process downloading a blob, so that mounts sharing this cache do not
+    /// download it again: nil while another process holds it. Released when the file closes
+    /// (a killed holder releases it too).
+    func tryDownloadLock(_ digest: Digest) -> OpenFile? {
+        let fd = open("\(locksDirectory)/\(digest.hex)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return nil }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            return nil
+        }
+        return OpenFile(fd: fd)
     }
 
     private func newPartialPath(_ digest: Digest) -> String {

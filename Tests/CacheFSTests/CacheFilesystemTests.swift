@@ -334,6 +334,32 @@ final class Fixture: Sendable {
         fixture.source.resume()
     }
 
+    /// Two mounts on one cache directory: the second waits for the first's download.
+    @Test func mountsSharingACacheDownloadABlobOnce() throws {
+        let layer = randomBytes(2 << 20, seed: 19)
+        let digest = Digest.sha256(of: layer)
+        let first = try Fixture(layers: [layer], behaviour: .init(pauseAfter: 1 << 20))
+        defer { first.removeCache() }
+        let second = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory)
+        let firstInode = try first.inode("blobs/sha256/" + digest.hex)
+        let secondInode = try second.inode("blobs/sha256/" + digest.hex)
+        // The first mount's download is under way (held half-way).
+        #expect(try first.read(firstInode, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
+
+        let answer = Mutex<Result<[UInt8], FSError>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        second.filesystem.read(secondInode, offset: 0, count: layer.count) { result in
+            answer.withLock { $0 = result }
+            done.signal()
+        }
+        #expect(done.wait(timeout: .now() + 0.3) == .timedOut)
+        first.source.resume()
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(try answer.withLock { $0! }.get() == layer)
+        #expect(second.source.streamsStarted.isEmpty)
+        #expect(first.source.streamsStarted == [0])
+    }
+
     @Test func orphanedPartialFilesAreKeptForADayThenRemoved() throws {
         let directory = NSTemporaryDirectory() + "cachefs-orphans-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: directory) }
