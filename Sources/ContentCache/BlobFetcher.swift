@@ -70,14 +70,24 @@ public final class BlobFetcher: Sendable {
     private let maxAttempts: Int
     private let failureMemory: Duration
     private let limits: CacheLimits?
+    /// Blobs larger than one chunk are fetched as ranges of this size, several at once.
+    private let chunkSize: Int64
+    private let connectionsPerBlob: Int
+    /// Bounds range requests in flight across all blobs of this mount (and so memory and
+    /// connections), however many blobs are read at once.
+    private let rangeSlots: DispatchSemaphore
     private let state = Mutex(State())
     /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
     /// request after the kernel session is gone.
     private let owedReplies = Atomic<Int>(0)
 
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
-                failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil) {
+                failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil,
+                chunkSize: Int64 = 8 << 20, connectionsPerBlob: Int = 4, connectionsInAll: Int = 16) {
         self.limits = limits
+        self.chunkSize = max(chunkSize, 64 << 10)
+        self.connectionsPerBlob = max(connectionsPerBlob, 1)
+        self.rangeSlots = DispatchSemaphore(value: max(connectionsInAll, 1))
         self.store = store
         self.source = source
         self.logger = logger
@@ -339,6 +349,22 @@ public final class BlobFetcher: Sendable {
             logger.info("continuing an interrupted download", metadata: ["digest": "\(digest)", "from": "\(verifier.byteCount)"])
             setWritten(digest, verifier.byteCount)
         }
+        if connectionsPerBlob > 1 && size - verifier.byteCount > chunkSize {
+            switch transferInRanges(digest, size: size, file: file, verifier: &verifier) {
+            case .complete:
+                if verifier.finalize() == digest { return .success(()) }
+                guard resumedFromOrphan else { return .failure(.digestMismatch(digest)) }
+                // The bytes a crashed process left may be what is wrong: fetch it all once more.
+                resumedFromOrphan = false
+                verifier = DigestVerifier()
+                file.truncate()
+                setWritten(digest, 0)
+            case .rangesIgnored:
+                logger.info("the remote ignores ranges; downloading the blob as one stream", metadata: ["digest": "\(digest)"])
+            case .failed(let error):
+                return .failure(error)
+            }
+        }
         var lastError = BlobReadError.remote("blob \(digest): no attempt made")
         for attempt in 1...maxAttempts {
             do {
@@ -435,5 +461,143 @@ public final class BlobFetcher: Sendable {
         } catch {
             return .failure(.local(error.description))
         }
+    }
+}
+
+// MARK: - Parallel ranged download
+
+extension BlobFetcher {
+    enum RangedOutcome {
+        case complete
+        /// The remote answers ranges with the whole blob: the caller streams it instead.
+        case rangesIgnored
+        case failed(BlobReadError)
+    }
+
+    private struct RangeProgress {
+        var next = 0
+        var done: [Bool]
+        var hashed = 0
+        var stop: RangedOutcome?
+    }
+
+    private struct RangesIgnored: Error {}
+
+    /// Fetches the rest of the blob as fixed-size ranges on several connections, each written
+    /// where it belongs. The digest advances over the contiguous prefix as ranges land, and
+    /// readers are answered from that verified-so-far prefix, as with one stream.
+    fileprivate func transferInRanges(_ digest: Digest, size: Int64, file: OpenFile,
+                                      verifier: inout DigestVerifier) -> RangedOutcome {
+        let base = verifier.byteCount
+        let count = Int((size - base + chunkSize - 1) / chunkSize)
+        let progress = Mutex(RangeProgress(done: Array(repeating: false, count: count)))
+        let hasher = Mutex(verifier)
+        let chunkSize = self.chunkSize
+        @Sendable func range(_ index: Int) -> (first: Int64, last: Int64) {
+            let first = base + Int64(index) * chunkSize
+            return (first, min(first + chunkSize, size) - 1)
+        }
+
+        /// Hashes every finished range that extends the prefix.
+        @Sendable func hashFinishedRanges(_ verifier: inout DigestVerifier) {
+            while let index = progress.withLock({ $0.hashed < count && $0.done[$0.hashed] ? $0.hashed : nil }) {
+                let bounds = range(index)
+                var offset = bounds.first
+                while offset <= bounds.last {
+                    let length = Int(min(1 << 20, bounds.last + 1 - offset))
+                    guard let bytes = try? file.read(offset: offset, count: length), bytes.count == length else {
+                        progress.withLock { $0.stop = $0.stop ?? .failed(.local("cannot read back blob \(digest)")) }
+                        return
+                    }
+                    bytes.withUnsafeBytes { verifier.update($0) }
+                    offset += Int64(length)
+                }
+                progress.withLock { $0.hashed += 1 }
+                setWritten(digest, verifier.byteCount)
+            }
+        }
+
+        /// One hasher at a time; a worker that finds it busy leaves the work to it, and the
+        /// hasher looks again before it stops, so no finished range is left unhashed.
+        @Sendable func advanceHash() {
+            repeat {
+                guard hasher.withLockIfAvailable({ hashFinishedRanges(&$0) }) != nil else { return }
+            } while progress.withLock({ $0.hashed < count && $0.done[$0.hashed] && $0.stop == nil })
+        }
+
+        let workers = DispatchGroup()
+        for _ in 0..<min(connectionsPerBlob, count) {
+            workers.enter()
+            Thread.detachNewThread {
+                defer { workers.leave() }
+                while let index = progress.withLock({ state -> Int? in
+                    guard state.stop == nil, state.next < count else { return nil }
+                    defer { state.next += 1 }
+                    return state.next
+                }) {
+                    self.rangeSlots.wait()
+                    let outcome = self.fetchRange(digest, range(index), into: file)
+                    self.rangeSlots.signal()
+                    switch outcome {
+                    case .complete:
+                        progress.withLock { $0.done[index] = true }
+                        advanceHash()
+                    case .rangesIgnored, .failed:
+                        progress.withLock { $0.stop = $0.stop ?? outcome }
+                    }
+                }
+            }
+        }
+        workers.wait()
+        hasher.withLock { hashFinishedRanges(&$0) }
+
+        verifier = hasher.withLock { $0 }
+        switch progress.withLock({ $0.stop }) {
+        case .failed(let error)?:
+            return .failed(error)
+        case .rangesIgnored?:
+            // Keep the verified prefix; the stream continues after it.
+            _ = ftruncate(file.fd, off_t(verifier.byteCount))
+            return .rangesIgnored
+        case .complete?, nil:
+            return verifier.byteCount == size ? .complete : .failed(.remote("blob \(digest): ranges did not cover the blob"))
+        }
+    }
+
+    /// One range, resumed within itself after a transient failure.
+    private func fetchRange(_ digest: Digest, _ bounds: (first: Int64, last: Int64), into file: OpenFile) -> RangedOutcome {
+        var received: Int64 = 0
+        let length = bounds.last - bounds.first + 1
+        var lastError = BlobReadError.remote("blob \(digest): no attempt made")
+        for attempt in 1...maxAttempts {
+            do {
+                try source.streamBlob(digest, from: bounds.first + received, through: bounds.last, onStart: { start in
+                    guard start == bounds.first + received else { throw RangesIgnored() }
+                }, onBody: { chunk in
+                    if self.state.withLock({ $0.cancelled }) { throw BlobReadError.cancelled }
+                    guard received + Int64(chunk.count) <= length else { throw RangesIgnored() }
+                    try file.write(chunk, at: bounds.first + received)
+                    received += Int64(chunk.count)
+                })
+                guard received == length else {
+                    throw BlobReadError.remote("blob \(digest): range at \(bounds.first) ended after \(received) of \(length) bytes")
+                }
+                return .complete
+            } catch is RangesIgnored {
+                return .rangesIgnored
+            } catch let error as BlobReadError {
+                if case .cancelled = error { return .failed(error) }
+                lastError = error
+            } catch let error as CacheError {
+                return .failed(.local(error.description))
+            } catch let error as RemoteStoreError {
+                lastError = .remote("blob \(digest): \(error)")
+                guard error.isTransient else { return .failed(lastError) }
+            } catch {
+                lastError = .remote("blob \(digest): \(error)")
+            }
+            if attempt < maxAttempts { Thread.sleep(forTimeInterval: 0.25 * Double(attempt)) }
+        }
+        return .failed(lastError)
     }
 }

@@ -54,7 +54,8 @@ public struct Digest: Hashable, Sendable, Comparable, CustomStringConvertible, C
 }
 
 /// Incremental sha256 for streamed blobs.
-public struct DigestVerifier {
+// SAFETY: a value type whose SHA256 state is held by value, with no reference shared between copies.
+public struct DigestVerifier: @unchecked Sendable {
     private var hasher = SHA256()
     public private(set) var byteCount: Int64 = 0
 

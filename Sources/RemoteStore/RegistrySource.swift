@@ -139,37 +139,24 @@ public final class RegistrySource: RemoteCacheSource {
 
     // MARK: Blobs
 
-    public func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+    public func streamBlob(_ digest: Digest, from offset: Int64, through last: Int64?, onStart: (Int64) throws -> Void,
                            onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
         var headers = HTTPHeaders()
-        if offset > 0 { headers.set("Range", "bytes=\(offset)-") }
+        if let range = ByteRange.header(from: offset, through: last) { headers.set("Range", range) }
         _ = try perform(apiURL("blobs/\(digest)"), headers: headers, totalTimeout: nil, onResponse: { head in
-            if head.status == 206 {
-                guard let start = Self.contentRangeStart(head.headers["Content-Range"]), start == offset else {
-                    throw RemoteStoreError.invalidContent("\(self.reference): blob \(digest): range answer does not start at \(offset)")
-                }
-                try onStart(start)
-            } else {
-                try onStart(0)
-            }
+            try onStart(ByteRange.start(of: head, requested: offset, context: "\(self.reference): blob \(digest)"))
         }, onBody: onBody)
     }
 
-    static func contentRangeStart(_ value: String?) -> Int64? {
-        // "bytes 100-199/1000"
-        guard let value, value.hasPrefix("bytes ") else { return nil }
-        let range = value.dropFirst("bytes ".count).split(separator: "/").first ?? ""
-        return range.split(separator: "-").first.flatMap { Int64($0) }
-    }
+    static func contentRangeStart(_ value: String?) -> Int64? { ByteRange.contentRangeStart(value) }
 
     /// BuildKit's `registry.insecure`: HTTPS without certificate checks, else plain HTTP.
     private func chooseInsecureScheme() {
-        let probe = HTTPRequest(url: baseURL.appendingPathComponent("v2/").absoluteString,
+        var probe = HTTPRequest(url: baseURL.appendingPathComponent("v2/").absoluteString,
                                 stallTimeout: timeout, totalTimeout: timeout)
+        probe.verifiesTLSPeer = false
         do {
-            var request = probe
-            request.verifiesTLSPeer = false
-            _ = try transport.fetch(request, maxBodyBytes: 64 << 10)
+            _ = try transport.fetch(probe, maxBodyBytes: 64 << 10)
         } catch {
             let http = URL(string: "http://\(reference.apiHost)")!
             logger.info("registry is insecure and does not answer HTTPS; using HTTP", metadata: ["host": "\(reference.host)"])

@@ -33,13 +33,47 @@ public protocol RemoteCacheSource: Sendable {
     /// Resolves the tags and fetches every manifest and config.
     func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot
 
-    /// Streams a blob's bytes from `offset` to its end. `onStart` receives the offset the body
-    /// actually starts at (0 when the server ignored the range), before any body byte.
+    /// Streams a blob's bytes from `offset` through `last` (inclusive; nil: to its end).
+    /// `onStart` receives the offset the body actually starts at (0 when the server ignored the
+    /// range, in which case the body runs to the blob's end), before any body byte.
     func streamBlob(
-        _ digest: Digest, from offset: Int64,
+        _ digest: Digest, from offset: Int64, through last: Int64?,
         onStart: (Int64) throws -> Void,
         onBody: (UnsafeRawBufferPointer) throws -> Void
     ) throws
+}
+
+extension RemoteCacheSource {
+    /// Streams a blob from `offset` to its end.
+    public func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+                           onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        try streamBlob(digest, from: offset, through: nil, onStart: onStart, onBody: onBody)
+    }
+}
+
+/// HTTP byte ranges as both remote stores ask for them.
+enum ByteRange {
+    /// The Range header for a request, or nil when the whole body is wanted.
+    static func header(from offset: Int64, through last: Int64?) -> String? {
+        if let last { return "bytes=\(offset)-\(last)" }
+        return offset > 0 ? "bytes=\(offset)-" : nil
+    }
+
+    /// Where the answer's body starts: the range's start for a 206 (checked), 0 otherwise.
+    static func start(of head: HTTPResponseHead, requested offset: Int64, context: String) throws -> Int64 {
+        guard head.status == 206 else { return 0 }
+        guard let start = contentRangeStart(head.headers["Content-Range"]), start == offset else {
+            throw RemoteStoreError.invalidContent("\(context): range answer does not start at \(offset)")
+        }
+        return start
+    }
+
+    /// "bytes 100-199/1000" → 100.
+    static func contentRangeStart(_ value: String?) -> Int64? {
+        guard let value, value.hasPrefix("bytes ") else { return nil }
+        let range = value.dropFirst("bytes ".count).split(separator: "/").first ?? ""
+        return range.split(separator: "-").first.flatMap { Int64($0) }
+    }
 }
 
 /// One readable line per failure; never contains credentials.

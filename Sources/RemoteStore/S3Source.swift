@@ -106,20 +106,13 @@ public final class S3Source: RemoteCacheSource {
 
     // MARK: Requests
 
-    public func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+    public func streamBlob(_ digest: Digest, from offset: Int64, through last: Int64?, onStart: (Int64) throws -> Void,
                            onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
         var headers = HTTPHeaders()
-        if offset > 0 { headers.set("Range", "bytes=\(offset)-") }
+        if let range = ByteRange.header(from: offset, through: last) { headers.set("Range", range) }
         _ = try perform("GET", key: location.blobKey(digest.description), headers: headers, totalTimeout: nil,
                         onResponse: { head in
-            if head.status == 206 {
-                guard let start = RegistrySource.contentRangeStart(head.headers["Content-Range"]), start == offset else {
-                    throw RemoteStoreError.invalidContent("\(self.displayName): blob \(digest): range answer does not start at \(offset)")
-                }
-                try onStart(start)
-            } else {
-                try onStart(0)
-            }
+            try onStart(ByteRange.start(of: head, requested: offset, context: "\(self.displayName): blob \(digest)"))
         }, onBody: onBody)
     }
 

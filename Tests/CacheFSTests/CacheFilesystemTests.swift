@@ -20,11 +20,12 @@ final class Fixture: Sendable {
     let fetcher: BlobFetcher
 
     init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
-         failureMemory: Duration = .zero, limits: CacheLimits? = nil) throws {
+         failureMemory: Duration = .zero, limits: CacheLimits? = nil, chunkSize: Int64 = 8 << 20) throws {
         source = InMemorySource(layers: layers, behaviour: behaviour)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
-        fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory, limits: limits)
+        fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory, limits: limits,
+                              chunkSize: chunkSize)
         filesystem = CacheFilesystem(snapshot: source.snapshot, fetcher: fetcher, logger: Logger(label: "test"))
     }
 

@@ -70,7 +70,7 @@ final class InMemorySource: RemoteCacheSource {
         return snapshot
     }
 
-    func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
+    func streamBlob(_ digest: Digest, from offset: Int64, through last: Int64?, onStart: (Int64) throws -> Void,
                     onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
         streamOffsets.withLock { $0.append(offset) }
         let current = behaviour.withLock { behaviour -> Behaviour in
@@ -82,17 +82,18 @@ final class InMemorySource: RemoteCacheSource {
         guard let real = blobs[digest] else { throw RemoteStoreError.notFound("memory: no blob \(digest)") }
         let content = current.substitutes[digest] ?? real
         let start = current.ignoresRanges ? 0 : Int(offset)
+        let stop = current.ignoresRanges ? content.count : min(content.count, last.map { Int($0) + 1 } ?? content.count)
         try onStart(Int64(start))
         var position = start
         var sent = 0
-        while position < content.count {
+        while position < stop {
             if let limit = current.breakNextStreamAfter, sent >= limit {
                 throw RemoteStoreError.transport("memory: connection reset")
             }
             if let pauseAfter = current.pauseAfter, sent >= pauseAfter, sent - chunkSize < pauseAfter {
                 pause.wait()
             }
-            let end = min(content.count, position + chunkSize)
+            let end = min(stop, position + chunkSize)
             try content[position..<end].withUnsafeBytes { try onBody($0) }
             sent += end - position
             position = end

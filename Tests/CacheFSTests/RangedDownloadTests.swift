@@ -1,0 +1,85 @@
+import CacheFS
+import ContentCache
+import Foundation
+import OCI
+import Synchronization
+import Testing
+
+/// Blobs larger than a chunk are fetched as several ranges at once.
+@Suite struct RangedDownloadTests {
+    static let chunk: Int64 = 256 << 10
+
+    @Test func everyRangeIsFetchedOnceAndTheBlobVerifies() throws {
+        let layer = randomBytes(3 << 20 + 12_345, seed: 40)
+        let fixture = try Fixture(layers: [layer], chunkSize: Self.chunk)
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+        let expected = stride(from: Int64(0), to: Int64(layer.count), by: Int(Self.chunk)).map { $0 }
+        #expect(fixture.source.streamsStarted.sorted() == expected)
+        #expect(FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/blobs/sha256/" + Digest.sha256(of: layer).hex))
+    }
+
+    @Test func sixtyFourReadersShareTheRanges() throws {
+        let layer = randomBytes(2 << 20, seed: 41)
+        let fixture = try Fixture(layers: [layer], chunkSize: Self.chunk)
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        let results = Mutex<[Int: [UInt8]]>([:])
+        DispatchQueue.concurrentPerform(iterations: 64) { reader in
+            if case .success(let bytes) = fixture.readWhole(inode, chunk: 64 << 10 + reader * 512) {
+                results.withLock { $0[reader] = bytes }
+            }
+        }
+        #expect(results.withLock { $0.count == 64 && $0.values.allSatisfy { $0 == layer } })
+        #expect(fixture.source.streamsStarted.count == 8)
+    }
+
+    @Test func aLyingRemoteIsCaughtAcrossRanges() throws {
+        let layer = randomBytes(1 << 20, seed: 42)
+        let digest = Digest.sha256(of: layer)
+        var lie = layer
+        lie[700_000] ^= 1
+        let fixture = try Fixture(layers: [layer], behaviour: .init(substitutes: [digest: lie]), chunkSize: Self.chunk)
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + digest.hex)
+        #expect(fixture.readWhole(inode).failure == .ioError)
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/blobs/sha256/" + digest.hex))
+    }
+
+    @Test func aRemoteIgnoringRangesIsStreamedInstead() throws {
+        let layer = randomBytes(1 << 20, seed: 43)
+        let fixture = try Fixture(layers: [layer], behaviour: .init(ignoresRanges: true), chunkSize: Self.chunk)
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+    }
+
+    @Test func aBrokenRangeResumesWithinItself() throws {
+        let layer = randomBytes(1 << 20, seed: 44)
+        let fixture = try Fixture(layers: [layer], behaviour: .init(breakNextStreamAfter: 100_000), chunkSize: Self.chunk)
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+        // Four ranges, one of which was cut and continued.
+        #expect(fixture.source.streamsStarted.count == 5)
+    }
+
+    @Test func anEarlyRangeIsServedBeforeTheBlobCompletes() throws {
+        let layer = randomBytes(2 << 20, seed: 45)
+        let fixture = try Fixture(layers: [layer], behaviour: .init(pauseAfter: 128 << 10), chunkSize: Self.chunk)
+        defer { fixture.removeCache() }
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        let tail = Mutex<Result<[UInt8], FSError>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        fixture.filesystem.read(inode, offset: Int64(layer.count - 10), count: 10) { result in
+            tail.withLock { $0 = result }
+            done.signal()
+        }
+        // Every range stream holds at 128 KiB until resumed; the end waits for all of them.
+        #expect(done.wait(timeout: .now() + 0.3) == .timedOut)
+        for _ in 0..<64 { fixture.source.resume() }
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(try tail.withLock { $0! }.get() == Array(layer[(layer.count - 10)...]))
+    }
+}
