@@ -42,7 +42,11 @@ public final class BlobFetcher: Sendable {
         var file: OpenFile
         var size: Int64
         var written: Int64 = 0
+        /// The whole blob matched its digest; it is being made durable and renamed.
+        var verified = false
         var waiters: [Waiter] = []
+
+        func canServe(upTo end: Int64) -> Bool { end <= written && (end < size || verified) }
     }
 
     /// Complete blobs are opened per read rather than kept open: a mount may read thousands
@@ -80,6 +84,8 @@ public final class BlobFetcher: Sendable {
     /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
     /// request after the kernel session is gone.
     private let owedReplies = Atomic<Int>(0)
+    /// Verified downloads still being made durable; shutdown lets them finish.
+    private let commitsInFlight = Atomic<Int>(0)
 
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
                 failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil,
@@ -113,7 +119,7 @@ public final class BlobFetcher: Sendable {
                 state.failures[digest] = nil
             }
             if var download = state.downloads[digest] {
-                if end < size && end <= download.written { return .serve(download.file) }
+                if download.canServe(upTo: end) { return .serve(download.file) }
                 download.waiters.append(Waiter(offset: offset, end: end, reply: reply))
                 state.downloads[digest] = download
                 owedReplies.add(1, ordering: .relaxed)
@@ -172,6 +178,12 @@ public final class BlobFetcher: Sendable {
         for waiter in waiters { answer(waiter, .failure(.cancelled)) }
         // Replies already taken off a queue are being sent right now; they finish quickly.
         while owedReplies.load(ordering: .acquiring) > 0 { usleep(1000) }
+        waitForCommits()
+    }
+
+    /// Returns once every verified download is in `blobs/` (or failed to get there).
+    public func waitForCommits() {
+        while commitsInFlight.load(ordering: .acquiring) > 0 { usleep(1000) }
     }
 
     // MARK: - Download
@@ -255,12 +267,16 @@ public final class BlobFetcher: Sendable {
             if limits != nil { state.withLock { $0.reservedBytes -= size } }
             switch result {
             case .success:
+                // Verified bytes may be served now; durability (fsync, rename) need not delay them.
+                commitsInFlight.add(1, ordering: .relaxed)
+                answerVerified(digest, size: size, file: file)
                 do {
                     try store.commit(partialPath: path, file: file, digest: digest)
                     outcome = .success(())
                 } catch {
                     outcome = .failure(.local(error.description))
                 }
+                commitsInFlight.subtract(1, ordering: .releasing)
             case .failure(let error):
                 outcome = .failure(error)
             }
@@ -432,14 +448,29 @@ public final class BlobFetcher: Sendable {
         return verifier
     }
 
+    /// The whole blob matched its digest: every waiter, the end included, can be answered.
+    private func answerVerified(_ digest: Digest, size: Int64, file: OpenFile) {
+        let waiters = state.withLock { state -> [Waiter] in
+            guard var download = state.downloads[digest] else { return [] }
+            download.written = size
+            download.verified = true
+            let waiters = download.waiters
+            download.waiters = []
+            state.downloads[digest] = download
+            return waiters
+        }
+        for waiter in waiters { answer(waiter, Self.readRange(file, offset: waiter.offset, end: waiter.end)) }
+    }
+
     /// Records progress and answers every waiter whose range is now local.
     private func setWritten(_ digest: Digest, _ written: Int64) {
         let ready: (OpenFile, [Waiter])? = state.withLock { state in
             guard var download = state.downloads[digest] else { return nil }
             download.written = written
             var ready: [Waiter] = []
+            let progress = download
             download.waiters.removeAll { waiter in
-                let isReady = waiter.end < download.size && waiter.end <= written
+                let isReady = progress.canServe(upTo: waiter.end)
                 if isReady { ready.append(waiter) }
                 return isReady
             }

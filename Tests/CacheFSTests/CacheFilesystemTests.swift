@@ -206,6 +206,7 @@ final class Fixture: Sendable {
             #expect(bytes == layer)
         }
         #expect(fixture.source.streamsStarted == [0])
+        fixture.fetcher.waitForCommits()
         #expect(FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/blobs/sha256/" + Digest.sha256(of: layer).hex))
     }
 
@@ -311,6 +312,7 @@ final class Fixture: Sendable {
         defer { first.removeCache() }
         let digest = Digest.sha256(of: layer)
         #expect(try first.readWhole(try first.inode("blobs/sha256/" + digest.hex)).get() == layer)
+        first.fetcher.waitForCommits()
 
         let second = try Fixture(layers: [layer], behaviour: .init(failEverything: true), cacheDirectory: first.cacheDirectory)
         #expect(try second.readWhole(try second.inode("blobs/sha256/" + digest.hex)).get() == layer)

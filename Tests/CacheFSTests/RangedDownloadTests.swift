@@ -17,6 +17,7 @@ import Testing
         #expect(try fixture.readWhole(inode).get() == layer)
         let expected = stride(from: Int64(0), to: Int64(layer.count), by: Int(Self.chunk)).map { $0 }
         #expect(fixture.source.streamsStarted.sorted() == expected)
+        fixture.fetcher.waitForCommits()
         #expect(FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/blobs/sha256/" + Digest.sha256(of: layer).hex))
     }
 

@@ -84,7 +84,7 @@ struct ContentCacheTests {
             // Every other blob still verifies and is cached.
             let good = seed.blobs.filter { $0.digest != bad.digest }
             Check.blobsVerify(mount, good)
-            let cachedAfter = Set(FileIO.listDirectory(mount.cacheDir + "/blobs/sha256"))
+            let cachedAfter = FileIO.cachedBlobs(mount.cacheDir, expecting: seed.layers.filter { $0.digest != bad.digest }.map(\.hex))
             for layer in seed.layers where layer.digest != bad.digest {
                 #expect(cachedAfter.contains(layer.hex))
             }

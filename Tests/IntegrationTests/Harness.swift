@@ -799,6 +799,18 @@ enum FileIO {
         ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted()
     }
 
+    /// The blobs in a content cache, once those expected are there or `timeout` passed: a
+    /// verified blob is served at once and made durable (fsync, rename) just after.
+    static func cachedBlobs(_ cacheDir: String, expecting hexes: [String], timeout: Double = 10) -> Set<String> {
+        let deadline = Date().addingTimeInterval(timeout)
+        var cached = Set(listDirectory(cacheDir + "/blobs/sha256"))
+        while !cached.isSuperset(of: hexes) && Date() < deadline {
+            usleep(20_000)
+            cached = Set(listDirectory(cacheDir + "/blobs/sha256"))
+        }
+        return cached
+    }
+
     static func json(_ path: String) throws -> [String: Any] {
         let bytes = try readAll(path)
         guard let object = try JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else {

@@ -82,7 +82,7 @@ struct RegistryAuthTests {
             #expect(afterSecond == afterFirst, "a second full read must not reach the registry: \(afterFirst) -> \(afterSecond)")
 
             // The verified layers are in the private content cache.
-            let cached = Set(FileIO.listDirectory(mount.cacheDir + "/blobs/sha256"))
+            let cached = FileIO.cachedBlobs(mount.cacheDir, expecting: seed.layers.map(\.hex))
             for layer in seed.layers {
                 #expect(cached.contains(layer.hex), "layer \(layer.digest) should be in the content cache")
             }

@@ -148,7 +148,7 @@ struct S3Tests {
             #expect(transfers == [1, 1, 1], "each layer fetched exactly once: \(transfers); \(moto.requests(bucket: bucket, under: prefix + "blobs/"))")
             Check.blobsVerify(mount, seed.layers.map(\.blob), dropPageCache: true)
             #expect(seed.layers.map { moto.transfers(bucket: bucket, key: $0.key) } == transfers, "no new transfer on a second read")
-            #expect(Set(FileIO.listDirectory(mount.cacheDir + "/blobs/sha256")).isSuperset(of: seed.layers.map(\.hex)))
+            #expect(FileIO.cachedBlobs(mount.cacheDir, expecting: seed.layers.map(\.hex)).isSuperset(of: seed.layers.map(\.hex)))
 
             // Determinism: a second mount with a fresh cache dir shows byte-identical manifests.
             let again = try await ws.mountS3ExpectingSuccess(source)
