@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Push benchmark caches straight through the distribution API (no tar, no gzip).
+
+The cache is BuildKit's index variant: an OCI image index whose manifests[] are the layer
+descriptors plus one application/vnd.buildkit.cacheconfig.v0 blob. Layers are opaque
+deterministic pseudo-random bytes (same --seed and size -> same digest); nothing in a mount
+benchmark unpacks them.
+
+  big  --size BYTES   one layer, streamed to the registry in a chunked PATCH while its digest
+                      is computed (no temporary file: a 4 GiB layer costs only the registry's copy)
+  many --count N --size BYTES
+                      N small layers, pushed by a few threads (monolithic POST+PUT each)
+
+Stdout: the JSON {"ref", "manifest": {...}, "layers": [{digest, size}...], "seconds"}
+(also written to --out FILE). Loopback registries without auth only.
+"""
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import random
+import sys
+import threading
+import time
+import urllib.parse
+
+import requests
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+LAYER = "application/vnd.oci.image.layer.v1.tar"
+CACHECONFIG = "application/vnd.buildkit.cacheconfig.v0"
+CHUNK = 1 << 20
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Pusher:
+    def __init__(self, registry: str, repo: str):
+        self.base, self.repo = f"http://{registry}", repo
+        self.local = threading.local()
+
+    def session(self):
+        # One keep-alive session per thread (requests.Session is not thread-safe).
+        if not hasattr(self.local, "s"):
+            self.local.s = requests.Session()
+        return self.local.s
+
+    def url(self, location: str) -> str:
+        return urllib.parse.urljoin(self.base + "/", location)
+
+    def check(self, r, *codes):
+        if r.status_code not in codes:
+            sys.exit(f"registry_push.py: {r.request.method} {r.url} -> {r.status_code}: {r.text[:300]}")
+        return r
+
+    def start_upload(self):
+        r = self.check(self.session().post(self.url(f"/v2/{self.repo}/blobs/uploads/")), 202)
+        return self.url(r.headers["Location"])
+
+    def finish(self, location, digest, body=b""):
+        loc = location + ("&" if "?" in location else "?") + "digest=" + urllib.parse.quote(digest)
+        self.check(self.session().put(loc, data=body,
+                                      headers={"Content-Type": "application/octet-stream"}), 201)
+
+    def push_bytes(self, data: bytes, media_type=LAYER) -> dict:
+        digest = sha(data)
+        self.finish(self.start_upload(), digest, data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def push_stream(self, size: int, seed: int) -> dict:
+        """One chunked PATCH of `size` pseudo-random bytes, hashed on the way."""
+        rng, h = random.Random(f"ocicachefs-bench:{seed}"), hashlib.sha256()
+
+        def body():
+            left = size
+            while left:
+                block = rng.randbytes(min(CHUNK, left))
+                h.update(block)
+                left -= len(block)
+                yield block
+
+        location = self.start_upload()
+        r = self.check(self.session().patch(location, data=body(),
+                                            headers={"Content-Type": "application/octet-stream"}), 202)
+        digest = "sha256:" + h.hexdigest()
+        self.finish(self.url(r.headers["Location"]), digest)
+        return {"mediaType": LAYER, "digest": digest, "size": size}
+
+    def push_index(self, tag: str, layers: list) -> dict:
+        described = []
+        for layer in layers:
+            described.append(dict(layer, annotations={
+                "buildkit/createdat": "2024-05-01T12:00:00.000000000Z",
+                # Opaque bytes: the "uncompressed" digest is the blob's own.
+                "containerd.io/uncompressed": layer["digest"]}))
+        cfg_layers = []
+        for i, layer in enumerate(layers):
+            entry = {"blob": layer["digest"]}
+            if i - 1 != 0:
+                entry["parent"] = i - 1
+            cfg_layers.append(entry)
+        records = [{"layers": [{"layer": i, "createdAt": "2024-05-01T12:00:00.000000000Z"}],
+                    "digest": sha(f"bench-record:{i}".encode())} for i in range(len(layers))]
+        cfg = json.dumps({"layers": cfg_layers, "records": records}, separators=(",", ":")).encode()
+        cfg_desc = self.push_bytes(cfg, CACHECONFIG)
+        index = json.dumps({"schemaVersion": 2, "mediaType": INDEX,
+                            "manifests": described + [cfg_desc]}, separators=(",", ":")).encode()
+        r = self.check(self.session().put(self.url(f"/v2/{self.repo}/manifests/{tag}"), data=index,
+                                          headers={"Content-Type": INDEX}), 201)
+        digest = sha(index)
+        if r.headers.get("Docker-Content-Digest") not in (None, digest):
+            sys.exit(f"registry_push.py: registry computed {r.headers['Docker-Content-Digest']}, expected {digest}")
+        return {"mediaType": INDEX, "digest": digest, "size": len(index)}
+
+
+def push_big(registry, repo, tag, size, seed):
+    p = Pusher(registry, repo)
+    layer = p.push_stream(size, seed)
+    return {"ref": f"{registry}/{repo}:{tag}", "manifest": p.push_index(tag, [layer]), "layers": [layer]}
+
+
+def push_many(registry, repo, tag, count, size, seed, threads=8):
+    p = Pusher(registry, repo)
+    datas = []
+    for i in range(count):
+        rng = random.Random(f"ocicachefs-bench-small:{seed}:{i}")
+        datas.append(rng.randbytes(size))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        layers = list(pool.map(p.push_bytes, datas))
+    return {"ref": f"{registry}/{repo}:{tag}", "manifest": p.push_index(tag, layers), "layers": layers}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["big", "many"])
+    ap.add_argument("--registry", required=True, metavar="127.0.0.1:PORT")
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--tag", default="bench")
+    ap.add_argument("--size", type=int, required=True, help="bytes per layer")
+    ap.add_argument("--count", type=int, default=1, help="layers (mode many)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", metavar="FILE")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    if args.mode == "big":
+        result = push_big(args.registry, args.repo, args.tag, args.size, args.seed)
+    else:
+        result = push_many(args.registry, args.repo, args.tag, args.count, args.size, args.seed)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text if args.mode == "big" else json.dumps({k: v for k, v in result.items() if k != "layers"}))
+
+
+if __name__ == "__main__":
+    main()
