@@ -76,8 +76,10 @@ struct ResumeTests {
             let rangeAnswers = log.split(separator: "\n").filter { $0.contains("GET /v2/cache/blobs/\(layer.digest)") && $0.contains("\" 206 ") }
             #expect(!rangeAnswers.isEmpty, "the layer was continued with a range request")
             #expect(second.log.contains("continuing an interrupted download"), "\(second.log.suffix(2000))")
-            #expect(FileIO.listDirectory(cache + "/partial").isEmpty)
+            // Unmounting waits for the verified blob to be moved into blobs/.
             _ = try await second.unmount(in: ws)
+            #expect(FileIO.listDirectory(cache + "/partial").isEmpty)
+            #expect(FileIO.listDirectory(cache + "/blobs/sha256").contains(layer.hex))
         }
     }
 }
