@@ -5,7 +5,7 @@
 #
 #   bench/run.sh            full mode: 1 GiB blob, the 4 GiB peak-RSS case; writes docs/performance.md
 #   bench/run.sh --quick    256 MiB blob, no 4 GiB case (a couple of minutes); writes no doc unless --doc
-#   --doc FILE              write the report to FILE instead (or as well, in quick mode)
+#   --doc FILE              write the report to FILE (full mode's default: docs/performance.md)
 #   --keep                  keep the work directory (registry, caches, results.json) for inspection
 #
 # Environment: BENCH_SKIP_4G=1 skips the 4 GiB case in full mode; BENCH_TMPDIR (default /tmp) is
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1; args_text+=" --quick" ;;
         --keep) keep=1 ;;
         --doc) doc="$2"; args_text+=" --doc $2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -101,6 +101,10 @@ bench_args=(--work "$work" --registry-dir "$work/registry" --registry-port "$por
             --passthrough "$work/pt/passthrough_ll" --size "$size" --huge-size "$huge" --command "$args_text")
 [ "$quick" -eq 1 ] && bench_args+=(--quick)
 [ -n "$doc" ] && bench_args+=(--doc "$doc")
+load1=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$load1" 'BEGIN { exit !(l > 1.0) }'; then
+    echo "run.sh: warning: load average $load1: other work on this machine makes the figures noisier" >&2
+fi
 echo "== measuring ($([ "$quick" -eq 1 ] && echo quick || echo full) mode)" >&2
 python3 bench/bench.py "${bench_args[@]}"
 [ -n "$doc" ] || echo "run.sh: quick mode leaves docs/performance.md alone (pass --doc FILE to write a report)" >&2
