@@ -5,20 +5,6 @@ import Testing
 private let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 private let digest = Digest("sha256:" + hex)!
 
-private func configurationMessage(sourceLocation: SourceLocation = #_sourceLocation,
-                                  _ body: () throws -> Void) -> String {
-    do {
-        try body()
-        Issue.record("expected a configuration error", sourceLocation: sourceLocation)
-    } catch RemoteStoreError.configuration(let message) {
-        #expect(!message.contains("\n"), sourceLocation: sourceLocation)
-        return message
-    } catch {
-        Issue.record("expected a configuration error, got \(error)", sourceLocation: sourceLocation)
-    }
-    return ""
-}
-
 @Suite("RegistryReference")
 struct RegistryReferenceTests {
     @Test func hostPortRepoTag() throws {

@@ -2,7 +2,7 @@ import Testing
 @testable import RemoteStore
 
 /// The `.configuration` message `body` throws; records an issue for success or another error.
-private func configurationMessage(sourceLocation: SourceLocation = #_sourceLocation,
+func configurationMessage(sourceLocation: SourceLocation = #_sourceLocation,
                                   _ body: () throws -> Void) -> String {
     do {
         try body()
