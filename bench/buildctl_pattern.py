@@ -4,17 +4,17 @@ stat, stat, open, pread(1 MiB), close. Prints the number of bytes read and the s
 loop took (interpreter start-up excluded).
 
 usage: buildctl_pattern.py FILE [CHUNK_BYTES]
+
+Also a module: read_blob(path) is the same loop (used by the CI replay in bench_s3.py).
 """
 import os
 import sys
 import time
 
 
-def main():
-    path = sys.argv[1]
-    chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 1 << 20
-    buf = bytearray(chunk)
-    start = time.perf_counter()
+def read_blob(path, chunk=1 << 20, buf=None):
+    """The per-chunk loop; returns the bytes read. Raises OSError on a short read."""
+    buf = buf if buf is not None and len(buf) == chunk else bytearray(chunk)
     size = os.stat(path).st_size
     total = 0
     for offset in range(0, size, chunk):
@@ -26,8 +26,19 @@ def main():
         finally:
             os.close(fd)
         if n != min(chunk, size - offset):
-            sys.exit(f"buildctl_pattern.py: short read at {offset}: {n} bytes")
+            raise OSError(f"short read of {path} at {offset}: {n} bytes")
         total += n
+    return total
+
+
+def main():
+    path = sys.argv[1]
+    chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 1 << 20
+    start = time.perf_counter()
+    try:
+        total = read_blob(path, chunk)
+    except OSError as e:
+        sys.exit(f"buildctl_pattern.py: {e}")
     print(total, time.perf_counter() - start)
 
 

@@ -10,6 +10,9 @@ benchmark unpacks them.
                       is computed (no temporary file: a 4 GiB layer costs only the registry's copy)
   many --count N --size BYTES
                       N small layers, pushed by a few threads (monolithic POST+PUT each)
+  chains --chains K --sizes A,B,C [--tag-prefix P]
+                      K tags P0..P(K-1) in one repository, each an index whose layers are a
+                      chain of sizes A, B, C... (streamed like big; no layer shared)
 
 Stdout: the JSON {"ref", "manifest": {...}, "layers": [{digest, size}...], "seconds"}
 (also written to --out FILE). Loopback registries without auth only.
@@ -132,19 +135,39 @@ def push_many(registry, repo, tag, count, size, seed, threads=8):
     return {"ref": f"{registry}/{repo}:{tag}", "manifest": p.push_index(tag, layers), "layers": layers}
 
 
+def push_chains(registry, repo, prefix, chains, sizes, seed):
+    p = Pusher(registry, repo)
+    tags = {}
+    for k in range(chains):
+        layers = [p.push_stream(size, seed * 1000 + k * 100 + i) for i, size in enumerate(sizes)]
+        tag = f"{prefix}{k}"
+        tags[tag] = {"ref": f"{registry}/{repo}:{tag}", "manifest": p.push_index(tag, layers), "layers": layers}
+    return {"tags": tags}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["big", "many"])
+    ap.add_argument("mode", choices=["big", "many", "chains"])
     ap.add_argument("--registry", required=True, metavar="127.0.0.1:PORT")
     ap.add_argument("--repo", required=True)
     ap.add_argument("--tag", default="bench")
-    ap.add_argument("--size", type=int, required=True, help="bytes per layer")
+    ap.add_argument("--size", type=int, help="bytes per layer (big, many)")
+    ap.add_argument("--chains", type=int, default=10, help="tags (mode chains)")
+    ap.add_argument("--sizes", help="comma-separated layer sizes of each chain (mode chains)")
+    ap.add_argument("--tag-prefix", default="ci-")
     ap.add_argument("--count", type=int, default=1, help="layers (mode many)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", metavar="FILE")
     args = ap.parse_args()
     start = time.perf_counter()
-    if args.mode == "big":
+    if args.mode == "chains":
+        sizes = [int(x) for x in (args.sizes or "").split(",") if x]
+        if not sizes:
+            sys.exit("registry_push.py: chains needs --sizes")
+        result = push_chains(args.registry, args.repo, args.tag_prefix, args.chains, sizes, args.seed)
+    elif not args.size:
+        sys.exit("registry_push.py: big and many need --size")
+    elif args.mode == "big":
         result = push_big(args.registry, args.repo, args.tag, args.size, args.seed)
     else:
         result = push_many(args.registry, args.repo, args.tag, args.count, args.size, args.seed)
@@ -153,7 +176,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(text if args.mode == "big" else json.dumps({k: v for k, v in result.items() if k != "layers"}))
+    print(text if args.mode != "many" else json.dumps({k: v for k, v in result.items() if k != "layers"}))
 
 
 if __name__ == "__main__":
