@@ -29,9 +29,9 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // On-disk content-addressed cache and single-flight blob fetches.
+        // On-disk content-addressed cache and single-flight block fetches (zlib for block CRCs).
         .target(name: "ContentCache", dependencies: [
-            "OCI", "RemoteStore",
+            "OCI", "RemoteStore", "CZlib",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),

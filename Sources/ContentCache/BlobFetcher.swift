@@ -24,118 +24,211 @@ public enum BlobReadError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// Serves byte ranges of lazily downloaded blobs. The first read of a blob starts one streaming
-/// download into the content store; every reader of that blob, in this mount or through the
-/// same fetcher, waits on that one download (single flight) and is answered as soon as its
-/// range has arrived. A read that reaches the end of a blob is answered only after the whole
-/// blob matched its digest, so a reader can never receive a corrupt blob whole.
+/// How a blob is cut up and read ahead.
+public struct FetchTuning: Sendable, Equatable {
+    /// The unit of presence: each block is fetched, recorded and checked as a whole.
+    public var blockSize: Int64
+    /// The largest range one request asks for; requests never cross a chunk boundary, so a
+    /// long read is fetched as fixed-size chunks on several connections at once.
+    public var chunkSize: Int64
+    /// Read-ahead after a first or a random read, and its limit while reads stay sequential.
+    public var initialReadAhead: Int64
+    public var maximumReadAhead: Int64
+    /// Range requests in flight at once for the whole process.
+    public var connections: Int
+
+    public init(blockSize: Int64 = 1 << 20, chunkSize: Int64 = 8 << 20, initialReadAhead: Int64 = 1 << 20,
+                maximumReadAhead: Int64 = 64 << 20, connections: Int = 16) {
+        self.blockSize = max(blockSize, 4096)
+        self.chunkSize = max(chunkSize / self.blockSize, 1) * self.blockSize
+        self.initialReadAhead = initialReadAhead
+        self.maximumReadAhead = maximumReadAhead
+        self.connections = max(connections, 1)
+    }
+}
+
+/// Serves byte ranges of lazily downloaded blobs.
+///
+/// A blob is fetched block by block into a shared partial file: a read asks for the blocks it
+/// covers plus a read-ahead window that doubles while reading stays sequential, and each block
+/// is fetched once however many readers, in this process or in other mounts of the same
+/// cache directory, want it. Readers are answered as soon as their blocks are on disk. The
+/// blob's digest advances over the downloaded prefix; a read that reaches the end of a blob is
+/// answered only once the whole blob matched it, so a reader can never receive a corrupt blob
+/// whole. A matching blob is made durable and renamed into the cache's complete blobs.
 public final class BlobFetcher: Sendable {
     public typealias Reply = @Sendable (Result<[UInt8], BlobReadError>) -> Void
 
-    private struct Waiter {
+    struct Waiter {
         var offset: Int64
         var end: Int64
         var reply: Reply
     }
 
-    private struct Download {
-        var file: OpenFile
-        var size: Int64
-        var written: Int64 = 0
-        /// The whole blob matched its digest; it is being made durable and renamed.
-        var verified = false
-        var waiters: [Waiter] = []
+    enum BlockState: Equatable {
+        case absent
+        /// In a job that has not started yet.
+        case queued
+        case fetching
+        /// Another process claimed it; it is watched until it lands or the claim goes away.
+        case elsewhere
+        /// On disk from an earlier process, to be checked against its CRC before any use.
+        case unverified(UInt32)
+        case present
 
-        func canServe(upTo end: Int64) -> Bool { end <= written && (end < size || verified) }
+        var isOnDisk: Bool {
+            switch self {
+            case .present, .unverified: return true
+            default: return false
+            }
+        }
     }
 
-    /// Complete blobs are opened per read rather than kept open: a mount may read thousands
-    /// of blobs, and descriptors are a bounded resource.
-    private struct State {
-        var downloads: [Digest: Download] = [:]
-        /// Blobs this fetcher committed; a reader that missed both the download and the file
-        /// (it looked in between) finds the file on a second look instead of downloading again.
-        var committed: Set<Digest> = []
-        /// Recently failed downloads answer at once: the kernel retries a failed readahead
-        /// page by page, and each retry must not pay for a whole new download.
+    struct Transfer {
+        let data: OpenFile
+        let journal: BlockJournal
+        let size: Int64
+        var blocks: [BlockState]
+        var window: ReadAheadWindow
+        var waiters: [Waiter] = []
+        /// Blocks hashed into `verifier`, from the first; one thread hashes at a time.
+        var hashedBlocks = 0
+        var hashing = false
+        var verifier = DigestVerifier()
+        /// The whole blob matched its digest.
+        var verified = false
+        /// Blocks came from an earlier process: a mismatch is worth one fetch from scratch.
+        var usedEarlierBlocks = false
+        /// The remote answers ranges with the whole blob: one stream fetches everything.
+        var rangesIgnored = false
+        /// Jobs queued or running for this transfer.
+        var jobs = 0
+        var lastUse = ContinuousClock.now
+
+        var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing }
+
+        func blocks(covering range: Range<Int64>, blockSize: Int64) -> ClosedRange<Int> {
+            Int(range.lowerBound / blockSize)...Int((range.upperBound - 1) / blockSize)
+        }
+
+        func canServe(_ waiter: Waiter, blockSize: Int64) -> Bool {
+            if waiter.end == size && !verified { return false }
+            return blocks(covering: waiter.offset..<waiter.end, blockSize: blockSize).allSatisfy { blocks[$0] == .present }
+        }
+    }
+
+    struct State {
+        var transfers: [Digest: Transfer] = [:]
+        /// Recently failed blobs answer at once: the kernel retries a failed readahead page by
+        /// page, and each retry must not pay for a new round of requests.
         var failures: [Digest: (error: BlobReadError, until: ContinuousClock.Instant)] = [:]
         /// Blobs with open file handles: never evicted by this process.
         var pins: [Digest: Int] = [:]
         /// When each blob's use was last recorded on disk (for LRU), to record it rarely.
         var lastMarkedUsed: [Digest: ContinuousClock.Instant] = [:]
-        /// Bytes of downloads under way, for which room has been made in the cache.
-        var reservedBytes: Int64 = 0
+        var watchingOtherProcesses = false
         var cancelled = false
     }
 
-    private let store: ContentStore
-    private let source: any RemoteCacheSource
-    private let logger: Logger
-    private let maxAttempts: Int
-    private let failureMemory: Duration
-    private let limits: CacheLimits?
-    /// Blobs larger than one chunk are fetched as ranges of this size, several at once.
-    private let chunkSize: Int64
-    private let connectionsPerBlob: Int
-    /// Bounds range requests in flight across all blobs of this mount (and so memory and
-    /// connections), however many blobs are read at once.
-    private let rangeSlots: DispatchSemaphore
-    private let state = Mutex(State())
+    /// Idle partial transfers kept open (two descriptors each) so that their blocks need no
+    /// second check; older ones are closed and reopened from their journal when read again.
+    static let idleTransfersKept = 64
+
+    let store: ContentStore
+    let source: any RemoteCacheSource
+    let logger: Logger
+    let maxAttempts: Int
+    let failureMemory: Duration
+    let limits: CacheLimits?
+    let tuning: FetchTuning
+    let queue: FetchQueue
+    let state = Mutex(State())
     /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
     /// request after the kernel session is gone.
-    private let owedReplies = Atomic<Int>(0)
-    /// Verified downloads still being made durable; shutdown lets them finish.
-    private let commitsInFlight = Atomic<Int>(0)
+    let owedReplies = Atomic<Int>(0)
+    /// Verified blobs still being made durable; shutdown lets them finish.
+    let commitsInFlight = Atomic<Int>(0)
+    /// Range requests started, for tests and metrics.
+    let requestsStarted = Atomic<Int>(0)
+    /// Set once at shutdown; checked for every piece of body a fetch receives.
+    let stopping = Atomic<Bool>(false)
 
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
-                failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil,
-                chunkSize: Int64 = 8 << 20, connectionsPerBlob: Int = 4, connectionsInAll: Int = 16) {
-        self.limits = limits
-        self.chunkSize = max(chunkSize, 64 << 10)
-        self.connectionsPerBlob = max(connectionsPerBlob, 1)
-        self.rangeSlots = DispatchSemaphore(value: max(connectionsInAll, 1))
+                failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
         self.store = store
         self.source = source
         self.logger = logger
         self.maxAttempts = maxAttempts
         self.failureMemory = failureMemory
+        self.limits = limits
+        self.tuning = tuning
+        self.queue = FetchQueue(workers: tuning.connections)
     }
 
+    // MARK: - Reading
+
     /// Reads `count` bytes at `offset` of a blob of `size` bytes. `reply` is called exactly once:
-    /// on the calling thread when the bytes are already local, later from the download otherwise.
+    /// on the calling thread when the bytes are already local, later from a fetch otherwise.
     public func read(_ digest: Digest, size: Int64, offset: Int64, count: Int, reply: @escaping Reply) {
         let end = min(offset + Int64(count), size)
         guard offset < end else { return reply(.success([])) }
+        read(Waiter(offset: offset, end: end, reply: reply), of: digest, size: size, attempts: 3)
+    }
+
+    private func read(_ waiter: Waiter, of digest: Digest, size: Int64, attempts: Int) {
         enum Next {
-            case serve(OpenFile)
-            case waiting
-            case startDownload
+            case serve(OpenFile, [Job])
+            case check([Int: UInt32])
+            case waiting([Job])
+            case open
             case fail(BlobReadError)
         }
+        let blockSize = tuning.blockSize
         let next: Next = state.withLock { state in
             if state.cancelled { return .fail(.cancelled) }
             if let failure = state.failures[digest] {
                 if failure.until > .now { return .fail(failure.error) }
                 state.failures[digest] = nil
             }
-            if var download = state.downloads[digest] {
-                if download.canServe(upTo: end) { return .serve(download.file) }
-                download.waiters.append(Waiter(offset: offset, end: end, reply: reply))
-                state.downloads[digest] = download
-                owedReplies.add(1, ordering: .relaxed)
-                return .waiting
+            guard var transfer = state.transfers[digest] else { return .open }
+            defer { state.transfers[digest] = transfer }
+            transfer.lastUse = .now
+            // Blocks an earlier process left are checked before they are used.
+            var unchecked: [Int: UInt32] = [:]
+            for index in transfer.blocks(covering: waiter.offset..<waiter.end, blockSize: blockSize) {
+                if case .unverified(let crc) = transfer.blocks[index] { unchecked[index] = crc }
             }
-            return .startDownload
+            if !unchecked.isEmpty { return .check(unchecked) }
+            let ahead = transfer.window.advance(offset: waiter.offset, end: waiter.end)
+            var jobs = schedule(&transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: ahead)
+            if transfer.canServe(waiter, blockSize: blockSize) { return .serve(transfer.data, jobs) }
+            transfer.waiters.append(waiter)
+            owedReplies.add(1, ordering: .relaxed)
+            jobs += promote(&transfer, digest: digest, reading: waiter.offset..<waiter.end)
+            if transfer.blocks.contains(.elsewhere) { startWatchingOtherProcesses(&state) }
+            return .waiting(jobs)
         }
         switch next {
-        case .serve(let file):
-            reply(Self.readRange(file, offset: offset, end: end))
+        case .serve(let file, let jobs):
+            submit(jobs)
+            waiter.reply(Self.readRange(file, offset: waiter.offset, end: waiter.end))
+        case .check(let unchecked):
+            adoptRecordedBlocks(digest, unchecked)
+            read(waiter, of: digest, size: size, attempts: attempts)
+        case .waiting(let jobs):
+            submit(jobs)
         case .fail(let error):
-            reply(.failure(error))
-        case .waiting:
-            break
-        case .startDownload:
-            startDownloadOrServe(digest, size: size, first: Waiter(offset: offset, end: end, reply: reply))
+            waiter.reply(.failure(error))
+        case .open:
+            guard attempts > 0 else { return waiter.reply(.failure(.local("blob \(digest): cannot open it in the cache"))) }
+            switch openTransfer(digest, size: size) {
+            case .success(let complete?):
+                waiter.reply(Self.readRange(complete, offset: waiter.offset, end: waiter.end))
+            case .success(nil):
+                read(waiter, of: digest, size: size, attempts: attempts - 1)
+            case .failure(let error):
+                waiter.reply(.failure(error))
+            }
         }
     }
 
@@ -163,472 +256,174 @@ public final class BlobFetcher: Sendable {
         store.hasComplete(digest)
     }
 
-    /// Fails every waiting read and stops downloads; returns once no reply is owed any more.
+    /// Fails every waiting read and stops fetching; returns once no reply is owed any more.
     public func shutdown() {
         let waiters = state.withLock { state -> [Waiter] in
             state.cancelled = true
+            stopping.store(true, ordering: .relaxed)
             var all: [Waiter] = []
-            for (digest, var download) in state.downloads {
-                all += download.waiters
-                download.waiters = []
-                state.downloads[digest] = download
+            for digest in state.transfers.keys {
+                all += state.transfers[digest]!.waiters
+                state.transfers[digest]!.waiters = []
             }
             return all
         }
+        queue.stop()
         for waiter in waiters { answer(waiter, .failure(.cancelled)) }
-        // Replies already taken off a queue are being sent right now; they finish quickly.
+        // Replies already taken off the state are being sent right now; they finish quickly.
         while owedReplies.load(ordering: .acquiring) > 0 { usleep(1000) }
-        waitForCommits()
-    }
-
-    /// Returns once every verified download is in `blobs/` (or failed to get there).
-    public func waitForCommits() {
-        while commitsInFlight.load(ordering: .acquiring) > 0 { usleep(1000) }
-    }
-
-    // MARK: - Download
-
-    private func startDownloadOrServe(_ digest: Digest, size: Int64, first: Waiter) {
-        let cached: OpenFile?
-        do {
-            cached = try store.openComplete(digest)
-        } catch {
-            return first.reply(.failure(.local(error.description)))
-        }
-        let partial: (path: String, file: OpenFile)?
-        do {
-            if cached != nil {
-                partial = nil
-            } else if let orphan = store.adoptOrphanedPartial(digest) {
-                partial = (orphan.path, orphan.file)
-            } else {
-                partial = try store.createPartial(digest)
-            }
-        } catch {
-            return first.reply(.failure(.local(error.description)))
-        }
-        enum Next {
-            case serve(OpenFile)
-            case lookAgain
-            case waiting
-            case download(path: String, file: OpenFile)
-        }
-        // Another reader may have raced us here; the state decides who downloads.
-        let next: Next = state.withLock { state in
-            if let cached { return .serve(cached) }
-            if state.committed.contains(digest) { return .lookAgain }
-            owedReplies.add(1, ordering: .relaxed)
-            if var download = state.downloads[digest] {
-                download.waiters.append(first)
-                state.downloads[digest] = download
-                return .waiting
-            }
-            let partial = partial!
-            state.downloads[digest] = Download(file: partial.file, size: size, waiters: [first])
-            return .download(path: partial.path, file: partial.file)
-        }
-        switch next {
-        case .serve(let file):
-            if let partial { store.discardPartial(partial.path) }
-            first.reply(Self.readRange(file, offset: first.offset, end: first.end))
-        case .lookAgain:
-            if let partial { store.discardPartial(partial.path) }
-            do {
-                guard let file = try store.openComplete(digest) else {
-                    // Evicted since: fetch it again.
-                    state.withLock { _ = $0.committed.remove(digest) }
-                    return startDownloadOrServe(digest, size: size, first: first)
-                }
-                first.reply(Self.readRange(file, offset: first.offset, end: first.end))
-            } catch {
-                first.reply(.failure(.local(error.description)))
-            }
-        case .waiting:
-            if let partial { store.discardPartial(partial.path) }
-        case .download(let path, let file):
-            logger.debug("downloading blob", metadata: ["digest": "\(digest)", "size": "\(size)"])
-            Thread.detachNewThread { [self] in
-                download(digest, size: size, path: path, file: file)
-            }
+        // Queued jobs were dropped; a verified blob being made durable is let finish.
+        while commitsInFlight.load(ordering: .acquiring) > 0 || state.withLock({ $0.transfers.values.contains(where: \.verified) }) {
+            usleep(1000)
         }
     }
 
-    private func download(_ digest: Digest, size: Int64, path: String, file: OpenFile) {
-        var outcome: Result<Void, BlobReadError>
-        switch awaitOtherProcessDownload(digest) {
-        case .completedElsewhere:
-            store.discardPartial(path)
-            outcome = .success(())
-        case .cancelled:
-            store.discardPartial(path)
-            outcome = .failure(.cancelled)
-        case .ours(let lock):
-            let result = makeRoom(for: digest, size: size).flatMap { transfer(digest, size: size, file: file) }
-            if limits != nil { state.withLock { $0.reservedBytes -= size } }
-            switch result {
-            case .success:
-                // Verified bytes may be served now; durability (fsync, rename) need not delay them.
-                commitsInFlight.add(1, ordering: .relaxed)
-                answerVerified(digest, size: size, file: file)
-                do {
-                    try store.commit(partialPath: path, file: file, digest: digest)
-                    outcome = .success(())
-                } catch {
-                    outcome = .failure(.local(error.description))
-                }
-                commitsInFlight.subtract(1, ordering: .releasing)
-            case .failure(let error):
-                outcome = .failure(error)
-            }
-            withExtendedLifetime(lock) {}
-        }
-        // Waiters of a blob another process completed read the complete file.
-        let completeFile = (try? store.openComplete(digest)) ?? nil
-        if case .failure(let error) = outcome {
-            // Cut short by unmounting: the partial file stays for the next mount to continue.
-            if case .cancelled = error {} else {
-                store.discardPartial(path)
-                logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
-            }
-        } else {
-            logger.debug("blob complete", metadata: ["digest": "\(digest)"])
-        }
-        let waiters = state.withLock { state -> [Waiter] in
-            switch outcome {
-            case .success:
-                state.committed.insert(digest)
-            case .failure(.cancelled):
-                break
-            case .failure(let error):
-                state.failures[digest] = (error, .now + failureMemory)
-            }
-            return state.downloads.removeValue(forKey: digest)?.waiters ?? []
-        }
-        for waiter in waiters {
-            switch outcome {
-            case .success: answer(waiter, Self.readRange(completeFile ?? file, offset: waiter.offset, end: waiter.end))
-            case .failure(let error): answer(waiter, .failure(error))
-            }
+    /// Returns once no fetch is queued or running, no blob is being hashed, and every verified
+    /// blob is in `blobs/` (or failed to get there).
+    public func waitUntilIdle() {
+        while commitsInFlight.load(ordering: .acquiring) > 0
+            || state.withLock({ $0.transfers.values.contains { $0.verified || $0.hashing || $0.jobs > 0 } }) {
+            usleep(1000)
         }
     }
 
-    private enum DownloadTurn {
-        case ours(OpenFile)
-        case completedElsewhere
-        case cancelled
-    }
-
-    /// Another mount on this cache directory may be downloading the blob already: wait for it
-    /// to finish (or to die, which releases its lock) instead of fetching the bytes twice.
-    private func awaitOtherProcessDownload(_ digest: Digest) -> DownloadTurn {
-        var loggedWait = false
-        while true {
-            if state.withLock({ $0.cancelled }) { return .cancelled }
-            if let lock = store.tryDownloadLock(digest) {
-                // The other process may have completed it just before letting go.
-                return store.hasComplete(digest) ? .completedElsewhere : .ours(lock)
-            }
-            if store.hasComplete(digest) { return .completedElsewhere }
-            if !loggedWait {
-                logger.debug("another mount is downloading this blob; waiting for it", metadata: ["digest": "\(digest)"])
-                loggedWait = true
-            }
-            usleep(20_000)
-        }
-    }
-
-    /// Evicts least recently used blobs so that this one fits under the cap; one that could
-    /// never fit is refused rather than allowed to break the cap.
-    private func makeRoom(for digest: Digest, size: Int64) -> Result<Void, BlobReadError> {
-        guard let limits else { return .success(()) }
-        let reserved = state.withLock { state -> Int64 in
-            state.reservedBytes += size
-            return state.reservedBytes
-        }
-        guard size <= limits.maxBytes else {
-            return .failure(.local("blob \(digest) is \(size) bytes, more than the cache may hold (--cache-size \(limits.maxBytes))"))
-        }
-        let pinned = state.withLock { $0.pins }
-        let removed = store.evict(toFit: limits, making: reserved, protected: { pinned[$0] != nil })
-        if !removed.isEmpty {
-            logger.info("evicted least recently used blobs", metadata: ["count": "\(removed.count)",
-                                                                        "bytes": "\(removed.reduce(0) { $0 + $1.size })"])
-        }
-        return .success(())
-    }
-
-    /// Streams the blob into `file`, resuming with a range request after a transient failure.
-    private func transfer(_ digest: Digest, size: Int64, file: OpenFile) -> Result<Void, BlobReadError> {
-        var verifier = resumableVerifier(of: file, size: size)
-        var resumedFromOrphan = verifier.byteCount > 0
-        if resumedFromOrphan {
-            logger.info("continuing an interrupted download", metadata: ["digest": "\(digest)", "from": "\(verifier.byteCount)"])
-            setWritten(digest, verifier.byteCount)
-        }
-        if connectionsPerBlob > 1 && size - verifier.byteCount > chunkSize {
-            switch transferInRanges(digest, size: size, file: file, verifier: &verifier) {
-            case .complete:
-                if verifier.finalize() == digest { return .success(()) }
-                guard resumedFromOrphan else { return .failure(.digestMismatch(digest)) }
-                // The bytes a crashed process left may be what is wrong: fetch it all once more.
-                resumedFromOrphan = false
-                verifier = DigestVerifier()
-                file.truncate()
-                setWritten(digest, 0)
-            case .rangesIgnored:
-                logger.info("the remote ignores ranges; downloading the blob as one stream", metadata: ["digest": "\(digest)"])
-            case .failed(let error):
-                return .failure(error)
-            }
-        }
-        var lastError = BlobReadError.remote("blob \(digest): no attempt made")
-        for attempt in 1...maxAttempts {
-            do {
-                try source.streamBlob(digest, from: verifier.byteCount, onStart: { start in
-                    if start != verifier.byteCount {
-                        // The server ignored the range: start over from its first byte.
-                        verifier = DigestVerifier()
-                        file.truncate()
-                        self.setWritten(digest, 0)
-                    }
-                }, onBody: { chunk in
-                    if self.state.withLock({ $0.cancelled }) { throw BlobReadError.cancelled }
-                    guard verifier.byteCount + Int64(chunk.count) <= size else {
-                        throw BlobReadError.remote("blob \(digest): the remote sent more than its \(size) bytes")
-                    }
-                    try file.write(chunk, at: verifier.byteCount)
-                    verifier.update(chunk)
-                    self.setWritten(digest, verifier.byteCount)
-                })
-                guard verifier.byteCount == size else {
-                    throw BlobReadError.remote("blob \(digest): the remote sent \(verifier.byteCount) of \(size) bytes")
-                }
-                guard verifier.finalize() == digest else {
-                    // The bytes a crashed process left may be what is wrong: fetch it all once more.
-                    guard resumedFromOrphan else { return .failure(.digestMismatch(digest)) }
-                    resumedFromOrphan = false
-                    verifier = DigestVerifier()
-                    file.truncate()
-                    setWritten(digest, 0)
-                    throw BlobReadError.digestMismatch(digest)
-                }
-                return .success(())
-            } catch let error as BlobReadError {
-                if case .cancelled = error { return .failure(error) }
-                lastError = error
-            } catch let error as CacheError {
-                return .failure(.local(error.description))
-            } catch let error as RemoteStoreError {
-                lastError = .remote("blob \(digest): \(error)")
-                guard error.isTransient else { break }
-            } catch {
-                lastError = .remote("blob \(digest): \(error)")
-            }
-            if attempt < maxAttempts {
-                logger.warning("retrying blob download", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
-                Thread.sleep(forTimeInterval: 0.25 * Double(attempt))
-            }
-        }
-        return .failure(lastError)
-    }
-
-    /// Hashes what an adopted partial file already holds, so the download continues after it.
-    private func resumableVerifier(of file: OpenFile, size: Int64) -> DigestVerifier {
-        var verifier = DigestVerifier()
-        var info = stat()
-        guard fstat(file.fd, &info) == 0, info.st_size > 0 else { return verifier }
-        // Leave at least the last byte to fetch: a range starting at the end is not satisfiable.
-        let length = min(Int64(info.st_size), max(0, size - 1))
-        while verifier.byteCount < length {
-            guard let chunk = try? file.read(offset: verifier.byteCount, count: Int(min(1 << 20, length - verifier.byteCount))),
-                  !chunk.isEmpty else { break }
-            chunk.withUnsafeBytes { verifier.update($0) }
-        }
-        _ = ftruncate(file.fd, off_t(verifier.byteCount))
-        return verifier
-    }
-
-    /// The whole blob matched its digest: every waiter, the end included, can be answered.
-    private func answerVerified(_ digest: Digest, size: Int64, file: OpenFile) {
-        let waiters = state.withLock { state -> [Waiter] in
-            guard var download = state.downloads[digest] else { return [] }
-            download.written = size
-            download.verified = true
-            let waiters = download.waiters
-            download.waiters = []
-            state.downloads[digest] = download
-            return waiters
-        }
-        for waiter in waiters { answer(waiter, Self.readRange(file, offset: waiter.offset, end: waiter.end)) }
-    }
-
-    /// Records progress and answers every waiter whose range is now local.
-    private func setWritten(_ digest: Digest, _ written: Int64) {
-        let ready: (OpenFile, [Waiter])? = state.withLock { state in
-            guard var download = state.downloads[digest] else { return nil }
-            download.written = written
-            var ready: [Waiter] = []
-            let progress = download
-            download.waiters.removeAll { waiter in
-                let isReady = progress.canServe(upTo: waiter.end)
-                if isReady { ready.append(waiter) }
-                return isReady
-            }
-            state.downloads[digest] = download
-            return ready.isEmpty ? nil : (download.file, ready)
-        }
-        guard let (file, waiters) = ready else { return }
-        for waiter in waiters { answer(waiter, Self.readRange(file, offset: waiter.offset, end: waiter.end)) }
-    }
-
-    private func answer(_ waiter: Waiter, _ result: Result<[UInt8], BlobReadError>) {
+    func answer(_ waiter: Waiter, _ result: Result<[UInt8], BlobReadError>) {
         waiter.reply(result)
         owedReplies.subtract(1, ordering: .releasing)
     }
 
-    private static func readRange(_ file: OpenFile, offset: Int64, end: Int64) -> Result<[UInt8], BlobReadError> {
+    static func readRange(_ file: OpenFile, offset: Int64, end: Int64) -> Result<[UInt8], BlobReadError> {
         do {
             return .success(try file.read(offset: offset, count: Int(end - offset)))
         } catch {
             return .failure(.local(error.description))
         }
     }
+
+    // MARK: - Opening
+
+    /// The complete blob when the cache has it; otherwise registers a transfer over the shared
+    /// partial file and returns nil.
+    private func openTransfer(_ digest: Digest, size: Int64) -> Result<OpenFile?, BlobReadError> {
+        if let limits, size > limits.maxBytes, !store.hasComplete(digest) {
+            return .failure(.local("blob \(digest) is \(size) bytes, more than the cache may hold (--cache-size \(limits.maxBytes))"))
+        }
+        let local: ContentStore.LocalBlob
+        do {
+            local = try store.openBlob(digest, size: size, blockSize: tuning.blockSize)
+        } catch {
+            return .failure(.local(error.description))
+        }
+        guard case .partial(let data, let journal) = local else {
+            if case .complete(let file) = local { return .success(file) }
+            return .success(nil)
+        }
+        // The new partial file counts at its full size: make room for it.
+        makeRoom(for: digest)
+        let recorded = journal.recordedChecksums()
+        let blocks = recorded.map { crc in crc.map { BlockState.unverified($0) } ?? .absent }
+        let presentBytes = recorded.indices.reduce(Int64(0)) { sum, index in
+            recorded[index] == nil ? sum : sum + Int64(journal.range(ofBlock: index).count)
+        }
+        if presentBytes > 0 {
+            logger.info("continuing an interrupted download", metadata: ["digest": "\(digest)", "bytes on disk": "\(presentBytes)"])
+        }
+        let transfer = Transfer(data: data, journal: journal, size: size, blocks: blocks,
+                                window: ReadAheadWindow(initial: tuning.initialReadAhead, maximum: tuning.maximumReadAhead,
+                                                        tolerance: 4 * tuning.blockSize),
+                                usedEarlierBlocks: presentBytes > 0)
+        state.withLock { state in
+            guard state.transfers[digest] == nil else { return }
+            state.transfers[digest] = transfer
+            closeIdleTransfers(&state)
+        }
+        return .success(nil)
+    }
+
+    private func closeIdleTransfers(_ state: inout State) {
+        let idle = state.transfers.filter { $0.value.isIdle && state.pins[$0.key] == nil }
+        guard idle.count > Self.idleTransfersKept else { return }
+        for (digest, _) in idle.sorted(by: { $0.value.lastUse < $1.value.lastUse }).prefix(idle.count - Self.idleTransfersKept) {
+            state.transfers[digest] = nil
+        }
+    }
+
+    /// Evicts least recently used blobs until the cache, this blob's partial file included,
+    /// fits under the cap.
+    private func makeRoom(for digest: Digest) {
+        guard let limits else { return }
+        let protected = state.withLock { state in Set(state.pins.keys).union(state.transfers.keys).union([digest]) }
+        let removed = store.evict(toFit: limits, protected: { protected.contains($0) })
+        if !removed.isEmpty {
+            logger.info("evicted least recently used blobs", metadata: ["count": "\(removed.count)",
+                                                                        "bytes": "\(removed.reduce(0) { $0 + $1.size })"])
+        }
+    }
 }
 
-// MARK: - Parallel ranged download
+// MARK: - Scheduling
 
 extension BlobFetcher {
-    enum RangedOutcome {
-        case complete
-        /// The remote answers ranges with the whole blob: the caller streams it instead.
-        case rangesIgnored
-        case failed(BlobReadError)
+    /// Blocks `first...last` of one blob, fetched by one range request.
+    struct Job: Sendable {
+        var digest: Digest
+        var blocks: ClosedRange<Int>
+        var priority: FetchQueue.Priority
     }
 
-    private struct RangeProgress {
-        var next = 0
-        var done: [Bool]
-        var hashed = 0
-        var stop: RangedOutcome?
+    /// Marks the absent blocks of the read and of the read-ahead after it as queued and
+    /// returns the jobs that fetch them, cut at chunk boundaries.
+    func schedule(_ transfer: inout Transfer, digest: Digest, reading range: Range<Int64>, ahead: Int64) -> [Job] {
+        let blockSize = tuning.blockSize, chunkSize = tuning.chunkSize
+        var wantedEnd = min(transfer.size, range.upperBound + ahead)
+        // Once the window spans chunks, fetch whole ones: fewer, evenly sized requests.
+        if ahead >= chunkSize { wantedEnd = min(transfer.size, (wantedEnd + chunkSize - 1) / chunkSize * chunkSize) }
+        if transfer.rangesIgnored {
+            // One stream brings every block; a job for the first absent one starts it.
+            guard let first = transfer.blocks.firstIndex(of: .absent) else { return [] }
+            transfer.blocks[first] = .queued
+            transfer.jobs += 1
+            return [Job(digest: digest, blocks: first...first, priority: .reader)]
+        }
+        var reading = transfer.blocks(covering: range, blockSize: blockSize)
+        // A read of the end is answered once the whole blob matched its digest: it needs all.
+        if range.upperBound == transfer.size { reading = 0...reading.upperBound }
+        let wanted = reading.lowerBound...transfer.blocks(covering: range.lowerBound..<wantedEnd, blockSize: blockSize).upperBound
+        let blocksPerChunk = Int(chunkSize / blockSize)
+        var jobs: [Job] = []
+        var runStart: Int?
+        func closeRun(_ end: Int) {
+            guard let start = runStart else { return }
+            let priority: FetchQueue.Priority = start <= reading.upperBound ? .reader : .readAhead
+            jobs.append(Job(digest: digest, blocks: start...end, priority: priority))
+            runStart = nil
+        }
+        for index in wanted {
+            if transfer.blocks[index] == .absent {
+                if runStart != nil && index % blocksPerChunk == 0 { closeRun(index - 1) }
+                if runStart == nil { runStart = index }
+                transfer.blocks[index] = .queued
+            } else {
+                closeRun(index - 1)
+            }
+        }
+        closeRun(wanted.upperBound)
+        transfer.jobs += jobs.count
+        return jobs
     }
 
-    private struct RangesIgnored: Error {}
-
-    /// Fetches the rest of the blob as fixed-size ranges on several connections, each written
-    /// where it belongs. The digest advances over the contiguous prefix as ranges land, and
-    /// readers are answered from that verified-so-far prefix, as with one stream.
-    fileprivate func transferInRanges(_ digest: Digest, size: Int64, file: OpenFile,
-                                      verifier: inout DigestVerifier) -> RangedOutcome {
-        let base = verifier.byteCount
-        let count = Int((size - base + chunkSize - 1) / chunkSize)
-        let progress = Mutex(RangeProgress(done: Array(repeating: false, count: count)))
-        let hasher = Mutex(verifier)
-        let chunkSize = self.chunkSize
-        @Sendable func range(_ index: Int) -> (first: Int64, last: Int64) {
-            let first = base + Int64(index) * chunkSize
-            return (first, min(first + chunkSize, size) - 1)
-        }
-
-        /// Hashes every finished range that extends the prefix.
-        @Sendable func hashFinishedRanges(_ verifier: inout DigestVerifier) {
-            while let index = progress.withLock({ $0.hashed < count && $0.done[$0.hashed] ? $0.hashed : nil }) {
-                let bounds = range(index)
-                var offset = bounds.first
-                while offset <= bounds.last {
-                    let length = Int(min(1 << 20, bounds.last + 1 - offset))
-                    guard let bytes = try? file.read(offset: offset, count: length), bytes.count == length else {
-                        progress.withLock { $0.stop = $0.stop ?? .failed(.local("cannot read back blob \(digest)")) }
-                        return
-                    }
-                    bytes.withUnsafeBytes { verifier.update($0) }
-                    offset += Int64(length)
-                }
-                progress.withLock { $0.hashed += 1 }
-                setWritten(digest, verifier.byteCount)
-            }
-        }
-
-        /// One hasher at a time; a worker that finds it busy leaves the work to it, and the
-        /// hasher looks again before it stops, so no finished range is left unhashed.
-        @Sendable func advanceHash() {
-            repeat {
-                guard hasher.withLockIfAvailable({ hashFinishedRanges(&$0) }) != nil else { return }
-            } while progress.withLock({ $0.hashed < count && $0.done[$0.hashed] && $0.stop == nil })
-        }
-
-        let workers = DispatchGroup()
-        for _ in 0..<min(connectionsPerBlob, count) {
-            workers.enter()
-            Thread.detachNewThread {
-                defer { workers.leave() }
-                while let index = progress.withLock({ state -> Int? in
-                    guard state.stop == nil, state.next < count else { return nil }
-                    defer { state.next += 1 }
-                    return state.next
-                }) {
-                    self.rangeSlots.wait()
-                    let outcome = self.fetchRange(digest, range(index), into: file)
-                    self.rangeSlots.signal()
-                    switch outcome {
-                    case .complete:
-                        progress.withLock { $0.done[index] = true }
-                        advanceHash()
-                    case .rangesIgnored, .failed:
-                        progress.withLock { $0.stop = $0.stop ?? outcome }
-                    }
-                }
-            }
-        }
-        workers.wait()
-        hasher.withLock { hashFinishedRanges(&$0) }
-
-        verifier = hasher.withLock { $0 }
-        switch progress.withLock({ $0.stop }) {
-        case .failed(let error)?:
-            return .failed(error)
-        case .rangesIgnored?:
-            // Keep the verified prefix; the stream continues after it.
-            _ = ftruncate(file.fd, off_t(verifier.byteCount))
-            return .rangesIgnored
-        case .complete?, nil:
-            return verifier.byteCount == size ? .complete : .failed(.remote("blob \(digest): ranges did not cover the blob"))
-        }
+    /// A reader now waits on blocks still queued behind read-ahead: queue them again ahead of
+    /// it. Whichever job starts first takes them; the other finds nothing left to do.
+    func promote(_ transfer: inout Transfer, digest: Digest, reading range: Range<Int64>) -> [Job] {
+        let queued = transfer.blocks(covering: range, blockSize: tuning.blockSize).filter { transfer.blocks[$0] == .queued }
+        guard let first = queued.first, let last = queued.last else { return [] }
+        transfer.jobs += 1
+        return [Job(digest: digest, blocks: first...last, priority: .reader)]
     }
 
-    /// One range, resumed within itself after a transient failure.
-    private func fetchRange(_ digest: Digest, _ bounds: (first: Int64, last: Int64), into file: OpenFile) -> RangedOutcome {
-        var received: Int64 = 0
-        let length = bounds.last - bounds.first + 1
-        var lastError = BlobReadError.remote("blob \(digest): no attempt made")
-        for attempt in 1...maxAttempts {
-            do {
-                try source.streamBlob(digest, from: bounds.first + received, through: bounds.last, onStart: { start in
-                    guard start == bounds.first + received else { throw RangesIgnored() }
-                }, onBody: { chunk in
-                    if self.state.withLock({ $0.cancelled }) { throw BlobReadError.cancelled }
-                    guard received + Int64(chunk.count) <= length else { throw RangesIgnored() }
-                    try file.write(chunk, at: bounds.first + received)
-                    received += Int64(chunk.count)
-                })
-                guard received == length else {
-                    throw BlobReadError.remote("blob \(digest): range at \(bounds.first) ended after \(received) of \(length) bytes")
-                }
-                return .complete
-            } catch is RangesIgnored {
-                return .rangesIgnored
-            } catch let error as BlobReadError {
-                if case .cancelled = error { return .failed(error) }
-                lastError = error
-            } catch let error as CacheError {
-                return .failed(.local(error.description))
-            } catch let error as RemoteStoreError {
-                lastError = .remote("blob \(digest): \(error)")
-                guard error.isTransient else { return .failed(lastError) }
-            } catch {
-                lastError = .remote("blob \(digest): \(error)")
-            }
-            if attempt < maxAttempts { Thread.sleep(forTimeInterval: 0.25 * Double(attempt)) }
+    func submit(_ jobs: [Job]) {
+        for job in jobs {
+            queue.enqueue(job.priority) { [self] in run(job) }
         }
-        return .failed(lastError)
     }
 }

@@ -80,19 +80,35 @@ extension ContentStore {
         return Int64(statistics.f_bavail) * Int64(statistics.f_frsize)
     }
 
-    /// Removes least recently used complete blobs until they take at most `maxBytes` and at
-    /// least `minFreeBytes` are free, sparing `protected` blobs and any a reader holds (a
-    /// shared flock, in this or another process). Returns what was removed.
+    /// Partial downloads, at their blob's full size (room is made for the whole blob when a
+    /// download starts), and when a block last landed.
+    public func partialBlobs() -> [CachedBlob] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: partialDirectory)) ?? []
+        return names.compactMap { name -> CachedBlob? in
+            guard let digest = Digest(hex: name) else { return nil }
+            var info = stat()
+            guard stat(partialDirectory + "/" + name, &info) == 0 else { return nil }
+            let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
+            return CachedBlob(digest: digest, size: Int64(info.st_size), lastUsed: lastUsed)
+        }
+    }
+
+    /// Removes least recently used blobs, complete or partial, until they take at most
+    /// `maxBytes` and at least `minFreeBytes` are free, sparing `protected` blobs and any a
+    /// reader holds (a shared flock, in this or another process). Returns what was removed.
     @discardableResult
     public func evict(toFit limits: CacheLimits, making room: Int64 = 0,
                       protected: (Digest) -> Bool = { _ in false }) -> [CachedBlob] {
-        let blobs = completeBlobs()
-        var total = blobs.reduce(0) { $0 + $1.size } + room
+        let complete = completeBlobs()
+        let partial = partialBlobs()
+        let candidates = (complete.map { ($0, false) } + partial.map { ($0, true) })
+            .sorted { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
+        var total = candidates.reduce(0) { $0 + $1.0.size } + room
         var free = freeBytes() - room
         var removed: [CachedBlob] = []
-        for blob in blobs {
+        for (blob, isPartial) in candidates {
             guard total > limits.maxBytes || free < limits.minFreeBytes else { break }
-            guard !protected(blob.digest), removeUnlessInUse(blob.digest) else { continue }
+            guard !protected(blob.digest), removeUnlessInUse(blob.digest, partial: isPartial) else { continue }
             total -= blob.size
             free += blob.size
             removed.append(blob)
@@ -100,15 +116,19 @@ extension ContentStore {
         return removed
     }
 
-    /// Removes a blob unless some reader holds it: the exclusive lock fails while any shared one exists.
-    private func removeUnlessInUse(_ digest: Digest) -> Bool {
-        let path = completePath(digest)
+    /// Removes a blob unless some reader holds it: the exclusive lock fails while any shared
+    /// one exists. A partial one goes with its journal, under the blob's lock, so that no
+    /// process opens it in between.
+    private func removeUnlessInUse(_ digest: Digest, partial: Bool) -> Bool {
+        let path = partial ? partialPath(digest) : completePath(digest)
+        let lock = partial ? try? blobLock(digest) : nil
+        defer { withExtendedLifetime(lock) {} }
+        if partial && lock == nil { return false }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return false }
         defer { close(fd) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0, unlink(path) == 0 else { return false }
-        // Its download lock goes too; at worst a racing mount downloads the blob a second time.
-        unlink(locksDirectory + "/" + digest.hex)
+        if partial { unlink(journalPath(digest)) }
         return true
     }
 }

@@ -8,8 +8,9 @@ import OCI
 /// The on-disk, content-addressed cache shared by every mount that names the same directory.
 ///
 /// `blobs/sha256/<hex>` holds only blobs whose whole content matched their digest: a download
-/// is written under `partial/` and renamed into place after verification and fsync, so a crash
-/// at any moment leaves at worst an orphaned partial file, which the next store removes.
+/// is written under `partial/<hex>`, block by block with a journal beside it, and renamed into
+/// place after verification and fsync, so a crash at any moment leaves at worst a partial
+/// download, which the next mount continues.
 public final class ContentStore: Sendable {
     public let directory: String
 
@@ -43,63 +44,68 @@ public final class ContentStore: Sendable {
         return OpenFile(fd: fd)
     }
 
-    /// A new partial file, named so that its owner can be recognised after a crash.
-    func createPartial(_ digest: Digest) throws(CacheError) -> (path: String, file: OpenFile) {
-        let path = newPartialPath(digest)
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError("cannot create \(path): \(String(cString: strerror(errno)))") }
-        return (path, OpenFile(fd: fd))
+    public func partialPath(_ digest: Digest) -> String { partialDirectory + "/" + digest.hex }
+    func journalPath(_ digest: Digest) -> String { partialPath(digest) + ".journal" }
+
+    enum LocalBlob {
+        case complete(OpenFile)
+        /// The shared partial file (sparse, the blob's full size) and its block journal.
+        case partial(OpenFile, BlockJournal)
     }
 
-    /// The partial file a crashed or killed process left for this blob, taken over (renamed,
-    /// so no two processes can adopt it), to be continued rather than downloaded again. Its
-    /// bytes are unverified: the digest of the whole blob decides, as for any download.
-    func adoptOrphanedPartial(_ digest: Digest) -> (path: String, file: OpenFile, length: Int64)? {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: partialDirectory)) ?? []
-        for name in names where name.hasPrefix(digest.hex + ".") && Self.ownerIsGone(name) {
-            let path = newPartialPath(digest)
-            guard rename(partialDirectory + "/" + name, path) == 0 else { continue }
-            let fd = open(path, O_RDWR | O_CLOEXEC)
-            guard fd >= 0 else { continue }
-            var info = stat()
-            fstat(fd, &info)
-            return (path, OpenFile(fd: fd), Int64(info.st_size))
+    /// The complete blob if the cache has it, otherwise the partial download every process
+    /// shares, created if needed. Both come with a shared flock, held while they are open, so
+    /// that eviction spares them.
+    func openBlob(_ digest: Digest, size: Int64, blockSize: Int64) throws(CacheError) -> LocalBlob {
+        // Creating a partial and committing one both happen under the blob's lock, so no
+        // partial is ever made for a blob just committed.
+        let lock = try blobLock(digest)
+        defer { withExtendedLifetime(lock) {} }
+        if let complete = try openComplete(digest) { return .complete(complete) }
+        let path = partialPath(digest)
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw CacheError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        let data = OpenFile(fd: fd)
+        _ = flock(fd, LOCK_SH)
+        var info = stat()
+        if fstat(fd, &info) == 0, Int64(info.st_size) != size {
+            guard ftruncate(fd, off_t(size)) == 0 else {
+                throw CacheError("cannot size \(path): \(String(cString: strerror(errno)))")
+            }
         }
-        return nil
+        let journal = try BlockJournal(path: journalPath(digest), blobSize: size, blockSize: blockSize)
+        return .partial(data, journal)
     }
 
-    /// Held by the one process downloading a blob, so that mounts sharing this cache do not
-    /// download it again: nil while another process holds it. Released when the file closes
-    /// (a killed holder releases it too).
-    func tryDownloadLock(_ digest: Digest) -> OpenFile? {
+    /// Held briefly by whoever creates, commits or evicts a blob's partial file. Released when
+    /// the returned file closes (a killed holder releases it too).
+    func blobLock(_ digest: Digest) throws(CacheError) -> OpenFile {
         let fd = open("\(locksDirectory)/\(digest.hex)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return nil }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            close(fd)
-            return nil
+        guard fd >= 0 else { throw CacheError("cannot open the lock of \(digest): \(String(cString: strerror(errno)))") }
+        while flock(fd, LOCK_EX) != 0 {
+            guard errno == EINTR else {
+                close(fd)
+                throw CacheError("cannot lock \(digest): \(String(cString: strerror(errno)))")
+            }
         }
         return OpenFile(fd: fd)
     }
 
-    private func newPartialPath(_ digest: Digest) -> String {
-        "\(partialDirectory)/\(digest.hex).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
-    }
-
-    /// `<hex>.<pid>.<random>` whose writer process no longer exists.
-    private static func ownerIsGone(_ name: String) -> Bool {
-        let parts = name.split(separator: ".")
-        guard parts.count == 3, let pid = Int32(parts[1]) else { return false }
-        return kill(pid, 0) != 0 && errno == ESRCH
-    }
-
-    /// Makes a verified partial file the complete blob, durably.
-    func commit(partialPath: String, file: OpenFile, digest: Digest) throws(CacheError) {
-        guard fsync(file.fd) == 0 else { throw CacheError("fsync of \(partialPath) failed: \(String(cString: strerror(errno)))") }
+    /// Makes a verified partial file the complete blob, durably, unless another process
+    /// already did (it renamed the same file: every process's descriptor still reads it).
+    func commit(_ digest: Digest, data: OpenFile) throws(CacheError) {
+        guard fsync(data.fd) == 0 else { throw CacheError("fsync of blob \(digest) failed: \(String(cString: strerror(errno)))") }
+        let lock = try blobLock(digest)
+        defer { withExtendedLifetime(lock) {} }
+        var ours = stat(), named = stat()
+        guard fstat(data.fd, &ours) == 0, stat(partialPath(digest), &named) == 0,
+              ours.st_ino == named.st_ino, ours.st_dev == named.st_dev else { return }
         // Complete blobs are immutable; make that visible to anyone looking at the cache.
-        fchmod(file.fd, 0o444)
-        guard rename(partialPath, completePath(digest)) == 0 else {
+        fchmod(data.fd, 0o444)
+        guard rename(partialPath(digest), completePath(digest)) == 0 else {
             throw CacheError("cannot move \(digest) into the cache: \(String(cString: strerror(errno)))")
         }
+        unlink(journalPath(digest))
         let directoryFD = open(blobsDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if directoryFD >= 0 {
             fsync(directoryFD)
@@ -107,17 +113,45 @@ public final class ContentStore: Sendable {
         }
     }
 
-    func discardPartial(_ path: String) { unlink(path) }
+    /// Stores bytes already known to match `digest` (manifests and configs) as a complete blob.
+    func storeVerified(_ bytes: [UInt8], as digest: Digest) throws(CacheError) {
+        let path = "\(partialDirectory)/\(digest.hex).\(getpid()).small"
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw CacheError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        let file = OpenFile(fd: fd)
+        do throws(CacheError) {
+            try file.write(bytes, at: 0)
+            guard fsync(fd) == 0 else { throw CacheError("fsync of \(path) failed: \(String(cString: strerror(errno)))") }
+            fchmod(fd, 0o444)
+            guard rename(path, completePath(digest)) == 0 else {
+                throw CacheError("cannot move \(digest) into the cache: \(String(cString: strerror(errno)))")
+            }
+        } catch {
+            unlink(path)
+            throw error
+        }
+    }
 
-    /// Partial files whose writer died are kept for a day, for a later mount to continue;
-    /// after that they are debris.
+    /// Removes a partial download whose content proved wrong, unless it was replaced meanwhile.
+    func discardPartial(_ digest: Digest, data: OpenFile) {
+        guard let lock = try? blobLock(digest) else { return }
+        defer { withExtendedLifetime(lock) {} }
+        var ours = stat(), named = stat()
+        guard fstat(data.fd, &ours) == 0, stat(partialPath(digest), &named) == 0,
+              ours.st_ino == named.st_ino, ours.st_dev == named.st_dev else { return }
+        unlink(partialPath(digest))
+        unlink(journalPath(digest))
+    }
+
+    /// Partial downloads are kept, to be continued, until eviction takes them. Files named
+    /// `<hex>.<pid>.<anything>` (small blobs being stored, and the one-writer-per-file layout
+    /// of earlier versions) whose process is gone are debris.
     private func removeOrphanedPartials() {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: partialDirectory) else { return }
-        let dayAgo = time(nil) - 86_400
-        for name in names where Self.ownerIsGone(name) {
-            var info = stat()
-            let path = partialDirectory + "/" + name
-            if stat(path, &info) == 0, info.st_mtim.tv_sec < dayAgo { unlink(path) }
+        for name in names {
+            let parts = name.split(separator: ".")
+            guard parts.count == 3, let pid = Int32(parts[1]), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            unlink(partialDirectory + "/" + name)
         }
     }
 
@@ -146,21 +180,34 @@ final class OpenFile: Sendable {
 
     /// Reads exactly `count` bytes at `offset` unless the file ends first.
     func read(offset: Int64, count: Int) throws(CacheError) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        var filled = 0
-        while filled < count {
-            let n = bytes.withUnsafeMutableBytes { buffer in
-                pread(fd, buffer.baseAddress! + filled, count - filled, off_t(offset) + off_t(filled))
+        var failure: CacheError?
+        let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            initialized = 0
+            while initialized < count {
+                let n = pread(fd, buffer.baseAddress! + initialized, count - initialized, off_t(offset) + off_t(initialized))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    failure = CacheError("read failed: \(String(cString: strerror(errno)))")
+                    return
+                }
+                if n == 0 { return }
+                initialized += n
             }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw CacheError("read failed: \(String(cString: strerror(errno)))")
-            }
-            if n == 0 { break }
-            filled += n
         }
-        if filled < count { bytes.removeLast(count - filled) }
+        if let failure { throw failure }
         return bytes
+    }
+
+    func write(_ bytes: [UInt8], at offset: Int64) throws(CacheError) {
+        let failure = bytes.withUnsafeBytes { raw -> CacheError? in
+            do throws(CacheError) {
+                try write(raw, at: offset)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let failure { throw failure }
     }
 
     func write(_ chunk: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
@@ -174,6 +221,4 @@ final class OpenFile: Sendable {
             written += n
         }
     }
-
-    func truncate() { _ = ftruncate(fd, 0) }
 }

@@ -46,14 +46,7 @@ extension ContentStore {
 
     func save(_ snapshot: CacheSnapshot, for source: String) throws(CacheError) {
         for (digest, bytes) in snapshot.smallBlobs where !hasComplete(digest) {
-            let partial = try createPartial(digest)
-            do {
-                try bytes.withUnsafeBytes { try partial.file.write($0, at: 0) }
-            } catch {
-                discardPartial(partial.path)
-                throw CacheError("cannot store blob \(digest): \(error)")
-            }
-            try commit(partialPath: partial.path, file: partial.file, digest: digest)
+            try storeVerified(bytes, as: digest)
         }
         let record = SavedResolution(
             source: source, resolvedAt: Date(), tags: snapshot.tags,

@@ -20,12 +20,12 @@ final class Fixture: Sendable {
     let fetcher: BlobFetcher
 
     init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
-         failureMemory: Duration = .zero, limits: CacheLimits? = nil, chunkSize: Int64 = 8 << 20) throws {
+         failureMemory: Duration = .zero, limits: CacheLimits? = nil, tuning: FetchTuning = .init()) throws {
         source = InMemorySource(layers: layers, behaviour: behaviour)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
         fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory, limits: limits,
-                              chunkSize: chunkSize)
+                              tuning: tuning)
         filesystem = CacheFilesystem(snapshot: source.snapshot, fetcher: fetcher, logger: Logger(label: "test"))
     }
 
@@ -189,7 +189,7 @@ final class Fixture: Sendable {
 }
 
 @Suite struct LazyReadTests {
-    @Test func buildctlChunkPatternReadsTheRightBytesWithOneFetch() throws {
+    @Test func buildctlChunkPatternReadsTheRightBytesFetchingEachOnce() throws {
         let layer = randomBytes(5 * (1 << 20) + 123, seed: 7)
         let fixture = try Fixture(layers: [layer])
         defer { fixture.removeCache() }
@@ -205,8 +205,10 @@ final class Fixture: Sendable {
             }
             #expect(bytes == layer)
         }
-        #expect(fixture.source.streamsStarted == [0])
-        fixture.fetcher.waitForCommits()
+        fixture.fetcher.waitUntilIdle()
+        #expect(fixture.source.maximumSendsPerByte() == 1)
+        #expect(fixture.source.bytesSent() == Int64(layer.count))
+        fixture.fetcher.waitUntilIdle()
         #expect(FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/blobs/sha256/" + Digest.sha256(of: layer).hex))
     }
 
@@ -224,7 +226,8 @@ final class Fixture: Sendable {
         let all = results.withLock { $0 }
         #expect(all.count == 64)
         #expect(all.values.allSatisfy { $0 == layer })
-        #expect(fixture.source.streamsStarted == [0])
+        fixture.fetcher.waitUntilIdle()
+        #expect(fixture.source.maximumSendsPerByte() == 1)
     }
 
     @Test func aRangeIsServedBeforeTheBlobCompletesButTheEndWaitsForVerification() throws {
@@ -282,10 +285,9 @@ final class Fixture: Sendable {
         defer { fixture.removeCache() }
         let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
         #expect(try fixture.readWhole(inode).get() == layer)
-        let starts = fixture.source.streamsStarted
-        #expect(starts.count == 2)
-        #expect(starts.first == 0)
-        #expect(starts.last == 1 << 20)
+        // The cut request was continued exactly where it broke, and nothing was fetched twice.
+        #expect(fixture.source.streamsStarted.filter { $0 == 1 << 20 }.count == 1)
+        #expect(fixture.source.maximumSendsPerByte() == 1)
     }
 
     @Test func aServerIgnoringRangesIsRestartedFromZero() throws {
@@ -294,7 +296,10 @@ final class Fixture: Sendable {
         defer { fixture.removeCache() }
         let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
         #expect(try fixture.readWhole(inode).get() == layer)
-        #expect(fixture.source.streamsStarted.count == 2)
+        // Range requests in flight when the remote showed it ignores ranges stop at their first
+        // byte; then one stream from zero brings the blob.
+        #expect(fixture.source.streamsStarted.last == 0)
+        #expect(fixture.source.streamsStarted.count <= 6)
     }
 
     @Test func anUnreachableRemoteFailsReadsWithEIOAfterBoundedRetries() throws {
@@ -312,7 +317,7 @@ final class Fixture: Sendable {
         defer { first.removeCache() }
         let digest = Digest.sha256(of: layer)
         #expect(try first.readWhole(try first.inode("blobs/sha256/" + digest.hex)).get() == layer)
-        first.fetcher.waitForCommits()
+        first.fetcher.waitUntilIdle()
 
         let second = try Fixture(layers: [layer], behaviour: .init(failEverything: true), cacheDirectory: first.cacheDirectory)
         #expect(try second.readWhole(try second.inode("blobs/sha256/" + digest.hex)).get() == layer)
@@ -337,7 +342,8 @@ final class Fixture: Sendable {
         fixture.source.resume()
     }
 
-    /// Two mounts on one cache directory: the second waits for the first's download.
+    /// Two mounts on one cache directory: the second waits for the blocks the first is
+    /// fetching, and takes the ones it already has from the shared partial file.
     @Test func mountsSharingACacheDownloadABlobOnce() throws {
         let layer = randomBytes(2 << 20, seed: 19)
         let digest = Digest.sha256(of: layer)
@@ -360,51 +366,26 @@ final class Fixture: Sendable {
         #expect(done.wait(timeout: .now() + 10) == .success)
         #expect(try answer.withLock { $0! }.get() == layer)
         #expect(second.source.streamsStarted.isEmpty)
-        #expect(first.source.streamsStarted == [0])
+        first.fetcher.waitUntilIdle()
+        #expect(first.source.maximumSendsPerByte() == 1)
     }
 
-    @Test func orphanedPartialFilesAreKeptForADayThenRemoved() throws {
+    @Test func leftoversOfDeadProcessesAreRemovedButPartialDownloadsKept() throws {
         let directory = NSTemporaryDirectory() + "cachefs-orphans-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: directory) }
         _ = try ContentStore(directory: directory)
-        // Partials of a process that no longer exists: a fresh one and a day-old one.
-        let fresh = directory + "/partial/" + String(repeating: "a", count: 64) + ".999999999.1"
-        let stale = directory + "/partial/" + String(repeating: "b", count: 64) + ".999999999.2"
-        FileManager.default.createFile(atPath: fresh, contents: Data([1]))
-        FileManager.default.createFile(atPath: stale, contents: Data([1]))
-        var old = [timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0), timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0)]
-        utimensat(AT_FDCWD, stale, &old, 0)
+        let hex = String(repeating: "a", count: 64)
+        let leftover = directory + "/partial/\(hex).999999999.small"
+        let ours = directory + "/partial/\(hex).\(getpid()).small"
+        let download = directory + "/partial/" + hex
+        for path in [leftover, ours, download, download + ".journal"] {
+            FileManager.default.createFile(atPath: path, contents: Data([1]))
+        }
         _ = try ContentStore(directory: directory)
-        #expect(FileManager.default.fileExists(atPath: fresh))
-        #expect(!FileManager.default.fileExists(atPath: stale))
-    }
-
-    /// A daemon killed mid-download leaves its partial file; the next one continues it with a
-    /// range request, and the whole blob is still verified.
-    @Test func anInterruptedDownloadIsContinuedNotRestarted() throws {
-        let layer = randomBytes(3 << 20, seed: 17)
-        let digest = Digest.sha256(of: layer)
-        let fixture = try Fixture(layers: [layer])
-        defer { fixture.removeCache() }
-        let orphan = fixture.cacheDirectory + "/partial/\(digest.hex).999999999.7"
-        FileManager.default.createFile(atPath: orphan, contents: Data(layer[0..<(2 << 20)]))
-        let inode = try fixture.inode("blobs/sha256/" + digest.hex)
-        #expect(try fixture.readWhole(inode).get() == layer)
-        #expect(fixture.source.streamsStarted == [2 << 20])
-        #expect(!FileManager.default.fileExists(atPath: orphan))
-    }
-
-    @Test func aCorruptOrphanIsCaughtByTheDigestAndFetchedAgain() throws {
-        let layer = randomBytes(1 << 20, seed: 18)
-        let digest = Digest.sha256(of: layer)
-        let fixture = try Fixture(layers: [layer])
-        defer { fixture.removeCache() }
-        var garbage = Array(layer[0..<(512 << 10)])
-        garbage[100] ^= 0xFF
-        FileManager.default.createFile(atPath: fixture.cacheDirectory + "/partial/\(digest.hex).999999999.8", contents: Data(garbage))
-        let inode = try fixture.inode("blobs/sha256/" + digest.hex)
-        #expect(try fixture.readWhole(inode).get() == layer)
-        #expect(fixture.source.streamsStarted == [512 << 10, 0])
+        #expect(!FileManager.default.fileExists(atPath: leftover))
+        #expect(FileManager.default.fileExists(atPath: ours))
+        #expect(FileManager.default.fileExists(atPath: download))
+        #expect(FileManager.default.fileExists(atPath: download + ".journal"))
     }
 }
 

@@ -64,19 +64,19 @@ private func storeBlob(_ store: ContentStore, _ bytes: [UInt8], lastUsed: Int) t
         let store = try ContentStore(directory: fixture.cacheDirectory)
 
         for index in 0..<2 { #expect(try fixture.readWhole(inodes[index]).get() == layers[index]) }
-        fixture.fetcher.waitForCommits()
+        fixture.fetcher.waitUntilIdle()
         // Layer 0 was used before layer 1; layer 1 stays open (pinned) while layer 2 arrives.
         var old = [timespec(tv_sec: 1_000, tv_nsec: 0), timespec(tv_sec: 1_000, tv_nsec: 0)]
         utimensat(AT_FDCWD, store.completePath(digests[0]), &old, 0)
         _ = try fixture.filesystem.open(inodes[1], flags: OpenFlags(O_RDONLY)).get()
         #expect(try fixture.readWhole(inodes[2]).get() == layers[2])
         fixture.filesystem.release(inodes[1])
-        fixture.fetcher.waitForCommits()
+        fixture.fetcher.waitUntilIdle()
 
         #expect(Set(store.completeBlobs().map(\.digest)) == [digests[1], digests[2]])
         // An evicted blob is still served: it is fetched again.
         #expect(try fixture.readWhole(inodes[0]).get() == layers[0])
-        fixture.fetcher.waitForCommits()
+        fixture.fetcher.waitUntilIdle()
         #expect(store.completeBlobs().map(\.size).reduce(0, +) <= 250_000)
     }
 

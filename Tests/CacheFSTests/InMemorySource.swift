@@ -23,7 +23,8 @@ final class InMemorySource: RemoteCacheSource {
     let blobs: [Digest: [UInt8]]
     let snapshot: CacheSnapshot
     private let behaviour: Mutex<Behaviour>
-    private let streamOffsets = Mutex<[Int64]>([])
+    private let requests = Mutex<[ClosedRange<Int64>]>([])
+    private let sent = Mutex<[Range<Int64>]>([])
     private let pause = DispatchSemaphore(value: 0)
     private let chunkSize: Int
 
@@ -59,7 +60,28 @@ final class InMemorySource: RemoteCacheSource {
     }
 
     /// Offsets of every stream started, in order.
-    var streamsStarted: [Int64] { streamOffsets.withLock { $0 } }
+    var streamsStarted: [Int64] { requests.withLock { $0.map(\.lowerBound) } }
+
+    /// The byte ranges asked for, in order (an open-ended request runs to the blob's end).
+    var requestedRanges: [ClosedRange<Int64>] { requests.withLock { $0 } }
+
+    /// How many times the most fetched byte was sent.
+    func maximumSendsPerByte() -> Int {
+        let events = sent.withLock { $0 }.flatMap { range -> [(Int64, Int)] in
+            [(range.lowerBound, 1), (range.upperBound, -1)]
+        }.sorted { ($0.0, $0.1) < ($1.0, $1.1) }
+        var depth = 0, deepest = 0
+        for (_, change) in events {
+            depth += change
+            deepest = max(deepest, depth)
+        }
+        return deepest
+    }
+
+    /// Bytes sent in all.
+    func bytesSent() -> Int64 {
+        sent.withLock { $0 }.reduce(0) { $0 + Int64($1.count) }
+    }
 
     func update(_ change: (inout Behaviour) -> Void) { behaviour.withLock { change(&$0) } }
 
@@ -72,7 +94,7 @@ final class InMemorySource: RemoteCacheSource {
 
     func streamBlob(_ digest: Digest, from offset: Int64, through last: Int64?, onStart: (Int64) throws -> Void,
                     onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
-        streamOffsets.withLock { $0.append(offset) }
+        requests.withLock { $0.append(offset...(last ?? Int64.max - 1)) }
         let current = behaviour.withLock { behaviour -> Behaviour in
             let snapshot = behaviour
             behaviour.breakNextStreamAfter = nil
@@ -86,6 +108,7 @@ final class InMemorySource: RemoteCacheSource {
         try onStart(Int64(start))
         var position = start
         var sent = 0
+        defer { self.sent.withLock { $0.append(Int64(start)..<Int64(start + sent)) } }
         while position < stop {
             if let limit = current.breakNextStreamAfter, sent >= limit {
                 throw RemoteStoreError.transport("memory: connection reset")

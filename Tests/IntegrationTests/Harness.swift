@@ -509,6 +509,20 @@ final class Registry: Sendable {
         }.count
     }
 
+    /// Body bytes the registry sent for a blob, over all its 200 and 206 answers.
+    func blobBytesServed(repo: String, digest: String) -> Int64 {
+        let needle = "\"GET /v2/\(repo)/blobs/\(digest) HTTP/"
+        return Processes.readText(logPath).split(separator: "\n").reduce(Int64(0)) { total, line in
+            guard let range = line.range(of: needle) else { return total }
+            // `... HTTP/1.1" 206 1048576 "" ""`: status and size follow the closing quote.
+            let rest = line[range.upperBound...]
+            guard let quote = rest.firstIndex(of: "\"") else { return total }
+            let fields = rest[rest.index(after: quote)...].split(separator: " ")
+            guard fields.count >= 2, fields[0] == "200" || fields[0] == "206", let bytes = Int64(fields[1]) else { return total }
+            return total + bytes
+        }
+    }
+
     func blobGets(repo: String, digests: [String]) -> [String: Int] {
         Dictionary(uniqueKeysWithValues: digests.map { ($0, blobGets(repo: repo, digest: $0)) })
     }

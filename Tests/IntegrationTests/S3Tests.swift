@@ -296,8 +296,13 @@ struct S3Tests {
                 #expect(Digest.sha256(of: layer.bytes).description == layer.digest, "layer \(layer.digest) read chunk by chunk must verify")
                 #expect(layer.chunks == Int((layer.size + (1 << 20) - 1) >> 20), "1 MiB chunks of \(layer.digest)")
             }
+            // Dozens of open/close per layer, yet a few range requests each: the read-ahead
+            // window (1 MiB, doubling) asks for at most one per MiB.
             let transfers = seed.layers.map { moto.transfers(bucket: bucket, key: $0.key) }
-            #expect(transfers == [1, 1], "each layer fetched once by the chunked import: \(moto.requests(bucket: bucket, under: "blobs/"))")
+            for (layer, count) in zip(seed.layers, transfers) {
+                #expect(count >= 1 && count <= Int((layer.size + (1 << 20) - 1) >> 20),
+                        "layer \(layer.key) took \(count) requests: \(moto.requests(bucket: bucket, under: "blobs/"))")
+            }
 
             // A second import works the same, with no new transfer.
             let again = try BuildctlImport.run(root, tag: "cache")
@@ -600,7 +605,7 @@ struct S3Tests {
     }
 
     /// A blob transfer whose connection drops part way resumes with a signed ranged GET
-    /// (`Range: bytes=N-`, answered 206 with its Content-Range) from exactly where it
+    /// (`Range: bytes=N-LAST`, answered 206 with its Content-Range) from exactly where it
     /// stopped; the blob verifies and nothing is fetched twice.
     @Test("a dropped blob transfer resumes with a ranged GET from where it stopped")
     func rangedResume() async throws {
@@ -620,10 +625,11 @@ struct S3Tests {
             for layer in seed.layers {
                 let encoded = "/\(bucket)/" + layer.key.replacingOccurrences(of: ":", with: "%3A")
                 let gets = verdicts.filter { $0.method == "GET" && $0.path == encoded }
+                let last = layer.size - 1
                 #expect(gets.count == 2, "one cut GET, one resuming GET of \(layer.key): \(verdicts)")
-                #expect(gets.first?.cut == true && gets.first?.range == "-", "\(gets)")
-                #expect(gets.last?.range == "bytes=\(cut)-" && gets.last?.verdict == "OK", "the resume asks for the rest only: \(gets)")
-                #expect(moto.requests("GET", bucket: bucket, key: layer.key).map(\.status) == [200, 206], "moto answered the range with 206")
+                #expect(gets.first?.cut == true && gets.first?.range == "bytes=0-\(last)", "\(gets)")
+                #expect(gets.last?.range == "bytes=\(cut)-\(last)" && gets.last?.verdict == "OK", "the resume asks for the rest only: \(gets)")
+                #expect(moto.requests("GET", bucket: bucket, key: layer.key).map(\.status) == [206, 206], "moto answered the ranges with 206")
             }
             #expect(verdicts.allSatisfy { $0.verdict == "OK" }, "\(verdicts)")
             let unmounted = try await mount.unmount(in: ws)

@@ -1,0 +1,420 @@
+import Foundation
+import OCI
+import RemoteStore
+import Synchronization
+
+// MARK: - Running jobs
+
+extension BlobFetcher {
+    private struct RangesIgnored: Error {}
+
+    func run(_ job: Job) {
+        defer { finishJob(job.digest) }
+        let digest = job.digest
+        let taken = state.withLock { state -> (OpenFile, BlockJournal, [Int], Bool)? in
+            guard !state.cancelled, var transfer = state.transfers[digest] else { return nil }
+            defer { state.transfers[digest] = transfer }
+            var candidates = Array(job.blocks)
+            if transfer.rangesIgnored { candidates = Array(transfer.blocks.indices) }
+            let ours = candidates.filter { transfer.blocks[$0] == .queued || (transfer.rangesIgnored && transfer.blocks[$0] == .absent) }
+            for index in ours { transfer.blocks[index] = .fetching }
+            return (transfer.data, transfer.journal, ours, transfer.rangesIgnored)
+        }
+        guard let (data, journal, ours, wholeStream) = taken, !ours.isEmpty else { return }
+        // Blocks a failed or cancelled fetch left unfinished are free to be fetched again.
+        defer {
+            state.withLock { state in
+                guard state.transfers[digest] != nil else { return }
+                for index in ours where state.transfers[digest]!.blocks[index] == .fetching {
+                    state.transfers[digest]!.blocks[index] = .absent
+                }
+            }
+        }
+        if wholeStream {
+            // The remote sends the whole blob whatever is asked: take every block from it.
+            _ = journal.tryClaim(0...(journal.blockCount - 1))
+            defer { journal.release(0...(journal.blockCount - 1)) }
+            fetch(digest, blocks: Set(ours), span: 0...(journal.blockCount - 1), data: data, journal: journal, wholeStream: true)
+            return
+        }
+        for run in Self.contiguousRuns(ours) {
+            // Claim the run across processes; what another mount is fetching is watched instead.
+            let claimed: [ClosedRange<Int>]
+            if journal.tryClaim(run) {
+                claimed = [run]
+            } else {
+                let mine = run.filter { journal.tryClaim($0...$0) }
+                let theirs = Set(run).subtracting(mine)
+                setBlocks(digest, theirs, to: .elsewhere)
+                claimed = Self.contiguousRuns(mine)
+            }
+            for piece in claimed {
+                defer { journal.release(piece) }
+                // A block another process recorded just before our claim needs no fetch.
+                let recorded = piece.compactMap { index in journal.recordedChecksum(ofBlock: index).map { (index, $0) } }
+                if !recorded.isEmpty { adoptRecordedBlocks(digest, Dictionary(uniqueKeysWithValues: recorded)) }
+                let wanted = piece.filter { index in !recorded.contains { $0.0 == index } }
+                for part in Self.contiguousRuns(wanted) {
+                    guard fetch(digest, blocks: Set(part), span: part, data: data, journal: journal, wholeStream: false) else { return }
+                }
+            }
+        }
+    }
+
+    private func finishJob(_ digest: Digest) {
+        state.withLock { state in
+            guard state.transfers[digest] != nil else { return }
+            state.transfers[digest]!.jobs -= 1
+        }
+    }
+
+    static func contiguousRuns(_ indices: [Int]) -> [ClosedRange<Int>] {
+        var runs: [ClosedRange<Int>] = []
+        for index in indices.sorted() {
+            if let last = runs.last, last.upperBound + 1 == index {
+                runs[runs.count - 1] = last.lowerBound...index
+            } else {
+                runs.append(index...index)
+            }
+        }
+        return runs
+    }
+
+    /// Fetches the blocks of `span` with one range request, resumed within itself after a
+    /// transient failure, and records each block as it completes. Only blocks in `ours` are
+    /// written (a whole-blob stream passes over the others). False when the fetch failed.
+    @discardableResult
+    private func fetch(_ digest: Digest, blocks ours: Set<Int>, span: ClosedRange<Int>, data: OpenFile,
+                       journal: BlockJournal, wholeStream: Bool) -> Bool {
+        let first = journal.range(ofBlock: span.lowerBound).lowerBound
+        let end = journal.range(ofBlock: span.upperBound).upperBound
+        var position = first
+        var blockChecksum: UInt32 = 0
+        var lastError = BlobReadError.remote("blob \(digest): no attempt made")
+        for attempt in 1...maxAttempts {
+            do {
+                requestsStarted.add(1, ordering: .relaxed)
+                try source.streamBlob(digest, from: position, through: wholeStream ? nil : end - 1, onStart: { start in
+                    guard start == position else { throw RangesIgnored() }
+                }, onBody: { chunk in
+                    if self.stopping.load(ordering: .relaxed) { throw BlobReadError.cancelled }
+                    guard position + Int64(chunk.count) <= end else {
+                        if wholeStream { throw BlobReadError.remote("blob \(digest): the remote sent more than its \(end) bytes") }
+                        throw RangesIgnored()
+                    }
+                    var consumed = 0
+                    while consumed < chunk.count {
+                        let index = Int(position / journal.blockSize)
+                        let blockEnd = journal.range(ofBlock: index).upperBound
+                        let length = min(chunk.count - consumed, Int(blockEnd - position))
+                        let piece = UnsafeRawBufferPointer(rebasing: chunk[consumed..<(consumed + length)])
+                        if ours.contains(index) {
+                            try data.write(piece, at: position)
+                            blockChecksum = crc32(blockChecksum, piece)
+                        }
+                        position += Int64(length)
+                        consumed += length
+                        if position == blockEnd {
+                            if ours.contains(index) {
+                                try journal.record(block: index, checksum: blockChecksum)
+                                self.blockLanded(digest, index)
+                            }
+                            blockChecksum = 0
+                        }
+                    }
+                })
+                guard position == end else {
+                    throw BlobReadError.remote("blob \(digest): range at \(first) ended after \(position - first) of \(end - first) bytes")
+                }
+                return true
+            } catch is RangesIgnored {
+                switchToWholeStream(digest)
+                return false
+            } catch let error as BlobReadError {
+                if case .cancelled = error { return false }
+                lastError = error
+            } catch let error as CacheError {
+                lastError = .local(error.description)
+                break
+            } catch let error as RemoteStoreError {
+                lastError = .remote("blob \(digest): \(error)")
+                guard error.isTransient else { break }
+            } catch {
+                lastError = .remote("blob \(digest): \(error)")
+            }
+            if attempt < maxAttempts {
+                logger.warning("retrying a range", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
+                Thread.sleep(forTimeInterval: 0.25 * Double(attempt))
+            }
+        }
+        failBlocks(digest, ours, error: lastError)
+        return false
+    }
+
+    // MARK: Block arrivals
+
+    /// A block is on disk and recorded: answer whoever it completes, and hash onwards.
+    func blockLanded(_ digest: Digest, _ index: Int) {
+        let ready = state.withLock { state -> (OpenFile, [Waiter])? in
+            guard state.transfers[digest] != nil else { return nil }
+            state.transfers[digest]!.blocks[index] = .present
+            return (state.transfers[digest]!.data, takeReadyWaiters(&state.transfers[digest]!))
+        }
+        if let (data, waiters) = ready {
+            for waiter in waiters { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+        }
+        advanceHash(digest)
+    }
+
+    func takeReadyWaiters(_ transfer: inout Transfer) -> [Waiter] {
+        var ready: [Waiter] = []
+        let snapshot = transfer
+        transfer.waiters.removeAll { waiter in
+            let isReady = snapshot.canServe(waiter, blockSize: tuning.blockSize)
+            if isReady { ready.append(waiter) }
+            return isReady
+        }
+        return ready
+    }
+
+    func setBlocks(_ digest: Digest, _ indices: Set<Int>, to newState: BlockState) {
+        guard !indices.isEmpty else { return }
+        state.withLock { state in
+            guard state.transfers[digest] != nil else { return }
+            for index in indices { state.transfers[digest]!.blocks[index] = newState }
+            if newState == .elsewhere { startWatchingOtherProcesses(&state) }
+        }
+    }
+
+    /// Blocks another process recorded: checked against their CRC before they count.
+    func adoptRecordedBlocks(_ digest: Digest, _ recorded: [Int: UInt32]) {
+        guard let (data, journal) = state.withLock({ state in state.transfers[digest].map { ($0.data, $0.journal) } }) else { return }
+        var intact: Set<Int> = [], damaged: Set<Int> = []
+        for (index, crc) in recorded {
+            let range = journal.range(ofBlock: index)
+            let bytes = (try? data.read(offset: range.lowerBound, count: range.count)) ?? []
+            if bytes.count == range.count && bytes.withUnsafeBytes({ crc32(0, $0) }) == crc {
+                intact.insert(index)
+            } else {
+                journal.forget(block: index)
+                damaged.insert(index)
+            }
+        }
+        setBlocks(digest, damaged, to: .absent)
+        for index in intact { blockLanded(digest, index) }
+        if !damaged.isEmpty { rescheduleWaiters(digest) }
+    }
+
+    /// Queues fetches for the blocks waiting readers still lack.
+    func rescheduleWaiters(_ digest: Digest) {
+        submit(state.withLock { state -> [Job] in
+            guard var transfer = state.transfers[digest] else { return [] }
+            defer { state.transfers[digest] = transfer }
+            var jobs: [Job] = []
+            for waiter in transfer.waiters {
+                jobs += schedule(&transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: 0)
+            }
+            return jobs
+        })
+    }
+
+    private func switchToWholeStream(_ digest: Digest) {
+        logger.info("the remote ignores ranges; fetching the blob as one stream", metadata: ["digest": "\(digest)"])
+        state.withLock { state in
+            guard var transfer = state.transfers[digest] else { return }
+            transfer.rangesIgnored = true
+            for index in transfer.blocks.indices where transfer.blocks[index] == .fetching || transfer.blocks[index] == .queued {
+                transfer.blocks[index] = .absent
+            }
+            state.transfers[digest] = transfer
+        }
+        rescheduleWaiters(digest)
+    }
+
+    /// A fetch failed past its retries: its blocks are absent again and every reader of the
+    /// blob is told; reads for a short while fail at once.
+    private func failBlocks(_ digest: Digest, _ indices: Set<Int>, error: BlobReadError) {
+        logger.error("blob fetch failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
+        let waiters = state.withLock { state -> [Waiter] in
+            guard var transfer = state.transfers[digest] else { return [] }
+            for index in indices where transfer.blocks[index] == .fetching { transfer.blocks[index] = .absent }
+            let waiters = transfer.waiters
+            transfer.waiters = []
+            state.transfers[digest] = transfer
+            state.failures[digest] = (error, .now + failureMemory)
+            return waiters
+        }
+        for waiter in waiters { answer(waiter, .failure(error)) }
+    }
+
+    // MARK: Other processes
+
+    func startWatchingOtherProcesses(_ state: inout State) {
+        guard !state.watchingOtherProcesses else { return }
+        state.watchingOtherProcesses = true
+        Thread.detachNewThread { [self] in watchOtherProcesses() }
+    }
+
+    /// Follows blocks other mounts are fetching: each lands (recorded in the shared journal),
+    /// or its claim goes away without a record (that process died or gave up) and is fetched here.
+    private func watchOtherProcesses() {
+        while true {
+            usleep(10_000)
+            let watched = state.withLock { state -> [(Digest, BlockJournal, [Int])]? in
+                let watched = state.transfers.compactMap { digest, transfer -> (Digest, BlockJournal, [Int])? in
+                    let indices = transfer.blocks.indices.filter { transfer.blocks[$0] == .elsewhere }
+                    return indices.isEmpty ? nil : (digest, transfer.journal, indices)
+                }
+                if state.cancelled || watched.isEmpty {
+                    state.watchingOtherProcesses = false
+                    return nil
+                }
+                return watched
+            }
+            guard let watched else { return }
+            for (digest, journal, indices) in watched {
+                var recorded: [Int: UInt32] = [:]
+                var abandoned: Set<Int> = []
+                for index in indices {
+                    if let crc = journal.recordedChecksum(ofBlock: index) {
+                        recorded[index] = crc
+                    } else if journal.tryClaim(index...index) {
+                        journal.release(index...index)
+                        abandoned.insert(index)
+                    }
+                }
+                if !recorded.isEmpty { adoptRecordedBlocks(digest, recorded) }
+                if !abandoned.isEmpty {
+                    setBlocks(digest, abandoned, to: .absent)
+                    rescheduleWaiters(digest)
+                }
+            }
+        }
+    }
+}
+
+// MARK: - Verifying the whole blob
+
+extension BlobFetcher {
+    /// Hashes every block that extends the hashed prefix. One thread hashes at a time; another
+    /// that finds it busy leaves the work to it, and it looks again before it stops.
+    func advanceHash(_ digest: Digest) {
+        while let (data, journal, first, pending, verifier) = state.withLock({ state -> (OpenFile, BlockJournal, Int, [BlockState], DigestVerifier)? in
+            guard var transfer = state.transfers[digest], !transfer.hashing, !transfer.verified else { return nil }
+            var end = transfer.hashedBlocks
+            while end < transfer.blocks.count && transfer.blocks[end].isOnDisk { end += 1 }
+            guard end > transfer.hashedBlocks else { return nil }
+            transfer.hashing = true
+            state.transfers[digest] = transfer
+            return (transfer.data, transfer.journal, transfer.hashedBlocks, Array(transfer.blocks[transfer.hashedBlocks..<end]), transfer.verifier)
+        }) {
+            var verifier = verifier
+            var hashed = 0
+            var damaged: Int?
+            for (offset, blockState) in pending.enumerated() {
+                let index = first + offset
+                let range = journal.range(ofBlock: index)
+                guard let bytes = try? data.read(offset: range.lowerBound, count: range.count), bytes.count == range.count else {
+                    damaged = index
+                    break
+                }
+                if case .unverified(let crc) = blockState, bytes.withUnsafeBytes({ crc32(0, $0) }) != crc {
+                    damaged = index
+                    break
+                }
+                bytes.withUnsafeBytes { verifier.update($0) }
+                hashed += 1
+            }
+            if let damaged {
+                logger.warning("a downloaded block no longer matches its checksum; fetching it again",
+                               metadata: ["digest": "\(digest)", "block": "\(damaged)"])
+                journal.forget(block: damaged)
+            }
+            let (finished, ready) = state.withLock { state -> (Bool, [Waiter]) in
+                guard var transfer = state.transfers[digest] else { return (false, []) }
+                defer { state.transfers[digest] = transfer }
+                transfer.verifier = verifier
+                for index in first..<(first + hashed) where transfer.blocks[index] != .present { transfer.blocks[index] = .present }
+                transfer.hashedBlocks = first + hashed
+                if let damaged { transfer.blocks[damaged] = .absent }
+                // Still busy until `complete` has decided, so that nobody sees it idle between.
+                let finished = transfer.hashedBlocks == transfer.blocks.count
+                transfer.hashing = finished
+                return (finished, takeReadyWaiters(&transfer))
+            }
+            for waiter in ready { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            if damaged != nil { rescheduleWaiters(digest) }
+            if finished {
+                complete(digest, matched: verifier.finalize() == digest)
+                return
+            }
+        }
+    }
+
+    /// Every block is hashed: a match is served and committed; a mismatch is fetched once more
+    /// from scratch when earlier processes' blocks may be the cause, and discarded otherwise.
+    private func complete(_ digest: Digest, matched: Bool) {
+        if matched {
+            commitsInFlight.add(1, ordering: .relaxed)
+            defer { commitsInFlight.subtract(1, ordering: .releasing) }
+            let (ready, data) = state.withLock { state -> ([Waiter], OpenFile?) in
+                guard var transfer = state.transfers[digest] else { return ([], nil) }
+                transfer.verified = true
+                transfer.hashing = false
+                let waiters = transfer.waiters
+                transfer.waiters = []
+                state.transfers[digest] = transfer
+                return (waiters, transfer.data)
+            }
+            guard let data else { return }
+            for waiter in ready { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            do {
+                try store.commit(digest, data: data)
+                logger.debug("blob complete", metadata: ["digest": "\(digest)"])
+            } catch {
+                logger.error("cannot keep a verified blob", metadata: ["digest": "\(digest)", "error": "\(error)"])
+            }
+            // Later reads open the complete blob; anything still queued finds nothing to do.
+            let stragglers = state.withLock { state -> [Waiter] in
+                let waiters = state.transfers.removeValue(forKey: digest)?.waiters ?? []
+                return waiters
+            }
+            for waiter in stragglers { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            return
+        }
+        let retry = state.withLock { state -> (BlockJournal, [Waiter])? in
+            guard var transfer = state.transfers[digest], transfer.usedEarlierBlocks else { return nil }
+            transfer.usedEarlierBlocks = false
+            transfer.hashing = false
+            transfer.blocks = Array(repeating: .absent, count: transfer.blocks.count)
+            transfer.hashedBlocks = 0
+            transfer.verifier = DigestVerifier()
+            let waiters = transfer.waiters
+            transfer.waiters = []
+            state.transfers[digest] = transfer
+            return (transfer.journal, waiters)
+        }
+        if let (journal, waiters) = retry {
+            logger.warning("blob does not match its digest; fetching it again from scratch", metadata: ["digest": "\(digest)"])
+            for index in 0..<journal.blockCount { journal.forget(block: index) }
+            for waiter in waiters {
+                owedReplies.subtract(1, ordering: .relaxed)
+                read(waiter.offset, waiter.end, waiter.reply, digest: digest, size: journal.blobSize)
+            }
+            return
+        }
+        let error = BlobReadError.digestMismatch(digest)
+        logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
+        let (waiters, data) = state.withLock { state -> ([Waiter], OpenFile?) in
+            let transfer = state.transfers.removeValue(forKey: digest)
+            state.failures[digest] = (error, .now + failureMemory)
+            return (transfer?.waiters ?? [], transfer?.data)
+        }
+        if let data { store.discardPartial(digest, data: data) }
+        for waiter in waiters { answer(waiter, .failure(error)) }
+    }
+
+    private func read(_ offset: Int64, _ end: Int64, _ reply: @escaping Reply, digest: Digest, size: Int64) {
+        read(digest, size: size, offset: offset, count: Int(end - offset), reply: reply)
+    }
+}
