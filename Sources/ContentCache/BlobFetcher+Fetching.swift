@@ -18,6 +18,7 @@ extension BlobFetcher {
             if transfer.rangesIgnored { candidates = Array(transfer.blocks.indices) }
             let ours = candidates.filter { transfer.blocks[$0] == .queued || (transfer.rangesIgnored && transfer.blocks[$0] == .absent) }
             for index in ours { transfer.blocks[index] = .fetching }
+            transfer.queuedForReadAhead.subtract(ours)
             return (transfer.data, transfer.journal, ours, transfer.rangesIgnored)
         }
         guard let (data, journal, ours, wholeStream) = taken, !ours.isEmpty else { return }

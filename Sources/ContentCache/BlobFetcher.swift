@@ -103,6 +103,8 @@ public final class BlobFetcher: Sendable {
         var rangesIgnored = false
         /// Jobs queued or running for this transfer.
         var jobs = 0
+        /// Queued blocks whose job waits behind readers' jobs.
+        var queuedForReadAhead: Set<Int> = []
         var lastUse = ContinuousClock.now
 
         var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing }
@@ -396,6 +398,7 @@ extension BlobFetcher {
             guard let start = runStart else { return }
             let priority: FetchQueue.Priority = start <= reading.upperBound ? .reader : .readAhead
             jobs.append(Job(digest: digest, blocks: start...end, priority: priority))
+            if priority == .readAhead { transfer.queuedForReadAhead.formUnion(start...end) }
             runStart = nil
         }
         for index in wanted {
@@ -415,7 +418,10 @@ extension BlobFetcher {
     /// A reader now waits on blocks still queued behind read-ahead: queue them again ahead of
     /// it. Whichever job starts first takes them; the other finds nothing left to do.
     func promote(_ transfer: inout Transfer, digest: Digest, reading range: Range<Int64>) -> [Job] {
-        let queued = transfer.blocks(covering: range, blockSize: tuning.blockSize).filter { transfer.blocks[$0] == .queued }
+        let queued = transfer.blocks(covering: range, blockSize: tuning.blockSize).filter {
+            transfer.blocks[$0] == .queued && transfer.queuedForReadAhead.contains($0)
+        }
+        transfer.queuedForReadAhead.subtract(queued)
         guard let first = queued.first, let last = queued.last else { return [] }
         transfer.jobs += 1
         return [Job(digest: digest, blocks: first...last, priority: .reader)]
