@@ -40,21 +40,28 @@ struct CacheCommand: ParsableCommand {
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "ls",
-            abstract: "List the cached blobs, least recently used first, with sizes and last use.")
+            abstract: "List the cached blobs and partial downloads, least recently used first, with sizes and last use.")
 
         @OptionGroup var options: CacheOptions
 
         func run() throws {
             let store = try openStore(options.directory)
             let blobs = store.completeBlobs()
+            let partials = store.partialBlobs()
+            let rows = (blobs.map { ($0, "") } + partials.map { ($0, "  partial download") })
+                .sorted { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
             let formatter = ISO8601DateFormatter()
             print("DIGEST".padding(toLength: 72, withPad: " ", startingAt: 0) + "SIZE".padding(toLength: 14, withPad: " ", startingAt: 0) + "LAST USED")
-            for blob in blobs {
+            for (blob, note) in rows {
                 print(blob.digest.description.padding(toLength: 72, withPad: " ", startingAt: 0)
                       + ByteSize.describe(blob.size).padding(toLength: 14, withPad: " ", startingAt: 0)
-                      + formatter.string(from: blob.lastUsed))
+                      + formatter.string(from: blob.lastUsed) + note)
             }
-            print("\(blobs.count) blobs, \(ByteSize.describe(blobs.reduce(0) { $0 + $1.size })) in \(options.directory)")
+            var summary = "\(blobs.count) blobs, \(ByteSize.describe(blobs.reduce(0) { $0 + $1.size }))"
+            if !partials.isEmpty {
+                summary += "; \(partials.count) partial downloads of \(ByteSize.describe(partials.reduce(0) { $0 + $1.size }))"
+            }
+            print(summary + " in \(options.directory)")
         }
     }
 
@@ -63,8 +70,9 @@ struct CacheCommand: ParsableCommand {
             commandName: "prune",
             abstract: "Remove least recently used blobs until the cache fits.",
             discussion: """
-            Blobs that a mount is reading at that moment are kept. Without --max-size the cache \
-            is pruned to the default cap (a quarter of its filesystem); --max-size 0 empties it.
+            Partial downloads count at their blob's full size and go the same way. Blobs that a \
+            mount is reading at that moment are kept. Without --max-size the cache is pruned to \
+            the default cap (a quarter of its filesystem); --max-size 0 empties it.
 
             Example:
               ocicachefs cache prune --max-size 20G
