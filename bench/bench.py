@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+import bench_s3
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB, GiB = 1 << 20, 1 << 30
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -73,12 +75,16 @@ def spread(xs):
 # ---------------------------------------------------------------- the bench
 
 class Bench:
+    error = BenchError
+
     def __init__(self, a):
         self.a = a
         self.work = os.path.abspath(a.work)
-        self.reg_dir = os.path.abspath(a.registry_dir)
-        self.reg_log = os.path.join(self.reg_dir, "registry.log")
-        self.registry = f"127.0.0.1:{a.registry_port}"
+        self.parts = a.parts.split(",")
+        if a.registry_dir:
+            self.reg_dir = os.path.abspath(a.registry_dir)
+            self.reg_log = os.path.join(self.reg_dir, "registry.log")
+            self.registry = f"127.0.0.1:{a.registry_port}"
         self.mnt = os.path.join(self.work, "mnt")
         self.ptmnt = os.path.join(self.work, "ptmnt")
         os.makedirs(self.mnt, exist_ok=True)
@@ -86,7 +92,8 @@ class Bench:
         self.mounted = set()
         self.pt_proc = None
         self.cache_seq = 0
-        self.R = {"seed": {}, "samples": {}}
+        self.R = {"seed": {}, "samples": {}, "parts": self.parts}
+        self.part2 = None
 
     # ---- small helpers
     def sample(self, key, value):
@@ -334,6 +341,8 @@ class Bench:
         self.pt_proc = None
 
     def cleanup(self):
+        if self.part2:
+            self.part2.cleanup()
         for m in list(self.mounted):
             subprocess.run([self.a.binary, "unmount", m], capture_output=True)
             self.mounted.discard(m)
@@ -633,13 +642,17 @@ class Bench:
     def go(self):
         self.R["started"] = datetime.datetime.now(datetime.timezone.utc)
         self.R["load_before"] = open("/proc/loadavg").read().split()[:3]
-        self.seed()
-        self.bench_mount()
-        self.bench_cold_warm()
-        self.bench_local_baselines()
-        self.bench_partial()
-        self.bench_pattern()
-        self.bench_rss()
+        if "registry" in self.parts:
+            self.seed()
+            self.bench_mount()
+            self.bench_cold_warm()
+            self.bench_local_baselines()
+            self.bench_partial()
+            self.bench_pattern()
+            self.bench_rss()
+        if set(self.parts) & {"s3", "shaped", "peers", "ci"}:
+            self.part2 = bench_s3.S3Parts(self, self.a)
+            self.part2.go()
         self.R["load_after"] = open("/proc/loadavg").read().split()[:3]
         self.R["finished"] = datetime.datetime.now(datetime.timezone.utc)
 
@@ -661,6 +674,10 @@ def machine(work):
         "swift": sh("swift --version 2>&1 | head -1"),
         "libfuse": sh("pkg-config --modversion fuse3"), "curl": sh("curl --version | head -1 | cut -d' ' -f1-2"),
         "registry": sh("dpkg-query -W -f='${Version}' docker-registry"),
+        "nginx": sh("nginx -v 2>&1 | sed 's|.*nginx/||'"),
+        "moto": sh(f"{shlex.quote(sys.executable)} -c 'import moto; print(moto.__version__)'"),
+        "s3fs": sh("dpkg-query -W -f='${Version}' s3fs"),
+        "rclone": sh("dpkg-query -W -f='${Version}' rclone"),
         "disk": " ".join(sh(f"df -h --output=source,fstype,size,avail {shlex.quote(work)} | tail -1").split()),
         "commit": sh("git -C " + shlex.quote(os.path.dirname(HERE)) + " rev-parse --short HEAD"),
         "dirty": sh("git -C " + shlex.quote(os.path.dirname(HERE)) + " status --porcelain -- Sources Package.swift"),
@@ -672,6 +689,9 @@ class Report:
         self.b, self.a, self.R, self.command = bench, args, bench.R, command
         self.size = args.size
         self.rows = []
+        self.parts = args.parts.split(",")
+        self.reg = "registry" in self.parts
+        self.p2 = bench_s3.S3Report(bench, args)
 
     def m(self, key):
         return med(self.b.s(key))
@@ -687,6 +707,12 @@ class Report:
         return base / ours
 
     def build(self):
+        if self.reg:
+            self.build_registry()
+        self.p2.build()
+        self.rows += self.p2.rows
+
+    def build_registry(self):
         R, b = self.R, self.b
         sz = fmt_size_name(self.size)
         self.ratio = {}
@@ -796,6 +822,9 @@ class Report:
         return f
 
     def targets(self):
+        return "\n".join(t for t in ((self.targets_registry() if self.reg else ""), self.p2.targets()) if t)
+
+    def targets_registry(self):
         R, ra = self.R, self.ratio
         sz = fmt_size_name(self.size)
         f = self.cold_facts()
@@ -841,7 +870,7 @@ class Report:
             f"{fmt_s(self.m('pt_second'))}{spread(self.b.s('pt_second'))}"
             + (". The difference is within the spread between runs." if
                w < 0.9 and max(self.b.s('pt_second')) >= min(self.b.s('warm_pagecache')) else ".") )
-        out.append(
+        if "peers" not in self.parts: out.append(
             f"- **Warm after `drop_caches` faster than s3fs with its own cache**: not measured in this run (s3fs is "
             f"item 5). For orientation only: through a new mount over the complete cache, after `drop_caches`, "
             f"ocicachefs read the blob at {fmt_rate(self.size, self.m('warm_dropped'))} "
@@ -887,13 +916,12 @@ class Report:
                if whole else
                "The download stopped before the blob's end, so some read-ahead bound exists; the excess is what "
                "it fetched beyond the reads."))
-        out.append("- **Behind a per-connection cap ≥ 0.9× of 8 parallel ranged curl streams**: not measured (item 3).")
-        out.append("- **Cold clearly faster than s3fs and rclone cold**: not measured (item 5).")
-        out.append("- **CI case: ≤ 0.12× the bytes and ≤ 0.3× the time of downloading the whole cache directory**: "
-                   "not measured (item 9).")
         return "\n".join(out)
 
     def where_time(self):
+        return "\n".join(t for t in ((self.where_time_registry() if self.reg else ""), self.p2.where_time()) if t)
+
+    def where_time_registry(self):
         R, ra = self.R, self.ratio
         f = self.cold_facts()
         out = []
@@ -967,53 +995,63 @@ class Report:
 
     def markdown(self):
         R, mach = self.R, machine(self.b.work)
-        sz = fmt_size_name(self.size)
         seed = ", ".join(f"{k}: {v['layers']} × {fmt_bytes(v['layer_size'])} in {v['seconds']} s"
                          for k, v in R["seed"].items())
+        p2 = R.get("part2", {})
+        if "seed_big_seconds" in p2:
+            seed += (", " if seed else "") + f"S3 object of {fmt_size_name(self.size)} + nginx warm-up in {p2['seed_big_seconds']} s"
+        if "seed_ci_seconds" in p2:
+            seed += (", " if seed else "") + f"CI caches (S3 and registry) in {p2['seed_ci_seconds']} s"
         dirty = ("with uncommitted changes in Sources/ or Package.swift at the time of the run"
                  if mach["dirty"] else "clean")
         started = R["started"].strftime("%Y-%m-%d %H:%M UTC")
         minutes = (R["finished"] - R["started"]).total_seconds() / 60
         mode = "quick mode (not the reference figures)" if self.a.quick else "full mode"
-        return f"""# Performance
+        tools = f"{mach['swift']}; libfuse {mach['libfuse']}; {mach['curl']}"
+        if self.reg or "ci" in self.parts:
+            tools += f"; docker-registry {mach['registry']}"
+        if p2:
+            tools += f"; nginx {mach['nginx']}; moto {mach['moto']}"
+        if "peers" in self.parts:
+            tools += f"; s3fs {mach['s3fs']}; rclone {mach['rclone']}"
+        head = f"""# Performance
 
 Generated by `bench/run.sh` in {mode}; do not edit by hand, run it again (about
 {max(1, round(minutes))} minute{"s" if round(minutes) > 1 else ""} of measuring plus the release build). Every figure is a ratio against a baseline measured in
 the same run; absolute times on these machines are noisy and are shown only for orientation.
 
-- command: `{self.command}`
+- command: `{self.command}` (parts: {", ".join(self.parts)})
 - date: {started}
 - machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory']} memory, kernel {mach['kernel']};
   work directory on `{mach['disk']}` (device, filesystem, size, free); load average {' '.join(R['load_before'])} before, {' '.join(R['load_after'])} after
-- {mach['swift']}; libfuse {mach['libfuse']}; {mach['curl']}; docker-registry {mach['registry']}
+- {tools}
 - ocicachefs: release build of commit {mach['commit']} ({dirty})
-- mount `read_ahead_kb`: {R['read_ahead_kb']} (set by ocicachefs or the kernel default); `passthrough_ll` set to {R['pt_read_ahead_kb']}
-- seeding (not part of any figure): {seed}
-
-## Results
-
-Medians of {self.a.runs} runs ({self.a.mount_runs} for mount times, {3 * self.a.runs} for the page-cache re-reads,
+"""
+        if self.reg:
+            head += (f"- mount `read_ahead_kb`: {R['read_ahead_kb']} (set by ocicachefs or the kernel default); "
+                     f"`passthrough_ll` set to {R['pt_read_ahead_kb']}\n")
+        head += f"- seeding (not part of any figure): {seed}\n"
+        intro = []
+        if self.reg:
+            intro.append(f"""Medians of {self.a.runs} runs ({self.a.mount_runs} for mount times, {3 * self.a.runs} for the page-cache re-reads,
 {self.a.rss_runs if "rss" in R else 0} for the 4 GiB case). Page-cache re-reads and first reads over the page-cached
 file alternate between ocicachefs and `passthrough_ll`, both mounted over the same complete cache. Ratios: for reads, ocicachefs's
 throughput ÷ the baseline's (above 1 = faster); for mount time, bytes and memory, ocicachefs ÷ baseline
 (below 1 = less). The registry (Debian's docker-registry on 127.0.0.1, filesystem storage) serves
 the blob from the page cache in every case: before each cold read and each curl the page cache is
 dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the registry's stored blob is read once, so only
-the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes per second.
-
-{self.table()}
-
-## Targets of issue 4 that these measurements address
-
-{self.targets()}
-
-## Where the time goes
-
-{self.where_time()}
-
-## How each figure is measured
-
-1. `ocicachefs mount` (it returns once `index.json` is readable through the kernel) plus reading
+the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes per second.""")
+        else:
+            intro.append(f"""Medians of {self.a.runs} runs. Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
+faster); for times of a whole job, bytes and memory, ocicachefs ÷ baseline (below 1 = less). Before each cold
+read the page cache is dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the server's stored copy is read
+once, so only the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes
+per second, "MB/s" 10⁶.""")
+        if p2:
+            intro.append(self.p2.setup())
+        how = []
+        if self.reg:
+            how.append("""1. `ocicachefs mount` (it returns once `index.json` is readable through the kernel) plus reading
    `index.json`, fresh `--cache-dir` each time; baseline `curl` of `GET /v2/REPO/manifests/TAG` with the
    OCI index type in `Accept`. The 1000-blob cache is 1000 layers of 1000 bytes in one BuildKit index.
 2. `dd if=MNT/blobs/sha256/HEX of=/dev/null bs=1M` on a fresh mount and cache directory; baselines
@@ -1030,15 +1068,35 @@ the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 1
    whole blob, versus its value right after mounting and `curl`'s max RSS (`wait4`).
 8. `bench/buildctl_pattern.py`: per 1 MiB chunk `stat`, `stat`, `open`, `pread`, `close`, as buildctl's
    local cache importer does; versus `dd bs=1M` through the same mount, and (control, for Python's own
-   cost) both on the cached file directly.
+   cost) both on the cached file directly.""")
+        else:
+            how.append("- Items 1, 2 (registry), 4, 6, 7, 8: not run (part `registry`).")
+        if p2:
+            how.append(self.p2.how())
+        missing = self.p2.not_measured()
+        return head + f"""
+## Results
 
-## Not yet measured
+{(chr(10) + chr(10)).join(x for x in intro if x)}
 
-- 2 (S3 half): the same cold read from an S3 endpoint (moto behind a caching nginx).
-- 3: behind a realistic link (per-connection rate cap, added latency) vs single-stream and 8 ranged curl streams.
-- 5: cold and warm vs `rclone mount --vfs-cache-mode full` and `s3fs` on the same S3 object.
-- 9: the CI case (2 GB cache, a job reading 10% of it) vs downloading the whole cache directory first.
+{self.table()}
 
+## Targets of issue 4 that these measurements address
+
+{self.targets()}
+
+## Where the time goes
+
+{self.where_time()}
+
+## How each figure is measured
+
+{chr(10).join(how)}
+""" + (f"""
+## Not measured in this run
+
+{missing}
+""" if missing or not self.reg else "") + f"""
 ## All samples
 
 {self.raw()}
@@ -1048,11 +1106,25 @@ the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 1
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--registry-dir", required=True)
-    ap.add_argument("--registry-port", type=int, required=True)
-    ap.add_argument("--registry-pid", type=int, required=True, help="for its CPU time")
+    ap.add_argument("--parts", default="registry,s3,shaped,peers,ci")
+    ap.add_argument("--registry-dir")
+    ap.add_argument("--registry-port", type=int)
+    ap.add_argument("--registry-pid", type=int, help="for its CPU time")
     ap.add_argument("--binary", required=True)
-    ap.add_argument("--passthrough", required=True)
+    ap.add_argument("--passthrough")
+    ap.add_argument("--moto-port", type=int)
+    ap.add_argument("--moto-pid", type=int)
+    ap.add_argument("--nginx-port", type=int, help="the caching nginx in front of moto")
+    ap.add_argument("--nginx-pid", type=int)
+    ap.add_argument("--nginx-dir")
+    ap.add_argument("--netns", help="the shaped link's client network namespace")
+    ap.add_argument("--edge", help="the shaped edge's address (port 80 capped, 81 not)")
+    ap.add_argument("--delay-ms", type=float)
+    ap.add_argument("--rate")
+    ap.add_argument("--cap-bps", type=int, help="the per-connection cap in bytes per second")
+    ap.add_argument("--delay-pid", type=int)
+    ap.add_argument("--edge-pid", type=int)
+    ap.add_argument("--ci-scale", type=int, default=1, help="divide the CI cache's layer sizes by this")
     ap.add_argument("--size", type=int, default=GiB)
     ap.add_argument("--huge-size", type=int, default=4 * GiB, help="0 skips the peak-RSS blob")
     ap.add_argument("--runs", type=int, default=3)
@@ -1070,10 +1142,10 @@ def main():
         return 1
     finally:
         bench.cleanup()
+        with open(os.path.join(bench.work, "results.json"), "w") as f:
+            json.dump(bench.R, f, indent=1, default=str)
     report = Report(bench, args, args.command)
     report.build()
-    with open(os.path.join(bench.work, "results.json"), "w") as f:
-        json.dump(bench.R, f, indent=1, default=str)
     text = report.markdown()
     print("\n" + report.table() + "\n\n" + report.targets() + "\n\n" + report.where_time() + "\n")
     if args.doc:

@@ -31,7 +31,7 @@ import buildctl_pattern  # noqa: E402
 MiB, GiB = 1 << 20, 1 << 30
 BUCKET, CI_BUCKET, REGION = "bench", "bench-ci", "us-east-1"
 KEY_ID, SECRET = "testing", "testing"
-NGINX_LINE = re.compile(r'^(\S+) (\S+) (\d{3}) (\d+) "([^"]*)" (\S+) ([\d.]+) ([\d.]+)$')
+NGINX_LINE = re.compile(r'^(\S+) (\S+) (\d{3}) (\d+) "([^"]*)" (\S+) ([\d.]+) ([\d.]+) (\d+)$')
 CACHECONFIG = "application/vnd.buildkit.cacheconfig.v0"
 INDEX_TYPES = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
 CI_TAG = 3                       # the job imports ci-3
@@ -189,7 +189,7 @@ class S3Parts:
 
     @staticmethod
     def nginx_requests(path, since, prefix=f"/{BUCKET}/"):
-        """[(method, uri, status, bytes, range, start, end)] logged after `since`."""
+        """[(method, uri, status, bytes, range, start, end, connection)] logged after `since`."""
         with open(path, "rb") as f:
             f.seek(since)
             text = f.read().decode("utf-8", "replace")
@@ -197,8 +197,9 @@ class S3Parts:
         for line in text.splitlines():
             m = NGINX_LINE.match(line.strip())
             if m and m.group(2).startswith(prefix):
-                method, uri, status, nbytes, rng, _, rtime, msec = m.groups()
-                out.append((method, uri, int(status), int(nbytes), rng, float(msec) - float(rtime), float(msec)))
+                method, uri, status, nbytes, rng, _, rtime, msec, conn = m.groups()
+                out.append((method, uri, int(status), int(nbytes), rng, float(msec) - float(rtime), float(msec),
+                            int(conn)))
         return out
 
     @staticmethod
@@ -215,6 +216,7 @@ class S3Parts:
             sizes[(r[2], r[3])] = sizes.get((r[2], r[3]), 0) + 1
         rates = [r[3] / max(r[6] - r[5], 1e-3) for r in gets if r[3] >= MiB]
         return {"bytes": sum(r[3] for r in blob), "requests": len(blob), "gets": len(gets),
+                "connections": len({r[7] for r in blob}),
                 "peak": peak, "sizes": sorted(sizes.items(), key=lambda kv: -kv[1])[:3],
                 "methods": sorted({f"{r[0]} {r[2]}" for r in blob}),
                 "per_request_rate": med(rates) if rates else None}
@@ -879,8 +881,9 @@ class S3Report:
             cap = self.a.cap_bps
             ours_t, c8_t = self.m("shaped_cold"), self.m("shaped_curl8")
             peak = int(max(self.b.s("shaped_cold_peak")))
-            why = [f"each cold read made {self.pattern(s)}, with at most {peak} requests open at once as nginx logged "
-                   f"them (the 8 curl streams: 8 ranges of {fmt_bytes(self.size // 8)}, 8 at once)",
+            why = [f"each cold read made {self.pattern(s)} over {s['connections']} TCP connections, with at most "
+                   f"{peak} requests open at once as nginx logged them (the 8 curl streams: 8 ranges of "
+                   f"{fmt_bytes(self.size // 8)} on 8 connections at once)",
                    f"at {cap / 1e6:.1f} MB/s per connection {peak} connections carry at most "
                    f"{peak * cap / 1e6:.0f} MB/s and 8 carry {8 * cap / 1e6:.0f} MB/s; the read ran at "
                    f"{fmt_rate(self.size, ours_t)} and the 8 curls at {fmt_rate(self.size, c8_t)}",
@@ -911,7 +914,7 @@ class S3Report:
             for tool in ("ocicachefs", "s3fs", "rclone"):
                 s = self.P[f"peer_cold_summary_{tool}"]
                 facts.append(f"{tool} {fmt_s(self.m(f'peer_cold_{tool}'))}{spread(self.b.s(f'peer_cold_{tool}'))}, "
-                             f"{self.pattern(s)}, at most {s['peak']} at once, {fmt_bytes(s['bytes'])} in all, "
+                             f"{self.pattern(s)} on {s['connections']} connections, at most {s['peak']} at once, {fmt_bytes(s['bytes'])} in all, "
                              f"{self.m(f'peer_cold_cpu_{tool}'):.2f} CPU-s, read_ahead_kb {ra.get(tool)}")
             out.append(
                 f"- **Cold clearly faster than s3fs and rclone cold** (\"clearly\" taken as ≥ 1.2× and every "
@@ -992,7 +995,7 @@ class S3Report:
                 out.append(
                     f"- CI ({src}): the mounted job {fmt_s(self.m(f'ci_mount_{src}'))} = mount "
                     f"{fmt_s(self.m(f'ci_mount_only_{src}'))} + reads {fmt_s(self.m(f'ci_mount_{src}') - self.m(f'ci_mount_only_{src}'))}"
-                    f" ({fmt_bytes(self.P[f'ci_read_{src}'])} read); the baseline {fmt_s(self.m(f'ci_dl_{src}'))} = "
+                    f" ({fmt_bytes(self.P[f'ci_read_{src}'])} of layers read); the baseline {fmt_s(self.m(f'ci_dl_{src}'))} = "
                     f"download {fmt_s(self.m(f'ci_dl_only_{src}'))} "
                     f"({fmt_rate(self.m(f'ci_dl_wire_{src}'), self.m(f'ci_dl_only_{src}'))}) + the same reads on the local "
                     f"copy {fmt_s(self.m(f'ci_dl_{src}') - self.m(f'ci_dl_only_{src}'))}.")
