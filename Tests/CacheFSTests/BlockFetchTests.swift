@@ -10,28 +10,30 @@ import Glibc
 #endif
 
 @Suite struct ReadAheadWindowTests {
-    @Test func startsSmallAndDoublesWhileReadsContinue() {
-        var window = ReadAheadWindow(initial: 1 << 20, maximum: 8 << 20, tolerance: 4 << 20)
-        #expect(window.advance(offset: 0, end: 1 << 20) == 1 << 20)
+    static let mebibyte: Int64 = 1 << 20
+
+    @Test func startsSmallAndDoublesAsTheRunConsumesIt() {
+        var window = ReadAheadWindow(initial: Self.mebibyte, maximum: 8 * Self.mebibyte, tolerance: 4 * Self.mebibyte)
         var sizes: [Int64] = []
-        for index in 1..<6 {
-            sizes.append(window.advance(offset: Int64(index) << 20, end: Int64(index + 1) << 20))
+        for index in 0..<20 {
+            sizes.append(window.advance(offset: Int64(index) * Self.mebibyte, end: Int64(index + 1) * Self.mebibyte) / Self.mebibyte)
         }
-        let mebibyte: Int64 = 1 << 20
-        let expected: [Int64] = [2 * mebibyte, 4 * mebibyte, 8 * mebibyte, 8 * mebibyte, 8 * mebibyte]
+        // The window never reaches further than the run has read, and stops at its maximum.
+        let expected: [Int64] = [1, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]
         #expect(sizes == expected)
     }
 
     @Test func aJumpStartsOverButReorderedNeighboursDoNot() {
-        var window = ReadAheadWindow(initial: 1 << 20, maximum: 64 << 20, tolerance: 4 << 20)
-        _ = window.advance(offset: 0, end: 1 << 20)
-        _ = window.advance(offset: 1 << 20, end: 2 << 20)
+        var window = ReadAheadWindow(initial: Self.mebibyte, maximum: 64 * Self.mebibyte, tolerance: 4 * Self.mebibyte)
+        _ = window.advance(offset: 0, end: Self.mebibyte)
+        _ = window.advance(offset: Self.mebibyte, end: 2 * Self.mebibyte)
         // The kernel's readahead requests may arrive out of order.
-        #expect(window.advance(offset: 3 << 20, end: 4 << 20) == 4 << 20)
-        #expect(window.advance(offset: 2 << 20, end: 3 << 20) == 8 << 20)
-        #expect(window.lastEnd == 4 << 20)
-        #expect(window.advance(offset: 500 << 20, end: 501 << 20) == 1 << 20)
-        #expect(window.advance(offset: 10 << 20, end: 11 << 20) == 1 << 20)
+        #expect(window.advance(offset: 3 * Self.mebibyte, end: 4 * Self.mebibyte) == 4 * Self.mebibyte)
+        #expect(window.advance(offset: 2 * Self.mebibyte, end: 3 * Self.mebibyte) == 4 * Self.mebibyte)
+        #expect(window.lastEnd == 4 * Self.mebibyte)
+        #expect(window.advance(offset: 500 * Self.mebibyte, end: 501 * Self.mebibyte) == Self.mebibyte)
+        #expect(window.runStart == 500 * Self.mebibyte)
+        #expect(window.advance(offset: 10 * Self.mebibyte, end: 11 * Self.mebibyte) == Self.mebibyte)
     }
 }
 
