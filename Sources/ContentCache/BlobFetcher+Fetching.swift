@@ -312,18 +312,25 @@ extension BlobFetcher {
             var verifier = verifier
             var hashed = 0
             var damaged: Int?
+            // One buffer for the whole pass: blocks are read back at a gigabyte a second.
+            var buffer: [UInt8] = []
             for (offset, blockState) in pending.enumerated() {
                 let index = first + offset
                 let range = journal.range(ofBlock: index)
-                guard let bytes = try? data.read(offset: range.lowerBound, count: range.count), bytes.count == range.count else {
+                guard (try? data.read(into: &buffer, offset: range.lowerBound, count: range.count)) == true else {
                     damaged = index
                     break
                 }
-                if case .unverified(let crc) = blockState, bytes.withUnsafeBytes({ crc32(0, $0) }) != crc {
+                let intact = buffer.withUnsafeBytes { bytes -> Bool in
+                    let block = UnsafeRawBufferPointer(rebasing: bytes[..<range.count])
+                    if case .unverified(let crc) = blockState, crc32(0, block) != crc { return false }
+                    verifier.update(block)
+                    return true
+                }
+                guard intact else {
                     damaged = index
                     break
                 }
-                bytes.withUnsafeBytes { verifier.update($0) }
                 hashed += 1
             }
             if let damaged {

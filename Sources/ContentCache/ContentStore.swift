@@ -198,6 +198,29 @@ final class OpenFile: Sendable {
         return bytes
     }
 
+    /// Fills the first `count` bytes of `buffer` from `offset`, reusing its storage; false when
+    /// the file ends first.
+    func read(into buffer: inout [UInt8], offset: Int64, count: Int) throws(CacheError) -> Bool {
+        if buffer.count < count { buffer = [UInt8](repeating: 0, count: count) }
+        var failure: CacheError?
+        let filled = buffer.withUnsafeMutableBytes { raw -> Int in
+            var filled = 0
+            while filled < count {
+                let n = pread(fd, raw.baseAddress! + filled, count - filled, off_t(offset) + off_t(filled))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    failure = CacheError("read failed: \(String(cString: strerror(errno)))")
+                    break
+                }
+                if n == 0 { break }
+                filled += n
+            }
+            return filled
+        }
+        if let failure { throw failure }
+        return filled == count
+    }
+
     func write(_ bytes: [UInt8], at offset: Int64) throws(CacheError) {
         let failure = bytes.withUnsafeBytes { raw -> CacheError? in
             do throws(CacheError) {
