@@ -18,6 +18,8 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        // glibc's mallopt, for the daemon's memory footprint.
+        .systemLibrary(name: "CMalloc"),
 
         // Pure values: digests, descriptors, manifests, cache configs, deterministic JSON.
         .target(name: "OCI", dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
@@ -46,7 +48,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ocicachefs", dependencies: [
-            "OCI", "HTTPClient", "RemoteStore", "ContentCache", "CacheFS", "FuseBinding",
+            "CMalloc", "OCI", "HTTPClient", "RemoteStore", "ContentCache", "CacheFS", "FuseBinding",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

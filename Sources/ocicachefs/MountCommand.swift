@@ -1,4 +1,5 @@
 import ArgumentParser
+import CMalloc
 import CacheFS
 import ContentCache
 import Foundation
@@ -127,6 +128,9 @@ struct MountCommand: ParsableCommand {
         // Signals go to one waiting thread, not to whichever thread happens to run.
         Signals.blockTerminationSignals()
         Self.raiseOpenFileLimit()
+        // glibc gives each busy thread its own arena, and each keeps the 1 MiB read buffers it
+        // freed: with two dozen fetch and FUSE threads that is most of the daemon's memory.
+        _ = CMalloc_limitArenas(2)
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
