@@ -625,11 +625,24 @@ struct S3Tests {
             for layer in seed.layers {
                 let encoded = "/\(bucket)/" + layer.key.replacingOccurrences(of: ":", with: "%3A")
                 let gets = verdicts.filter { $0.method == "GET" && $0.path == encoded }
-                let last = layer.size - 1
-                #expect(gets.count == 2, "one cut GET, one resuming GET of \(layer.key): \(verdicts)")
-                #expect(gets.first?.cut == true && gets.first?.range == "bytes=0-\(last)", "\(gets)")
-                #expect(gets.last?.range == "bytes=\(cut)-\(last)" && gets.last?.verdict == "OK", "the resume asks for the rest only: \(gets)")
-                #expect(moto.requests("GET", bucket: bucket, key: layer.key).map(\.status) == [206, 206], "moto answered the ranges with 206")
+                // The kernel's readahead may ask for the second block first, so the cut request
+                // is not always the first; whichever was cut is continued from where it stopped.
+                func bounds(_ range: String) -> (Int64, Int64)? {
+                    let parts = range.replacingOccurrences(of: "bytes=", with: "").split(separator: "-").compactMap { Int64($0) }
+                    return parts.count == 2 ? (parts[0], parts[1]) : nil
+                }
+                let cutGets = gets.filter(\.cut)
+                #expect(cutGets.count == 1, "\(gets)")
+                if let cutGet = cutGets.first, let (first, last) = bounds(cutGet.range) {
+                    #expect(gets.contains { $0.range == "bytes=\(first + Int64(cut))-\(last)" && $0.verdict == "OK" },
+                            "the resume asks for the rest only: \(gets)")
+                } else {
+                    Issue.record("the cut GET asked for no closed range: \(gets)")
+                }
+                // Nothing but the cut part was fetched twice.
+                let fetched = gets.filter { !$0.cut }.compactMap { bounds($0.range) }.reduce(Int64(0)) { $0 + $1.1 - $1.0 + 1 }
+                #expect(fetched == layer.size - Int64(cut), "\(gets)")
+                #expect(moto.requests("GET", bucket: bucket, key: layer.key).allSatisfy { $0.status == 206 }, "moto answered the ranges with 206")
             }
             #expect(verdicts.allSatisfy { $0.verdict == "OK" }, "\(verdicts)")
             let unmounted = try await mount.unmount(in: ws)
