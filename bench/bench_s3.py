@@ -604,15 +604,15 @@ class S3Parts:
         with open(os.path.join(dest, "oci-layout"), "w") as f:
             f.write('{"imageLayoutVersion":"1.0.0"}')
 
-    def download_s3_cache(self, dest):
+    def download_s3_cache(self, dest, base=None, netns=None):
         """The whole cache directory from S3: list the bucket's objects and download every one,
         CI_PARALLEL curls at once, keeping BuildKit's key layout (blobs/sha256:<hex>,
         manifests/<name>); then the layout a local import reads (index.json naming each name's
         manifest) is written next to it, as a cache action restoring a type=local directory has it."""
         keys, token = {}, None
         while True:
-            url = f"{self.cache_url}/{CI_BUCKET}?list-type=2" + (f"&continuation-token={token}" if token else "")
-            p = self.b.run(["curl", "-sSf", "--aws-sigv4", f"aws:amz:{REGION}:s3", "--user", f"{KEY_ID}:{SECRET}", url])
+            url = f"{base or self.cache_url}/{CI_BUCKET}?list-type=2" + (f"&continuation-token={token}" if token else "")
+            p = self.b.run(self.ns(netns) + ["curl", "-sSf", "--aws-sigv4", f"aws:amz:{REGION}:s3", "--user", f"{KEY_ID}:{SECRET}", url])
             root = ET.fromstring(p.stdout)
             ns = {"s": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
             q = (lambda t: f"s:{t}") if ns else (lambda t: t)
@@ -625,7 +625,8 @@ class S3Parts:
         for key, size in sorted(keys.items(), key=lambda kv: -kv[1]):
             out = os.path.join(dest, key)
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            jobs.append((self.s3_curl_cmd(f"{self.cache_url}/{CI_BUCKET}/{key}", out=out), None, size))
+            jobs.append((self.s3_curl_cmd(f"{base or self.cache_url}/{CI_BUCKET}/{key}", out=out, netns=netns),
+                         None, size))
         self.parallel_curls(jobs)
         return keys
 
@@ -686,38 +687,54 @@ class S3Parts:
             time.sleep(0.25)
         return self.registry_requests(since)
 
+    def ci_sources(self):
+        """registry, s3 (loopback), and s3 behind the shaped link when that part runs too."""
+        return ["registry", "s3"] + (["s3-shaped"] if "shaped" in self.parts else [])
+
     def bench_ci(self):
         tag = f"ci-{CI_TAG}"
+        s3_total = sum(l["size"] for m in self.ci_s3.values() for l in m["layers"])
+        s3_chain = sum(l["size"] for l in self.ci_s3[tag]["layers"])
         total_bytes = {"registry": sum(l["size"] for t in self.ci_reg.values() for l in t["layers"]),
-                       "s3": sum(l["size"] for m in self.ci_s3.values() for l in m["layers"])}
-        chain_bytes = {"registry": sum(l["size"] for l in self.ci_reg[tag]["layers"]),
-                       "s3": sum(l["size"] for l in self.ci_s3[tag]["layers"])}
+                       "s3": s3_total, "s3-shaped": s3_total}
+        chain_bytes = {"registry": sum(l["size"] for l in self.ci_reg[tag]["layers"]), "s3": s3_chain,
+                       "s3-shaped": s3_chain}
         self.P["ci"] = {"tag": tag, "total_layer_bytes": total_bytes, "chain_bytes": chain_bytes,
-                        "layers": len(self.ci_s3[tag]["layers"]), "chains": CI_CHAINS, "parallel": CI_PARALLEL}
+                        "layers": len(self.ci_s3[tag]["layers"]), "chains": CI_CHAINS, "parallel": CI_PARALLEL,
+                        "sources": self.ci_sources()}
+        s3_files = [self.nginx_file(l["key"], CI_BUCKET) for m in self.ci_s3.values() for l in m["layers"]]
         server_files = {
             "registry": [self.b.registry_blob_file(l["digest"]) for t in self.ci_reg.values() for l in t["layers"]],
-            "s3": [self.nginx_file(l["key"], CI_BUCKET) for m in self.ci_s3.values() for l in m["layers"]]}
+            "s3": s3_files, "s3-shaped": s3_files}
+        edge = f"http://{self.a.edge}:80" if "shaped" in self.parts else None
         for run in range(self.a.runs):
-            for src in ("registry", "s3"):
+            for src in self.ci_sources():
+                netns = self.a.netns if src == "s3-shaped" else None
+                logfile = self.edge_log if src == "s3-shaped" else self.cache_log
+
+                def since_now():
+                    return self.b.log_offset() if src == "registry" else self.log_offset(logfile)
+
+                def measured(since, dirs=None):
+                    if src == "registry":
+                        return self.registry_settle(since, dirs) if dirs else self.registry_requests(since)
+                    reqs = (self.settle_log(logfile, since, dirs, prefix=f"/{CI_BUCKET}") if dirs else
+                            self.nginx_requests(logfile, since, prefix=f"/{CI_BUCKET}"))
+                    s = self.summarize(reqs, blob_only=False)
+                    return s["bytes"], s["requests"]
                 # Mounted: mount, then the import's reads through the mount.
                 cache = self.b.new_cache_dir()
                 self.cold_start(server_files[src])
+                since = since_now()
                 if src == "registry":
-                    since = self.b.log_offset()
                     source = f"type=registry,ref={self.b.registry}/bench/ci:{tag}"
                 else:
-                    since = self.log_offset(self.cache_log)
-                    source = self.source(tag, self.cache_url, CI_BUCKET)
+                    source = self.source(tag, edge if src == "s3-shaped" else self.cache_url, CI_BUCKET)
                 start = time.perf_counter()
-                t_mount = self.mount(source, cache)
+                t_mount = self.mount(source, cache, netns=netns)
                 read = self.replay_import(self.mnt, tag)
                 elapsed = time.perf_counter() - start
-                if src == "registry":
-                    wire, reqs = self.registry_settle(since, [cache])
-                else:
-                    s = self.summarize(self.settle_log(self.cache_log, since, [cache], prefix=f"/{CI_BUCKET}"),
-                                       blob_only=False)
-                    wire, reqs = s["bytes"], s["requests"]
+                wire, reqs = measured(since, [cache])
                 self.unmount()
                 self.b.rm(cache)
                 self.b.sample(f"ci_mount_{src}", elapsed)
@@ -730,24 +747,20 @@ class S3Parts:
                 self.b.rm(dest)
                 os.makedirs(dest)
                 self.cold_start(server_files[src])
-                since = self.b.log_offset() if src == "registry" else self.log_offset(self.cache_log)
+                since = since_now()
                 start = time.perf_counter()
                 if src == "registry":
                     self.download_registry_cache(dest)
                     layout = dest
                 else:
-                    layout = self.s3_layout(dest, self.download_s3_cache(dest))
+                    keys = self.download_s3_cache(dest, edge if src == "s3-shaped" else None, netns)
+                    layout = self.s3_layout(dest, keys)
                 t_dl = time.perf_counter() - start
                 read2 = self.replay_import(layout, tag)
                 elapsed = time.perf_counter() - start
                 if read2 != read:
                     raise self.b.error(f"CI replay read {read2} bytes from the download, {read} through the mount")
-                if src == "registry":
-                    wire, reqs = self.registry_requests(since)
-                else:
-                    s = self.summarize(self.nginx_requests(self.cache_log, since, prefix=f"/{CI_BUCKET}"),
-                                       blob_only=False)
-                    wire, reqs = s["bytes"], s["requests"]
+                wire, reqs = measured(since)
                 self.b.rm(dest)
                 self.b.sample(f"ci_dl_{src}", elapsed)
                 self.b.sample(f"ci_dl_only_{src}", t_dl)
@@ -797,6 +810,11 @@ class S3Report:
         self.row(num, what, f"{fmt_s(ours)} ({fmt_rate(nbytes, ours)})", base_name,
                  f"{fmt_s(base)} ({fmt_rate(nbytes, base)})", f"{base / ours:.2f}×", target)
         return base / ours
+
+    def ci_name(self, src):
+        if src == "s3-shaped":
+            return f"S3 behind the shaped link ({self.a.rate}/connection, +{2 * self.a.delay_ms:g} ms RTT)"
+        return "the registry" if src == "registry" else "S3"
 
     @staticmethod
     def verdict(ok):
@@ -856,7 +874,8 @@ class S3Report:
                          f"{ours / theirs:.2f}×")
         if self.has("ci"):
             ci = self.P["ci"]
-            for src, name in (("registry", "the registry"), ("s3", "S3")):
+            for src in ci.get("sources", ["registry", "s3"]):
+                name = self.ci_name(src)
                 total = ci["total_layer_bytes"][src]
                 what = (f"CI job from {name}: mount + import of `{ci['tag']}` ({ci['layers']} layers, "
                         f"{fmt_bytes(ci['chain_bytes'][src])} of a {fmt_bytes(total)} cache)")
@@ -914,7 +933,7 @@ class S3Report:
             for tool in ("ocicachefs", "s3fs", "rclone"):
                 s = self.P[f"peer_cold_summary_{tool}"]
                 facts.append(f"{tool} {fmt_s(self.m(f'peer_cold_{tool}'))}{spread(self.b.s(f'peer_cold_{tool}'))}, "
-                             f"{self.pattern(s)} on {s['connections']} connections, at most {s['peak']} at once, {fmt_bytes(s['bytes'])} in all, "
+                             f"{self.pattern(s)} on {s['connections']} connection{'s' if s['connections'] != 1 else ''}, at most {s['peak']} at once, {fmt_bytes(s['bytes'])} in all, "
                              f"{self.m(f'peer_cold_cpu_{tool}'):.2f} CPU-s, read_ahead_kb {ra.get(tool)}")
             out.append(
                 f"- **Cold clearly faster than s3fs and rclone cold** (\"clearly\" taken as ≥ 1.2× and every "
@@ -937,7 +956,8 @@ class S3Report:
                        "measured in this run (part `peers`).")
         if self.has("ci"):
             ci = self.P["ci"]
-            for src, name in (("registry", "the registry"), ("s3", "S3")):
+            for src in ci.get("sources", ["registry", "s3"]):
+                name = self.ci_name(src)
                 t, nb = self.ratio[f"ci_time_{src}"], self.ratio[f"ci_bytes_{src}"]
                 mount_only, dl_only = self.m(f"ci_mount_only_{src}"), self.m(f"ci_dl_only_{src}")
                 out.append(
@@ -951,13 +971,14 @@ class S3Report:
                     f"{fmt_s(self.m(f'ci_dl_{src}'))}{spread(self.b.s(f'ci_dl_{src}'))}, of which the download "
                     f"{fmt_s(dl_only)})."
                     + ("" if t <= 0.3 else
-                       f" To meet it the mounted job would have to end within {fmt_s(0.3 * self.m(f'ci_dl_{src}'))}; "
-                       f"mounting alone took {mount_only / self.m(f'ci_mount_{src}') * 100:.0f}% of its time (the page "
-                       f"cache is dropped before it, so the binary and its libraries are read from disk, as on a fresh "
-                       f"runner), and the chain's reads, one blob after another as buildctl reads them, the rest, "
+                       f" To meet it the mounted job would have to end within {fmt_s(0.3 * self.m(f'ci_dl_{src}'))}; mounting took "
+                       f"{mount_only / self.m(f'ci_mount_{src}') * 100:.0f}% of its time (page cache dropped before "
+                       f"it, as on a fresh runner" + (f"; item 1's mount with a warm page cache took "
+                                                       f"{fmt_s(med(self.b.s('mount_one')))}" if self.b.s("mount_one") else "")
+                       + f"), and the chain's reads, one blob after another as buildctl reads them, the rest, at "
                        f"{fmt_rate(ci['chain_bytes'][src], self.m(f'ci_mount_{src}') - mount_only)}; the baseline's "
                        f"download ran at {fmt_rate(self.m(f'ci_dl_wire_{src}'), dl_only)} with {ci['parallel']} "
-                       f"streams on loopback."))
+                       f"streams" + (" on loopback." if src != "s3-shaped" else ".")))
         elif "registry" in self.parts:
             out.append("- **CI case: ≤ 0.12× the bytes and ≤ 0.3× the time of downloading the whole cache directory**: "
                        "not measured in this run (part `ci`).")
@@ -986,19 +1007,26 @@ class S3Report:
         if self.has("peers"):
             out.append(
                 f"- Peers: ocicachefs sets its mount's read_ahead_kb itself; s3fs (libfuse 2) and rclone run with their "
-                f"defaults as users would ({self.P.get('peer_read_ahead_kb')}). Peak RSS after the cold read: "
+                f"defaults as users would (read_ahead_kb: " + ", ".join(f"{t} {v}" for t, v in self.P.get('peer_read_ahead_kb', {}).items())
+                + "). Peak RSS after the cold read: "
                 + ", ".join(f"{t} {fmt_bytes(self.m(f'peer_cold_hwm_{t}'))}" for t in ("ocicachefs", "s3fs", "rclone"))
                 + ".")
         if self.has("ci"):
             ci = self.P["ci"]
-            for src in ("registry", "s3"):
+            for src in ci.get("sources", ["registry", "s3"]):
                 out.append(
-                    f"- CI ({src}): the mounted job {fmt_s(self.m(f'ci_mount_{src}'))} = mount "
+                    f"- CI ({self.ci_name(src)}): the mounted job {fmt_s(self.m(f'ci_mount_{src}'))} = mount "
                     f"{fmt_s(self.m(f'ci_mount_only_{src}'))} + reads {fmt_s(self.m(f'ci_mount_{src}') - self.m(f'ci_mount_only_{src}'))}"
                     f" ({fmt_bytes(self.P[f'ci_read_{src}'])} of layers read); the baseline {fmt_s(self.m(f'ci_dl_{src}'))} = "
                     f"download {fmt_s(self.m(f'ci_dl_only_{src}'))} "
                     f"({fmt_rate(self.m(f'ci_dl_wire_{src}'), self.m(f'ci_dl_only_{src}'))}) + the same reads on the local "
-                    f"copy {fmt_s(self.m(f'ci_dl_{src}') - self.m(f'ci_dl_only_{src}'))}.")
+                    f"copy {fmt_s(self.m(f'ci_dl_{src}') - self.m(f'ci_dl_only_{src}'))}."
+                    + (f" The mounted reads ran at "
+                       f"{fmt_rate(ci['chain_bytes'][src], self.m(f'ci_mount_{src}') - self.m(f'ci_mount_only_{src}'))}, "
+                       f"{ci['chain_bytes'][src] / (self.m(f'ci_mount_{src}') - self.m(f'ci_mount_only_{src}')) / self.a.cap_bps:.1f}"
+                       f"× one connection's cap; the download at "
+                       f"{self.m(f'ci_dl_wire_{src}') / self.m(f'ci_dl_only_{src}') / self.a.cap_bps:.1f}× it."
+                       if src == "s3-shaped" else ""))
         return "\n".join(out)
 
     # ---- setup and method
@@ -1055,7 +1083,10 @@ class S3Report:
                 f"list the cache (registry `tags/list` and each tag's manifest; S3 `ListObjectsV2`), download every "
                 f"object with {CI_PARALLEL} `curl`s at once into a directory, write the layout's `index.json`, then "
                 f"the same replay on the local copy. Bytes: response bodies in the registry's log (every GET of the "
-                f"repository) and in nginx's access log (every request on the bucket).")
+                f"repository) and in nginx's access log (every request on the bucket)."
+                + (" With the `shaped` part, the S3 case runs a third time through the shaped link: the mount and "
+                   "the baseline's curls in the client namespace, bytes from the edge nginx's log."
+                   if "shaped" in self.parts else ""))
         return "\n".join(out)
 
     def not_measured(self):
