@@ -995,6 +995,8 @@ class Report:
 
     def markdown(self):
         R, mach = self.R, machine(self.b.work)
+        if self.a.build_commit:
+            mach["commit"], mach["dirty"] = self.a.build_commit, self.a.build_dirty
         seed = ", ".join(f"{k}: {v['layers']} × {fmt_bytes(v['layer_size'])} in {v['seconds']} s"
                          for k, v in R["seed"].items())
         p2 = R.get("part2", {})
@@ -1002,7 +1004,7 @@ class Report:
             seed += (", " if seed else "") + f"S3 object of {fmt_size_name(self.size)} + nginx warm-up in {p2['seed_big_seconds']} s"
         if "seed_ci_seconds" in p2:
             seed += (", " if seed else "") + f"CI caches (S3 and registry) in {p2['seed_ci_seconds']} s"
-        dirty = ("with uncommitted changes in Sources/ or Package.swift at the time of the run"
+        dirty = ("with uncommitted changes in Sources/ or Package.swift when the build started"
                  if mach["dirty"] else "clean")
         started = R["started"].strftime("%Y-%m-%d %H:%M UTC")
         minutes = (R["finished"] - R["started"]).total_seconds() / 60
@@ -1124,6 +1126,8 @@ def main():
     ap.add_argument("--cap-bps", type=int, help="the per-connection cap in bytes per second")
     ap.add_argument("--delay-pid", type=int)
     ap.add_argument("--edge-pid", type=int)
+    ap.add_argument("--build-commit", help="HEAD when run.sh started the build")
+    ap.add_argument("--build-dirty", type=int, help="changed files in Sources/ and Package.swift then")
     ap.add_argument("--ci-scale", type=int, default=1, help="divide the CI cache's layer sizes by this")
     ap.add_argument("--size", type=int, default=GiB)
     ap.add_argument("--huge-size", type=int, default=4 * GiB, help="0 skips the peak-RSS blob")

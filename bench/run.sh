@@ -105,6 +105,9 @@ tmp_base=${BENCH_TMPDIR:-/tmp}
 avail_gib=$(df -P -BG "$tmp_base" | awk 'NR==2{sub("G","",$4); print $4}')
 [ "$avail_gib" -ge "$need_gib" ] || die "$tmp_base has ${avail_gib} GiB free, this mode needs about $need_gib GiB (set BENCH_TMPDIR)"
 
+# What the binary is built from, recorded now (other commits may land while the bench runs).
+build_commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+build_dirty=$(git status --porcelain -- Sources Package.swift 2>/dev/null | wc -l)
 build=(swift build -c release --product ocicachefs)
 [ -n "${BENCH_SCRATCH_PATH:-}" ] && build+=(--scratch-path "$BENCH_SCRATCH_PATH")
 echo "== building the release binary (${build[*]})" >&2
@@ -158,7 +161,7 @@ wait_http() {  # URL SECONDS WHAT LOG: poll until the URL answers at all
 }
 
 bench_args=(--work "$work" --binary "$binary" --size "$size" --huge-size "$huge" --parts "$parts"
-            --ci-scale "$ci_scale" --command "$args_text")
+            --ci-scale "$ci_scale" --command "$args_text" --build-commit "$build_commit" --build-dirty "$build_dirty")
 
 if has registry; then
     echo "== compiling libfuse's passthrough_ll example into $work/pt" >&2
