@@ -47,6 +47,15 @@ import Glibc
         try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
     }
 
+    /// A mount that read the blob's first block and was then stopped, leaving a partial download.
+    func stoppedAfterFirstBlock(_ layer: [UInt8]) throws -> Fixture {
+        let fixture = try Fixture(layers: [layer], tuning: Self.tuning)
+        _ = try fixture.read(try blobInode(fixture, layer), offset: 0, count: 64 << 10).get()
+        fixture.fetcher.waitUntilIdle()
+        fixture.fetcher.shutdown()
+        return fixture
+    }
+
     @Test func aSequentialReadGrowsItsRequestsToWholeChunks() throws {
         let layer = randomBytes(8 << 20, seed: 60)
         let fixture = try Fixture(layers: [layer], tuning: Self.tuning)
@@ -150,11 +159,8 @@ import Glibc
     @Test func aCorruptBlockOnDiskIsDetectedBeforeUseAndFetchedAgain() throws {
         let layer = randomBytes(2 << 20, seed: 66)
         let hex = Digest.sha256(of: layer).hex
-        let first = try Fixture(layers: [layer], tuning: Self.tuning)
+        let first = try stoppedAfterFirstBlock(layer)
         defer { first.removeCache() }
-        _ = try first.read(try blobInode(first, layer), offset: 0, count: 64 << 10).get()
-        first.fetcher.waitUntilIdle()
-        first.fetcher.shutdown()
 
         // One byte of the first block changes on disk.
         let partial = open(first.cacheDirectory + "/partial/" + hex, O_RDWR)
@@ -173,11 +179,8 @@ import Glibc
     @Test func aCorruptJournalHeaderStartsTheBlobAfresh() throws {
         let layer = randomBytes(1 << 20, seed: 67)
         let hex = Digest.sha256(of: layer).hex
-        let first = try Fixture(layers: [layer], tuning: Self.tuning)
+        let first = try stoppedAfterFirstBlock(layer)
         defer { first.removeCache() }
-        _ = try first.read(try blobInode(first, layer), offset: 0, count: 64 << 10).get()
-        first.fetcher.waitUntilIdle()
-        first.fetcher.shutdown()
         try Data("garbage".utf8).write(to: URL(fileURLWithPath: first.cacheDirectory + "/partial/" + hex + ".journal"))
 
         let second = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory, tuning: Self.tuning)
