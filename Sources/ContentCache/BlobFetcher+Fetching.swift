@@ -38,7 +38,8 @@ extension BlobFetcher {
             fetch(digest, blocks: Set(ours), span: 0...(journal.blockCount - 1), data: data, journal: journal, wholeStream: true)
             return
         }
-        for run in Self.contiguousRuns(ours) {
+        // A reader's re-queued job may span a chunk boundary; requests never do.
+        for run in Self.contiguousRuns(ours, blocksPerChunk: Int(tuning.chunkSize / tuning.blockSize)) {
             // Claim the run across processes; what another mount is fetching is watched instead.
             let claimed: [ClosedRange<Int>]
             if journal.tryClaim(run) {
@@ -69,10 +70,11 @@ extension BlobFetcher {
         }
     }
 
-    static func contiguousRuns(_ indices: [Int]) -> [ClosedRange<Int>] {
+    /// Runs of consecutive blocks, cut where a chunk starts when `blocksPerChunk` is given.
+    static func contiguousRuns(_ indices: [Int], blocksPerChunk: Int = .max) -> [ClosedRange<Int>] {
         var runs: [ClosedRange<Int>] = []
         for index in indices.sorted() {
-            if let last = runs.last, last.upperBound + 1 == index {
+            if let last = runs.last, last.upperBound + 1 == index, index % blocksPerChunk != 0 {
                 runs[runs.count - 1] = last.lowerBound...index
             } else {
                 runs.append(index...index)
