@@ -40,6 +40,12 @@ extension BlobFetcher {
         }
         // A reader's re-queued job may span a chunk boundary; requests never do.
         for run in Self.contiguousRuns(ours, blocksPerChunk: Int(tuning.chunkSize / tuning.blockSize)) {
+            if job.overridingClaims {
+                // Another process holds these blocks' claims without landing them; both may now
+                // write the same bytes, which the digest check covers like any other.
+                guard fetch(digest, blocks: Set(run), span: run, data: data, journal: journal, wholeStream: false) else { return }
+                continue
+            }
             // Claim the run across processes; what another mount is fetching is watched instead.
             let claimed: [ClosedRange<Int>]
             if journal.tryClaim(run) {
@@ -185,7 +191,13 @@ extension BlobFetcher {
         state.withLock { state in
             guard state.transfers[digest] != nil else { return }
             for index in indices { state.transfers[digest]!.blocks[index] = newState }
-            if newState == .elsewhere { startWatchingOtherProcesses(&state) }
+            if newState == .elsewhere {
+                let now = ContinuousClock.now
+                for index in indices where state.transfers[digest]!.elsewhereSince[index] == nil {
+                    state.transfers[digest]!.elsewhereSince[index] = now
+                }
+                startWatchingOtherProcesses(&state)
+            }
         }
     }
 
@@ -259,14 +271,26 @@ extension BlobFetcher {
     }
 
     /// Follows blocks other mounts are fetching: each lands (recorded in the shared journal),
-    /// or its claim goes away without a record (that process died or gave up) and is fetched here.
+    /// or its claim goes away without a record (that process died or gave up) and is fetched
+    /// here, or it stays claimed past `otherProcessStall` and is fetched here regardless.
     private func watchOtherProcesses() {
         while true {
             usleep(10_000)
-            let watched = state.withLock { state -> [(Digest, BlockJournal, [Int])]? in
-                let watched = state.transfers.compactMap { digest, transfer -> (Digest, BlockJournal, [Int])? in
-                    let indices = transfer.blocks.indices.filter { transfer.blocks[$0] == .elsewhere }
-                    return indices.isEmpty ? nil : (digest, transfer.journal, indices)
+            let deadline = ContinuousClock.now - otherProcessStall
+            let watched = state.withLock { state -> [(Digest, BlockJournal, waiting: [Int], stalled: [Job])]? in
+                var watched: [(Digest, BlockJournal, waiting: [Int], stalled: [Job])] = []
+                for digest in Array(state.transfers.keys) where !state.transfers[digest]!.elsewhereSince.isEmpty {
+                    var transfer = state.transfers.removeValue(forKey: digest)!
+                    defer { state.transfers[digest] = transfer }
+                    transfer.elsewhereSince = transfer.elsewhereSince.filter { transfer.blocks[$0.key] == .elsewhere }
+                    let stalled = transfer.elsewhereSince.filter { $0.value < deadline }.keys.sorted()
+                    for index in stalled {
+                        transfer.blocks[index] = .queued
+                        transfer.elsewhereSince[index] = nil
+                    }
+                    let jobs = Self.contiguousRuns(stalled).map { Job(digest: digest, blocks: $0, priority: .reader, overridingClaims: true) }
+                    transfer.jobs += jobs.count
+                    watched.append((digest, transfer.journal, Array(transfer.elsewhereSince.keys), jobs))
                 }
                 if state.cancelled || watched.isEmpty {
                     state.watchingOtherProcesses = false
@@ -275,7 +299,12 @@ extension BlobFetcher {
                 return watched
             }
             guard let watched else { return }
-            for (digest, journal, indices) in watched {
+            for (digest, _, _, stalled) in watched where !stalled.isEmpty {
+                logger.warning("another mount of this cache directory made no progress on blocks it claimed; fetching them here",
+                               metadata: ["digest": "\(digest)", "blocks": "\(stalled.reduce(0) { $0 + $1.blocks.count })"])
+                submit(stalled)
+            }
+            for (digest, journal, indices, _) in watched {
                 var recorded: [Int: UInt32] = [:]
                 var abandoned: Set<Int> = []
                 for index in indices {

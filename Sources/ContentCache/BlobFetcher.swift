@@ -105,6 +105,8 @@ public final class BlobFetcher: Sendable {
         var jobs = 0
         /// Queued blocks whose job waits behind readers' jobs.
         var queuedForReadAhead: Set<Int> = []
+        /// When each block now `.elsewhere` was found claimed by another process.
+        var elsewhereSince: [Int: ContinuousClock.Instant] = [:]
         var lastUse = ContinuousClock.now
 
         var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing }
@@ -141,6 +143,7 @@ public final class BlobFetcher: Sendable {
     let logger: Logger
     let maxAttempts: Int
     let failureMemory: Duration
+    let otherProcessStall: Duration
     let limits: CacheLimits?
     let tuning: FetchTuning
     let queue: FetchQueue
@@ -155,13 +158,18 @@ public final class BlobFetcher: Sendable {
     /// Set once at shutdown; checked for every piece of body a fetch receives.
     let stopping = Atomic<Bool>(false)
 
+    /// - Parameter otherProcessStall: how long a block that another mount of the same cache
+    ///   directory claimed may take to land before this one fetches it regardless: a stopped
+    ///   (not dead) process keeps its claims but makes no progress.
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
-                failureMemory: Duration = .seconds(5), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
+                failureMemory: Duration = .seconds(5), otherProcessStall: Duration = .seconds(60),
+                limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
         self.store = store
         self.source = source
         self.logger = logger
         self.maxAttempts = maxAttempts
         self.failureMemory = failureMemory
+        self.otherProcessStall = otherProcessStall
         self.limits = limits
         self.tuning = tuning
         self.queue = FetchQueue(workers: tuning.connections)
@@ -371,6 +379,8 @@ extension BlobFetcher {
         var digest: Digest
         var blocks: ClosedRange<Int>
         var priority: FetchQueue.Priority
+        /// Fetch even what another process claimed: its claim has stalled past the bound.
+        var overridingClaims = false
     }
 
     /// Marks the absent blocks of the read and of the read-ahead after it as queued and

@@ -69,7 +69,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground and log to stderr.")
     var foreground = false
 
-    @Option(help: ArgumentHelp("Bound, in seconds, on every network wait (connect, stall, token and manifest requests).", valueName: "SECONDS"))
+    @Option(help: ArgumentHelp("Bound, in seconds, on every network wait (connect, stall, token and manifest requests) and on blocks another mount of the cache directory claimed but does not deliver.", valueName: "SECONDS"))
     var timeout: Double = 60
 
     @Option(help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "LEVEL"))
@@ -150,7 +150,7 @@ struct MountCommand: ParsableCommand {
         var limits = CacheLimits.defaults(forDirectory: cacheDirectory)
         if let cacheSize { limits.maxBytes = cacheSize.bytes }
         if let minFree { limits.minFreeBytes = minFree.bytes }
-        let fetcher = BlobFetcher(store: store, source: remote, logger: logger, limits: limits)
+        let fetcher = BlobFetcher(store: store, source: remote, logger: logger, otherProcessStall: bound, limits: limits)
         let filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
         if allowOther { options.append("allow_other") }

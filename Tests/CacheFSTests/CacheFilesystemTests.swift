@@ -20,12 +20,13 @@ final class Fixture: Sendable {
     let fetcher: BlobFetcher
 
     init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
-         failureMemory: Duration = .zero, limits: CacheLimits? = nil, tuning: FetchTuning = .init()) throws {
+         failureMemory: Duration = .zero, otherProcessStall: Duration = .seconds(60), limits: CacheLimits? = nil,
+         tuning: FetchTuning = .init()) throws {
         source = InMemorySource(layers: layers, behaviour: behaviour)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
-        fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory, limits: limits,
-                              tuning: tuning)
+        fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory,
+                              otherProcessStall: otherProcessStall, limits: limits, tuning: tuning)
         filesystem = CacheFilesystem(snapshot: source.snapshot, fetcher: fetcher, logger: Logger(label: "test"))
     }
 
@@ -340,6 +341,35 @@ final class Fixture: Sendable {
         #expect(done.wait(timeout: .now() + 5) == .success)
         #expect(answer.withLock { $0 }?.failure == .ioError)
         fixture.source.resume()
+    }
+
+    /// A mount stopped without dying (SIGSTOP, a hung disk) keeps its claims on the blocks it
+    /// was fetching: another mount waits for them only as long as its bound, then fetches them.
+    @Test func blocksClaimedByAStalledMountAreFetchedAfterTheBound() throws {
+        let layer = randomBytes(2 << 20, seed: 23)
+        let digest = Digest.sha256(of: layer)
+        let first = try Fixture(layers: [layer], behaviour: .init(pauseAfter: 1 << 20))
+        defer { first.removeCache() }
+        let second = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory, otherProcessStall: .milliseconds(500))
+        let firstInode = try first.inode("blobs/sha256/" + digest.hex)
+        let secondInode = try second.inode("blobs/sha256/" + digest.hex)
+        // The first mount claimed the first two blocks and stalls after landing one.
+        #expect(try first.read(firstInode, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
+
+        let answer = Mutex<Result<[UInt8], FSError>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        second.filesystem.read(secondInode, offset: 0, count: layer.count) { result in
+            answer.withLock { $0 = result }
+            done.signal()
+        }
+        #expect(done.wait(timeout: .now() + 0.2) == .timedOut)
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(try answer.withLock { $0! }.get() == layer)
+        // The landed block came from the shared file; only the stalled one was fetched again.
+        #expect(second.source.bytesSent() == 1 << 20)
+        first.source.resume()
+        first.fetcher.waitUntilIdle()
+        second.fetcher.waitUntilIdle()
     }
 
     /// Two mounts on one cache directory: the second waits for the blocks the first is
