@@ -908,7 +908,7 @@ class Report:
             f"read ({full:.3f}×) and for re-reads over a complete cache (no bytes); "
             f"{self.verdict(max(head, sparse) <= 1.01)} for partial reads: reading the first "
             f"{fmt_bytes(ph['read'])} pulled {fmt_bytes(ph['wire'])} ({head:.1f}×) in {ph['gets']} GETs, four 1 MiB "
-            f"reads at 0, ¼, ½ and ¾ pulled {fmt_bytes(ps['wire'])} ({sparse:.0f}×) in {ps['gets']} GETs. "
+            f"reads at 0, ¼, ½ and ¾ pulled {fmt_bytes(ps['wire'])} ({sparse:.1f}×) in {ps['gets']} GETs. "
             + ("Why: the first read of a blob starts a download of the whole blob, which runs on to its end while "
                "the mount is up (the figures count everything the registry sent until its log and the cache "
                "directory stopped changing). A bounded read-ahead, a window that starts small at the first read "
