@@ -41,14 +41,19 @@ final class Fixture: Sendable {
     }
 
     func read(_ inode: UInt64, offset: Int64, count: Int) -> Result<[UInt8], FSError> {
-        let box = Mutex<Result<[UInt8], FSError>?>(nil)
-        let done = DispatchSemaphore(value: 0)
+        let pending = startRead(inode, offset: offset, count: count)
+        pending.done.wait()
+        return pending.result!
+    }
+
+    /// A read whose answer may come later.
+    func startRead(_ inode: UInt64, offset: Int64, count: Int) -> PendingRead {
+        let pending = PendingRead()
         filesystem.read(inode, offset: offset, count: count) { result in
-            box.withLock { $0 = result }
-            done.signal()
+            pending.answer.withLock { $0 = result }
+            pending.done.signal()
         }
-        done.wait()
-        return box.withLock { $0! }
+        return pending
     }
 
     /// Reads a file the way BuildKit's content store does: 1 MiB preads until a short one.
@@ -64,6 +69,16 @@ final class Fixture: Sendable {
             }
         }
     }
+}
+
+final class PendingRead: Sendable {
+    let answer = Mutex<Result<[UInt8], FSError>?>(nil)
+    let done = DispatchSemaphore(value: 0)
+
+    var result: Result<[UInt8], FSError>? { answer.withLock { $0 } }
+
+    /// True once answered within `seconds`.
+    func wait(seconds: Double) -> Bool { done.wait(timeout: .now() + seconds) == .success }
 }
 
 @Suite struct LayoutTests {
@@ -238,16 +253,11 @@ final class Fixture: Sendable {
         let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
         // The stream is held after 1 MiB; the first 4 KiB must arrive anyway.
         #expect(try fixture.read(inode, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
-        let tail = Mutex<Result<[UInt8], FSError>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        fixture.filesystem.read(inode, offset: Int64(layer.count - 100), count: 4096) { result in
-            tail.withLock { $0 = result }
-            done.signal()
-        }
-        #expect(done.wait(timeout: .now() + 0.3) == .timedOut)
+        let tail = fixture.startRead(inode, offset: Int64(layer.count - 100), count: 4096)
+        #expect(!tail.wait(seconds: 0.3))
         fixture.source.resume()
-        done.wait()
-        #expect(try tail.withLock { $0! }.get() == Array(layer[(layer.count - 100)...]))
+        tail.done.wait()
+        #expect(try tail.result?.get() == Array(layer[(layer.count - 100)...]))
     }
 
     @Test func aLyingRemoteIsNeverServedWholeNorCached() throws {
@@ -331,15 +341,10 @@ final class Fixture: Sendable {
         let fixture = try Fixture(layers: [layer], behaviour: .init(pauseAfter: 64 << 10))
         defer { fixture.removeCache() }
         let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
-        let answer = Mutex<Result<[UInt8], FSError>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        fixture.filesystem.read(inode, offset: 1 << 20, count: 4096) { result in
-            answer.withLock { $0 = result }
-            done.signal()
-        }
+        let answer = fixture.startRead(inode, offset: 1 << 20, count: 4096)
         fixture.filesystem.shutdown()
-        #expect(done.wait(timeout: .now() + 5) == .success)
-        #expect(answer.withLock { $0 }?.failure == .ioError)
+        #expect(answer.wait(seconds: 5))
+        #expect(answer.result?.failure == .ioError)
         fixture.source.resume()
     }
 
@@ -356,15 +361,10 @@ final class Fixture: Sendable {
         // The first mount claimed the first two blocks and stalls after landing one.
         #expect(try first.read(firstInode, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
 
-        let answer = Mutex<Result<[UInt8], FSError>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        second.filesystem.read(secondInode, offset: 0, count: layer.count) { result in
-            answer.withLock { $0 = result }
-            done.signal()
-        }
-        #expect(done.wait(timeout: .now() + 0.2) == .timedOut)
-        #expect(done.wait(timeout: .now() + 10) == .success)
-        #expect(try answer.withLock { $0! }.get() == layer)
+        let answer = second.startRead(secondInode, offset: 0, count: layer.count)
+        #expect(!answer.wait(seconds: 0.2))
+        #expect(answer.wait(seconds: 10))
+        #expect(try answer.result?.get() == layer)
         // The landed block came from the shared file; only the stalled one was fetched again.
         #expect(second.source.bytesSent() == 1 << 20)
         first.source.resume()
@@ -385,16 +385,11 @@ final class Fixture: Sendable {
         // The first mount's download is under way (held half-way).
         #expect(try first.read(firstInode, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
 
-        let answer = Mutex<Result<[UInt8], FSError>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        second.filesystem.read(secondInode, offset: 0, count: layer.count) { result in
-            answer.withLock { $0 = result }
-            done.signal()
-        }
-        #expect(done.wait(timeout: .now() + 0.3) == .timedOut)
+        let answer = second.startRead(secondInode, offset: 0, count: layer.count)
+        #expect(!answer.wait(seconds: 0.3))
         first.source.resume()
-        #expect(done.wait(timeout: .now() + 10) == .success)
-        #expect(try answer.withLock { $0! }.get() == layer)
+        #expect(answer.wait(seconds: 10))
+        #expect(try answer.result?.get() == layer)
         #expect(second.source.streamsStarted.isEmpty)
         first.fetcher.waitUntilIdle()
         #expect(first.source.maximumSendsPerByte() == 1)

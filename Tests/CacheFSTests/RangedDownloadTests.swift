@@ -77,16 +77,11 @@ import Testing
         let fixture = try Fixture(layers: [layer], behaviour: .init(pauseAfter: 128 << 10), tuning: Self.tuning)
         defer { fixture.removeCache() }
         let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
-        let tail = Mutex<Result<[UInt8], FSError>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        fixture.filesystem.read(inode, offset: Int64(layer.count - 10), count: 10) { result in
-            tail.withLock { $0 = result }
-            done.signal()
-        }
+        let tail = fixture.startRead(inode, offset: Int64(layer.count - 10), count: 10)
         // Every range stream holds at 128 KiB until resumed; the end waits for all of them.
-        #expect(done.wait(timeout: .now() + 0.3) == .timedOut)
+        #expect(!tail.wait(seconds: 0.3))
         for _ in 0..<64 { fixture.source.resume() }
-        #expect(done.wait(timeout: .now() + 10) == .success)
-        #expect(try tail.withLock { $0! }.get() == Array(layer[(layer.count - 10)...]))
+        #expect(tail.wait(seconds: 10))
+        #expect(try tail.result?.get() == Array(layer[(layer.count - 10)...]))
     }
 }
