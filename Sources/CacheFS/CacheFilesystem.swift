@@ -211,8 +211,10 @@ public final class CacheFilesystem: Sendable {
     }
 
     /// Reads `count` bytes at `offset`. `reply` is called exactly once, on this thread when the
-    /// bytes are local, later when they must come from the remote.
-    public func read(_ inode: UInt64, offset: Int64, count: Int, reply: @escaping @Sendable (Result<[UInt8], FSError>) -> Void) {
+    /// bytes are local, later when they must come from the remote; the bytes it gets are valid
+    /// only during the call.
+    public func read(_ inode: UInt64, offset: Int64, count: Int,
+                     reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
         let content: Content? = state.withLock { $0.nodes[inode]?.content }
         switch content {
         case nil:
@@ -220,7 +222,10 @@ public final class CacheFilesystem: Sendable {
         case .directory?, .scratchDirectory?:
             reply(.failure(.isDirectory))
         case .bytes(let bytes)?, .scratchFile(let bytes)?:
-            reply(.success(Self.slice(bytes, offset: offset, count: count)))
+            bytes.withUnsafeBytes { all in
+                let start = (0..<Int64(all.count)).contains(offset) ? Int(offset) : all.count
+                reply(.success(UnsafeRawBufferPointer(rebasing: all[start..<min(all.count, start + count)])))
+            }
         case .lazyBlob(let digest, let size)?:
             let logger = self.logger
             fetcher.read(digest, size: size, offset: offset, count: count) { result in
@@ -424,12 +429,6 @@ public final class CacheFilesystem: Sendable {
     }
 
     private static func isValidName(_ name: String) -> Bool { !name.isEmpty && name.utf8.count <= 255 }
-
-    private static func slice(_ bytes: [UInt8], offset: Int64, count: Int) -> [UInt8] {
-        guard offset >= 0, offset < Int64(bytes.count) else { return [] }
-        let start = Int(offset)
-        return Array(bytes[start..<min(bytes.count, start + count)])
-    }
 }
 
 public struct OpenedFile: Sendable, Equatable {

@@ -12,8 +12,7 @@ extension BlobFetcher {
         defer { finishJob(job.digest) }
         let digest = job.digest
         let taken = state.withLock { state -> (OpenFile, BlockJournal, [Int], Bool)? in
-            guard !state.cancelled, var transfer = state.transfers[digest] else { return nil }
-            defer { state.transfers[digest] = transfer }
+            guard !state.cancelled, let transfer = state.transfers[digest] else { return nil }
             var candidates = Array(job.blocks)
             if transfer.rangesIgnored { candidates = Array(transfer.blocks.indices) }
             let ours = candidates.filter { transfer.blocks[$0] == .queued || (transfer.rangesIgnored && transfer.blocks[$0] == .absent) }
@@ -167,22 +166,20 @@ extension BlobFetcher {
         let ready = state.withLock { state -> (OpenFile, [Waiter])? in
             guard state.transfers[digest] != nil else { return nil }
             state.transfers[digest]!.blocks[index] = .present
-            return (state.transfers[digest]!.data, takeReadyWaiters(&state.transfers[digest]!))
+            return (state.transfers[digest]!.data, takeReadyWaiters(state.transfers[digest]!))
         }
         if let (data, waiters) = ready {
-            for waiter in waiters { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            for waiter in waiters { answer(waiter, from: data) }
         }
         advanceHash(digest)
     }
 
-    func takeReadyWaiters(_ transfer: inout Transfer) -> [Waiter] {
-        var ready: [Waiter] = []
-        let snapshot = transfer
-        transfer.waiters.removeAll { waiter in
-            let isReady = snapshot.canServe(waiter, blockSize: tuning.blockSize)
-            if isReady { ready.append(waiter) }
-            return isReady
+    func takeReadyWaiters(_ transfer: Transfer) -> [Waiter] {
+        var ready: [Waiter] = [], waiting: [Waiter] = []
+        for waiter in transfer.waiters {
+            if transfer.canServe(waiter, blockSize: tuning.blockSize) { ready.append(waiter) } else { waiting.append(waiter) }
         }
+        transfer.waiters = waiting
         return ready
     }
 
@@ -207,8 +204,10 @@ extension BlobFetcher {
         var intact: Set<Int> = [], damaged: Set<Int> = []
         for (index, crc) in recorded {
             let range = journal.range(ofBlock: index)
-            let bytes = (try? data.read(offset: range.lowerBound, count: range.count)) ?? []
-            if bytes.count == range.count && bytes.withUnsafeBytes({ crc32(0, $0) }) == crc {
+            let matches = buffers.withBuffer(count: range.count) { buffer in
+                (try? data.read(into: buffer, offset: range.lowerBound)) == range.count && crc32(0, UnsafeRawBufferPointer(buffer)) == crc
+            }
+            if matches == true {
                 intact.insert(index)
             } else {
                 journal.forget(block: index)
@@ -223,11 +222,10 @@ extension BlobFetcher {
     /// Queues fetches for the blocks waiting readers still lack.
     func rescheduleWaiters(_ digest: Digest) {
         submit(state.withLock { state -> [Job] in
-            guard var transfer = state.transfers[digest] else { return [] }
-            defer { state.transfers[digest] = transfer }
+            guard let transfer = state.transfers[digest] else { return [] }
             var jobs: [Job] = []
             for waiter in transfer.waiters {
-                jobs += schedule(&transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: 0)
+                jobs += schedule(transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: 0)
             }
             return jobs
         })
@@ -236,12 +234,11 @@ extension BlobFetcher {
     private func switchToWholeStream(_ digest: Digest) {
         logger.info("the remote ignores ranges; fetching the blob as one stream", metadata: ["digest": "\(digest)"])
         state.withLock { state in
-            guard var transfer = state.transfers[digest] else { return }
+            guard let transfer = state.transfers[digest] else { return }
             transfer.rangesIgnored = true
             for index in transfer.blocks.indices where transfer.blocks[index] == .fetching || transfer.blocks[index] == .queued {
                 transfer.blocks[index] = .absent
             }
-            state.transfers[digest] = transfer
         }
         rescheduleWaiters(digest)
     }
@@ -251,15 +248,14 @@ extension BlobFetcher {
     private func failBlocks(_ digest: Digest, _ indices: Set<Int>, error: BlobReadError) {
         logger.error("blob fetch failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
         let waiters = state.withLock { state -> [Waiter] in
-            guard var transfer = state.transfers[digest] else { return [] }
+            guard let transfer = state.transfers[digest] else { return [] }
             for index in indices where transfer.blocks[index] == .fetching { transfer.blocks[index] = .absent }
             let waiters = transfer.waiters
             transfer.waiters = []
-            state.transfers[digest] = transfer
             state.failures[digest] = (error, .now + failureMemory)
             return waiters
         }
-        for waiter in waiters { answer(waiter, .failure(error)) }
+        for waiter in waiters { answer(waiter, failing: error) }
     }
 
     // MARK: Other processes
@@ -280,8 +276,7 @@ extension BlobFetcher {
             let watched = state.withLock { state -> [(Digest, BlockJournal, waiting: [Int], stalled: [Job])]? in
                 var watched: [(Digest, BlockJournal, waiting: [Int], stalled: [Job])] = []
                 for digest in Array(state.transfers.keys) where !state.transfers[digest]!.elsewhereSince.isEmpty {
-                    var transfer = state.transfers.removeValue(forKey: digest)!
-                    defer { state.transfers[digest] = transfer }
+                    let transfer = state.transfers[digest]!
                     transfer.elsewhereSince = transfer.elsewhereSince.filter { transfer.blocks[$0.key] == .elsewhere }
                     let stalled = transfer.elsewhereSince.filter { $0.value < deadline }.keys.sorted()
                     for index in stalled {
@@ -332,33 +327,27 @@ extension BlobFetcher {
     /// that finds it busy leaves the work to it, and it looks again before it stops.
     func advanceHash(_ digest: Digest) {
         while let (data, journal, first, pending, verifier) = state.withLock({ state -> (OpenFile, BlockJournal, Int, [BlockState], DigestVerifier)? in
-            guard var transfer = state.transfers[digest], !transfer.hashing, !transfer.verified else { return nil }
+            guard let transfer = state.transfers[digest], !transfer.hashing, !transfer.verified else { return nil }
             var end = transfer.hashedBlocks
             while end < transfer.blocks.count && transfer.blocks[end].isOnDisk { end += 1 }
             guard end > transfer.hashedBlocks else { return nil }
             transfer.hashing = true
-            state.transfers[digest] = transfer
             return (transfer.data, transfer.journal, transfer.hashedBlocks, Array(transfer.blocks[transfer.hashedBlocks..<end]), transfer.verifier)
         }) {
             var verifier = verifier
             var hashed = 0
             var damaged: Int?
-            // One buffer for the whole pass: blocks are read back at a gigabyte a second.
-            var buffer: [UInt8] = []
             for (offset, blockState) in pending.enumerated() {
                 let index = first + offset
                 let range = journal.range(ofBlock: index)
-                guard (try? data.read(into: &buffer, offset: range.lowerBound, count: range.count)) == true else {
-                    damaged = index
-                    break
-                }
-                let intact = buffer.withUnsafeBytes { bytes -> Bool in
-                    let block = UnsafeRawBufferPointer(rebasing: bytes[..<range.count])
+                let intact = buffers.withBuffer(count: range.count) { buffer -> Bool in
+                    guard (try? data.read(into: buffer, offset: range.lowerBound)) == range.count else { return false }
+                    let block = UnsafeRawBufferPointer(buffer)
                     if case .unverified(let crc) = blockState, crc32(0, block) != crc { return false }
                     verifier.update(block)
                     return true
                 }
-                guard intact else {
+                guard intact == true else {
                     damaged = index
                     break
                 }
@@ -370,8 +359,7 @@ extension BlobFetcher {
                 journal.forget(block: damaged)
             }
             let (finished, ready) = state.withLock { state -> (Bool, [Waiter]) in
-                guard var transfer = state.transfers[digest] else { return (false, []) }
-                defer { state.transfers[digest] = transfer }
+                guard let transfer = state.transfers[digest] else { return (false, []) }
                 transfer.verifier = verifier
                 for index in first..<(first + hashed) where transfer.blocks[index] != .present { transfer.blocks[index] = .present }
                 transfer.hashedBlocks = first + hashed
@@ -379,9 +367,9 @@ extension BlobFetcher {
                 // Still busy until `complete` has decided, so that nobody sees it idle between.
                 let finished = transfer.hashedBlocks == transfer.blocks.count
                 transfer.hashing = finished
-                return (finished, takeReadyWaiters(&transfer))
+                return (finished, takeReadyWaiters(transfer))
             }
-            for waiter in ready { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            for waiter in ready { answer(waiter, from: data) }
             if damaged != nil { rescheduleWaiters(digest) }
             if finished {
                 complete(digest, matched: verifier.finalize() == digest)
@@ -397,16 +385,15 @@ extension BlobFetcher {
             commitsInFlight.add(1, ordering: .relaxed)
             defer { commitsInFlight.subtract(1, ordering: .releasing) }
             let (ready, data) = state.withLock { state -> ([Waiter], OpenFile?) in
-                guard var transfer = state.transfers[digest] else { return ([], nil) }
+                guard let transfer = state.transfers[digest] else { return ([], nil) }
                 transfer.verified = true
                 transfer.hashing = false
                 let waiters = transfer.waiters
                 transfer.waiters = []
-                state.transfers[digest] = transfer
                 return (waiters, transfer.data)
             }
             guard let data else { return }
-            for waiter in ready { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            for waiter in ready { answer(waiter, from: data) }
             do {
                 try store.commit(digest, data: data)
                 logger.debug("blob complete", metadata: ["digest": "\(digest)"])
@@ -418,11 +405,11 @@ extension BlobFetcher {
                 let waiters = state.transfers.removeValue(forKey: digest)?.waiters ?? []
                 return waiters
             }
-            for waiter in stragglers { answer(waiter, Self.readRange(data, offset: waiter.offset, end: waiter.end)) }
+            for waiter in stragglers { answer(waiter, from: data) }
             return
         }
         let retry = state.withLock { state -> (BlockJournal, [Waiter])? in
-            guard var transfer = state.transfers[digest], transfer.usedEarlierBlocks else { return nil }
+            guard let transfer = state.transfers[digest], transfer.usedEarlierBlocks else { return nil }
             transfer.usedEarlierBlocks = false
             transfer.hashing = false
             transfer.blocks = Array(repeating: .absent, count: transfer.blocks.count)
@@ -430,7 +417,6 @@ extension BlobFetcher {
             transfer.verifier = DigestVerifier()
             let waiters = transfer.waiters
             transfer.waiters = []
-            state.transfers[digest] = transfer
             return (transfer.journal, waiters)
         }
         if let (journal, waiters) = retry {
@@ -450,7 +436,7 @@ extension BlobFetcher {
             return (transfer?.waiters ?? [], transfer?.data)
         }
         if let data { store.discardPartial(digest, data: data) }
-        for waiter in waiters { answer(waiter, .failure(error)) }
+        for waiter in waiters { answer(waiter, failing: error) }
     }
 
     private func read(_ offset: Int64, _ end: Int64, _ reply: @escaping Reply, digest: Digest, size: Int64) {

@@ -57,7 +57,8 @@ public struct FetchTuning: Sendable, Equatable {
 /// answered only once the whole blob matched it, so a reader can never receive a corrupt blob
 /// whole. A matching blob is made durable and renamed into the cache's complete blobs.
 public final class BlobFetcher: Sendable {
-    public typealias Reply = @Sendable (Result<[UInt8], BlobReadError>) -> Void
+    /// The bytes are valid only during the call: they sit in a buffer that later reads reuse.
+    public typealias Reply = @Sendable (Result<UnsafeRawBufferPointer, BlobReadError>) -> Void
 
     struct Waiter {
         var offset: Int64
@@ -84,7 +85,10 @@ public final class BlobFetcher: Sendable {
         }
     }
 
-    struct Transfer {
+    /// One blob being fetched, changed only under the state lock. A class, so that changing one
+    /// block does not copy every block's state (a struct taken out of the dictionary and put back
+    /// copied its arrays each time: 32 KiB per read of a 4 GiB blob).
+    final class Transfer {
         let data: OpenFile
         let journal: BlockJournal
         let size: Int64
@@ -108,6 +112,15 @@ public final class BlobFetcher: Sendable {
         /// When each block now `.elsewhere` was found claimed by another process.
         var elsewhereSince: [Int: ContinuousClock.Instant] = [:]
         var lastUse = ContinuousClock.now
+
+        init(data: OpenFile, journal: BlockJournal, size: Int64, blocks: [BlockState], window: ReadAheadWindow, usedEarlierBlocks: Bool) {
+            self.data = data
+            self.journal = journal
+            self.size = size
+            self.blocks = blocks
+            self.window = window
+            self.usedEarlierBlocks = usedEarlierBlocks
+        }
 
         var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing }
 
@@ -147,6 +160,9 @@ public final class BlobFetcher: Sendable {
     let limits: CacheLimits?
     let tuning: FetchTuning
     let queue: FetchQueue
+    /// Buffers for answering reads and for checking blocks: reads arrive in at most 1 MiB (the
+    /// FUSE mount's max_read), and more copies at once than the machine has cores gain nothing.
+    let buffers: ReadBuffers
     let state = Mutex(State())
     /// Replies owed to readers; shutdown waits for it to reach zero so that nothing answers a
     /// request after the kernel session is gone.
@@ -173,6 +189,7 @@ public final class BlobFetcher: Sendable {
         self.limits = limits
         self.tuning = tuning
         self.queue = FetchQueue(workers: tuning.connections)
+        self.buffers = ReadBuffers(size: max(Int(tuning.blockSize), 1 << 20), count: max(2, ProcessInfo.processInfo.activeProcessorCount))
     }
 
     // MARK: - Reading
@@ -181,7 +198,7 @@ public final class BlobFetcher: Sendable {
     /// on the calling thread when the bytes are already local, later from a fetch otherwise.
     public func read(_ digest: Digest, size: Int64, offset: Int64, count: Int, reply: @escaping Reply) {
         let end = min(offset + Int64(count), size)
-        guard offset < end else { return reply(.success([])) }
+        guard offset < end else { return reply(.success(UnsafeRawBufferPointer(start: nil, count: 0))) }
         read(Waiter(offset: offset, end: end, reply: reply), of: digest, size: size, attempts: 3)
     }
 
@@ -200,8 +217,7 @@ public final class BlobFetcher: Sendable {
                 if failure.until > .now { return .fail(failure.error) }
                 state.failures[digest] = nil
             }
-            guard var transfer = state.transfers[digest] else { return .open }
-            defer { state.transfers[digest] = transfer }
+            guard let transfer = state.transfers[digest] else { return .open }
             transfer.lastUse = .now
             // Blocks an earlier process left are checked before they are used.
             var unchecked: [Int: UInt32] = [:]
@@ -210,18 +226,18 @@ public final class BlobFetcher: Sendable {
             }
             if !unchecked.isEmpty { return .check(unchecked) }
             let ahead = transfer.window.advance(offset: waiter.offset, end: waiter.end)
-            var jobs = schedule(&transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: ahead)
+            var jobs = schedule(transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: ahead)
             if transfer.canServe(waiter, blockSize: blockSize) { return .serve(transfer.data, jobs) }
             transfer.waiters.append(waiter)
             owedReplies.add(1, ordering: .relaxed)
-            jobs += promote(&transfer, digest: digest, reading: waiter.offset..<waiter.end)
+            jobs += promote(transfer, digest: digest, reading: waiter.offset..<waiter.end)
             if transfer.blocks.contains(.elsewhere) { startWatchingOtherProcesses(&state) }
             return .waiting(jobs)
         }
         switch next {
         case .serve(let file, let jobs):
             submit(jobs)
-            waiter.reply(Self.readRange(file, offset: waiter.offset, end: waiter.end))
+            serve(waiter, from: file)
         case .check(let unchecked):
             adoptRecordedBlocks(digest, unchecked)
             read(waiter, of: digest, size: size, attempts: attempts)
@@ -233,7 +249,7 @@ public final class BlobFetcher: Sendable {
             guard attempts > 0 else { return waiter.reply(.failure(.local("blob \(digest): cannot open it in the cache"))) }
             switch openTransfer(digest, size: size) {
             case .success(let complete?):
-                waiter.reply(Self.readRange(complete, offset: waiter.offset, end: waiter.end))
+                serve(waiter, from: complete)
             case .success(nil):
                 read(waiter, of: digest, size: size, attempts: attempts - 1)
             case .failure(let error):
@@ -279,7 +295,7 @@ public final class BlobFetcher: Sendable {
             return all
         }
         queue.stop()
-        for waiter in waiters { answer(waiter, .failure(.cancelled)) }
+        for waiter in waiters { answer(waiter, failing: .cancelled) }
         // Replies already taken off the state are being sent right now; they finish quickly.
         while owedReplies.load(ordering: .acquiring) > 0 { usleep(1000) }
         // Queued jobs were dropped; a verified blob being made durable is let finish.
@@ -297,17 +313,28 @@ public final class BlobFetcher: Sendable {
         }
     }
 
-    func answer(_ waiter: Waiter, _ result: Result<[UInt8], BlobReadError>) {
-        waiter.reply(result)
+    /// Answers a reader that was counted in `owedReplies`.
+    func answer(_ waiter: Waiter, from file: OpenFile) {
+        serve(waiter, from: file)
         owedReplies.subtract(1, ordering: .releasing)
     }
 
-    static func readRange(_ file: OpenFile, offset: Int64, end: Int64) -> Result<[UInt8], BlobReadError> {
-        do {
-            return .success(try file.read(offset: offset, count: Int(end - offset)))
-        } catch {
-            return .failure(.local(error.description))
-        }
+    func answer(_ waiter: Waiter, failing error: BlobReadError) {
+        waiter.reply(.failure(error))
+        owedReplies.subtract(1, ordering: .releasing)
+    }
+
+    func serve(_ waiter: Waiter, from file: OpenFile) {
+        let failure: BlobReadError? = buffers.withBuffer(count: Int(waiter.end - waiter.offset)) { buffer in
+            do throws(CacheError) {
+                let filled = try file.read(into: buffer, offset: waiter.offset)
+                waiter.reply(.success(UnsafeRawBufferPointer(rebasing: buffer[..<filled])))
+                return nil
+            } catch {
+                return .local(error.description)
+            }
+        } ?? .local("no memory for a read of \(waiter.end - waiter.offset) bytes")
+        if let failure { waiter.reply(.failure(failure)) }
     }
 
     // MARK: - Opening
@@ -338,13 +365,12 @@ public final class BlobFetcher: Sendable {
         if presentBytes > 0 {
             logger.info("continuing an interrupted download", metadata: ["digest": "\(digest)", "bytes on disk": "\(presentBytes)"])
         }
-        let transfer = Transfer(data: data, journal: journal, size: size, blocks: blocks,
-                                window: ReadAheadWindow(initial: tuning.initialReadAhead, maximum: tuning.maximumReadAhead,
-                                                        tolerance: 4 * tuning.blockSize),
-                                usedEarlierBlocks: presentBytes > 0)
+        let window = ReadAheadWindow(initial: tuning.initialReadAhead, maximum: tuning.maximumReadAhead,
+                                     tolerance: 4 * tuning.blockSize)
         state.withLock { state in
             guard state.transfers[digest] == nil else { return }
-            state.transfers[digest] = transfer
+            state.transfers[digest] = Transfer(data: data, journal: journal, size: size, blocks: blocks, window: window,
+                                               usedEarlierBlocks: presentBytes > 0)
             closeIdleTransfers(&state)
         }
         return .success(nil)
@@ -385,7 +411,7 @@ extension BlobFetcher {
 
     /// Marks the absent blocks of the read and of the read-ahead after it as queued and
     /// returns the jobs that fetch them, cut at chunk boundaries.
-    func schedule(_ transfer: inout Transfer, digest: Digest, reading range: Range<Int64>, ahead: Int64) -> [Job] {
+    func schedule(_ transfer: Transfer, digest: Digest, reading range: Range<Int64>, ahead: Int64) -> [Job] {
         let blockSize = tuning.blockSize, chunkSize = tuning.chunkSize
         var wantedEnd = min(transfer.size, range.upperBound + ahead)
         // Once the window spans chunks, fetch whole ones: fewer, evenly sized requests.
@@ -427,7 +453,7 @@ extension BlobFetcher {
 
     /// A reader now waits on blocks still queued behind read-ahead: queue them again ahead of
     /// it. Whichever job starts first takes them; the other finds nothing left to do.
-    func promote(_ transfer: inout Transfer, digest: Digest, reading range: Range<Int64>) -> [Job] {
+    func promote(_ transfer: Transfer, digest: Digest, reading range: Range<Int64>) -> [Job] {
         let queued = transfer.blocks(covering: range, blockSize: tuning.blockSize).filter {
             transfer.blocks[$0] == .queued && transfer.queuedForReadAhead.contains($0)
         }

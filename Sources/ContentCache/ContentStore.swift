@@ -182,43 +182,31 @@ final class OpenFile: Sendable {
     func read(offset: Int64, count: Int) throws(CacheError) -> [UInt8] {
         var failure: CacheError?
         let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
-            initialized = 0
-            while initialized < count {
-                let n = pread(fd, buffer.baseAddress! + initialized, count - initialized, off_t(offset) + off_t(initialized))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    failure = CacheError("read failed: \(String(cString: strerror(errno)))")
-                    return
-                }
-                if n == 0 { return }
-                initialized += n
+            do throws(CacheError) {
+                initialized = try read(into: UnsafeMutableRawBufferPointer(buffer), offset: offset)
+            } catch {
+                failure = error
+                initialized = 0
             }
         }
         if let failure { throw failure }
         return bytes
     }
 
-    /// Fills the first `count` bytes of `buffer` from `offset`, reusing its storage; false when
-    /// the file ends first.
-    func read(into buffer: inout [UInt8], offset: Int64, count: Int) throws(CacheError) -> Bool {
-        if buffer.count < count { buffer = [UInt8](repeating: 0, count: count) }
-        var failure: CacheError?
-        let filled = buffer.withUnsafeMutableBytes { raw -> Int in
-            var filled = 0
-            while filled < count {
-                let n = pread(fd, raw.baseAddress! + filled, count - filled, off_t(offset) + off_t(filled))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    failure = CacheError("read failed: \(String(cString: strerror(errno)))")
-                    break
-                }
-                if n == 0 { break }
-                filled += n
+    /// Fills `buffer` from `offset` and returns how many bytes it got: fewer only where the
+    /// file ends.
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws(CacheError) -> Int {
+        var filled = 0
+        while filled < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + filled, buffer.count - filled, off_t(offset) + off_t(filled))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CacheError("read failed: \(String(cString: strerror(errno)))")
             }
-            return filled
+            if n == 0 { break }
+            filled += n
         }
-        if let failure { throw failure }
-        return filled == count
+        return filled
     }
 
     func write(_ bytes: [UInt8], at offset: Int64) throws(CacheError) {

@@ -242,7 +242,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
         request.filesystem.read(inode, offset: Int64(offset), count: size) { result in
             switch result {
             case .success(let bytes):
-                bytes.withUnsafeBytes { buffer in _ = CFuse3_replyBuffer(request.raw, buffer.baseAddress, buffer.count) }
+                _ = CFuse3_replyBuffer(request.raw, bytes.baseAddress, bytes.count)
             case .failure(let error):
                 request.fail(error)
             }

@@ -50,7 +50,7 @@ final class Fixture: Sendable {
     func startRead(_ inode: UInt64, offset: Int64, count: Int) -> PendingRead {
         let pending = PendingRead()
         filesystem.read(inode, offset: offset, count: count) { result in
-            pending.answer.withLock { $0 = result }
+            pending.answer.withLock { $0 = result.map { Array($0) } }
             pending.done.signal()
         }
         return pending
