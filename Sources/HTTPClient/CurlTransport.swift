@@ -18,8 +18,10 @@ public final class CurlTransport: HTTPTransport {
 
     /// - Parameters:
     ///   - maxIdleHandles: easy handles (each with its own connection cache) kept for reuse.
-    ///   - receiveBufferSize: libcurl's receive buffer, the largest chunk `onBody` gets.
-    public init(maxIdleHandles: Int = 8, receiveBufferSize: Int = 256 * 1024) {
+    ///   - receiveBufferSize: libcurl's receive buffer, the largest chunk `onBody` gets. Each
+    ///     handle in use holds one: 64 KiB read a 1 GiB blob as fast as 256 KiB did on loopback,
+    ///     with 3 MiB less peak RSS over 16 connections.
+    public init(maxIdleHandles: Int = 8, receiveBufferSize: Int = 64 * 1024) {
         _ = Self.globalInitResult
         self.maxIdleHandles = max(0, maxIdleHandles)
         self.receiveBufferSize = min(max(receiveBufferSize, 1024), 10 * 1024 * 1024)
