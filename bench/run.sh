@@ -110,7 +110,7 @@ avail_gib=$(df -P -BG "$tmp_base" | awk 'NR==2{sub("G","",$4); print $4}')
 # What the binary is built from, recorded now (other commits may land while the bench runs).
 build_commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 build_dirty=$(git status --porcelain -- Sources Package.swift 2>/dev/null | wc -l)
-build=(swift build -c release --static-swift-stdlib --product ocicachefs)
+build=(scripts/build-release.sh)
 [ -n "${BENCH_SCRATCH_PATH:-}" ] && build+=(--scratch-path "$BENCH_SCRATCH_PATH")
 echo "== building the release binary (${build[*]})" >&2
 "${build[@]}" >&2
