@@ -24,6 +24,19 @@ public enum BlobReadError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// When a verified blob, already served from its partial file, is made durable (fsync, rename
+/// into `blobs/`): once no read came for `quietPeriod` and nothing is being fetched, or when it
+/// has waited `delayLimit`. Unmounting commits at once.
+public struct CommitTiming: Sendable {
+    public var quietPeriod: Duration
+    public var delayLimit: Duration
+
+    public init(quietPeriod: Duration = .seconds(1), delayLimit: Duration = .seconds(10)) {
+        self.quietPeriod = quietPeriod
+        self.delayLimit = delayLimit
+    }
+}
+
 /// How a blob is cut up and read ahead.
 public struct FetchTuning: Sendable, Equatable {
     /// The unit of presence: each block is fetched, recorded and checked as a whole.
@@ -99,8 +112,9 @@ public final class BlobFetcher: Sendable {
         var hashedBlocks = 0
         var hashing = false
         var verifier = DigestVerifier()
-        /// The whole blob matched its digest.
+        /// The whole blob matched its digest; it is served from `data` until it is committed.
         var verified = false
+        var verifiedAt: ContinuousClock.Instant?
         /// Blocks came from an earlier process: a mismatch is worth one fetch from scratch.
         var usedEarlierBlocks = false
         /// The remote answers ranges with the whole blob: one stream fetches everything.
@@ -122,7 +136,7 @@ public final class BlobFetcher: Sendable {
             self.usedEarlierBlocks = usedEarlierBlocks
         }
 
-        var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing }
+        var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing && !verified }
 
         func blocks(covering range: Range<Int64>, blockSize: Int64) -> ClosedRange<Int> {
             Int(range.lowerBound / blockSize)...Int((range.upperBound - 1) / blockSize)
@@ -144,6 +158,10 @@ public final class BlobFetcher: Sendable {
         /// When each blob's use was last recorded on disk (for LRU), to record it rarely.
         var lastMarkedUsed: [Digest: ContinuousClock.Instant] = [:]
         var watchingOtherProcesses = false
+        var committing = false
+        /// Callers of `waitUntilIdle`, who want verified blobs committed now.
+        var commitsWanted = 0
+        var lastRead = ContinuousClock.now
         var cancelled = false
     }
 
@@ -157,6 +175,7 @@ public final class BlobFetcher: Sendable {
     let maxAttempts: Int
     let failureMemory: Duration
     let otherProcessStall: Duration
+    let commitTiming: CommitTiming
     let limits: CacheLimits?
     let tuning: FetchTuning
     let queue: FetchQueue
@@ -179,13 +198,14 @@ public final class BlobFetcher: Sendable {
     ///   (not dead) process keeps its claims but makes no progress.
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
                 failureMemory: Duration = .seconds(5), otherProcessStall: Duration = .seconds(60),
-                limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
+                commitTiming: CommitTiming = CommitTiming(), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
         self.store = store
         self.source = source
         self.logger = logger
         self.maxAttempts = maxAttempts
         self.failureMemory = failureMemory
         self.otherProcessStall = otherProcessStall
+        self.commitTiming = commitTiming
         self.limits = limits
         self.tuning = tuning
         self.queue = FetchQueue(workers: tuning.connections)
@@ -213,6 +233,7 @@ public final class BlobFetcher: Sendable {
         let blockSize = tuning.blockSize
         let next: Next = state.withLock { state in
             if state.cancelled { return .fail(.cancelled) }
+            state.lastRead = .now
             if let failure = state.failures[digest] {
                 if failure.until > .now { return .fail(failure.error) }
                 state.failures[digest] = nil
@@ -307,6 +328,8 @@ public final class BlobFetcher: Sendable {
     /// Returns once no fetch is queued or running, no blob is being hashed, and every verified
     /// blob is in `blobs/` (or failed to get there).
     public func waitUntilIdle() {
+        state.withLock { $0.commitsWanted += 1 }
+        defer { state.withLock { $0.commitsWanted -= 1 } }
         while commitsInFlight.load(ordering: .acquiring) > 0
             || state.withLock({ $0.transfers.values.contains { $0.verified || $0.hashing || $0.jobs > 0 } }) {
             usleep(1000)

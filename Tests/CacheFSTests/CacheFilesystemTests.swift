@@ -20,13 +20,13 @@ final class Fixture: Sendable {
     let fetcher: BlobFetcher
 
     init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
-         failureMemory: Duration = .zero, otherProcessStall: Duration = .seconds(60), limits: CacheLimits? = nil,
-         tuning: FetchTuning = .init()) throws {
+         failureMemory: Duration = .zero, otherProcessStall: Duration = .seconds(60), commitTiming: CommitTiming = .init(),
+         limits: CacheLimits? = nil, tuning: FetchTuning = .init()) throws {
         source = InMemorySource(layers: layers, behaviour: behaviour)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
         fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory,
-                              otherProcessStall: otherProcessStall, limits: limits, tuning: tuning)
+                              otherProcessStall: otherProcessStall, commitTiming: commitTiming, limits: limits, tuning: tuning)
         filesystem = CacheFilesystem(snapshot: source.snapshot, fetcher: fetcher, logger: Logger(label: "test"))
     }
 
@@ -244,6 +244,39 @@ final class PendingRead: Sendable {
         #expect(all.values.allSatisfy { $0 == layer })
         fixture.fetcher.waitUntilIdle()
         #expect(fixture.source.maximumSendsPerByte() == 1)
+    }
+
+    /// Committing forces the blob's pages to disk, so it waits for reading to pause; the verified
+    /// blob is served from its partial file meanwhile.
+    @Test func aVerifiedBlobIsCommittedOnlyWhenAsked() throws {
+        let layer = randomBytes(3 << 20, seed: 21)
+        let never = CommitTiming(quietPeriod: .seconds(3600), delayLimit: .seconds(3600))
+        let fixture = try Fixture(layers: [layer], commitTiming: never)
+        defer { fixture.removeCache() }
+        let hex = Digest.sha256(of: layer).hex
+        let inode = try fixture.inode("blobs/sha256/" + hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+        usleep(300_000)
+        let complete = fixture.cacheDirectory + "/blobs/sha256/" + hex
+        #expect(!FileManager.default.fileExists(atPath: complete), "committed before reading paused")
+        #expect(try fixture.read(inode, offset: 1 << 20, count: 4096).get() == Array(layer[(1 << 20)..<((1 << 20) + 4096)]))
+        fixture.fetcher.waitUntilIdle()
+        #expect(FileManager.default.fileExists(atPath: complete))
+        #expect(fixture.source.bytesSent() == Int64(layer.count))
+    }
+
+    @Test(arguments: [CommitTiming(quietPeriod: .milliseconds(200), delayLimit: .seconds(3600)),
+                      CommitTiming(quietPeriod: .seconds(3600), delayLimit: .milliseconds(200))])
+    func aVerifiedBlobIsCommittedAfterAQuietPeriodOrTheDelayLimit(_ timing: CommitTiming) throws {
+        let layer = randomBytes(2 << 20, seed: 22)
+        let fixture = try Fixture(layers: [layer], commitTiming: timing)
+        defer { fixture.removeCache() }
+        let hex = Digest.sha256(of: layer).hex
+        #expect(try fixture.readWhole(try fixture.inode("blobs/sha256/" + hex)).get() == layer)
+        let complete = fixture.cacheDirectory + "/blobs/sha256/" + hex
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: complete) && Date() < deadline { usleep(20_000) }
+        #expect(FileManager.default.fileExists(atPath: complete), "not committed within 10 s")
     }
 
     @Test func aRangeIsServedBeforeTheBlobCompletesButTheEndWaitsForVerification() throws {
