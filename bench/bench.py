@@ -987,8 +987,8 @@ class Report:
         for key, xs in self.R["samples"].items():
             if "wire" in key or "hwm" in key or "dirty" in key:
                 vals, m = ", ".join(fmt_bytes(x) for x in xs), fmt_bytes(med(xs))
-            elif "gets" in key:
-                vals, m = ", ".join(str(x) for x in xs), str(med(xs))
+            elif "gets" in key or "requests" in key:
+                vals, m = ", ".join(str(int(x)) for x in xs), str(int(med(xs)))
             else:
                 vals, m = ", ".join(f"{x:.3f}" for x in xs) + " s", f"{med(xs):.3f} s"
             lines.append(f"| `{key}` | {vals} | {m} |")
