@@ -170,4 +170,13 @@ enum RuntimeFiles {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
         return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
     }
+
+    /// True when `pid` is a running ocicachefs mount daemon. A daemon killed outright leaves its
+    /// PID file behind, and the number may since belong to an unrelated process.
+    static func isMountDaemon(_ pid: pid_t) -> Bool {
+        guard let bytes = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let arguments = bytes.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        return arguments.count > 2 && arguments[0].hasSuffix("ocicachefs") && arguments[1] == "mount"
+            && arguments.contains("--foreground")
+    }
 }

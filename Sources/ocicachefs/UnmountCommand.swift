@@ -41,7 +41,10 @@ struct UnmountCommand: ParsableCommand {
             printError(error.description)
             throw ExitCode.failure
         }
-        guard let pid else { return }
+        guard let pid, RuntimeFiles.isMountDaemon(pid) else {
+            unlink(pidFile)
+            return
+        }
         let deadline = Date().addingTimeInterval(timeout)
         // The daemon removes its PID file as it exits.
         while kill(pid, 0) == 0 && FileManager.default.fileExists(atPath: pidFile) {

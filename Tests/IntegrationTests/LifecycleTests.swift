@@ -78,6 +78,32 @@ struct LifecycleTests {
         }
     }
 
+    /// A daemon killed outright leaves its PID file; by the time someone unmounts, the number
+    /// may name an unrelated process, which `unmount` must neither wait for nor touch.
+    @Test("unmount after the daemon was killed: a stale PID file is removed, not waited on")
+    func unmountAfterKilledDaemon() async throws {
+        try await withWorkspace("life-stale-pid") { ws in
+            let registry = try await ws.startRegistry()
+            let seed = try await ws.seed(registry, variant: "index", layers: 1, layerSize: 200_000)
+            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"))
+            Check.blobsVerify(mount, seed.blobs)
+            let (pid, pidFile) = try Self.daemon(of: mount)
+            #expect(kill(pid, SIGKILL) == 0)
+            #expect(await Self.eventually(5) { !Processes.isAlive(pid) }, "daemon \(pid) survived SIGKILL")
+            #expect(FileManager.default.fileExists(atPath: pidFile), "a killed daemon cannot remove its PID file")
+
+            let unrelated = try ChildProcess("/bin/sleep", ["60"], stdoutPath: ws.path("sleep.out"), stderrPath: ws.path("sleep.err"))
+            defer { unrelated.stop(grace: 1) }
+            try "\(unrelated.pid)\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+
+            let result = try await mount.unmount(in: ws)
+            #expect(result.status == 0, "\(result)")
+            #expect(!Mounts.isMounted(mount.mountpoint), "still in /proc/mounts after unmount")
+            #expect(!FileManager.default.fileExists(atPath: pidFile), "stale PID file \(pidFile) left behind")
+            #expect(Processes.isAlive(unrelated.pid), "unmount touched a process that is not its daemon")
+        }
+    }
+
     @Test("SIGTERM to the daemon unmounts cleanly")
     func sigterm() async throws {
         try await withWorkspace("life-sigterm") { ws in
