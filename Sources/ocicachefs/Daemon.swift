@@ -164,6 +164,17 @@ enum RuntimeFiles {
         try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                  attributes: [.posixPermissions: 0o700])
         try? "\(pid)\n".write(toFile: path, atomically: true, encoding: .utf8)
+        removeStale(except: path)
+    }
+
+    /// Daemons killed outright leave their PID files; each new mount clears those whose process
+    /// is no longer a mount daemon, so they do not pile up until a reboot.
+    private static func removeStale(except kept: String) {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".pid") {
+            let path = directory + "/" + name
+            guard path != kept, let pid = readPID(path), !isMountDaemon(pid) else { continue }
+            unlink(path)
+        }
     }
 
     static func readPID(_ path: String) -> pid_t? {

@@ -104,6 +104,27 @@ struct LifecycleTests {
         }
     }
 
+    @Test("a new mount clears PID files of daemons that were killed, and only those")
+    func newMountClearsStalePIDFiles() async throws {
+        try await withWorkspace("life-stale-sweep") { ws in
+            let registry = try await ws.startRegistry()
+            let seed = try await ws.seed(registry, variant: "index", layers: 1, layerSize: 200_000)
+            let first = try await ws.mountExpectingSuccess(registry.source("cache:main"))
+            let (_, firstPIDFile) = try Self.daemon(of: first)
+            let unrelated = try ChildProcess("/bin/sleep", ["60"], stdoutPath: ws.path("sleep.out"), stderrPath: ws.path("sleep.err"))
+            defer { unrelated.stop(grace: 1) }
+            let stale = (firstPIDFile as NSString).deletingLastPathComponent + "/stale-\(UUID().uuidString).pid"
+            try "\(unrelated.pid)\n".write(toFile: stale, atomically: true, encoding: .utf8)
+            defer { unlink(stale) }
+
+            let second = try await ws.mountExpectingSuccess(registry.source("cache:main"))
+            Check.blobsVerify(second, seed.blobs)
+            #expect(!FileManager.default.fileExists(atPath: stale), "the stale PID file \(stale) is still there")
+            #expect(FileManager.default.fileExists(atPath: firstPIDFile), "the live first daemon's PID file was removed")
+            #expect(Processes.isAlive(unrelated.pid), "a process that is not a daemon was touched")
+        }
+    }
+
     @Test("SIGTERM to the daemon unmounts cleanly")
     func sigterm() async throws {
         try await withWorkspace("life-sigterm") { ws in
