@@ -51,6 +51,19 @@ struct LifecycleTests {
         return (pid, file)
     }
 
+    /// A process that is not a daemon, named in the PID file at `path` as if its number had been
+    /// reused after a daemon was killed.
+    static func unrelatedProcess(namedIn path: String, _ ws: Workspace) throws -> ChildProcess {
+        let process = try ChildProcess("/bin/sleep", ["60"], stdoutPath: ws.path("sleep.out"), stderrPath: ws.path("sleep.err"))
+        do {
+            try "\(process.pid)\n".write(toFile: path, atomically: true, encoding: .utf8)
+        } catch {
+            process.stop(grace: 1)
+            throw error
+        }
+        return process
+    }
+
     @Test("ocicachefs unmount: no mount left, daemon gone")
     func unmountCommand() async throws {
         try await withWorkspace("life-unmount") { ws in
@@ -92,9 +105,8 @@ struct LifecycleTests {
             #expect(await Self.eventually(5) { !Processes.isAlive(pid) }, "daemon \(pid) survived SIGKILL")
             #expect(FileManager.default.fileExists(atPath: pidFile), "a killed daemon cannot remove its PID file")
 
-            let unrelated = try ChildProcess("/bin/sleep", ["60"], stdoutPath: ws.path("sleep.out"), stderrPath: ws.path("sleep.err"))
+            let unrelated = try Self.unrelatedProcess(namedIn: pidFile, ws)
             defer { unrelated.stop(grace: 1) }
-            try "\(unrelated.pid)\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
 
             let result = try await mount.unmount(in: ws)
             #expect(result.status == 0, "\(result)")
@@ -111,10 +123,9 @@ struct LifecycleTests {
             let seed = try await ws.seed(registry, variant: "index", layers: 1, layerSize: 200_000)
             let first = try await ws.mountExpectingSuccess(registry.source("cache:main"))
             let (_, firstPIDFile) = try Self.daemon(of: first)
-            let unrelated = try ChildProcess("/bin/sleep", ["60"], stdoutPath: ws.path("sleep.out"), stderrPath: ws.path("sleep.err"))
-            defer { unrelated.stop(grace: 1) }
             let stale = (firstPIDFile as NSString).deletingLastPathComponent + "/stale-\(UUID().uuidString).pid"
-            try "\(unrelated.pid)\n".write(toFile: stale, atomically: true, encoding: .utf8)
+            let unrelated = try Self.unrelatedProcess(namedIn: stale, ws)
+            defer { unrelated.stop(grace: 1) }
             defer { unlink(stale) }
 
             let second = try await ws.mountExpectingSuccess(registry.source("cache:main"))
