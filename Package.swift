@@ -1,6 +1,11 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// Extension members only from modules a file imports itself: corelibs Foundation, loaded
+// through swift-crypto, would otherwise lend `String.contains` and the like unnoticed, and
+// with them its ICU data (see SystemSupport).
+let sourceSettings: [SwiftSetting] = [.enableUpcomingFeature("MemberImportVisibility")]
+
 let package = Package(
     name: "ocicachefs",
     platforms: [.macOS(.v15)],
@@ -9,7 +14,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
-        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
@@ -21,38 +26,45 @@ let package = Package(
         // glibc's mallopt, for the daemon's memory footprint.
         .systemLibrary(name: "CMalloc"),
 
+        // Threads, child processes and text helpers that would otherwise come from corelibs
+        // Foundation, which links 34 MB of ICU data that every cold start reads.
+        .systemLibrary(name: "CSystem"),
+        .target(name: "SystemSupport", dependencies: ["CSystem"], swiftSettings: sourceSettings),
+
         // Pure values: digests, descriptors, manifests, cache configs, deterministic JSON.
-        .target(name: "OCI", dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "OCI", dependencies: ["SystemSupport", .product(name: "Crypto", package: "swift-crypto")],
+                swiftSettings: sourceSettings),
         // HTTP behind one protocol; libcurl is the real transport.
-        .target(name: "HTTPClient", dependencies: ["CCurl"]),
+        .target(name: "HTTPClient", dependencies: ["CCurl"], swiftSettings: sourceSettings),
         // Remote caches (registry; S3 later) behind one protocol: sources, auth, credentials.
         .target(name: "RemoteStore", dependencies: [
-            "OCI", "HTTPClient",
+            "OCI", "HTTPClient", "SystemSupport",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], swiftSettings: sourceSettings),
         // On-disk content-addressed cache and single-flight block fetches (zlib for block CRCs).
         .target(name: "ContentCache", dependencies: [
-            "OCI", "RemoteStore", "CZlib",
+            "OCI", "RemoteStore", "CZlib", "SystemSupport",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], swiftSettings: sourceSettings),
         // The filesystem core: knows nothing of libfuse.
         .target(name: "CacheFS", dependencies: [
             "OCI", "RemoteStore", "ContentCache",
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], swiftSettings: sourceSettings),
         // Thin libfuse low-level binding over CacheFS.
         .target(name: "FuseBinding", dependencies: [
-            "CFuse3", "CacheFS",
+            "CFuse3", "CacheFS", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], swiftSettings: sourceSettings),
         .executableTarget(name: "ocicachefs", dependencies: [
-            "CMalloc", "OCI", "HTTPClient", "RemoteStore", "ContentCache", "CacheFS", "FuseBinding",
+            "CMalloc", "OCI", "HTTPClient", "RemoteStore", "ContentCache", "CacheFS", "FuseBinding", "SystemSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], swiftSettings: sourceSettings),
 
+        .testTarget(name: "SystemSupportTests", dependencies: ["SystemSupport"]),
         .testTarget(name: "OCITests", dependencies: ["OCI"]),
         .testTarget(name: "HTTPClientTests", dependencies: ["HTTPClient"]),
         .testTarget(name: "RemoteStoreTests", dependencies: ["RemoteStore", "HTTPClient", "OCI"]),

@@ -1,7 +1,9 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import OCI
 import RemoteStore
 import Synchronization
+import Logging
 
 // MARK: - Running jobs
 
@@ -152,7 +154,7 @@ extension BlobFetcher {
             }
             if attempt < maxAttempts {
                 logger.warning("retrying a range", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
-                Thread.sleep(forTimeInterval: 0.25 * Double(attempt))
+                SystemThread.sleep(for: .milliseconds(250 * attempt))
             }
         }
         failBlocks(digest, ours, error: lastError)
@@ -267,7 +269,7 @@ extension BlobFetcher {
     func startCommitting(_ state: inout State) {
         guard !state.committing else { return }
         state.committing = true
-        Thread.detachNewThread { [self] in commitWhenQuiet() }
+        SystemThread.start(named: "ocicachefs-commit") { [self] in commitWhenQuiet() }
     }
 
     private func commitWhenQuiet() {
@@ -285,7 +287,7 @@ extension BlobFetcher {
                 return verified.filter { commitAll || $0.value.verifiedAt!.duration(to: now) >= commitTiming.delayLimit }.map(\.key)
             }
             guard let due else { return }
-            if due.isEmpty { usleep(20_000) }
+            if due.isEmpty { SystemThread.sleep(for: .milliseconds(20)) }
             for digest in due { commit(digest) }
         }
     }
@@ -310,7 +312,7 @@ extension BlobFetcher {
     func startWatchingOtherProcesses(_ state: inout State) {
         guard !state.watchingOtherProcesses else { return }
         state.watchingOtherProcesses = true
-        Thread.detachNewThread { [self] in watchOtherProcesses() }
+        SystemThread.start(named: "ocicachefs-watch") { [self] in watchOtherProcesses() }
     }
 
     /// Follows blocks other mounts are fetching: each lands (recorded in the shared journal),
@@ -318,7 +320,7 @@ extension BlobFetcher {
     /// here, or it stays claimed past `otherProcessStall` and is fetched here regardless.
     private func watchOtherProcesses() {
         while true {
-            usleep(10_000)
+            SystemThread.sleep(for: .milliseconds(10))
             let deadline = ContinuousClock.now - otherProcessStall
             let watched = state.withLock { state -> [(Digest, BlockJournal, waiting: [Int], stalled: [Job])]? in
                 var watched: [(Digest, BlockJournal, waiting: [Int], stalled: [Job])] = []

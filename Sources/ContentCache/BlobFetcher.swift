@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import Logging
 import OCI
 import RemoteStore
@@ -318,10 +319,10 @@ public final class BlobFetcher: Sendable {
         queue.stop()
         for waiter in waiters { answer(waiter, failing: .cancelled) }
         // Replies already taken off the state are being sent right now; they finish quickly.
-        while owedReplies.load(ordering: .acquiring) > 0 { usleep(1000) }
+        while owedReplies.load(ordering: .acquiring) > 0 { SystemThread.sleep(for: .milliseconds(1)) }
         // Queued jobs were dropped; a verified blob being made durable is let finish.
         while commitsInFlight.load(ordering: .acquiring) > 0 || state.withLock({ $0.transfers.values.contains(where: \.verified) }) {
-            usleep(1000)
+            SystemThread.sleep(for: .milliseconds(1))
         }
     }
 
@@ -332,7 +333,7 @@ public final class BlobFetcher: Sendable {
         defer { state.withLock { $0.commitsWanted -= 1 } }
         while commitsInFlight.load(ordering: .acquiring) > 0
             || state.withLock({ $0.transfers.values.contains { $0.verified || $0.hashing || $0.jobs > 0 } }) {
-            usleep(1000)
+            SystemThread.sleep(for: .milliseconds(1))
         }
     }
 

@@ -1,5 +1,5 @@
 import CZlib
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
 @preconcurrency import Glibc

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import OCI
 
 #if canImport(Glibc)
@@ -22,7 +23,7 @@ public struct CacheLimits: Sendable, Equatable {
         var path = directory
         // The directory may not exist yet: measure the nearest existing parent.
         while statvfs(path, &statistics) != 0 && path != "/" {
-            path = (path as NSString).deletingLastPathComponent
+            path = parentPath(path)
             if path.isEmpty { path = "/" }
         }
         let total = Int64(statistics.f_blocks) * Int64(statistics.f_frsize)
@@ -31,7 +32,7 @@ public struct CacheLimits: Sendable, Equatable {
 
     /// `10G`, `500M`, `2GiB`, `1.5T`, or plain bytes; K/M/G/T are powers of 1024.
     public static func parseSize(_ text: String) -> Int64? {
-        var number = text.trimmingCharacters(in: .whitespaces).uppercased()
+        var number = text.trimmingWhitespace().uppercased()
         for suffix in ["IB", "B"] where number.hasSuffix(suffix) && number.count > suffix.count {
             number.removeLast(suffix.count)
             break

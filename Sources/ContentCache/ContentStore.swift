@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import OCI
 
 #if canImport(Glibc)
@@ -160,7 +161,7 @@ public final class ContentStore: Sendable {
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true,
                                                     attributes: [.posixPermissions: 0o700])
         } catch {
-            throw CacheError("cannot create cache directory \(path): \(error.localizedDescription)")
+            throw CacheError("cannot create cache directory \(path): \(describeFileError(error))")
         }
     }
 }

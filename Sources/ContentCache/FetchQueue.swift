@@ -1,4 +1,6 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
+import Dispatch
 import Synchronization
 
 /// The one budget of range requests in flight for a whole process: a fixed set of worker
@@ -20,9 +22,7 @@ final class FetchQueue: Sendable {
     init(workers: Int) {
         workerCount = max(workers, 1)
         for _ in 0..<workerCount {
-            let thread = Thread { [self] in work() }
-            thread.name = "ocicachefs-fetch"
-            thread.start()
+            SystemThread.start(named: "ocicachefs-fetch") { [self] in work() }
         }
     }
 

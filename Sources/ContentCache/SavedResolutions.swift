@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import Logging
 import OCI
 import RemoteStore
@@ -58,7 +59,7 @@ extension ContentStore {
             try FileManager.default.createDirectory(atPath: resolutionsDirectory, withIntermediateDirectories: true)
             try JSONEncoder().encode(record).write(to: URL(fileURLWithPath: temporary))
         } catch {
-            throw CacheError("cannot write \(temporary): \(error.localizedDescription)")
+            throw CacheError("cannot write \(temporary): \(describeFileError(error))")
         }
         guard rename(temporary, path) == 0 else {
             unlink(temporary)

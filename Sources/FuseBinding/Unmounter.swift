@@ -1,4 +1,4 @@
-import Foundation
+import SystemSupport
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
@@ -15,20 +15,16 @@ public enum Unmounter {
             }
             return .failure(FuseError(description: "cannot unmount \(path): \(String(cString: strerror(code)))"))
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount3")
-        process.arguments = lazy ? ["-u", "-z", path] : ["-u", path]
-        let errors = Pipe()
-        process.standardError = errors
+        let outcome: ChildProcess.Outcome
         do {
-            try process.run()
+            outcome = try ChildProcess.run("/usr/bin/fusermount3", arguments: lazy ? ["-u", "-z", path] : ["-u", path],
+                                           timeout: .seconds(30))
         } catch {
-            return .failure(FuseError(description: "cannot run fusermount3: \(error.localizedDescription)"))
+            return .failure(FuseError(description: "cannot run fusermount3: \(error)"))
         }
-        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            return .failure(FuseError(description: message.trimmingCharacters(in: .whitespacesAndNewlines)))
+        guard outcome.exitStatus == 0 else {
+            let message = String(decoding: outcome.stderr, as: UTF8.self).trimmingWhitespace()
+            return .failure(FuseError(description: message.isEmpty ? "fusermount3 failed: \(outcome.terminationDescription)" : message))
         }
         return .success(())
     }

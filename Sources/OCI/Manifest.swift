@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 
 public struct ManifestError: Error, Sendable, Equatable, CustomStringConvertible {
     public var description: String
@@ -64,7 +65,7 @@ public enum ManifestContent: Sendable, Equatable {
 
     /// `application/json; charset=utf-8` → `application/json`.
     static func bareMediaType(_ contentType: String) -> String {
-        String(contentType.split(separator: ";").first ?? "").trimmingCharacters(in: .whitespaces)
+        (contentType.split(separator: ";").first ?? "").trimmingWhitespace()
     }
 
     private static func summary(of error: DecodingError) -> String {

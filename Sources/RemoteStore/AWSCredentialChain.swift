@@ -2,7 +2,8 @@
 // does: explicit source attributes, the environment, the shared config/credentials files,
 // container credentials, then EC2 instance metadata (IMDSv2). First match wins.
 
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import HTTPClient
 import Synchronization
 
@@ -201,7 +202,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     private func expandingHome(_ path: String) -> String? {
         if path == "~" || path.hasPrefix("~/") {
             guard let home = env("HOME") else { return nil }
-            return (home as NSString).appendingPathComponent(String(path.dropFirst(path == "~" ? 1 : 2)))
+            return joinedPath(home, String(path.dropFirst(path == "~" ? 1 : 2)))
         }
         return path
     }
@@ -209,14 +210,14 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     private func sharedFilePath(variable: String, defaultName: String) -> String? {
         if let path = env(variable) { return expandingHome(path) }
         guard let home = env("HOME") else { return nil }
-        return ((home as NSString).appendingPathComponent(".aws") as NSString).appendingPathComponent(defaultName)
+        return joinedPath(joinedPath(home, ".aws"), defaultName)
     }
 
     /// The sections of an INI file, or nil when it does not exist.
     private func readINI(_ path: String) throws(RemoteStoreError) -> [String: [String: String]]? {
-        var isDirectory: ObjCBool = false
+        var isDirectory = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { return nil }
-        guard !isDirectory.boolValue, let data = FileManager.default.contents(atPath: path) else {
+        guard !isDirectory, let data = FileManager.default.contents(atPath: path) else {
             throw .configuration("cannot read AWS shared file \(path)")
         }
         return AWSINIParser.parse(String(decoding: data, as: UTF8.self))
@@ -316,7 +317,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
             guard let data = FileManager.default.contents(atPath: file) else {
                 return .failure(Failure("container credentials: cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE \(file)"))
             }
-            token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            token = String(decoding: data, as: UTF8.self).trimmingWhitespace()
         } else if let value = env("AWS_CONTAINER_AUTHORIZATION_TOKEN") {
             token = value
         } else {
@@ -350,7 +351,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     // MARK: 5. EC2 instance metadata (IMDSv2)
 
     private var imdsDisabled: Bool {
-        env("AWS_EC2_METADATA_DISABLED")?.trimmingCharacters(in: .whitespaces).lowercased() == "true"
+        env("AWS_EC2_METADATA_DISABLED")?.trimmingWhitespace().lowercased() == "true"
     }
 
     private var imdsEndpoint: String {
@@ -376,7 +377,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
             guard response.status == 200 else {
                 return .failure(Failure("\(context) token: HTTP \(response.status)"))
             }
-            token = String(decoding: response.body, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            token = String(decoding: response.body, as: UTF8.self).trimmingWhitespace()
             guard !token.isEmpty, !token.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
                 return .failure(Failure("\(context) token: unusable token in the response"))
             }
@@ -399,7 +400,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
             }
             let first = String(decoding: response.body, as: UTF8.self)
                 .split(whereSeparator: \.isNewline)
-                .map { $0.trimmingCharacters(in: .whitespaces) }
+                .map { $0.trimmingWhitespace() }
                 .first { !$0.isEmpty }
             guard let first, Self.isValidRoleName(first) else {
                 return .failure(Failure("\(context) role: no usable role name in the response"))
@@ -426,7 +427,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     /// IAM role names: letters, digits and `+=,.@_-`, at most 64 characters.
     static func isValidRoleName(_ name: String) -> Bool {
         !name.isEmpty && name.utf8.count <= 128 && name.unicodeScalars.allSatisfy { scalar in
-            scalar.isASCII && (CharacterSet.alphanumerics.contains(scalar) || "+=,.@_-".unicodeScalars.contains(scalar))
+            scalar.isASCII && (Character(scalar).isLetter || Character(scalar).isNumber || "+=,.@_-".unicodeScalars.contains(scalar))
         }
     }
 
@@ -480,7 +481,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     }
 
     static func parseISO8601(_ text: String) -> Date? {
-        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let trimmed = text.trimmingWhitespace()
         if let date = try? Date(trimmed, strategy: Date.ISO8601FormatStyle()) { return date }
         return try? Date(trimmed, strategy: Date.ISO8601FormatStyle(includingFractionalSeconds: true))
     }
@@ -507,7 +508,7 @@ enum AWSINIParser {
         if body.hasPrefix("\u{FEFF}") { body = body.dropFirst() }
         for rawLine in body.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" || $0 == "\r" }) {
             let indented = rawLine.first.map { $0 == " " || $0 == "\t" } ?? false
-            let line = rawLine.trimmingCharacters(in: .whitespaces)
+            let line = rawLine.trimmingWhitespace()
             if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
 
             if line.hasPrefix("[") {
@@ -524,10 +525,10 @@ enum AWSINIParser {
             if indented && lastKeyHadEmptyValue { continue }  // a sub-property
 
             guard let separator = line.firstIndex(of: "=") ?? line.firstIndex(of: ":") else { continue }
-            let key = line[..<separator].trimmingCharacters(in: .whitespaces).lowercased()
+            let key = line[..<separator].trimmingWhitespace().lowercased()
             guard !key.isEmpty else { continue }
             let value = stripInlineComment(line[line.index(after: separator)...])
-                .trimmingCharacters(in: .whitespaces)
+                .trimmingWhitespace()
             sections[section, default: [:]][key] = value
             lastKeyHadEmptyValue = value.isEmpty
         }

@@ -1,7 +1,8 @@
 // Registry credentials from Docker's `config.json`, resolved the way the
 // docker CLI does: `credHelpers[host]`, then `credsStore`, then `auths`.
 
-import Foundation
+import FoundationEssentials
+import SystemSupport
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -112,7 +113,7 @@ public struct DockerCredentialStore: Sendable {
         } else if let dir = environment["DOCKER_CONFIG"], !dir.isEmpty {
             self.configDirectory = dir
         } else if let home = environment["HOME"], !home.isEmpty {
-            self.configDirectory = (home as NSString).appendingPathComponent(".docker")
+            self.configDirectory = joinedPath(home, ".docker")
         } else {
             self.configDirectory = nil
         }
@@ -122,7 +123,7 @@ public struct DockerCredentialStore: Sendable {
 
     /// The path of `config.json`, or nil when there is no config directory.
     public var configFilePath: String? {
-        configDirectory.map { ($0 as NSString).appendingPathComponent("config.json") }
+        configDirectory.map { joinedPath($0, "config.json") }
     }
 
     /// The credential for a registry host (`registry.example.com`,
@@ -160,7 +161,7 @@ public struct DockerCredentialStore: Sendable {
 
     /// `https://host:port/v1/` → `host:port`, lowercased.
     static func normalizedHost(_ value: String) -> String {
-        var s = Substring(value.trimmingCharacters(in: .whitespaces))
+        var s = Substring(value.trimmingWhitespace())
         for scheme in ["https://", "http://"] where s.lowercased().hasPrefix(scheme) {
             s = s.dropFirst(scheme.count)
             break
@@ -205,32 +206,18 @@ public struct DockerCredentialStore: Sendable {
     /// Loads `config.json`; nil when the file (or the directory) is missing.
     func loadConfig() throws -> Config? {
         guard let path = configFilePath else { return nil }
-        var isDirectory: ObjCBool = false
+        var isDirectory = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { return nil }
-        guard !isDirectory.boolValue else {
+        guard !isDirectory else {
             throw CredentialError(.invalidConfig, "cannot read Docker config \(path): it is a directory")
         }
         let data: Data
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: path))
         } catch {
-            throw CredentialError(.invalidConfig, "cannot read Docker config \(path): \(Self.describeReadError(error))")
+            throw CredentialError(.invalidConfig, "cannot read Docker config \(path): \(describeFileError(error))")
         }
         return try Self.parseConfig(data, path: path)
-    }
-
-    private static func describeReadError(_ error: Error) -> String {
-        let ns = error as NSError
-        if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(underlying.code)))
-        }
-        if ns.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(ns.code)))
-        }
-        if ns.domain == NSCocoaErrorDomain, ns.code == CocoaError.fileReadNoPermission.rawValue {
-            return "permission denied"
-        }
-        return "read failed"
     }
 
     static func parseConfig(_ data: Data, path: String) throws -> Config {
@@ -241,43 +228,45 @@ public struct DockerCredentialStore: Sendable {
         func invalid(_ what: String) -> CredentialError {
             CredentialError(.invalidConfig, "invalid Docker config \(path): \(what)")
         }
-        let object: Any
+        let root: [String: ConfigValue]
         do {
-            object = try JSONSerialization.jsonObject(with: data, options: [])
+            guard case .object(let object) = try JSONDecoder().decode(ConfigValue.self, from: data) else {
+                throw invalid("top level is not a JSON object")
+            }
+            root = object
+        } catch let error as CredentialError {
+            throw error
         } catch {
-            // Foundation's message may quote the file; keep it out.
+            // The decoder's message may quote the file; keep it out.
             throw invalid("not valid JSON")
-        }
-        guard let root = object as? [String: Any] else {
-            throw invalid("top level is not a JSON object")
         }
 
         var config = Config()
 
         if let value = lookup(root, "credsStore") {
-            guard let s = value as? String else { throw invalid("\"credsStore\" is not a string") }
+            guard case .string(let s) = value else { throw invalid("\"credsStore\" is not a string") }
             config.credsStore = s
         }
         if let value = lookup(root, "credHelpers") {
-            guard let dict = value as? [String: Any] else { throw invalid("\"credHelpers\" is not an object") }
+            guard case .object(let dict) = value else { throw invalid("\"credHelpers\" is not an object") }
             for (key, v) in dict {
-                if v is NSNull { continue }
-                guard let name = v as? String else {
+                if case .null = v { continue }
+                guard case .string(let name) = v else {
                     throw invalid("credHelpers entry for \(key) is not a string")
                 }
                 config.credHelpers[key] = name
             }
         }
         if let value = lookup(root, "auths") {
-            guard let dict = value as? [String: Any] else { throw invalid("\"auths\" is not an object") }
+            guard case .object(let dict) = value else { throw invalid("\"auths\" is not an object") }
             for (key, v) in dict {
-                if v is NSNull { continue }
-                guard let entry = v as? [String: Any] else {
+                if case .null = v { continue }
+                guard case .object(let entry) = v else {
                     throw invalid("auths entry for \(key) is not an object")
                 }
                 func string(_ name: String) throws -> String? {
                     guard let v = lookup(entry, name) else { return nil }
-                    guard let s = v as? String else {
+                    guard case .string(let s) = v else {
                         throw invalid("\"\(name)\" in auths entry for \(key) is not a string")
                     }
                     return s
@@ -295,7 +284,7 @@ public struct DockerCredentialStore: Sendable {
 
     /// Key lookup as Go's encoding/json does it: exact match first, then
     /// case-insensitive. JSON null counts as absent.
-    private static func lookup(_ dict: [String: Any], _ key: String) -> Any? {
+    private static func lookup(_ dict: [String: ConfigValue], _ key: String) -> ConfigValue? {
         var value = dict[key]
         if value == nil {
             let lower = key.lowercased()
@@ -303,8 +292,29 @@ public struct DockerCredentialStore: Sendable {
                 value = dict[match]
             }
         }
-        if value is NSNull { return nil }
+        if case .null = value { return nil }
         return value
+    }
+
+    /// As much of a JSON value as the config's checks need.
+    enum ConfigValue: Decodable {
+        case object([String: ConfigValue])
+        case string(String)
+        case null
+        case other
+
+        init(from decoder: Decoder) throws {
+            let container = try decoder.singleValueContainer()
+            if container.decodeNil() {
+                self = .null
+            } else if let string = try? container.decode(String.self) {
+                self = .string(string)
+            } else if let object = try? container.decode([String: ConfigValue].self) {
+                self = .object(object)
+            } else {
+                self = .other
+            }
+        }
     }
 
     func credentialFromAuths(_ config: Config, hostKey: String, isHub: Bool) throws -> RegistryCredential? {
@@ -346,7 +356,7 @@ public struct DockerCredentialStore: Sendable {
     }
 
     private static func decodeBase64(_ s: String) -> Data? {
-        var t = s.trimmingCharacters(in: .whitespacesAndNewlines)
+        var t = s.trimmingWhitespace()
         let remainder = t.utf8.count % 4
         if remainder == 1 { return nil }
         if remainder > 0 { t += String(repeating: "=", count: 4 - remainder) }
@@ -366,10 +376,10 @@ public struct DockerCredentialStore: Sendable {
         }
         let path = environment["PATH"] ?? Self.defaultPath
         for dir in path.split(separator: ":", omittingEmptySubsequences: true) {
-            let candidate = (String(dir) as NSString).appendingPathComponent(program)
-            var isDirectory: ObjCBool = false
+            let candidate = joinedPath(String(dir), program)
+            var isDirectory = false
             if FileManager.default.fileExists(atPath: candidate, isDirectory: &isDirectory),
-               !isDirectory.boolValue,
+               !isDirectory,
                FileManager.default.isExecutableFile(atPath: candidate) {
                 return candidate
             }
@@ -411,7 +421,7 @@ public struct DockerCredentialStore: Sendable {
         }
         let response: HelperResponse
         do {
-            response = try JSONDecoder().decode(HelperResponse.self, from: result.stdout)
+            response = try JSONDecoder().decode(HelperResponse.self, from: Data(result.stdout))
         } catch {
             if notFound { return nil }
             throw CredentialError(.helperOutputInvalid, "\(program) get returned output that is not the expected JSON")
@@ -429,7 +439,7 @@ public struct DockerCredentialStore: Sendable {
     /// be mistaken for a credential payload.
     static func safeDetail(_ text: String) -> String? {
         guard let line = text.split(whereSeparator: { $0 == "\n" || $0 == "\r" })
-            .map({ $0.trimmingCharacters(in: .whitespaces) })
+            .map({ $0.trimmingWhitespace() })
             .first(where: { !$0.isEmpty })
         else { return nil }
         let lower = line.lowercased()
@@ -458,16 +468,8 @@ extension DockerCredentialStore: CustomStringConvertible, CustomDebugStringConve
 
 // MARK: - Running a helper process
 
-/// Runs a short-lived child process with a deadline, feeding it stdin and
-/// collecting stdout/stderr without pipe deadlocks.
+/// Runs a credential helper to its end within its deadline, with credential errors.
 enum HelperProcess {
-    struct Result {
-        var stdout: Data
-        var stderr: Data
-        var exitStatus: Int32
-        var terminationDescription: String
-    }
-
     static func run(
         executable: String,
         arguments: [String],
@@ -476,186 +478,26 @@ enum HelperProcess {
         timeout: Duration,
         maxOutput: Int,
         displayName: String
-    ) throws -> Result {
-        let start = ContinuousClock.now
-        let deadline = start.advanced(by: timeout)
-
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        process.environment = environment
-        let stdinPipe = Pipe()
-        let stdoutPipe = Pipe()
-        let stderrPipe = Pipe()
-        process.standardInput = stdinPipe
-        process.standardOutput = stdoutPipe
-        process.standardError = stderrPipe
-        // Any other process spawned meanwhile by this program must not inherit these ends: one
-        // holding the write end of stdout would keep us waiting for an end of file.
-        for handle in [stdinPipe.fileHandleForReading, stdinPipe.fileHandleForWriting,
-                       stdoutPipe.fileHandleForReading, stdoutPipe.fileHandleForWriting,
-                       stderrPipe.fileHandleForReading, stderrPipe.fileHandleForWriting] {
-            _ = fcntl(handle.fileDescriptor, F_SETFD, FD_CLOEXEC)
-        }
-
-        let exited = DispatchSemaphore(value: 0)
-        process.terminationHandler = { _ in exited.signal() }
-
-        // Fill stdin before the child exists: the input is far below a pipe's
-        // capacity, so this cannot block, and the read end is still open here,
-        // so it cannot raise SIGPIPE if the child never reads.
+    ) throws -> ChildProcess.Outcome {
         guard input.count < 4096 else {
             throw CredentialError(.helperFailed, "input for \(displayName) is too long")
         }
         do {
-            try stdinPipe.fileHandleForWriting.write(contentsOf: input)
-        } catch {
-            throw CredentialError(.helperFailed, "cannot write to \(displayName): \(Self.describe(error))")
-        }
-
-        var attempt = 0
-        while true {
-            do {
-                try process.run()
-                break
-            } catch {
-                // ETXTBSY: the executable was just written and another thread's
-                // fork still holds it open for writing; retry briefly.
-                attempt += 1
-                if Self.posixCode(of: error) == ETXTBSY, attempt < 5 {
-                    usleep(50_000)
-                    continue
-                }
-                try? stdinPipe.fileHandleForWriting.close()
-                throw CredentialError(.helperFailed, "cannot start \(displayName): \(Self.describe(error))")
-            }
-        }
-        try? stdinPipe.fileHandleForWriting.close()
-        let pid = process.processIdentifier
-        // Foundation starts the child as the leader of its own process group;
-        // remember that now, while the child surely exists.
-        let leadsOwnGroup = pid > 0 && getpgid(pid) == pid && getpgid(0) != pid
-
-        var stdout = Data()
-        var stderr = Data()
-        let finished = readAll(
-            stdout: stdoutPipe.fileHandleForReading.fileDescriptor,
-            stderr: stderrPipe.fileHandleForReading.fileDescriptor,
-            into: &stdout, &stderr, deadline: deadline, maxOutput: maxOutput)
-
-        var timedOut = !finished
-        if finished {
-            // Output is closed; the process should be exiting.
-            timedOut = !waitForExit(exited, until: deadline)
-        }
-        if timedOut {
-            kill(process: process, pid: pid, group: leadsOwnGroup)
-            // SIGKILL cannot be caught; this returns at once in practice.
-            _ = exited.wait(timeout: .now() + .seconds(5))
-        }
-        try? stdoutPipe.fileHandleForReading.close()
-        try? stderrPipe.fileHandleForReading.close()
-
-        if timedOut {
-            throw CredentialError(
-                .helperTimedOut,
-                "\(displayName) did not finish within \(describe(timeout)) and was killed")
-        }
-        if stdout.count > maxOutput || stderr.count > maxOutput {
+            return try ChildProcess.run(executable, arguments: arguments, environment: environment, input: Array(input),
+                                        timeout: timeout, maxOutput: maxOutput)
+        } catch .timedOut {
+            throw CredentialError(.helperTimedOut, "\(displayName) did not finish within \(describe(timeout)) and was killed")
+        } catch .tooMuchOutput {
             throw CredentialError(.helperOutputInvalid, "\(displayName) wrote more than \(maxOutput) bytes")
+        } catch {
+            throw CredentialError(.helperFailed, "cannot start \(displayName): \(error)")
         }
-
-        let status = process.terminationStatus
-        let description: String
-        switch process.terminationReason {
-        case .exit: description = "exit status \(status)"
-        case .uncaughtSignal: description = "killed by signal \(status)"
-        @unknown default: description = "status \(status)"
-        }
-        let exitStatus = process.terminationReason == .exit ? status : 128 + status
-        return Result(stdout: stdout, stderr: stderr, exitStatus: exitStatus, terminationDescription: description)
-    }
-
-    private static func waitForExit(_ exited: DispatchSemaphore, until deadline: ContinuousClock.Instant) -> Bool {
-        let remaining = ContinuousClock.now.duration(to: deadline)
-        let nanos = max(0, remaining.components.seconds) * 1_000_000_000
-            + max(0, remaining.components.attoseconds / 1_000_000_000)
-        return exited.wait(timeout: .now() + .nanoseconds(Int(clamping: nanos))) == .success
-    }
-
-    /// Kills the child and, when it leads its own process group, everything
-    /// it started (a grandchild could otherwise keep our pipes open).
-    private static func kill(process: Process, pid: Int32, group: Bool) {
-        guard pid > 0 else { return }
-        if group {
-            _ = sysKill(-pid, SIGKILL)
-        }
-        if process.isRunning {
-            _ = sysKill(pid, SIGKILL)
-        }
-    }
-
-    /// Reads both pipes until both reach end-of-file (true) or the deadline
-    /// passes (false). Reading both at once means a child that fills one pipe
-    /// while we wait on the other cannot deadlock.
-    private static func readAll(
-        stdout: Int32, stderr: Int32,
-        into out: inout Data, _ err: inout Data,
-        deadline: ContinuousClock.Instant, maxOutput: Int
-    ) -> Bool {
-        var open: [Int32] = [stdout, stderr]
-        var buffer = [UInt8](repeating: 0, count: 16384)
-        while !open.isEmpty {
-            let remaining = ContinuousClock.now.duration(to: deadline)
-            if remaining <= .zero { return false }
-            let ms = remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000
-            let timeoutMs = Int32(clamping: max(1, min(ms + 1, 1000)))
-            var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            let ready = poll(&fds, nfds_t(fds.count), timeoutMs)
-            if ready < 0 {
-                if errno == EINTR { continue }
-                return true  // cannot poll; give up on the output
-            }
-            if ready == 0 { continue }
-            for pfd in fds where pfd.revents != 0 {
-                let n = buffer.withUnsafeMutableBytes { read(pfd.fd, $0.baseAddress, $0.count) }
-                if n > 0 {
-                    if pfd.fd == stdout {
-                        if out.count <= maxOutput { out.append(contentsOf: buffer[0..<n]) }
-                    } else {
-                        if err.count <= maxOutput { err.append(contentsOf: buffer[0..<n]) }
-                    }
-                } else if n == 0 || (errno != EINTR && errno != EAGAIN) {
-                    open.removeAll { $0 == pfd.fd }
-                }
-            }
-        }
-        return true
     }
 
     static func describe(_ duration: Duration) -> String {
         let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
         if seconds < 1 { return "\(Int((seconds * 1000).rounded()))ms" }
         if seconds == seconds.rounded() { return "\(Int(seconds))s" }
-        return String(format: "%.1fs", seconds)
+        return seconds.withOneDecimal + "s"
     }
-
-    private static func posixCode(of error: Error) -> Int32? {
-        let ns = error as NSError
-        if ns.domain == NSPOSIXErrorDomain { return Int32(ns.code) }
-        if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
-            return Int32(underlying.code)
-        }
-        return nil
-    }
-
-    private static func describe(_ error: Error) -> String {
-        if let code = posixCode(of: error) { return String(cString: strerror(code)) }
-        return "launch failed"
-    }
-}
-
-@inline(__always)
-private func sysKill(_ pid: pid_t, _ signal: Int32) -> Int32 {
-    kill(pid, signal)
 }

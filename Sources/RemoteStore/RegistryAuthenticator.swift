@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import HTTPClient
 import Synchronization
 
@@ -128,10 +128,6 @@ final class RegistryAuthenticator: Sendable {
     }
 
     private static func formEncode(_ pairs: [(String, String)]) -> String {
-        var allowed = CharacterSet.alphanumerics
-        allowed.insert(charactersIn: "-._~")
-        return pairs.map { key, value in
-            "\(key)=\(value.addingPercentEncoding(withAllowedCharacters: allowed) ?? "")"
-        }.joined(separator: "&")
+        pairs.map { key, value in "\(key)=\(SigV4.uriEncode(value, encodeSlash: true))" }.joined(separator: "&")
     }
 }

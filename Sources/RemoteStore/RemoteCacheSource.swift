@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import HTTPClient
 import Logging
 import OCI
@@ -129,7 +130,7 @@ enum SmallDocument {
             } catch let error as RemoteStoreError {
                 guard attempt < attempts, error.isTransient else { throw error }
                 logger.debug("retrying after a transient error", metadata: ["what": "\(what)", "error": "\(error)"])
-                Thread.sleep(forTimeInterval: 0.2 * Double(1 << attempt))
+                SystemThread.sleep(for: .milliseconds(200 << attempt))
                 attempt += 1
             } catch {
                 throw .transport("\(what): \(error)")

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// Where BuildKit's `type=s3` cache lives, from its attributes, with BuildKit's names and
 /// defaults: blobs at `<prefix><blobs_prefix>sha256:<hex>`, cache configs at

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import HTTPClient
 import Logging
 import OCI
@@ -186,7 +186,7 @@ struct S3ErrorResponse {
     /// The text of the first `<name>` element; the error documents are flat and small.
     private func element(_ name: String) -> String? {
         let text = String(decoding: body, as: UTF8.self)
-        guard let open = text.range(of: "<\(name)>"), let close = text.range(of: "</\(name)>", range: open.upperBound..<text.endIndex) else {
+        guard let open = text.firstRange(of: "<\(name)>"), let close = text[open.upperBound...].firstRange(of: "</\(name)>") else {
             return nil
         }
         let value = text[open.upperBound..<close.lowerBound].map { $0.isNewline ? " " : $0 }

@@ -13,7 +13,7 @@
 // decoded and re-encoded the same way, with `+` taken literally (never as a space).
 
 import Crypto
-import Foundation
+import FoundationEssentials
 import HTTPClient
 
 public struct AWSCredentials: Sendable, Equatable {
@@ -166,7 +166,7 @@ public enum SigV4 {
         var base = endpoint
         while base.hasSuffix("/") { base.removeLast() }
         let scheme: String, rest: Substring
-        if let range = base.range(of: "://") {
+        if let range = base.firstRange(of: "://") {
             scheme = base[..<range.lowerBound].lowercased()
             rest = base[range.upperBound...]
         } else {
@@ -198,7 +198,7 @@ public enum SigV4 {
         init(_ url: String) {
             var rest = Substring(url)
             if let hash = rest.firstIndex(of: "#") { rest = rest[..<hash] }
-            if let range = rest.range(of: "://") {
+            if let range = rest.firstRange(of: "://") {
                 scheme = rest[..<range.lowerBound].lowercased()
                 rest = rest[range.upperBound...]
             }
@@ -280,7 +280,7 @@ public enum SigV4 {
     /// `YYYYMMDD'T'HHMMSS'Z'` in UTC; fractions of a second are dropped.
     static func timestamp(_ date: Date) -> String {
         var calendar = Calendar(identifier: .gregorian)
-        calendar.timeZone = TimeZone(identifier: "UTC")!
+        calendar.timeZone = .gmt
         let c = calendar.dateComponents([.year, .month, .day, .hour, .minute, .second], from: date)
         func pad(_ n: Int?, _ width: Int) -> String {
             let digits = String(n ?? 0)

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 
 /// BuildKit's cache attribute syntax: comma-separated `key=value` pairs, as in
 /// `type=registry,ref=HOST/REPO:TAG,registry.insecure=true`. Values may be double-quoted to
@@ -13,7 +14,7 @@ public struct SourceSpec: Sendable, Equatable {
             guard let equals = field.firstIndex(of: "=") else {
                 throw .configuration("source field '\(field)' is not key=value (expected e.g. type=registry,ref=HOST/REPO:TAG)")
             }
-            let key = field[..<equals].trimmingCharacters(in: .whitespaces).lowercased()
+            let key = field[..<equals].trimmingWhitespace().lowercased()
             let value = String(field[field.index(after: equals)...])
             guard !key.isEmpty else { throw .configuration("source field '\(field)' has an empty key") }
             guard attributes[key] == nil else { throw .configuration("source attribute '\(key)' is given twice") }
@@ -51,6 +52,6 @@ public struct SourceSpec: Sendable, Equatable {
         }
         guard !quoted else { throw .configuration("source has an unterminated quote") }
         fields.append(current)
-        return fields.filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
+        return fields.filter { !$0.trimmingWhitespace().isEmpty }
     }
 }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import ContentCache
-import Foundation
+import FoundationEssentials
+import SystemSupport
+import OCI
 
 /// A size on the command line: `10G`, `500M`, `2GiB`, or bytes.
 struct ByteSize: ExpressibleByArgument {
@@ -19,7 +21,7 @@ struct ByteSize: ExpressibleByArgument {
             value /= 1024
             unit += 1
         }
-        return unit == 0 ? "\(bytes) B" : String(format: "%.1f %@", value, units[unit])
+        return unit == 0 ? "\(bytes) B" : value.withOneDecimal + " " + units[unit]
     }
 }
 
@@ -50,12 +52,11 @@ struct CacheCommand: ParsableCommand {
             let partials = store.partialBlobs()
             let rows = (blobs.map { ($0, "") } + partials.map { ($0, "  partial download") })
                 .sorted { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
-            let formatter = ISO8601DateFormatter()
-            print("DIGEST".padding(toLength: 72, withPad: " ", startingAt: 0) + "SIZE".padding(toLength: 14, withPad: " ", startingAt: 0) + "LAST USED")
+            func column(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(1, width - text.count)) }
+            print(column("DIGEST", 72) + column("SIZE", 14) + "LAST USED")
             for (blob, note) in rows {
-                print(blob.digest.description.padding(toLength: 72, withPad: " ", startingAt: 0)
-                      + ByteSize.describe(blob.size).padding(toLength: 14, withPad: " ", startingAt: 0)
-                      + formatter.string(from: blob.lastUsed) + note)
+                print(column(blob.digest.description, 72) + column(ByteSize.describe(blob.size), 14)
+                      + blob.lastUsed.formatted(.iso8601) + note)
             }
             var summary = "\(blobs.count) blobs, \(ByteSize.describe(blobs.reduce(0) { $0 + $1.size }))"
             if !partials.isEmpty {

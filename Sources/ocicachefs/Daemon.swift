@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import OCI
 import Synchronization
 
@@ -107,7 +108,7 @@ final class ReadinessReporter: Sendable {
 
     func ready() { send("ready") }
 
-    func fail(_ line: String) { send("error: " + line.replacingOccurrences(of: "\n", with: " ")) }
+    func fail(_ line: String) { send("error: " + line.replacing("\n", with: " ")) }
 
     private func send(_ line: String) {
         guard let fd, !reported.exchange(true, ordering: .acquiringAndReleasing) else { return }
@@ -134,7 +135,7 @@ enum Signals {
     }
 
     static func onTermination(_ handler: @escaping @Sendable (Int32) -> Void) {
-        Thread.detachNewThread {
+        SystemThread.start(named: "ocicachefs-signal") {
             var set = sigset_t()
             sigemptyset(&set)
             for signal in termination { sigaddset(&set, signal) }
@@ -179,7 +180,7 @@ enum RuntimeFiles {
 
     static func readPID(_ path: String) -> pid_t? {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
-        return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
+        return pid_t(text.trimmingWhitespace())
     }
 
     /// True when `pid` is a running ocicachefs mount daemon. A daemon killed outright leaves its

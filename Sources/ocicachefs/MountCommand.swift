@@ -2,7 +2,8 @@ import ArgumentParser
 import CMalloc
 import CacheFS
 import ContentCache
-import Foundation
+import FoundationEssentials
+import SystemSupport
 import FuseBinding
 import HTTPClient
 import Logging
@@ -165,7 +166,7 @@ struct MountCommand: ParsableCommand {
             logger.info("signal received; unmounting", metadata: ["signal": "\(signal)"])
             session.requestUnmount()
         }
-        Thread.detachNewThread {
+        SystemThread.start(named: "ocicachefs-ready") {
             // Ready means a client can read index.json through the kernel, not merely mounted.
             if FileManager.default.contents(atPath: mountpoint + "/index.json") != nil {
                 if !session.setReadahead(kilobytes: 1024) {
@@ -194,9 +195,9 @@ struct MountCommand: ParsableCommand {
             throw CommandError("mountpoint \(path): \(String(cString: strerror(errno)))")
         }
         defer { free(resolved) }
-        var isDirectory: ObjCBool = false
+        var isDirectory = false
         let absolute = String(cString: resolved)
-        guard FileManager.default.fileExists(atPath: absolute, isDirectory: &isDirectory), isDirectory.boolValue else {
+        guard FileManager.default.fileExists(atPath: absolute, isDirectory: &isDirectory), isDirectory else {
             throw CommandError("mountpoint \(path) is not a directory")
         }
         return absolute
@@ -219,7 +220,7 @@ struct MountCommand: ParsableCommand {
         let environment = ProcessInfo.processInfo.environment
         if let xdg = environment["XDG_CACHE_HOME"], !xdg.isEmpty { return xdg + "/ocicachefs" }
         if getuid() == 0 { return "/var/cache/ocicachefs" }
-        return (environment["HOME"] ?? NSHomeDirectory()) + "/.cache/ocicachefs"
+        return (environment["HOME"] ?? FileManager.default.homeDirectoryForCurrentUser.path) + "/.cache/ocicachefs"
     }
 }
 

@@ -1,0 +1,56 @@
+import FoundationEssentials
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+extension StringProtocol {
+    /// The text without leading and trailing whitespace, line breaks included.
+    public func trimmingWhitespace() -> String {
+        guard let first = firstIndex(where: { !$0.isWhitespace }),
+              let last = lastIndex(where: { !$0.isWhitespace }) else { return "" }
+        return String(self[first...last])
+    }
+}
+
+/// `component` below `directory`, with exactly one slash between them.
+public func joinedPath(_ directory: String, _ component: String) -> String {
+    if directory.isEmpty { return component }
+    return directory.hasSuffix("/") ? directory + component : directory + "/" + component
+}
+
+/// The directory that holds `path`: `/a/b` and `/a/b/` give `/a`, `/a` gives `/`, `b` gives ``.
+public func parentPath(_ path: String) -> String {
+    var path = Substring(path)
+    while path.count > 1 && path.hasSuffix("/") { path.removeLast() }
+    guard let slash = path.lastIndex(of: "/") else { return "" }
+    return slash == path.startIndex ? "/" : String(path[..<slash])
+}
+
+extension Double {
+    /// `12.3`: one decimal, rounded half away from zero, without a locale.
+    public var withOneDecimal: String {
+        let tenths = (self * 10).rounded()
+        guard tenths.isFinite, abs(tenths) < 1e17 else { return "\(self)" }
+        let whole = Int64(tenths)
+        let sign = whole < 0 ? "-" : ""
+        return "\(sign)\(abs(whole) / 10).\(abs(whole) % 10)"
+    }
+}
+
+/// One line for a failed file operation: the system's words for its errno ("Permission
+/// denied") when it has one, rather than an error's debug form.
+public func describeFileError(_ error: any Error) -> String {
+    if let posix = (error as? CocoaError)?.underlying as? POSIXError ?? error as? POSIXError {
+        return String(cString: strerror(posix.code.rawValue))
+    }
+    if let cocoa = error as? CocoaError {
+        switch cocoa.code {
+        case .fileReadNoPermission, .fileWriteNoPermission: return "permission denied"
+        case .fileNoSuchFile, .fileReadNoSuchFile: return "no such file"
+        case .fileWriteOutOfSpace: return "no space left on device"
+        default: return "file error \(cocoa.code.rawValue)"
+        }
+    }
+    return "\(error)"
+}
