@@ -439,7 +439,16 @@ extension BlobFetcher {
         let blockSize = tuning.blockSize, chunkSize = tuning.chunkSize
         var wantedEnd = min(transfer.size, range.upperBound + ahead)
         // Once the window spans chunks, fetch whole ones: fewer, evenly sized requests.
-        if ahead >= chunkSize { wantedEnd = min(transfer.size, (wantedEnd + chunkSize - 1) / chunkSize * chunkSize) }
+        if ahead >= chunkSize {
+            wantedEnd = min(transfer.size, (wantedEnd + chunkSize - 1) / chunkSize * chunkSize)
+        } else if range.upperBound < transfer.size {
+            // A smaller window is topped up only once less than half of it remains ahead, so
+            // that a sequential reader's ramp asks for its window in a few requests, not one
+            // block per read.
+            let halfWindow = transfer.blocks(covering: range.upperBound..<min(transfer.size, range.upperBound + max(ahead / 2, 1)),
+                                             blockSize: blockSize)
+            if halfWindow.allSatisfy({ transfer.blocks[$0] != .absent }) { wantedEnd = range.upperBound }
+        }
         if transfer.rangesIgnored {
             // One stream brings every block; a job for the first absent one starts it.
             guard let first = transfer.blocks.firstIndex(of: .absent) else { return [] }

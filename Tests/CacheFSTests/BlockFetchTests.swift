@@ -73,6 +73,26 @@ import Glibc
         #expect(wholeChunks >= 12, "requests: \(ranges.map(\.count))")
     }
 
+    /// While the window is smaller than a chunk it is topped up only once less than half of it
+    /// remains ahead: the ramp asks in a few requests, not one block per read.
+    @Test func aSequentialRampAsksForItsWindowInFewRequests() throws {
+        let layer = randomBytes(4 << 20, seed: 63)
+        let fixture = try Fixture(layers: [layer], tuning: Self.tuning)
+        defer { fixture.removeCache() }
+        let inode = try blobInode(fixture, layer)
+        let block = Int(Self.tuning.blockSize)
+        for index in 0..<8 {
+            #expect(try fixture.read(inode, offset: Int64(index * block), count: block).get() == Array(layer[(index * block)..<((index + 1) * block)]))
+            // Each read finds the fetches the previous one started finished: the requests are
+            // the schedule's alone.
+            fixture.fetcher.waitUntilIdle()
+        }
+        let ramp = fixture.source.requestedRanges.filter { $0.lowerBound < 2 * Int64(Self.tuning.chunkSize) }
+            .sorted { $0.lowerBound < $1.lowerBound }
+        // Windows of 1, 2, 4 and then 8 blocks (a chunk): [0, 2), [2, 4), [4, 8), [8, 11), [11, 16).
+        #expect(ramp.map { $0.count / block } == [2, 2, 4, 3, 5], "requests in blocks: \(ramp.map { $0.count / block })")
+    }
+
     @Test func scatteredReadsFetchLittleMoreThanTheyRead() throws {
         let layer = randomBytes(16 << 20, seed: 61)
         let fixture = try Fixture(layers: [layer], tuning: Self.tuning)
