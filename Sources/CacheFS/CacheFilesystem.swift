@@ -76,9 +76,17 @@ public final class CacheFilesystem: Sendable {
     private let uid: UInt32
     private let gid: UInt32
 
+    /// The layer built directly on each layer of the cache's chains, with its size. BuildKit
+    /// imports a chain by reading its layers whole, one after another, base first.
+    private let nextLayers: [Digest: (digest: Digest, size: Int64)]
+    /// How close to a layer's end a read starts the next layer's fetch: about one chunk, so
+    /// that its first bytes arrive while the reader finishes this one.
+    static let nextLayerLead: Int64 = 8 << 20
+
     public init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger) {
         self.fetcher = fetcher
         self.logger = logger
+        self.nextLayers = Self.nextLayers(snapshot)
         self.uid = getuid()
         self.gid = getgid()
         self.state = Mutex(Self.layout(snapshot))
@@ -115,6 +123,26 @@ public final class CacheFilesystem: Sendable {
             _ = add(sha256, digest.hex, .lazyBlob(digest, size: size), permissions: 0o444)
         }
         return state
+    }
+
+    /// Successors from every tag's cache config; a layer that two configs continue differently
+    /// has none.
+    private static func nextLayers(_ snapshot: CacheSnapshot) -> [Digest: (digest: Digest, size: Int64)] {
+        var successors: [Digest: Digest?] = [:]
+        for tag in snapshot.tags {
+            guard let bytes = snapshot.smallBlobs[tag.manifest.digest],
+                  let manifest = try? ManifestContent.parse(bytes, contentType: tag.manifest.mediaType) else { continue }
+            var config = manifest.buildkitCacheConfig
+            if case .image(_, let imageConfig, _) = manifest, imageConfig.mediaType == MediaType.buildkitCacheConfig {
+                config = imageConfig
+            }
+            guard let config, let configBytes = snapshot.smallBlobs[config.digest],
+                  let chains = CacheChains.successors(inConfig: configBytes) else { continue }
+            for (layer, next) in chains {
+                if let known = successors[layer], known != next { successors[layer] = .some(nil) } else { successors[layer] = next }
+            }
+        }
+        return successors.compactMapValues { next in next.flatMap { next in snapshot.lazyBlobs[next].map { (next, $0) } } }
     }
 
     // MARK: Reading the tree
@@ -227,6 +255,9 @@ public final class CacheFilesystem: Sendable {
                 reply(.success(UnsafeRawBufferPointer(rebasing: all[start..<min(all.count, start + count)])))
             }
         case .lazyBlob(let digest, let size)?:
+            if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers[digest] {
+                fetcher.prefetch(next.digest, size: next.size)
+            }
             let logger = self.logger
             fetcher.read(digest, size: size, offset: offset, count: count) { result in
                 reply(result.mapError { error in

@@ -164,6 +164,10 @@ public final class BlobFetcher: Sendable {
         var commitsWanted = 0
         var lastRead = ContinuousClock.now
         var cancelled = false
+        /// Blobs whose start was fetched ahead of any reader (at most once each), and those
+        /// of them still waiting in the queue to open their transfer.
+        var prefetched: Set<Digest> = []
+        var prefetchesQueued = 0
     }
 
     /// Idle partial transfers kept open (two descriptors each) so that their blocks need no
@@ -221,6 +225,33 @@ public final class BlobFetcher: Sendable {
         let end = min(offset + Int64(count), size)
         guard offset < end else { return reply(.success(UnsafeRawBufferPointer(start: nil, count: 0))) }
         read(Waiter(offset: offset, end: end, reply: reply), of: digest, size: size, attempts: 3)
+    }
+
+    /// Starts fetching the start of a blob nobody reads yet, as much as a first read fetches,
+    /// at read-ahead priority: BuildKit reads a chain's layers one after another, and the next
+    /// one's first read then finds its bytes there or on their way. Opening the partial file
+    /// (and making room for it) happens on a fetch worker, not in the caller's read.
+    public func prefetch(_ digest: Digest, size: Int64) {
+        let queued = state.withLock { state -> Bool in
+            guard !state.cancelled, state.transfers[digest] == nil, state.prefetched.insert(digest).inserted else { return false }
+            state.prefetchesQueued += 1
+            return true
+        }
+        guard queued else { return }
+        queue.enqueue(.readAhead) { [self] in startPrefetch(digest, size: size) }
+    }
+
+    /// A blob already opened, failing or complete is left alone.
+    private func startPrefetch(_ digest: Digest, size: Int64) {
+        // Counted until its jobs are, so that `waitUntilIdle` sees one or the other.
+        defer { state.withLock { $0.prefetchesQueued -= 1 } }
+        guard !store.hasComplete(digest), state.withLock({ $0.failures[digest] == nil }),
+              case .success(nil) = openTransfer(digest, size: size) else { return }
+        submit(state.withLock { state -> [Job] in
+            guard !state.cancelled, let transfer = state.transfers[digest], !transfer.verified else { return [] }
+            let first = 0..<min(size, tuning.initialReadAhead)
+            return schedule(transfer, digest: digest, reading: first, ahead: tuning.initialReadAhead, speculative: true)
+        })
     }
 
     private func read(_ waiter: Waiter, of digest: Digest, size: Int64, attempts: Int) {
@@ -332,7 +363,7 @@ public final class BlobFetcher: Sendable {
         state.withLock { $0.commitsWanted += 1 }
         defer { state.withLock { $0.commitsWanted -= 1 } }
         while commitsInFlight.load(ordering: .acquiring) > 0
-            || state.withLock({ $0.transfers.values.contains { $0.verified || $0.hashing || $0.jobs > 0 } }) {
+            || state.withLock({ $0.prefetchesQueued > 0 || $0.transfers.values.contains { $0.verified || $0.hashing || $0.jobs > 0 } }) {
             SystemThread.sleep(for: .milliseconds(1))
         }
     }
@@ -435,7 +466,8 @@ extension BlobFetcher {
 
     /// Marks the absent blocks of the read and of the read-ahead after it as queued and
     /// returns the jobs that fetch them, cut at chunk boundaries.
-    func schedule(_ transfer: Transfer, digest: Digest, reading range: Range<Int64>, ahead: Int64) -> [Job] {
+    /// `speculative`: nobody reads `range` yet, so it too is read-ahead.
+    func schedule(_ transfer: Transfer, digest: Digest, reading range: Range<Int64>, ahead: Int64, speculative: Bool = false) -> [Job] {
         let blockSize = tuning.blockSize, chunkSize = tuning.chunkSize
         var wantedEnd = min(transfer.size, range.upperBound + ahead)
         // Once the window spans chunks, fetch whole ones: fewer, evenly sized requests.
@@ -465,7 +497,7 @@ extension BlobFetcher {
         var runStart: Int?
         func closeRun(_ end: Int) {
             guard let start = runStart else { return }
-            let priority: FetchQueue.Priority = start <= reading.upperBound ? .reader : .readAhead
+            let priority: FetchQueue.Priority = start <= reading.upperBound && !speculative ? .reader : .readAhead
             jobs.append(Job(digest: digest, blocks: start...end, priority: priority))
             if priority == .readAhead { transfer.queuedForReadAhead.formUnion(start...end) }
             runStart = nil

@@ -93,6 +93,35 @@ import Glibc
         #expect(ramp.map { $0.count / block } == [2, 2, 4, 3, 5], "requests in blocks: \(ramp.map { $0.count / block })")
     }
 
+    /// BuildKit reads a chain's layers whole, base first: nearing a layer's end starts the next
+    /// layer's first request, and its reader then finds those bytes fetched once, already.
+    @Test func nearingALayersEndFetchesTheStartOfTheNextInItsChain() throws {
+        let layers = [randomBytes(1 << 20, seed: 64), randomBytes(1 << 20, seed: 65), randomBytes(1 << 20, seed: 66)]
+        let fixture = try Fixture(layers: layers, tuning: Self.tuning, chained: true)
+        defer { fixture.removeCache() }
+        let digests = layers.map { Digest.sha256(of: $0) }
+        #expect(try fixture.readWhole(try blobInode(fixture, layers[0]), chunk: 64 << 10).get() == layers[0])
+        fixture.fetcher.waitUntilIdle()
+        // What a first read of the next layer would ask for: its block and one of read-ahead.
+        #expect(fixture.source.requestedRanges(of: digests[1]) == [0...(2 * Self.tuning.blockSize - 1)])
+        #expect(fixture.source.requestedRanges(of: digests[2]).isEmpty)
+        #expect(try fixture.readWhole(try blobInode(fixture, layers[1]), chunk: 64 << 10).get() == layers[1])
+        fixture.fetcher.waitUntilIdle()
+        let second = fixture.source.requestedRanges(of: digests[1]).sorted { $0.lowerBound < $1.lowerBound }
+        #expect(zip(second, second.dropFirst()).allSatisfy { $0.upperBound < $1.lowerBound }, "a byte fetched twice: \(second)")
+        #expect(second.reduce(0) { $0 + $1.count } == layers[1].count)
+        #expect(fixture.source.requestedRanges(of: digests[2]) == [0...(2 * Self.tuning.blockSize - 1)])
+    }
+
+    @Test func layersOutsideAChainAreNotFetchedAhead() throws {
+        let layers = [randomBytes(1 << 20, seed: 67), randomBytes(1 << 20, seed: 68)]
+        let fixture = try Fixture(layers: layers, tuning: Self.tuning)
+        defer { fixture.removeCache() }
+        #expect(try fixture.readWhole(try blobInode(fixture, layers[0]), chunk: 64 << 10).get() == layers[0])
+        fixture.fetcher.waitUntilIdle()
+        #expect(fixture.source.requestedRanges(of: Digest.sha256(of: layers[1])).isEmpty)
+    }
+
     @Test func scatteredReadsFetchLittleMoreThanTheyRead() throws {
         let layer = randomBytes(16 << 20, seed: 61)
         let fixture = try Fixture(layers: [layer], tuning: Self.tuning)

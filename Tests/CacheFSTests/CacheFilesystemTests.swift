@@ -21,8 +21,8 @@ final class Fixture: Sendable {
 
     init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
          failureMemory: Duration = .zero, otherProcessStall: Duration = .seconds(60), commitTiming: CommitTiming = .init(),
-         limits: CacheLimits? = nil, tuning: FetchTuning = .init()) throws {
-        source = InMemorySource(layers: layers, behaviour: behaviour)
+         limits: CacheLimits? = nil, tuning: FetchTuning = .init(), chained: Bool = false) throws {
+        source = InMemorySource(layers: layers, behaviour: behaviour, chained: chained)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
         fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3, failureMemory: failureMemory,

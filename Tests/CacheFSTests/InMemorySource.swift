@@ -23,15 +23,21 @@ final class InMemorySource: RemoteCacheSource {
     let blobs: [Digest: [UInt8]]
     let snapshot: CacheSnapshot
     private let behaviour: Mutex<Behaviour>
-    private let requests = Mutex<[ClosedRange<Int64>]>([])
+    private let requests = Mutex<[(digest: Digest, range: ClosedRange<Int64>)]>([])
     private let sent = Mutex<[Range<Int64>]>([])
     private let pause = DispatchSemaphore(value: 0)
     private let chunkSize: Int
 
-    init(layers: [[UInt8]], behaviour: Behaviour = Behaviour(), chunkSize: Int = 64 << 10) {
+    /// - Parameter chained: the cache config chains the layers in order, each on the one before.
+    init(layers: [[UInt8]], behaviour: Behaviour = Behaviour(), chunkSize: Int = 64 << 10, chained: Bool = false) {
         var blobs: [Digest: [UInt8]] = [:]
         var snapshot = CacheSnapshot()
-        let config = Array(#"{"layers":[],"records":[]}"#.utf8)
+        // BuildKit's form: `parent` -1 for a base layer, left out (Go's omitempty) for entry 0.
+        let entries = layers.indices.map { index in
+            let parent = index == 0 ? #","parent":-1"# : index == 1 ? "" : #","parent":\#(index - 1)"#
+            return #"{"blob":"\#(Digest.sha256(of: layers[index]))"\#(parent)}"#
+        }
+        let config = Array(#"{"layers":[\#(chained ? entries.joined(separator: ",") : "")],"records":[]}"#.utf8)
         let configDigest = Digest.sha256(of: config)
         var layerDescriptors: [Descriptor] = []
         for layer in layers {
@@ -60,10 +66,15 @@ final class InMemorySource: RemoteCacheSource {
     }
 
     /// Offsets of every stream started, in order.
-    var streamsStarted: [Int64] { requests.withLock { $0.map(\.lowerBound) } }
+    var streamsStarted: [Int64] { requests.withLock { $0.map(\.range.lowerBound) } }
 
     /// The byte ranges asked for, in order (an open-ended request runs to the blob's end).
-    var requestedRanges: [ClosedRange<Int64>] { requests.withLock { $0 } }
+    var requestedRanges: [ClosedRange<Int64>] { requests.withLock { $0.map(\.range) } }
+
+    /// The byte ranges asked for of one blob, in order.
+    func requestedRanges(of digest: Digest) -> [ClosedRange<Int64>] {
+        requests.withLock { $0.filter { $0.digest == digest }.map(\.range) }
+    }
 
     /// How many times the most fetched byte was sent.
     func maximumSendsPerByte() -> Int {
@@ -94,7 +105,7 @@ final class InMemorySource: RemoteCacheSource {
 
     func streamBlob(_ digest: Digest, from offset: Int64, through last: Int64?, onStart: (Int64) throws -> Void,
                     onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
-        requests.withLock { $0.append(offset...(last ?? Int64.max - 1)) }
+        requests.withLock { $0.append((digest, offset...(last ?? Int64.max - 1))) }
         let current = behaviour.withLock { behaviour -> Behaviour in
             let snapshot = behaviour
             behaviour.breakNextStreamAfter = nil

@@ -70,11 +70,12 @@ struct ContentCacheTests {
             #expect(first.errno == EIO, "reading the corrupt blob to its end must fail with EIO; got \(first)")
             #expect(Int64(first.bytes) < bad.size, "the end of the blob must never be delivered: \(first)")
 
-            // Not in the content cache, no leftover partial file.
+            // Not in the content cache, no leftover partial file. (The next layer of its chain
+            // may have a partial one: its start is fetched as this one nears its end.)
             let cached = FileIO.listDirectory(mount.cacheDir + "/blobs/sha256")
             #expect(!cached.contains(bad.hex), "the corrupt blob must not enter the cache: \(cached)")
             let partial = FileIO.listDirectory(mount.cacheDir + "/partial")
-            #expect(partial.isEmpty, "the rejected download must not stay behind in partial/: \(partial)")
+            #expect(!partial.contains { $0.hasPrefix(bad.hex) }, "the rejected download must not stay behind in partial/: \(partial)")
 
             // A second attempt fails the same way (the bytes are fetched and checked again).
             let second = FileIO.readUntilFailure(mount.blobPath(bad.digest))

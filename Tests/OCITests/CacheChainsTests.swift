@@ -1,0 +1,33 @@
+import Testing
+@testable import OCI
+
+@Suite("CacheChains.successors")
+struct CacheChainsTests {
+    static let blobs = ["a", "b", "c", "d"].map { Digest(hex: String(repeating: $0, count: 64))! }
+
+    @Test func aChainMapsEachLayerToTheOneBuiltOnIt() throws {
+        // BuildKit's encoding: -1 for a base layer, no `parent` (Go's omitempty) for entry 0.
+        let config = #"{"layers":[{"blob":"\#(Self.blobs[0])","parent":-1},{"blob":"\#(Self.blobs[1])"},{"blob":"\#(Self.blobs[2])","parent":1}],"records":[]}"#
+        let successors = try #require(CacheChains.successors(inConfig: Array(config.utf8)))
+        #expect(successors == [Self.blobs[0]: Self.blobs[1], Self.blobs[1]: Self.blobs[2]])
+    }
+
+    @Test func aLayerTwoChainsContinueDifferentlyHasNoSuccessor() throws {
+        let config = #"{"layers":[{"blob":"\#(Self.blobs[0])","parent":-1},{"blob":"\#(Self.blobs[1])"},{"blob":"\#(Self.blobs[2])"},{"blob":"\#(Self.blobs[3])","parent":2}]}"#
+        let successors = try #require(CacheChains.successors(inConfig: Array(config.utf8)))
+        #expect(successors == [Self.blobs[2]: Self.blobs[3]])
+    }
+
+    @Test(arguments: [
+        "not json", #"{"records":[]}"#, #"{"layers":[{"parent":-1}]}"#,
+    ])
+    func anythingElseIsNotAConfig(text: String) {
+        #expect(CacheChains.successors(inConfig: Array(text.utf8)) == nil)
+    }
+
+    @Test func badEntriesAreSkipped() throws {
+        // A parent index out of range, a layer naming itself, a blob that is not a digest.
+        let config = #"{"layers":[{"blob":"\#(Self.blobs[0])","parent":7},{"blob":"\#(Self.blobs[1])","parent":1},{"blob":"sha256:nope","parent":0}]}"#
+        #expect(try #require(CacheChains.successors(inConfig: Array(config.utf8))).isEmpty)
+    }
+}
