@@ -68,6 +68,19 @@ def med(xs):
     return statistics.median(xs)
 
 
+def union_length(ranges):
+    """Bytes covered by half-open (start, end) ranges, overlaps counted once."""
+    total, reach = 0, None
+    for start, end in sorted(ranges):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
 def spread(xs):
     return "" if len(xs) < 2 else f" [{fmt_s(min(xs))}–{fmt_s(max(xs))}]"
 
@@ -313,9 +326,12 @@ class Bench:
         return os.path.join(self.mnt, "blobs/sha256", digest.split(":", 1)[1])
 
     # ---- passthrough_ll
-    def pt_mount(self, source, read_ahead_kb):
-        log_path = os.path.join(self.work, "passthrough_ll.log")
-        self.pt_proc = subprocess.Popen([self.a.passthrough, "-f", "-o", f"source={source}", "-o", "cache=always",
+    def pt_mount(self, source, read_ahead_kb, debug_log=None):
+        """Mounts passthrough_ll over `source`; with `debug_log`, its `-d` trace (every FUSE request
+        the kernel sends) goes there."""
+        log_path = debug_log or os.path.join(self.work, "passthrough_ll.log")
+        debug = ["-d"] if debug_log else []
+        self.pt_proc = subprocess.Popen([self.a.passthrough, "-f", *debug, "-o", f"source={source}", "-o", "cache=always",
                                          self.ptmnt], stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
         with open(os.path.join(self.work, "passthrough_ll.pid"), "w") as f:
             f.write(f"{self.pt_proc.pid}\n")
@@ -505,24 +521,15 @@ class Bench:
         regfile = self.registry_blob_file(digest)
         head = size // 16
         sparse = [0, size // 4, size // 2, 3 * size // 4]
-        for name, ranges in (("head", [(0, head)]), ("sparse", [(o, MiB) for o in sparse])):
+        patterns = (("head", [(0, head)]), ("sparse", [(o, MiB) for o in sparse]))
+        for name, ranges in patterns:
             cache = self.new_cache_dir()
             self.mount(big["ref"], cache)
             self.drop_caches()
             self.warm_file(regfile)
             since = self.log_offset()
             start = time.perf_counter()
-            fd = os.open(self.blob_path(digest), os.O_RDONLY)
-            try:
-                for offset, length in ranges:
-                    done = 0
-                    while done < length:
-                        chunk = os.pread(fd, min(MiB, length - done), offset + done)
-                        if not chunk:
-                            raise BenchError("unexpected end of blob")
-                        done += len(chunk)
-            finally:
-                os.close(fd)
+            self.read_ranges(self.blob_path(digest), ranges)
             elapsed = time.perf_counter() - start
             wire, gets = self.settle(since, repo, cache)
             self.unmount()
@@ -530,6 +537,40 @@ class Bench:
             self.R[f"partial_{name}"] = {"read": sum(l for _, l in ranges), "wire": wire, "gets": gets,
                                          "seconds": elapsed, "ranges": ranges}
             log(f"partial {name}: read {fmt_bytes(sum(l for _, l in ranges))}, wire {fmt_bytes(wire)} in {gets} GET(s)")
+        # What the kernel itself asks a FUSE filesystem for these reads (its readahead included):
+        # passthrough_ll's request trace at the same read_ahead_kb, its page cache dropped first.
+        source = os.path.join(self.keep_cache, "blobs/sha256")
+        ptfile = os.path.join(self.ptmnt, digest.split(":", 1)[1])
+        trace = os.path.join(self.work, "passthrough_ll.trace")
+        self.pt_mount(source, self.R["read_ahead_kb"], debug_log=trace)
+        try:
+            for name, ranges in patterns:
+                self.drop_caches()
+                since = os.path.getsize(trace)
+                self.read_ranges(ptfile, ranges)
+                time.sleep(0.5)  # the kernel's asynchronous readahead lands after the reads return
+                with open(trace, "rb") as f:
+                    f.seek(since)
+                    requested = [(int(off), int(off) + int(n)) for n, off in
+                                 re.findall(rb"lo_read\(ino=\d+, size=(\d+), off=(\d+)\)", f.read())]
+                self.R[f"partial_{name}"]["kernel"] = union_length(requested)
+                log(f"partial {name}: the kernel asked for {fmt_bytes(union_length(requested))}")
+        finally:
+            self.pt_unmount()
+
+    @staticmethod
+    def read_ranges(path, ranges):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, length in ranges:
+                done = 0
+                while done < length:
+                    chunk = os.pread(fd, min(MiB, length - done), offset + done)
+                    if not chunk:
+                        raise BenchError("unexpected end of blob")
+                    done += len(chunk)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ 8. buildctl's access pattern
     def bench_pattern(self):
@@ -755,6 +796,9 @@ class Report:
             self.ratio[f"wire_{name}"] = p["wire"] / p["read"]
             self.row("6", f"bytes from the registry, cold read of the {what} ({p['gets']} GET)", fmt_bytes(p["wire"]),
                      "distinct bytes read", fmt_bytes(p["read"]), f"{p['wire'] / p['read']:.1f}×", "≤ 1.01×")
+            self.row("6", f"same reads: bytes the kernel asks a FUSE filesystem for (`passthrough_ll -d` trace, "
+                     f"read_ahead_kb {R['read_ahead_kb']})", fmt_bytes(p["kernel"]), "distinct bytes read",
+                     fmt_bytes(p["read"]), f"{p['kernel'] / p['read']:.3f}×", "")
         self.row("6", "bytes from the registry, re-read through a new mount over the complete cache",
                  fmt_bytes(max(b.s("warm_dropped_wire"))), "distinct bytes read", fmt_bytes(self.size),
                  f"{max(b.s('warm_dropped_wire')) / self.size:.3f}×", "≤ 1.01×")
@@ -910,13 +954,17 @@ class Report:
             f"{self.verdict(max(head, sparse) <= 1.01)} for partial reads: reading the first "
             f"{fmt_bytes(ph['read'])} pulled {fmt_bytes(ph['wire'])} ({head:.1f}×) in {ph['gets']} GETs, four 1 MiB "
             f"reads at 0, ¼, ½ and ¾ pulled {fmt_bytes(ps['wire'])} ({sparse:.1f}×) in {ps['gets']} GETs. "
-            + ("Why: the first read of a blob starts a download of the whole blob, which runs on to its end while "
-               "the mount is up (the figures count everything the registry sent until its log and the cache "
-               "directory stopped changing). A bounded read-ahead, a window that starts small at the first read "
-               "and grows only while access stays sequential (as issue 4 asks), is what would bound it."
-               if whole else
-               "The download stopped before the blob's end, so some read-ahead bound exists; the excess is what "
-               "it fetched beyond the reads."))
+            + f"Why: for the same reads the kernel itself asked `passthrough_ll` for {fmt_bytes(ph['kernel'])} "
+            f"({ph['kernel'] / ph['read']:.3f}×) and {fmt_bytes(ps['kernel'])} ({ps['kernel'] / ps['read']:.2f}×): its "
+            f"readahead (read_ahead_kb {R['read_ahead_kb']}) asks for more than the reader reads"
+            + (", so no FUSE filesystem can meet 1.01× for these reads at this read_ahead_kb. "
+               if max(ph['kernel'] / ph['read'], ps['kernel'] / ps['read']) > 1.01 else ". ")
+            + (f"The rest is ocicachefs's read-ahead, "
+               f"a trade of bytes for throughput: its window starts 1 MiB past a blob's first read and doubles each "
+               f"time the reader has sequentially read as much as the window, up to 64 MiB (8 chunk requests in "
+               f"flight, which the per-connection cap and the cold-read targets need), so a read that stops pulls "
+               f"at most about twice what it read, plus rounding to a chunk; the download stops there"
+               + (" (here it did not: the whole blob was fetched)." if whole else ".")))
         return "\n".join(out)
 
     def where_time(self):
@@ -1037,7 +1085,7 @@ the same run; absolute times on these machines are noisy and are shown only for 
         intro = []
         if self.reg:
             intro.append(f"""Medians of {self.a.runs} runs ({self.a.mount_runs} for mount times, {3 * self.a.runs} for the page-cache re-reads,
-{self.a.rss_runs if "rss" in R else 0} for the 4 GiB case). Page-cache re-reads and first reads over the page-cached
+{self.a.rss_runs if "rss" in R else 0} for the 4 GiB case, {self.a.ci_runs} for the CI job on loopback). Page-cache re-reads and first reads over the page-cached
 file alternate between ocicachefs and `passthrough_ll`, both mounted over the same complete cache. Ratios: for reads, ocicachefs's
 throughput ÷ the baseline's (above 1 = faster); for mount time, bytes and memory, ocicachefs ÷ baseline
 (below 1 = less). The registry (Debian's docker-registry on 127.0.0.1, filesystem storage) serves
@@ -1045,7 +1093,7 @@ the blob from the page cache in every case: before each cold read and each curl 
 dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the registry's stored blob is read once, so only
 the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes per second.""")
         else:
-            intro.append(f"""Medians of {self.a.runs} runs. Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
+            intro.append(f"""Medians of {self.a.runs} runs ({self.a.ci_runs} for the CI job on loopback). Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
 faster); for times of a whole job, bytes and memory, ocicachefs ÷ baseline (below 1 = less). Before each cold
 read the page cache is dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the server's stored copy is read
 once, so only the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes
@@ -1135,6 +1183,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mount-runs", type=int, default=5)
     ap.add_argument("--rss-runs", type=int, default=3, help="runs of the 4 GiB case")
+    ap.add_argument("--ci-runs", type=int, default=5,
+                    help="runs of the CI job on loopback, whose ratio lies close to its target (behind the shaped link: --runs)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--doc", help="write the markdown report here")
     ap.add_argument("--command", default="bench/run.sh")

@@ -707,8 +707,10 @@ class S3Parts:
             "registry": [self.b.registry_blob_file(l["digest"]) for t in self.ci_reg.values() for l in t["layers"]],
             "s3": s3_files, "s3-shaped": s3_files}
         edge = f"http://{self.a.edge}:80" if "shaped" in self.parts else None
-        for run in range(self.a.runs):
+        for run in range(max(self.a.runs, self.a.ci_runs)):
             for src in self.ci_sources():
+                if run >= (self.a.runs if src == "s3-shaped" else self.a.ci_runs):
+                    continue
                 netns = self.a.netns if src == "s3-shaped" else None
                 logfile = self.edge_log if src == "s3-shaped" else self.cache_log
 
