@@ -174,6 +174,9 @@ public struct CacheError: Error, Sendable, CustomStringConvertible {
 /// An open file descriptor, closed when the last reference goes.
 final class OpenFile: Sendable {
     let fd: Int32
+    /// The fetch threads write different ranges of one partial file at once; see `SleepingMutex`
+    /// for why they queue here rather than on the kernel's inode lock.
+    private let writes = SleepingMutex()
 
     init(fd: Int32) { self.fd = fd }
 
@@ -223,14 +226,16 @@ final class OpenFile: Sendable {
     }
 
     func write(_ chunk: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
-        var written = 0
-        while written < chunk.count {
-            let n = pwrite(fd, chunk.baseAddress! + written, chunk.count - written, off_t(offset) + off_t(written))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw CacheError("write to the cache failed: \(String(cString: strerror(errno)))")
+        try writes.withLock { () throws(CacheError) in
+            var written = 0
+            while written < chunk.count {
+                let n = pwrite(fd, chunk.baseAddress! + written, chunk.count - written, off_t(offset) + off_t(written))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw CacheError("write to the cache failed: \(String(cString: strerror(errno)))")
+                }
+                written += n
             }
-            written += n
         }
     }
 }

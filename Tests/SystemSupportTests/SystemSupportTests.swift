@@ -120,3 +120,40 @@ struct SystemThreadTests {
         #expect(start.duration(to: .now) >= .milliseconds(30))
     }
 }
+
+@Suite("Sleeping mutex")
+struct SleepingMutexTests {
+    /// A counter whose read and write are far apart, so that unguarded increments get lost.
+    final class SlowCounter: @unchecked Sendable {
+        // SAFETY: only touched inside the mutex under test (which is what the test checks).
+        var value = 0
+        func increment() {
+            let seen = value
+            sched_yield()
+            value = seen + 1
+        }
+    }
+
+    @Test func holdersExcludeEachOther() {
+        let lock = SleepingMutex()
+        let counter = SlowCounter()
+        let threads = 8, increments = 500
+        let finished = Atomic<Int>(0)
+        for index in 0..<threads {
+            SystemThread.start(named: "ocfs-lock-\(index)") {
+                for _ in 0..<increments { lock.withLock { counter.increment() } }
+                finished.add(1, ordering: .releasing)
+            }
+        }
+        for _ in 0..<5000 where finished.load(ordering: .acquiring) < threads { SystemThread.sleep(for: .milliseconds(2)) }
+        #expect(finished.load(ordering: .acquiring) == threads)
+        #expect(lock.withLock { counter.value } == threads * increments)
+    }
+
+    @Test func anErrorLeavesItUnlocked() {
+        struct Refused: Error {}
+        let lock = SleepingMutex()
+        #expect(throws: Refused.self) { try lock.withLock { () throws(Refused) in throw Refused() } }
+        #expect(lock.withLock { 42 } == 42)
+    }
+}
