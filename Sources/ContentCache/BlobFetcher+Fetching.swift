@@ -100,6 +100,7 @@ extension BlobFetcher {
         let end = journal.range(ofBlock: span.upperBound).upperBound
         var position = first
         var blockChecksum: UInt32 = 0
+        var writer = PageAlignedWriter(file: data)
         var lastError = BlobReadError.remote("blob \(digest): no attempt made")
         for attempt in 1...maxAttempts {
             do {
@@ -119,13 +120,14 @@ extension BlobFetcher {
                         let length = min(chunk.count - consumed, Int(blockEnd - position))
                         let piece = UnsafeRawBufferPointer(rebasing: chunk[consumed..<(consumed + length)])
                         if ours.contains(index) {
-                            try data.write(piece, at: position)
+                            try writer.write(piece, at: position)
                             blockChecksum = crc32(blockChecksum, piece)
                         }
                         position += Int64(length)
                         consumed += length
                         if position == blockEnd {
                             if ours.contains(index) {
+                                try writer.flush()
                                 try journal.record(block: index, checksum: blockChecksum)
                                 self.blockLanded(digest, index)
                             }

@@ -225,11 +225,21 @@ final class OpenFile: Sendable {
         if let failure { throw failure }
     }
 
-    func write(_ chunk: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
+    /// Writes `head` and then `tail` at `offset`, in one system call unless the kernel takes
+    /// them in parts.
+    func write(_ head: UnsafeRawBufferPointer, followedBy tail: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+               at offset: Int64) throws(CacheError) {
         try writes.withLock { () throws(CacheError) in
             var written = 0
-            while written < chunk.count {
-                let n = pwrite(fd, chunk.baseAddress! + written, chunk.count - written, off_t(offset) + off_t(written))
+            while written < head.count + tail.count {
+                let headDone = min(written, head.count), tailDone = written - headDone
+                var parts = (
+                    iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress.map { $0 + headDone }), iov_len: head.count - headDone),
+                    iovec(iov_base: UnsafeMutableRawPointer(mutating: tail.baseAddress.map { $0 + tailDone }), iov_len: tail.count - tailDone))
+                let n = withUnsafeMutablePointer(to: &parts) { tuple in
+                    // SAFETY: a homogeneous tuple of two iovecs is laid out as an array of two.
+                    tuple.withMemoryRebound(to: iovec.self, capacity: 2) { pwritev(fd, $0, 2, off_t(offset) + off_t(written)) }
+                }
                 if n < 0 {
                     if errno == EINTR { continue }
                     throw CacheError("write to the cache failed: \(String(cString: strerror(errno)))")
