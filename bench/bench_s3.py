@@ -476,8 +476,9 @@ class S3Parts:
                     os.stat(path)      # the lookup (a HEAD or a listing) is not part of the read
                 self.cold_start([server_file])
                 since = self.log_offset(self.cache_log)
-                cpu0 = self.b.cpu_of(pid)
+                cpu0, busy0 = self.b.cpu_of(pid), self.b.machine_busy()
                 self.b.sample(f"peer_cold_{tool}", self.b.dd(path, size))
+                self.b.sample(f"peer_cold_machine_{tool}", self.b.machine_busy() - busy0)
                 self.b.sample(f"peer_cold_hwm_{tool}", self.b.proc_status(pid, "VmHWM"))
                 reqs = self.settle_log(self.cache_log, since, [cache])
                 self.b.sample(f"peer_cold_cpu_{tool}", self.b.cpu_of(pid) - cpu0)
@@ -509,6 +510,10 @@ class S3Parts:
                     self.peer_unmount()
             for cache in caches.values():
                 self.b.rm(cache)
+            # What verifying the digest costs one core (Python's hashlib, OpenSSL, over the
+            # page-cached object): ocicachefs does it on every cold read, s3fs and rclone never.
+            self.b.warm_file(server_file)
+            self.b.sample("peer_sha256", self.b.sha256_seconds(server_file))
             self.log(f"peers run {run + 1}: cold " + ", ".join(
                 f"{t} {fmt_s(self.b.s(f'peer_cold_{t}')[-1])}" for t in ("ocicachefs", "s3fs", "rclone")) +
                 "; warm " + ", ".join(f"{t} {fmt_s(self.b.s(f'peer_warm_{t}')[-1])}" for t in ("ocicachefs", "s3fs", "rclone")))
@@ -797,6 +802,22 @@ class S3Report:
         self.size = args.size
         self.rows = []
 
+    def peer_cpu_text(self):
+        """Why the cold comparison comes out as it does: how busy the machine was, and the checking
+        only ocicachefs does."""
+        nproc = os.cpu_count() or 1
+        busy = {t: self.m(f"peer_cold_machine_{t}") / (self.m(f"peer_cold_{t}") * nproc)
+                for t in ("ocicachefs", "s3fs", "rclone")}
+        extra = self.m("peer_cold_cpu_ocicachefs") - self.m("peer_cold_cpu_s3fs")
+        return (f"During the cold reads the machine's {nproc} cores were {busy['ocicachefs'] * 100:.0f}% busy with "
+                f"ocicachefs, {busy['s3fs'] * 100:.0f}% with s3fs and {busy['rclone'] * 100:.0f}% with rclone (the "
+                f"client, nginx and `dd` share them)"
+                + (", so CPU bounds these reads. " if busy["ocicachefs"] >= 0.85 else ". ")
+                + f"ocicachefs checks what the others "
+                f"do not: the object's SHA-256 (one core needs {self.m('peer_sha256'):.2f} s for it over the "
+                f"page-cached object) and a CRC-32 of every 1 MiB block for its journal; its daemon used "
+                f"{extra:.2f} CPU-s more than s3fs's.")
+
     def m(self, key):
         return med(self.b.s(key))
 
@@ -942,7 +963,8 @@ class S3Report:
                 f"ocicachefs run faster than every run of the other): {self.verdict(clearly('s3fs') and clearly('rclone'))}"
                 f" — {rs:.2f}× s3fs ({'clearly' if clearly('s3fs') else 'not clearly'}), {rr:.2f}× rclone "
                 f"({'clearly' if clearly('rclone') else 'not clearly'}). Cold reads of the {sz} object: "
-                + "; ".join(facts) + ".")
+                + "; ".join(facts) + ". "
+                + self.peer_cpu_text())
             w = self.ratio["warm_s3fs"]
             facts = []
             for tool in ("ocicachefs", "s3fs", "rclone"):
