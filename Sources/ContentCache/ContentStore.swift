@@ -174,9 +174,6 @@ public struct CacheError: Error, Sendable, CustomStringConvertible {
 /// An open file descriptor, closed when the last reference goes.
 final class OpenFile: Sendable {
     let fd: Int32
-    /// The fetch threads write different ranges of one partial file at once; see `SleepingMutex`
-    /// for why they queue here rather than on the kernel's inode lock.
-    private let writes = SleepingMutex()
 
     init(fd: Int32) { self.fd = fd }
 
@@ -229,23 +226,21 @@ final class OpenFile: Sendable {
     /// them in parts.
     func write(_ head: UnsafeRawBufferPointer, followedBy tail: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
                at offset: Int64) throws(CacheError) {
-        try writes.withLock { () throws(CacheError) in
-            var written = 0
-            while written < head.count + tail.count {
-                let headDone = min(written, head.count), tailDone = written - headDone
-                var parts = (
-                    iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress.map { $0 + headDone }), iov_len: head.count - headDone),
-                    iovec(iov_base: UnsafeMutableRawPointer(mutating: tail.baseAddress.map { $0 + tailDone }), iov_len: tail.count - tailDone))
-                let n = withUnsafeMutablePointer(to: &parts) { tuple in
-                    // SAFETY: a homogeneous tuple of two iovecs is laid out as an array of two.
-                    tuple.withMemoryRebound(to: iovec.self, capacity: 2) { pwritev(fd, $0, 2, off_t(offset) + off_t(written)) }
-                }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw CacheError("write to the cache failed: \(String(cString: strerror(errno)))")
-                }
-                written += n
+        var written = 0
+        while written < head.count + tail.count {
+            let headDone = min(written, head.count), tailDone = written - headDone
+            var parts = (
+                iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress.map { $0 + headDone }), iov_len: head.count - headDone),
+                iovec(iov_base: UnsafeMutableRawPointer(mutating: tail.baseAddress.map { $0 + tailDone }), iov_len: tail.count - tailDone))
+            let n = withUnsafeMutablePointer(to: &parts) { tuple in
+                // SAFETY: a homogeneous tuple of two iovecs is laid out as an array of two.
+                tuple.withMemoryRebound(to: iovec.self, capacity: 2) { pwritev(fd, $0, 2, off_t(offset) + off_t(written)) }
             }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CacheError("write to the cache failed: \(String(cString: strerror(errno)))")
+            }
+            written += n
         }
     }
 }
