@@ -72,6 +72,8 @@ public final class CacheFilesystem: Sendable {
 
     private let state: Mutex<State>
     private let fetcher: BlobFetcher
+    /// Drops what the kernel cached of an inode's content; set by the binding.
+    private let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
     private let logger: Logger
     private let uid: UInt32
     private let gid: UInt32
@@ -90,6 +92,25 @@ public final class CacheFilesystem: Sendable {
         self.uid = getuid()
         self.gid = getgid()
         self.state = Mutex(Self.layout(snapshot))
+        fetcher.onWithdrawnContent { [weak self] digest, spared in self?.withdraw(digest, sparing: spared) }
+    }
+
+    /// `invalidate` is called with an inode whose cached pages must go (they came from a
+    /// download that then failed its digest), except those of `spared` byte ranges: reads of
+    /// them are waiting for their answer, which comes once `invalidate` returns.
+    public func onPageCacheInvalid(_ invalidate: @escaping @Sendable (UInt64, _ spared: [Range<Int64>]) -> Void) {
+        pageCacheInvalidator.withLock { $0 = invalidate }
+    }
+
+    private func withdraw(_ digest: Digest, sparing spared: [Range<Int64>]) {
+        let inodes = state.withLock { state in
+            state.nodes.filter { _, node in
+                if case .lazyBlob(digest, _) = node.content { return true }
+                return false
+            }.map(\.key)
+        }
+        guard let invalidate = pageCacheInvalidator.withLock({ $0 }) else { return }
+        for inode in inodes { invalidate(inode, spared) }
     }
 
     // MARK: Layout
@@ -188,11 +209,14 @@ public final class CacheFilesystem: Sendable {
     }
 
     /// Opens a file. No network I/O happens here: clients open a blob once per 1 MiB chunk.
-    /// Returns whether the kernel may keep its page cache for the file across opens.
+    /// The kernel may keep its page cache for a blob across opens only once every byte it can
+    /// be given is verified: until then a download that fails its digest must take back what
+    /// it answered.
     public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
         openNode(inode, flags: flags).map { opened, lazyBlob in
-            if let lazyBlob { fetcher.pin(lazyBlob) }
-            return opened
+            guard let lazyBlob else { return opened }
+            let reader = fetcher.openReader(lazyBlob)
+            return OpenedFile(keepCache: fetcher.isVerified(lazyBlob), handle: reader.rawValue)
         }
     }
 
@@ -229,8 +253,11 @@ public final class CacheFilesystem: Sendable {
         }
     }
 
-    public func release(_ inode: UInt64) {
-        if let digest = lazyBlobDigest(inode) { fetcher.unpin(digest) }
+    /// `handle` is what `open` returned.
+    public func release(_ inode: UInt64, handle: UInt64 = 0) {
+        if let digest = lazyBlobDigest(inode), handle != 0 {
+            fetcher.closeReader(BlobFetcher.ReaderID(rawValue: handle), of: digest)
+        }
         state.withLock { state in
             guard state.nodes[inode] != nil else { return }
             state.nodes[inode]!.opens = max(0, state.nodes[inode]!.opens - 1)
@@ -241,7 +268,8 @@ public final class CacheFilesystem: Sendable {
     /// Reads `count` bytes at `offset`. `reply` is called exactly once, on this thread when the
     /// bytes are local, later when they must come from the remote; the bytes it gets are valid
     /// only during the call.
-    public func read(_ inode: UInt64, offset: Int64, count: Int,
+    /// `handle` is what `open` returned (0 for a read outside any open).
+    public func read(_ inode: UInt64, handle: UInt64 = 0, offset: Int64, count: Int,
                      reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
         let content: Content? = state.withLock { $0.nodes[inode]?.content }
         switch content {
@@ -259,7 +287,8 @@ public final class CacheFilesystem: Sendable {
                 fetcher.prefetch(next.digest, size: next.size)
             }
             let logger = self.logger
-            fetcher.read(digest, size: size, offset: offset, count: count) { result in
+            let reader = handle == 0 ? nil : BlobFetcher.ReaderID(rawValue: handle)
+            fetcher.read(digest, size: size, offset: offset, count: count, reader: reader) { result in
                 reply(result.mapError { error in
                     if case .cancelled = error {} else {
                         logger.warning("read failed", metadata: ["digest": "\(digest)", "offset": "\(offset)", "error": "\(error)"])
@@ -463,8 +492,10 @@ public final class CacheFilesystem: Sendable {
 }
 
 public struct OpenedFile: Sendable, Equatable {
-    /// Immutable content: the kernel may keep cached pages across opens.
+    /// Immutable, verified content: the kernel may keep cached pages across opens.
     public var keepCache: Bool
+    /// Given back with every read and the release of this open.
+    public var handle: UInt64 = 0
 }
 
 public struct FilesystemStatistics: Sendable {

@@ -9,29 +9,43 @@ import Logging
 
 extension BlobFetcher {
     private struct RangesIgnored: Error {}
+    /// Nobody waits for the blob's blocks and nobody has read it for a while.
+    private struct Unwatched: Error {}
 
     func run(_ job: Job) {
         defer { finishJob(job.digest) }
         let digest = job.digest
-        let taken = state.withLock { state -> (OpenFile, BlockJournal, [Int], Bool)? in
+        // A blob whose last fetch failed is tried again after a pause shared by all its readers.
+        let pause = state.withLock { $0.backoffs[digest]?.remainingPause() }
+        if let pause { SystemThread.sleep(for: pause) }
+        let taken = state.withLock { state -> (OpenFile, BlockJournal, [Int], Bool, owner: Int)? in
             guard !state.cancelled, let transfer = state.transfers[digest] else { return nil }
+            let owner = state.nextJob
+            state.nextJob += 1
             var candidates = Array(job.blocks)
             if transfer.rangesIgnored { candidates = Array(transfer.blocks.indices) }
             let ours = candidates.filter { transfer.blocks[$0] == .queued || (transfer.rangesIgnored && transfer.blocks[$0] == .absent) }
-            for index in ours { transfer.blocks[index] = .fetching }
+            for index in ours { transfer.blocks[index] = .fetching(owner: owner) }
             transfer.queuedForReadAhead.subtract(ours)
-            return (transfer.data, transfer.journal, ours, transfer.rangesIgnored)
+            return (transfer.data, transfer.journal, ours, transfer.rangesIgnored, owner)
         }
-        guard let (data, journal, ours, wholeStream) = taken, !ours.isEmpty else { return }
-        // Blocks a failed or cancelled fetch left unfinished are free to be fetched again.
+        guard let (data, journal, ours, wholeStream, owner) = taken, !ours.isEmpty else { return }
+        // Blocks this fetch left unfinished are free to be fetched again, by a new job for the
+        // readers still waiting; blocks other fetches own are theirs to finish or give back.
         defer {
-            state.withLock { state in
-                guard state.transfers[digest] != nil else { return }
-                for index in ours where state.transfers[digest]!.blocks[index] == .fetching {
-                    state.transfers[digest]!.blocks[index] = .absent
+            let released = state.withLock { state -> Bool in
+                guard let transfer = state.transfers[digest] else { return false }
+                var released = false
+                for index in ours where transfer.blocks[index] == .fetching(owner: owner) {
+                    transfer.blocks[index] = .absent
+                    released = true
                 }
+                return released && !state.cancelled
             }
+            if released { rescheduleWaiters(digest) }
         }
+        // After a failure only a read waiting now is worth a new attempt.
+        if pause != nil && !isWanted(digest, retrying: true) { return }
         if wholeStream {
             // The remote sends the whole blob whatever is asked: take every block from it.
             _ = journal.tryClaim(0...(journal.blockCount - 1))
@@ -105,10 +119,27 @@ extension BlobFetcher {
         for attempt in 1...maxAttempts {
             do {
                 requestsStarted.add(1, ordering: .relaxed)
+                // A whole stream resumed from where it broke may start over from an earlier
+                // byte (the remote ignores ranges): the bytes before are passed over.
+                var passOver: Int64 = 0
                 try source.streamBlob(digest, from: position, through: wholeStream ? nil : end - 1, onStart: { start in
-                    guard start == position else { throw RangesIgnored() }
-                }, onBody: { chunk in
+                    if wholeStream && start < position {
+                        passOver = position - start
+                        return
+                    }
+                    guard start == position else {
+                        if wholeStream { throw BlobReadError.remote("blob \(digest): asked for bytes from \(position), the remote sent from \(start)") }
+                        throw RangesIgnored()
+                    }
+                }, onBody: { received in
                     if self.stopping.load(ordering: .relaxed) { throw BlobReadError.cancelled }
+                    var chunk = received
+                    if passOver > 0 {
+                        let skipped = Int(min(passOver, Int64(chunk.count)))
+                        passOver -= Int64(skipped)
+                        chunk = UnsafeRawBufferPointer(rebasing: chunk[skipped...])
+                        if chunk.isEmpty { return }
+                    }
                     guard position + Int64(chunk.count) <= end else {
                         if wholeStream { throw BlobReadError.remote("blob \(digest): the remote sent more than its \(end) bytes") }
                         throw RangesIgnored()
@@ -132,6 +163,7 @@ extension BlobFetcher {
                                 self.blockLanded(digest, index)
                             }
                             blockChecksum = 0
+                            if position < end && !self.isWanted(digest, retrying: false) { throw Unwatched() }
                         }
                     }
                 })
@@ -141,6 +173,9 @@ extension BlobFetcher {
                 return true
             } catch is RangesIgnored {
                 switchToWholeStream(digest)
+                return false
+            } catch is Unwatched {
+                logger.debug("no reader is left for a fetch; stopping it", metadata: ["digest": "\(digest)"])
                 return false
             } catch let error as BlobReadError {
                 if case .cancelled = error { return false }
@@ -154,13 +189,26 @@ extension BlobFetcher {
             } catch {
                 lastError = .remote("blob \(digest): \(error)")
             }
-            if attempt < maxAttempts {
-                logger.warning("retrying a range", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
-                SystemThread.sleep(for: .milliseconds(250 * attempt))
-            }
+            guard attempt < maxAttempts else { break }
+            guard isWanted(digest, retrying: true) else { return false }
+            logger.warning("retrying a range", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
+            SystemThread.sleep(for: RetryBackoff.pause(afterFailures: attempt))
         }
-        failBlocks(digest, ours, error: lastError)
+        failBlocks(digest, error: lastError)
         return false
+    }
+
+    /// Whether a fetch of the blob should go on, or be tried again: the blob is neither verified
+    /// nor dropped, and a read waits on it, or it is read-ahead of a live reader: one read it
+    /// within `unwatchedFetchLimit`, and (for another attempt) after its last failure, since
+    /// readers told of a failure are gone until they read again.
+    func isWanted(_ digest: Digest, retrying: Bool) -> Bool {
+        state.withLock { state in
+            guard !state.cancelled, let transfer = state.transfers[digest], !transfer.verified else { return false }
+            if !transfer.waiters.isEmpty { return true }
+            if retrying, let failed = transfer.lastFailure, failed >= transfer.lastUse { return false }
+            return transfer.lastUse.duration(to: .now) <= unwatchedFetchLimit
+        }
     }
 
     // MARK: Block arrivals
@@ -168,9 +216,11 @@ extension BlobFetcher {
     /// A block is on disk and recorded: answer whoever it completes, and hash onwards.
     func blockLanded(_ digest: Digest, _ index: Int) {
         let ready = state.withLock { state -> (OpenFile, [Waiter])? in
-            guard state.transfers[digest] != nil else { return nil }
-            state.transfers[digest]!.blocks[index] = .present
-            return (state.transfers[digest]!.data, takeReadyWaiters(state.transfers[digest]!))
+            guard let transfer = state.transfers[digest] else { return nil }
+            transfer.blocks[index] = .present
+            transfer.lastProgress = .now
+            state.backoffs[digest] = nil
+            return (transfer.data, takeReadyWaiters(transfer))
         }
         if let (data, waiters) = ready {
             for waiter in waiters { answer(waiter, from: data) }
@@ -184,6 +234,7 @@ extension BlobFetcher {
             if transfer.canServe(waiter, blockSize: tuning.blockSize) { ready.append(waiter) } else { waiting.append(waiter) }
         }
         transfer.waiters = waiting
+        if !transfer.verified { transfer.unverifiedReaders.formUnion(ready.compactMap(\.reader)) }
         return ready
     }
 
@@ -197,7 +248,7 @@ extension BlobFetcher {
                 for index in indices where state.transfers[digest]!.elsewhereSince[index] == nil {
                     state.transfers[digest]!.elsewhereSince[index] = now
                 }
-                startWatchingOtherProcesses(&state)
+                startTimer(&state)
             }
         }
     }
@@ -235,28 +286,30 @@ extension BlobFetcher {
         })
     }
 
+    /// From now on one stream brings the blob. Blocks other fetches are writing stay theirs:
+    /// those fetches see the same whole answer and give them back themselves. The caller's
+    /// own blocks go back when its job ends, and the readers still waiting are queued again.
     private func switchToWholeStream(_ digest: Digest) {
-        logger.info("the remote ignores ranges; fetching the blob as one stream", metadata: ["digest": "\(digest)"])
-        state.withLock { state in
-            guard let transfer = state.transfers[digest] else { return }
+        let switched = state.withLock { state -> Bool in
+            guard let transfer = state.transfers[digest], !transfer.rangesIgnored else { return false }
             transfer.rangesIgnored = true
-            for index in transfer.blocks.indices where transfer.blocks[index] == .fetching || transfer.blocks[index] == .queued {
-                transfer.blocks[index] = .absent
-            }
+            return true
         }
-        rescheduleWaiters(digest)
+        if switched {
+            logger.info("the remote ignores ranges; fetching the blob as one stream", metadata: ["digest": "\(digest)"])
+        }
     }
 
-    /// A fetch failed past its retries: its blocks are absent again and every reader of the
-    /// blob is told; reads for a short while fail at once.
-    private func failBlocks(_ digest: Digest, _ indices: Set<Int>, error: BlobReadError) {
+    /// A fetch failed past its retries: every reader of the blob is told, and the next fetch
+    /// of it waits a pause first. Its blocks go back when its job ends.
+    private func failBlocks(_ digest: Digest, error: BlobReadError) {
         logger.error("blob fetch failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
         let waiters = state.withLock { state -> [Waiter] in
+            state.backoffs[digest, default: RetryBackoff()].recordFailure()
             guard let transfer = state.transfers[digest] else { return [] }
-            for index in indices where transfer.blocks[index] == .fetching { transfer.blocks[index] = .absent }
+            transfer.lastFailure = .now
             let waiters = transfer.waiters
             transfer.waiters = []
-            state.failures[digest] = (error, .now + failureMemory)
             return waiters
         }
         for waiter in waiters { answer(waiter, failing: error) }
@@ -309,23 +362,37 @@ extension BlobFetcher {
         for waiter in stragglers { answer(waiter, from: data) }
     }
 
-    // MARK: Other processes
+    // MARK: Waits and other processes
 
-    func startWatchingOtherProcesses(_ state: inout State) {
-        guard !state.watchingOtherProcesses else { return }
-        state.watchingOtherProcesses = true
-        SystemThread.start(named: "ocicachefs-watch") { [self] in watchOtherProcesses() }
+    /// Runs while any read waits or any block is claimed by another process.
+    func startTimer(_ state: inout State) {
+        guard !state.timerRunning else { return }
+        state.timerRunning = true
+        SystemThread.start(named: "ocicachefs-timer") { [self] in runTimer() }
     }
 
-    /// Follows blocks other mounts are fetching: each lands (recorded in the shared journal),
-    /// or its claim goes away without a record (that process died or gave up) and is fetched
-    /// here, or it stays claimed past `otherProcessStall` and is fetched here regardless.
-    private func watchOtherProcesses() {
+    /// Fails reads that waited `readStallLimit` while their blob made no progress, and follows
+    /// blocks other mounts are fetching: each lands (recorded in the shared journal), or its
+    /// claim goes away without a record (that process died or gave up) and is fetched here, or
+    /// it stays claimed past `otherProcessStall` and is fetched here regardless.
+    private func runTimer() {
         while true {
             SystemThread.sleep(for: .milliseconds(10))
-            let deadline = ContinuousClock.now - otherProcessStall
+            let now = ContinuousClock.now
+            let deadline = now - otherProcessStall
+            var overdue: [(Digest, Waiter)] = []
             let watched = state.withLock { state -> [(Digest, BlockJournal, waiting: [Int], stalled: [Job])]? in
                 var watched: [(Digest, BlockJournal, waiting: [Int], stalled: [Job])] = []
+                var anyWaiting = false
+                for (digest, transfer) in state.transfers where !transfer.waiters.isEmpty {
+                    let stalledSince = now - readStallLimit
+                    let late = transfer.waiters.filter { max($0.since, transfer.lastProgress) < stalledSince }
+                    if !late.isEmpty {
+                        transfer.waiters.removeAll { max($0.since, transfer.lastProgress) < stalledSince }
+                        overdue += late.map { (digest, $0) }
+                    }
+                    anyWaiting = anyWaiting || !transfer.waiters.isEmpty
+                }
                 for digest in Array(state.transfers.keys) where !state.transfers[digest]!.elsewhereSince.isEmpty {
                     let transfer = state.transfers[digest]!
                     transfer.elsewhereSince = transfer.elsewhereSince.filter { transfer.blocks[$0.key] == .elsewhere }
@@ -338,11 +405,16 @@ extension BlobFetcher {
                     transfer.jobs += jobs.count
                     watched.append((digest, transfer.journal, Array(transfer.elsewhereSince.keys), jobs))
                 }
-                if state.cancelled || watched.isEmpty {
-                    state.watchingOtherProcesses = false
+                if state.cancelled || (watched.isEmpty && !anyWaiting) {
+                    state.timerRunning = false
                     return nil
                 }
                 return watched
+            }
+            for (digest, waiter) in overdue {
+                let error = BlobReadError.remote("blob \(digest): no progress for \(readStallLimit); read failed")
+                logger.error("read timed out", metadata: ["digest": "\(digest)", "offset": "\(waiter.offset)"])
+                answer(waiter, failing: error)
             }
             guard let watched else { return }
             for (digest, _, _, stalled) in watched where !stalled.isEmpty {
@@ -448,38 +520,48 @@ extension BlobFetcher {
             for waiter in ready { answer(waiter, from: data) }
             return
         }
-        let retry = state.withLock { state -> (BlockJournal, [Waiter])? in
-            guard let transfer = state.transfers[digest], transfer.usedEarlierBlocks else { return nil }
+        // Whoever was answered with bytes of this download must not see other bytes now: those
+        // handles fail from here on. Bad blocks an earlier process recorded are worth one fetch
+        // from scratch; otherwise the download is discarded.
+        let outcome = state.withLock { state -> (failed: [Waiter], retried: [Waiter], discarded: OpenFile?, journal: BlockJournal)? in
+            guard let transfer = state.transfers[digest] else { return nil }
+            state.poisonedReaders.formUnion(transfer.unverifiedReaders)
+            transfer.unverifiedReaders = []
+            let waiters = transfer.waiters
+            transfer.waiters = []
+            guard transfer.usedEarlierBlocks else {
+                state.transfers[digest] = nil
+                state.backoffs[digest, default: RetryBackoff()].recordFailure()
+                return (waiters, [], transfer.data, transfer.journal)
+            }
             transfer.usedEarlierBlocks = false
             transfer.hashing = false
             transfer.blocks = Array(repeating: .absent, count: transfer.blocks.count)
             transfer.hashedBlocks = 0
             transfer.verifier = DigestVerifier()
-            let waiters = transfer.waiters
-            transfer.waiters = []
-            return (transfer.journal, waiters)
+            let poisonedReaders = state.poisonedReaders
+            let poisoned = { (waiter: Waiter) in waiter.reader.map(poisonedReaders.contains) == true }
+            return (waiters.filter(poisoned), waiters.filter { !poisoned($0) }, nil, transfer.journal)
         }
-        if let (journal, waiters) = retry {
-            logger.warning("blob does not match its digest; fetching it again from scratch", metadata: ["digest": "\(digest)"])
-            for index in 0..<journal.blockCount { journal.forget(block: index) }
-            for waiter in waiters {
-                owedReplies.subtract(1, ordering: .relaxed)
-                read(waiter.offset, waiter.end, waiter.reply, digest: digest, size: journal.blobSize)
-            }
-            return
-        }
+        guard let outcome else { return }
+        // The kernel forgets the pages it cached from this download before any reader hears of
+        // the failure, so that none reads them afterwards. The pages of the reads still waiting
+        // are being read (locked): they are spared, or the kernel would wait for their answers.
+        withdrawnHandler.withLock { $0 }?(digest, (outcome.failed + outcome.retried).map { $0.offset..<$0.end })
         let error = BlobReadError.digestMismatch(digest)
-        logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
-        let (waiters, data) = state.withLock { state -> ([Waiter], OpenFile?) in
-            let transfer = state.transfers.removeValue(forKey: digest)
-            state.failures[digest] = (error, .now + failureMemory)
-            return (transfer?.waiters ?? [], transfer?.data)
+        if let data = outcome.discarded {
+            logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
+            store.discardPartial(digest, data: data)
+        } else {
+            logger.warning("blob does not match its digest; fetching it again from scratch", metadata: ["digest": "\(digest)"])
+            for index in 0..<outcome.journal.blockCount { outcome.journal.forget(block: index) }
         }
-        if let data { store.discardPartial(digest, data: data) }
-        for waiter in waiters { answer(waiter, failing: error) }
-    }
-
-    private func read(_ offset: Int64, _ end: Int64, _ reply: @escaping Reply, digest: Digest, size: Int64) {
-        read(digest, size: size, offset: offset, count: Int(end - offset), reply: reply)
+        for waiter in outcome.failed { answer(waiter, failing: error) }
+        // Each is counted again if it waits again, before its old count is given back, so that
+        // shutdown never sees none owed while one is still to be answered.
+        for waiter in outcome.retried {
+            read(waiter, of: digest, size: outcome.journal.blobSize, attempts: 3)
+            owedReplies.subtract(1, ordering: .releasing)
+        }
     }
 }

@@ -74,17 +74,28 @@ public final class BlobFetcher: Sendable {
     /// The bytes are valid only during the call: they sit in a buffer that later reads reuse.
     public typealias Reply = @Sendable (Result<UnsafeRawBufferPointer, BlobReadError>) -> Void
 
+    /// One open file handle on a blob. A handle that was answered with bytes of a download
+    /// that later failed its digest is failed from then on, so no reader sees content switch.
+    public struct ReaderID: Hashable, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+    }
+
     struct Waiter {
         var offset: Int64
         var end: Int64
+        var reader: ReaderID?
         var reply: Reply
+        /// When it began waiting; with the blob's last progress, what bounds the wait.
+        var since = ContinuousClock.now
     }
 
     enum BlockState: Equatable {
         case absent
         /// In a job that has not started yet.
         case queued
-        case fetching
+        /// Being written by the running job with this ID, and by no other.
+        case fetching(owner: Int)
         /// Another process claimed it; it is watched until it lands or the claim goes away.
         case elsewhere
         /// On disk from an earlier process, to be checked against its CRC before any use.
@@ -127,6 +138,12 @@ public final class BlobFetcher: Sendable {
         /// When each block now `.elsewhere` was found claimed by another process.
         var elsewhereSince: [Int: ContinuousClock.Instant] = [:]
         var lastUse = ContinuousClock.now
+        /// When a block last landed: a waiting read is failed after `readStallLimit` without any.
+        var lastProgress = ContinuousClock.now
+        /// When a fetch last failed its readers.
+        var lastFailure: ContinuousClock.Instant?
+        /// Handles answered with bytes of this download before it was verified.
+        var unverifiedReaders: Set<ReaderID> = []
 
         init(data: OpenFile, journal: BlockJournal, size: Int64, blocks: [BlockState], window: ReadAheadWindow, usedEarlierBlocks: Bool) {
             self.data = data
@@ -138,6 +155,11 @@ public final class BlobFetcher: Sendable {
         }
 
         var isIdle: Bool { waiters.isEmpty && jobs == 0 && !hashing && !verified }
+
+        func isFetching(_ index: Int) -> Bool {
+            if case .fetching = blocks[index] { return true }
+            return false
+        }
 
         func blocks(covering range: Range<Int64>, blockSize: Int64) -> ClosedRange<Int> {
             Int(range.lowerBound / blockSize)...Int((range.upperBound - 1) / blockSize)
@@ -151,14 +173,19 @@ public final class BlobFetcher: Sendable {
 
     struct State {
         var transfers: [Digest: Transfer] = [:]
-        /// Recently failed blobs answer at once: the kernel retries a failed readahead page by
-        /// page, and each retry must not pay for a new round of requests.
-        var failures: [Digest: (error: BlobReadError, until: ContinuousClock.Instant)] = [:]
+        /// Blobs whose last fetch failed: the next one waits out a pause that grows with each
+        /// failure in a row, shared by every reader (the kernel retries a failed readahead page
+        /// by page). A read is never refused for an earlier failure: the remote may be back.
+        var backoffs: [Digest: RetryBackoff] = [:]
         /// Blobs with open file handles: never evicted by this process.
         var pins: [Digest: Int] = [:]
+        var nextReader: UInt64 = 1
+        var nextJob = 1
+        /// Handles that were answered with bytes of a download that then failed its digest.
+        var poisonedReaders: Set<ReaderID> = []
         /// When each blob's use was last recorded on disk (for LRU), to record it rarely.
         var lastMarkedUsed: [Digest: ContinuousClock.Instant] = [:]
-        var watchingOtherProcesses = false
+        var timerRunning = false
         var committing = false
         /// Callers of `waitUntilIdle`, who want verified blobs committed now.
         var commitsWanted = 0
@@ -178,8 +205,12 @@ public final class BlobFetcher: Sendable {
     let source: any RemoteCacheSource
     let logger: Logger
     let maxAttempts: Int
-    let failureMemory: Duration
     let otherProcessStall: Duration
+    /// The longest a read waits while its blob makes no progress at all.
+    let readStallLimit: Duration
+    /// How long a fetch nobody waits for goes on after the blob's last read: read-ahead of a
+    /// live sequential reader continues, a stream the reader left stops.
+    let unwatchedFetchLimit: Duration
     let commitTiming: CommitTiming
     let limits: CacheLimits?
     let tuning: FetchTuning
@@ -197,19 +228,26 @@ public final class BlobFetcher: Sendable {
     let requestsStarted = Atomic<Int>(0)
     /// Set once at shutdown; checked for every piece of body a fetch receives.
     let stopping = Atomic<Bool>(false)
+    /// Told when a download that already answered reads failed its digest, so that the kernel
+    /// drops the pages it cached from it.
+    let withdrawnHandler = Mutex<(@Sendable (Digest, _ spared: [Range<Int64>]) -> Void)?>(nil)
 
     /// - Parameter otherProcessStall: how long a block that another mount of the same cache
     ///   directory claimed may take to land before this one fetches it regardless: a stopped
     ///   (not dead) process keeps its claims but makes no progress.
+    /// - Parameter readStallLimit: how long a read may wait while its blob makes no progress;
+    ///   by default what `maxAttempts` stalled requests and their pauses can take.
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
-                failureMemory: Duration = .seconds(5), otherProcessStall: Duration = .seconds(60),
+                otherProcessStall: Duration = .seconds(60), readStallLimit: Duration? = nil,
+                unwatchedFetchLimit: Duration = .seconds(10),
                 commitTiming: CommitTiming = CommitTiming(), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
         self.store = store
         self.source = source
         self.logger = logger
-        self.maxAttempts = maxAttempts
-        self.failureMemory = failureMemory
+        self.maxAttempts = max(maxAttempts, 1)
         self.otherProcessStall = otherProcessStall
+        self.readStallLimit = readStallLimit ?? (otherProcessStall + RetryBackoff.maximum) * (max(maxAttempts, 1) + 1)
+        self.unwatchedFetchLimit = unwatchedFetchLimit
         self.commitTiming = commitTiming
         self.limits = limits
         self.tuning = tuning
@@ -219,12 +257,46 @@ public final class BlobFetcher: Sendable {
 
     // MARK: - Reading
 
-    /// Reads `count` bytes at `offset` of a blob of `size` bytes. `reply` is called exactly once:
-    /// on the calling thread when the bytes are already local, later from a fetch otherwise.
-    public func read(_ digest: Digest, size: Int64, offset: Int64, count: Int, reply: @escaping Reply) {
+    /// Reads `count` bytes at `offset` of a blob of `size` bytes for the handle `reader` (from
+    /// `openReader`; nil for a read outside any handle). `reply` is called exactly once: on the
+    /// calling thread when the bytes are already local, later from a fetch otherwise.
+    public func read(_ digest: Digest, size: Int64, offset: Int64, count: Int, reader: ReaderID? = nil, reply: @escaping Reply) {
         let end = min(offset + Int64(count), size)
+        if let reader, state.withLock({ $0.poisonedReaders.contains(reader) }) {
+            return reply(.failure(.digestMismatch(digest)))
+        }
         guard offset < end else { return reply(.success(UnsafeRawBufferPointer(start: nil, count: 0))) }
-        read(Waiter(offset: offset, end: end, reply: reply), of: digest, size: size, attempts: 3)
+        read(Waiter(offset: offset, end: end, reader: reader, reply: reply), of: digest, size: size, attempts: 3)
+    }
+
+    /// A file handle on the blob opened: keep the blob out of eviction while it is open.
+    public func openReader(_ digest: Digest) -> ReaderID {
+        pin(digest)
+        return state.withLock { state in
+            defer { state.nextReader += 1 }
+            return ReaderID(rawValue: state.nextReader)
+        }
+    }
+
+    public func closeReader(_ reader: ReaderID, of digest: Digest) {
+        unpin(digest)
+        state.withLock { state in
+            _ = state.poisonedReaders.remove(reader)
+            for transfer in state.transfers.values { transfer.unverifiedReaders.remove(reader) }
+        }
+    }
+
+    /// True when reads of the blob can only ever be answered with its verified content: the
+    /// kernel may then keep the pages it caches across opens.
+    public func isVerified(_ digest: Digest) -> Bool {
+        if state.withLock({ $0.transfers[digest]?.verified == true }) { return true }
+        return store.hasComplete(digest)
+    }
+
+    /// `handler` learns of every blob whose download answered reads and then failed its digest,
+    /// before the reads still waiting on it (`spared`, their pages being read) are answered.
+    public func onWithdrawnContent(_ handler: @escaping @Sendable (Digest, _ spared: [Range<Int64>]) -> Void) {
+        withdrawnHandler.withLock { $0 = handler }
     }
 
     /// Starts fetching the start of a blob nobody reads yet, as much as a first read fetches,
@@ -245,7 +317,7 @@ public final class BlobFetcher: Sendable {
     private func startPrefetch(_ digest: Digest, size: Int64) {
         // Counted until its jobs are, so that `waitUntilIdle` sees one or the other.
         defer { state.withLock { $0.prefetchesQueued -= 1 } }
-        guard !store.hasComplete(digest), state.withLock({ $0.failures[digest] == nil }),
+        guard !store.hasComplete(digest), state.withLock({ $0.backoffs[digest] == nil }),
               case .success(nil) = openTransfer(digest, size: size) else { return }
         submit(state.withLock { state -> [Job] in
             guard !state.cancelled, let transfer = state.transfers[digest], !transfer.verified else { return [] }
@@ -254,7 +326,7 @@ public final class BlobFetcher: Sendable {
         })
     }
 
-    private func read(_ waiter: Waiter, of digest: Digest, size: Int64, attempts: Int) {
+    func read(_ waiter: Waiter, of digest: Digest, size: Int64, attempts: Int) {
         enum Next {
             case serve(OpenFile, [Job])
             case check([Int: UInt32])
@@ -266,10 +338,7 @@ public final class BlobFetcher: Sendable {
         let next: Next = state.withLock { state in
             if state.cancelled { return .fail(.cancelled) }
             state.lastRead = .now
-            if let failure = state.failures[digest] {
-                if failure.until > .now { return .fail(failure.error) }
-                state.failures[digest] = nil
-            }
+            if let reader = waiter.reader, state.poisonedReaders.contains(reader) { return .fail(.digestMismatch(digest)) }
             guard let transfer = state.transfers[digest] else { return .open }
             transfer.lastUse = .now
             // Blocks an earlier process left are checked before they are used.
@@ -280,11 +349,14 @@ public final class BlobFetcher: Sendable {
             if !unchecked.isEmpty { return .check(unchecked) }
             let ahead = transfer.window.advance(offset: waiter.offset, end: waiter.end)
             var jobs = schedule(transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: ahead)
-            if transfer.canServe(waiter, blockSize: blockSize) { return .serve(transfer.data, jobs) }
+            if transfer.canServe(waiter, blockSize: blockSize) {
+                if !transfer.verified, let reader = waiter.reader { transfer.unverifiedReaders.insert(reader) }
+                return .serve(transfer.data, jobs)
+            }
             transfer.waiters.append(waiter)
             owedReplies.add(1, ordering: .relaxed)
             jobs += promote(transfer, digest: digest, reading: waiter.offset..<waiter.end)
-            if transfer.blocks.contains(.elsewhere) { startWatchingOtherProcesses(&state) }
+            startTimer(&state)
             return .waiting(jobs)
         }
         switch next {
@@ -481,17 +553,19 @@ extension BlobFetcher {
                                              blockSize: blockSize)
             if halfWindow.allSatisfy({ transfer.blocks[$0] != .absent }) { wantedEnd = range.upperBound }
         }
-        if transfer.rangesIgnored {
-            // One stream brings every block; a job for the first absent one starts it.
-            guard let first = transfer.blocks.firstIndex(of: .absent) else { return [] }
-            transfer.blocks[first] = .queued
-            transfer.jobs += 1
-            return [Job(digest: digest, blocks: first...first, priority: .reader)]
-        }
         var reading = transfer.blocks(covering: range, blockSize: blockSize)
         // A read of the end is answered once the whole blob matched its digest: it needs all.
         if range.upperBound == transfer.size { reading = 0...reading.upperBound }
         let wanted = reading.lowerBound...transfer.blocks(covering: range.lowerBound..<wantedEnd, blockSize: blockSize).upperBound
+        if transfer.rangesIgnored {
+            // One stream brings every block; a job for the first absent one starts it, when
+            // anything this read wants is missing.
+            guard wanted.contains(where: { transfer.blocks[$0] == .absent }),
+                  let first = transfer.blocks.firstIndex(of: .absent) else { return [] }
+            transfer.blocks[first] = .queued
+            transfer.jobs += 1
+            return [Job(digest: digest, blocks: first...first, priority: .reader)]
+        }
         let blocksPerChunk = Int(chunkSize / blockSize)
         var jobs: [Job] = []
         var runStart: Int?

@@ -1,6 +1,8 @@
 internal import CFuse3
 import CacheFS
 import Logging
+import Synchronization
+import SystemSupport
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
@@ -19,6 +21,9 @@ public final class FuseSession: Sendable {
     // SAFETY: retained for the session's lifetime; released after fuse_session_destroy.
     private let context: Unmanaged<FuseContext>
     public let mountpoint: String
+    /// False once the session is destroyed: the signal thread and page-cache invalidations
+    /// check it, under this lock, before they touch the session.
+    private let alive = Mutex(true)
 
     public init(filesystem: CacheFilesystem, mountpoint: String, options: [String], logger: Logger) throws {
         self.mountpoint = mountpoint
@@ -44,16 +49,56 @@ public final class FuseSession: Sendable {
         }
         self.session = created
         self.context = context
+        filesystem.onPageCacheInvalid { [weak self] inode, spared in self?.invalidatePageCache(inode, sparing: spared) }
+    }
+
+    /// Asks the kernel to drop its cached pages of `inode` outside `spared`, and returns once it
+    /// has: the kernel waits on pages being read, so those of reads not yet answered are spared.
+    private func invalidatePageCache(_ inode: UInt64, sparing spared: [Range<Int64>]) {
+        let page = Int64(getpagesize())
+        // Whole pages around each spared range, merged; the gaps between them are dropped.
+        var kept: [Range<Int64>] = []
+        for range in spared.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+            let pages = (range.lowerBound / page * page)..<((range.upperBound + page - 1) / page * page)
+            if let last = kept.last, last.upperBound >= pages.lowerBound {
+                kept[kept.count - 1] = last.lowerBound..<max(last.upperBound, pages.upperBound)
+            } else {
+                kept.append(pages)
+            }
+        }
+        var gaps: [(offset: Int64, length: Int64)] = []
+        var position: Int64 = 0
+        for range in kept {
+            if range.lowerBound > position { gaps.append((position, range.lowerBound - position)) }
+            position = range.upperBound
+        }
+        gaps.append((position, 0))  // 0: to the end
+        alive.withLock { alive in
+            guard alive else { return }
+            for gap in gaps {
+                let status = fuse_lowlevel_notify_inval_inode(session, inode, off_t(gap.offset), off_t(gap.length))
+                if status != 0 && status != -ENOENT {
+                    context.takeUnretainedValue().logger.warning("cannot drop the kernel's cached pages of a withdrawn blob",
+                                                                 metadata: ["inode": "\(inode)", "errno": "\(-status)"])
+                }
+            }
+        }
     }
 
     /// Serves requests until the filesystem is unmounted, then waits for every owed reply and
     /// tears the session down. Returns 0, a signal number, or a negative errno.
     public func run(maxThreads: UInt32 = 16) -> Int32 {
         let status = CFuse3_loopMultiThreaded(session, maxThreads)
-        // No reply may be sent after the session is destroyed.
-        context.takeUnretainedValue().filesystem.shutdown()
-        fuse_session_unmount(session)
-        fuse_session_destroy(session)
+        // No reply may be sent after the session is destroyed: the core answers every read it
+        // holds, and each answer is counted until it is sent.
+        let fuseContext = context.takeUnretainedValue()
+        fuseContext.filesystem.shutdown()
+        while fuseContext.owedReplies.load(ordering: .acquiring) > 0 { SystemThread.sleep(for: .milliseconds(1)) }
+        alive.withLock { alive in
+            alive = false
+            fuse_session_unmount(session)
+            fuse_session_destroy(session)
+        }
         context.release()
         return status
     }
@@ -79,7 +124,9 @@ public final class FuseSession: Sendable {
     /// Asks the kernel to drop the mount; the loop in `run` then ends. Safe from any thread:
     /// it never touches libfuse's own unmount state, which `run` tears down.
     public func requestUnmount() {
-        fuse_session_exit(session)
+        alive.withLock { alive in
+            if alive { fuse_session_exit(session) }
+        }
         _ = Unmounter.unmount(mountpoint, lazy: true)
     }
 }
@@ -87,10 +134,44 @@ public final class FuseSession: Sendable {
 final class FuseContext: Sendable {
     let filesystem: CacheFilesystem
     let logger: Logger
+    /// Read replies created and not yet sent.
+    let owedReplies = Atomic<Int>(0)
 
     init(filesystem: CacheFilesystem, logger: Logger) {
         self.filesystem = filesystem
         self.logger = logger
+    }
+}
+
+/// The answer to a read that may come later, from another thread: sent exactly once. One that
+/// is dropped unsent answers EIO, so a lost reply can neither hang the reader nor outlive the
+/// session (teardown waits until none is owed).
+final class ReadReply: Sendable {
+    // SAFETY: libfuse allows replying from any thread; `sent` lets exactly one reply through.
+    private nonisolated(unsafe) let raw: fuse_req_t
+    private let context: FuseContext
+    private let sent = Atomic<Bool>(false)
+
+    init(_ raw: fuse_req_t, context: FuseContext) {
+        self.raw = raw
+        self.context = context
+        context.owedReplies.add(1, ordering: .relaxed)
+    }
+
+    func send(_ result: Result<UnsafeRawBufferPointer, FSError>) {
+        guard !sent.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        switch result {
+        case .success(let bytes): _ = CFuse3_replyBuffer(raw, bytes.baseAddress, bytes.count)
+        case .failure(let error): fuse_reply_err(raw, error.code)
+        }
+        context.owedReplies.subtract(1, ordering: .releasing)
+    }
+
+    deinit {
+        if !sent.load(ordering: .acquiring) {
+            fuse_reply_err(raw, EIO)
+            context.owedReplies.subtract(1, ordering: .releasing)
+        }
     }
 }
 
@@ -223,6 +304,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
         guard let info else { return request.fail(.invalidArgument) }
         request.reply(request.filesystem.open(inode, flags: OpenFlags(info.pointee.flags))) { opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
+            info.pointee.fh = opened.handle
             fuse_reply_open(req, info)
         }
     }
@@ -233,19 +315,16 @@ private func makeOperations() -> fuse_lowlevel_ops {
                                                flags: OpenFlags(info.pointee.flags))
         request.reply(result) { entry, opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
+            info.pointee.fh = opened.handle
             var param = FuseRequest.entryParameters(entry)
             fuse_reply_create(req, &param, info)
         }
     }
-    ops.read = { req, inode, size, offset, _ in
+    ops.read = { req, inode, size, offset, info in
         let request = FuseRequest(raw: req!)
-        request.filesystem.read(inode, offset: Int64(offset), count: size) { result in
-            switch result {
-            case .success(let bytes):
-                _ = CFuse3_replyBuffer(request.raw, bytes.baseAddress, bytes.count)
-            case .failure(let error):
-                request.fail(error)
-            }
+        let reply = ReadReply(req!, context: request.context)
+        request.filesystem.read(inode, handle: info?.pointee.fh ?? 0, offset: Int64(offset), count: size) { result in
+            reply.send(result)
         }
     }
     ops.write = { req, inode, buffer, size, offset, _ in
@@ -257,9 +336,9 @@ private func makeOperations() -> fuse_lowlevel_ops {
         }
     }
     ops.flush = { req, _, _ in FuseRequest(raw: req!).ok() }
-    ops.release = { req, inode, _ in
+    ops.release = { req, inode, info in
         let request = FuseRequest(raw: req!)
-        request.filesystem.release(inode)
+        request.filesystem.release(inode, handle: info?.pointee.fh ?? 0)
         request.ok()
     }
     ops.fsync = { req, _, _, _ in FuseRequest(raw: req!).ok() }

@@ -130,7 +130,7 @@ enum SmallDocument {
             } catch let error as RemoteStoreError {
                 guard attempt < attempts, error.isTransient else { throw error }
                 logger.debug("retrying after a transient error", metadata: ["what": "\(what)", "error": "\(error)"])
-                SystemThread.sleep(for: .milliseconds(200 << attempt))
+                SystemThread.sleep(for: RetryBackoff.pause(afterFailures: attempt))
                 attempt += 1
             } catch {
                 throw .transport("\(what): \(error)")

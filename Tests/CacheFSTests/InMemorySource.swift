@@ -10,6 +10,8 @@ final class InMemorySource: RemoteCacheSource {
         var substitutes: [Digest: [UInt8]] = [:]
         /// The next stream of any blob breaks after this many bytes.
         var breakNextStreamAfter: Int?
+        /// Every stream breaks once it reaches this offset of the blob.
+        var breakEveryStreamAt: Int?
         /// Ranges are ignored and the whole blob resent.
         var ignoresRanges = false
         /// Streams pause after this many bytes until `resume()`.
@@ -124,10 +126,14 @@ final class InMemorySource: RemoteCacheSource {
             if let limit = current.breakNextStreamAfter, sent >= limit {
                 throw RemoteStoreError.transport("memory: connection reset")
             }
+            if let offset = current.breakEveryStreamAt, position >= offset {
+                throw RemoteStoreError.transport("memory: connection reset at \(offset)")
+            }
             if let pauseAfter = current.pauseAfter, sent >= pauseAfter, sent - chunkSize < pauseAfter {
                 pause.wait()
             }
-            let end = min(stop, position + chunkSize)
+            var end = min(stop, position + chunkSize)
+            if let offset = current.breakEveryStreamAt, position < offset { end = min(end, offset) }
             try content[position..<end].withUnsafeBytes { try onBody($0) }
             sent += end - position
             position = end

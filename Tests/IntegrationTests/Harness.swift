@@ -585,6 +585,45 @@ extension Workspace {
     }
 }
 
+/// `scripts/testenv/fault_proxy.py` in front of a registry: blob GETs misbehave on demand.
+final class FaultProxy: Sendable {
+    let port: Int
+    let server: BackgroundServer
+    var host: String { "127.0.0.1:\(port)" }
+
+    init(port: Int, server: BackgroundServer) {
+        self.port = port
+        self.server = server
+    }
+
+    /// `type=registry,ref=127.0.0.1:PROXYPORT/REPO:TAG`
+    func source(_ repoAndTag: String) -> String { "type=registry,ref=\(host)/\(repoAndTag)" }
+
+    /// The fault every blob GET gets from now on: `{"mode": …}` with its parameters.
+    func set(_ fault: String) throws {
+        guard let answer = RawHTTP.post(port: port, path: "/_fault", json: fault), answer.status == 200 else {
+            throw HarnessError("the fault proxy refused \(fault)")
+        }
+    }
+
+    /// Blob GETs the proxy received, whatever it answered.
+    func blobRequests() throws -> Int {
+        guard let answer = RawHTTP.get(port: port, path: "/_fault/stats"),
+              let stats = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: Any],
+              let count = stats["blob_requests"] as? Int else { throw HarnessError("no stats from the fault proxy") }
+        return count
+    }
+}
+
+extension Workspace {
+    func startFaultProxy(inFrontOf registry: Registry) async throws -> FaultProxy {
+        let server = try BackgroundServer(try Harness.python(),
+                                          ["-u", Harness.testenv + "/fault_proxy.py", "--upstream", "http://\(registry.host)", "--port", "0"],
+                                          in: self, label: "fault-proxy-\(nextID())", keepStdinOpen: true)
+        return FaultProxy(port: try await server.awaitNumber(after: "port"), server: server)
+    }
+}
+
 // MARK: - Seeding
 
 struct SeedSummary: Decodable {
@@ -845,6 +884,14 @@ enum RawHTTP {
 
     /// One HTTP/1.0 exchange on 127.0.0.1 with a 2 s receive timeout; nil when nothing answers.
     static func get(port: Int, path: String) -> Answer? {
+        exchange(port: port, method: "GET", path: path)
+    }
+
+    static func post(port: Int, path: String, json: String) -> Answer? {
+        exchange(port: port, method: "POST", path: path, body: Array(json.utf8), contentType: "application/json")
+    }
+
+    private static func exchange(port: Int, method: String, path: String, body: [UInt8] = [], contentType: String? = nil) -> Answer? {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
@@ -859,9 +906,12 @@ enum RawHTTP {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         guard connected == 0 else { return nil }
-        let request = "GET \(path) HTTP/1.0\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n\r\n"
-        let sent = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-        guard sent > 0 else { return nil }
+        var head = "\(method) \(path) HTTP/1.0\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"
+        if let contentType { head += "Content-Type: \(contentType)\r\n" }
+        if !body.isEmpty || method == "POST" { head += "Content-Length: \(body.count)\r\n" }
+        let request = Array((head + "\r\n").utf8) + body
+        let sent = request.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+        guard sent == request.count else { return nil }
         var response: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
@@ -871,10 +921,10 @@ enum RawHTTP {
         }
         let separator: [UInt8] = Array("\r\n\r\n".utf8)
         guard let split = response.indices.first(where: { response[$0...].starts(with: separator) }) else { return nil }
-        let head = String(decoding: response[..<split], as: UTF8.self)
-        let statusField = head.split(separator: " ").dropFirst().first ?? ""
+        let responseHead = String(decoding: response[..<split], as: UTF8.self)
+        let statusField = responseHead.split(separator: " ").dropFirst().first ?? ""
         guard let status = Int(statusField) else { return nil }
-        return Answer(status: status, head: head, body: Array(response[(split + 4)...]))
+        return Answer(status: status, head: responseHead, body: Array(response[(split + 4)...]))
     }
 }
 
