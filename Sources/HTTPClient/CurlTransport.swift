@@ -7,6 +7,9 @@ import Synchronization
 /// Idle easy handles are pooled and reset between requests; a handle keeps its connection
 /// cache across `curl_easy_reset`, so sequential requests to one host reuse keep-alive
 /// connections. A handle belongs either to the pool or to exactly one running `execute`.
+/// Only a handle whose last exchange succeeded goes back to the pool: `curl_easy_reset` does not
+/// undo everything a failed transfer leaves behind (libcurl 7.88 keeps the receive buffer of a
+/// transfer that failed before connecting, after which setting BUFFERSIZE fails forever).
 public final class CurlTransport: HTTPTransport {
     /// `curl_global_init` runs once per process, on first use (a `static let` is initialised
     /// exactly once, thread-safely).
@@ -36,16 +39,22 @@ public final class CurlTransport: HTTPTransport {
             throw HTTPTransportError.connectionFailed("libcurl initialisation failed")
         }
         let handle = try checkOut()
-        defer { checkIn(handle) }
+        var succeeded = false
+        defer {
+            // A handle that saw any error is dropped (curl_easy_cleanup), never reused as is.
+            if succeeded { checkIn(handle) }
+        }
         try withoutActuallyEscaping(onResponse) { onResponse in
             try withoutActuallyEscaping(onBody) { onBody in
                 // The context (and the closures in it) dies before these scopes end: curl only
-                // calls back inside `perform`, and the handle's pointers to it are reset on checkIn.
+                // calls back inside `perform`, and the handle's pointers to it are reset on
+                // checkIn or die with the handle.
                 let context = TransferContext(onResponse: onResponse, onBody: onBody,
                                               stallTimeout: request.stallTimeout)
                 try perform(request, handle: handle, context: context)
             }
         }
+        succeeded = true
     }
 
     // MARK: - Handle pool
@@ -78,8 +87,9 @@ public final class CurlTransport: HTTPTransport {
         // SAFETY: the buffer has CURL_ERROR_SIZE bytes and this call owns the handle.
         handle.errorBuffer[0] = 0
 
+        try Self.checkURL(request.url)
         // SAFETY: the list is freed after curl_easy_perform, and checkIn's reset drops curl's
-        // pointer to it before the handle is used again.
+        // pointer to it before the handle is used again (or the handle is dropped).
         var headerList = try Self.makeHeaderList(request.headers)
         defer { curl_slist_free_all(headerList) }
 
@@ -123,7 +133,7 @@ public final class CurlTransport: HTTPTransport {
 
         let method = request.method
         guard !method.isEmpty, method.utf8.allSatisfy(Self.isTokenByte) else {
-            throw HTTPTransportError.protocolError("invalid request method")
+            throw HTTPTransportError.invalidRequest("invalid request method")
         }
         let body: [UInt8]? = method == "HEAD" ? nil : request.body
         switch method {
@@ -190,17 +200,39 @@ public final class CurlTransport: HTTPTransport {
 
     // MARK: - Helpers
 
+    /// Refuses, with libcurl's own parser, a URL that no retry can fetch: malformed (a port
+    /// outside 0-65535, a space) or of a scheme other than http and https (a redirect to
+    /// file:// or ftp://). libcurl would refuse it too, but as a failed transfer. The URL itself
+    /// is not echoed: a redirect's may carry a signature.
+    static func checkURL(_ url: String) throws {
+        guard let parsed = curl_url() else { throw HTTPTransportError.invalidRequest("out of memory parsing the URL") }
+        defer { curl_url_cleanup(parsed) }
+        let code = curl_url_set(parsed, CURLUPART_URL, url, 0)
+        guard code == CURLUE_OK else {
+            throw HTTPTransportError.invalidRequest("malformed URL: \(String(cString: curl_url_strerror(code)))")
+        }
+        var scheme: UnsafeMutablePointer<CChar>? = nil
+        guard curl_url_get(parsed, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK, let scheme else {
+            throw HTTPTransportError.invalidRequest("URL without a scheme")
+        }
+        defer { curl_free(scheme) }
+        let name = String(cString: scheme).lowercased()
+        guard name == "http" || name == "https" else {
+            throw HTTPTransportError.invalidRequest("URL scheme \(name.prefix(20)) is not http or https")
+        }
+    }
+
     /// The caller frees the list with curl_slist_free_all; on error it is freed here.
     private static func makeHeaderList(_ headers: HTTPHeaders) throws -> UnsafeMutablePointer<curl_slist>? {
         var list: UnsafeMutablePointer<curl_slist>? = nil
         do {
             for (name, value) in headers {
                 guard !name.isEmpty, name.utf8.allSatisfy(isTokenByte) else {
-                    throw HTTPTransportError.protocolError("invalid request header name")
+                    throw HTTPTransportError.invalidRequest("invalid request header name")
                 }
                 // Never echo the value: it may be a credential.
                 guard !value.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else {
-                    throw HTTPTransportError.protocolError("request header \(name) has a control character in its value")
+                    throw HTTPTransportError.invalidRequest("request header \(name) has a control character in its value")
                 }
                 let trimmed = value.trimmingHTTPWhitespace()
                 // "Name:" would remove a header in libcurl; "Name;" sends it with an empty value.
@@ -261,9 +293,13 @@ public final class CurlTransport: HTTPTransport {
             return .connectionFailed(message)
         case CURLE_ABORTED_BY_CALLBACK, CURLE_WRITE_ERROR, CURLE_READ_ERROR:
             return .aborted(message)
+        case CURLE_URL_MALFORMAT:
+            // The same URL fails the same way every time.
+            return .invalidRequest(message)
         default:
             // CURLE_PARTIAL_FILE, CURLE_GOT_NOTHING, CURLE_WEIRD_SERVER_REPLY, CURLE_HTTP2,
-            // CURLE_HTTP2_STREAM, CURLE_URL_MALFORMAT, CURLE_UNSUPPORTED_PROTOCOL, ...
+            // CURLE_HTTP2_STREAM, CURLE_UNSUPPORTED_PROTOCOL (also a response in an unknown
+            // HTTP version), ...
             return .protocolError(message)
         }
     }

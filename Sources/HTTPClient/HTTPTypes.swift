@@ -92,6 +92,18 @@ public enum HTTPTransportError: Error, Sendable, Equatable, CustomStringConverti
     case protocolError(String)
     /// The caller's body handler threw; the transfer was stopped.
     case aborted(String)
+    /// Refused before anything was sent: a malformed URL, a scheme other than http and https,
+    /// an invalid method or header.
+    case invalidRequest(String)
+
+    /// Worth another try: the network or the server may do better in a moment. A request that
+    /// cannot be made, or an answer the caller refused, fails the same way every time.
+    public var isTransient: Bool {
+        switch self {
+        case .connectionFailed, .timedOut, .protocolError: return true
+        case .bodyTooLarge, .aborted, .invalidRequest: return false
+        }
+    }
 
     public var description: String {
         switch self {
@@ -100,6 +112,7 @@ public enum HTTPTransportError: Error, Sendable, Equatable, CustomStringConverti
         case .bodyTooLarge(let limit): return "response body larger than \(limit) bytes"
         case .protocolError(let m): return "protocol error: \(m)"
         case .aborted(let m): return "transfer aborted: \(m)"
+        case .invalidRequest(let m): return "invalid request: \(m)"
         }
     }
 }

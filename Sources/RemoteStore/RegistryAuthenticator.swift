@@ -91,6 +91,10 @@ final class RegistryAuthenticator: Sendable {
         do {
             response = try transport.fetch(request, maxBodyBytes: 1 << 20)
         } catch let error as HTTPTransportError {
+            // The realm is the registry's word: one the transport cannot fetch is refused, not retried.
+            if case .invalidRequest = error {
+                throw .invalidContent("token server \(components.host ?? realm) for \(host): \(error)")
+            }
             throw RemoteStoreError(error, context: "token server \(components.host ?? realm) for \(host)")
         } catch {
             throw .transport("token server \(components.host ?? realm) for \(host): \(error)")

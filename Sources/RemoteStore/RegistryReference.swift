@@ -32,6 +32,10 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
             guard Self.isValidHost(first) else {
                 throw .configuration("reference '\(text)': '\(first)' is not a valid registry host (HOST[:PORT])")
             }
+            // Caught here, the mistake gets its own line; libcurl would only call the URL malformed.
+            if let port = Self.portText(of: first), !(1...65535).contains(Int(port) ?? 0) {
+                throw .configuration("reference '\(text)': port \(port) is outside 1-65535")
+            }
             host = first
             repository = components.dropFirst().joined(separator: "/")
         } else {
@@ -98,6 +102,13 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
             guard let first = label.first, let last = label.last, first != "-", last != "-" else { return false }
             return label.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
         }
+    }
+
+    /// The digits after the host's colon, if it has a port (the host is valid).
+    private static func portText(of host: String) -> Substring? {
+        let afterAddress = host.hasPrefix("[") ? host.drop(while: { $0 != "]" }).dropFirst() : Substring(host)
+        guard let colon = afterAddress.firstIndex(of: ":") else { return nil }
+        return afterAddress[afterAddress.index(after: colon)...]
     }
 
     /// `:` followed by 1 to 5 digits.

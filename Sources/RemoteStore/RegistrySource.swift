@@ -190,6 +190,11 @@ public final class RegistrySource: RemoteCacheSource {
             do {
                 (head, errorBody) = try transport.executeExpectingSuccess(request, onSuccess: onResponse, onBody: onBody)
             } catch let error as HTTPTransportError {
+                // A URL the transport cannot fetch came from the registry (a redirect): a refusal,
+                // not an outage, so neither retried nor answered from a saved resolution.
+                if case .invalidRequest = error {
+                    throw RemoteStoreError.invalidContent("\(reference.host): \(error)")
+                }
                 throw RemoteStoreError(error, context: reference.host)
             }
             switch head.status {
@@ -199,6 +204,10 @@ public final class RegistrySource: RemoteCacheSource {
                 guard redirects < Self.maxRedirects, let location = head.headers["Location"],
                       let next = URL(string: location, relativeTo: url)?.absoluteURL else {
                     throw RemoteStoreError.invalidContent("\(reference.host): too many or unusable redirects for \(url.path)")
+                }
+                guard let scheme = next.scheme?.lowercased(), scheme == "http" || scheme == "https" else {
+                    throw RemoteStoreError.invalidContent(
+                        "\(reference.host): redirect for \(url.path) to a \(next.scheme ?? "relative") URL refused (only http and https are followed)")
                 }
                 redirects += 1
                 url = next

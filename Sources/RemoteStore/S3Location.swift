@@ -41,6 +41,9 @@ public struct S3Location: Sendable, Equatable {
                   url.host != nil else {
                 throw .configuration("endpoint_url=\(endpoint) is not an http:// or https:// URL")
             }
+            if let port = url.port, !(1...65535).contains(port) {
+                throw .configuration("endpoint_url=\(endpoint): port \(port) is outside 1-65535")
+            }
             self.endpoint = endpoint.hasSuffix("/") ? String(endpoint.dropLast()) : endpoint
         } else {
             self.endpoint = "https://s3.\(region).amazonaws.com"

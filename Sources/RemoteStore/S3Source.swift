@@ -150,6 +150,10 @@ public final class S3Source: RemoteCacheSource {
         do {
             (head, errorBody) = try transport.executeExpectingSuccess(request, onSuccess: onResponse, onBody: onBody)
         } catch let error as HTTPTransportError {
+            // The URL is built from endpoint_url and the keys: no retry can make it fetchable.
+            if case .invalidRequest = error {
+                throw RemoteStoreError.configuration("\(displayName): \(method) \(key): \(error)")
+            }
             throw RemoteStoreError(error, context: "\(displayName): \(method) \(key)")
         }
         if (200..<300).contains(head.status) { return head }

@@ -15,6 +15,15 @@ enum Daemon {
     private static let spawnSetSID: Int32 = 0x80
 
     static func spawnAndAwaitReady(arguments: [String], logPath: String, readyTimeout: Double) -> Int32 {
+        // Opened here rather than by posix_spawn, whose failure cannot say which file it was.
+        let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard logFD >= 0 else {
+            printError("cannot open the log file \(logPath): \(String(cString: strerror(errno)))")
+            return 1
+        }
+        defer { close(logFD) }
+        let logStart = lseek(logFD, 0, SEEK_END)
+
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0 else {
             printError("cannot create a pipe: \(String(cString: strerror(errno)))")
@@ -30,7 +39,7 @@ enum Daemon {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, logFD, 1)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, childReadyFD)
         // The daemon outlives this command: it must not hold whatever its caller left open
@@ -66,11 +75,39 @@ enum Daemon {
             printError("the mount daemon (pid \(pid)) did not become ready within \(Int(readyTimeout)) s; see \(logPath)")
             kill(pid, SIGTERM)
         } else {
-            printError("the mount daemon exited before the mount was ready; see \(logPath)")
+            // The pipe closed without a word: the daemon died (it writes a line before any
+            // orderly exit). Say how, with the log's own words for it.
+            var status: Int32 = 0
+            let exited = waitpid(pid, &status, 0) == pid
+            var reason = "exited before the mount was ready"
+            if exited && status & 0x7f != 0 {
+                reason = "was killed by signal \(status & 0x7f) before the mount was ready"
+            } else if exited {
+                reason = "exited with status \((status >> 8) & 0xff) before the mount was ready"
+            }
+            let detail = lastErrorLine(of: logPath, from: logStart).map { ": " + $0 } ?? ""
+            printError("the mount daemon (pid \(pid)) \(reason)\(detail); log: \(logPath)")
+            return 1
         }
         var status: Int32 = 0
         waitpid(pid, &status, WNOHANG)
         return 1
+    }
+
+    /// The line of the log written since `offset` that best says why the daemon died: the Swift
+    /// runtime's "Fatal error" line, else the backtracer's "crashed" line, else the last line.
+    private static func lastErrorLine(of path: String, from offset: off_t) -> String? {
+        guard offset >= 0 else { return nil }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 1 << 20)
+        let count = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }
+        guard count > 0 else { return nil }
+        let lines = String(decoding: bytes[..<count], as: UTF8.self).split(whereSeparator: \.isNewline)
+            .map { $0.trimmingWhitespace() }.filter { !$0.isEmpty }
+        let chosen = lines.first { $0.contains("Fatal error") } ?? lines.first { $0.contains("crashed") } ?? lines.last
+        return chosen.map { String($0.prefix(300)) }
     }
 
     /// Descriptors open in this process now (it has no other threads starting processes).

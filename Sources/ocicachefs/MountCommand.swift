@@ -108,9 +108,14 @@ struct MountCommand: ParsableCommand {
             throw ExitCode.failure
         }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
+        do {
+            try Self.prepareCacheDirectory(cacheDirectory)
+        } catch {
+            printError("\(error)")
+            throw ExitCode.failure
+        }
         if !foreground {
             let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
-            try? FileManager.default.createDirectory(atPath: cacheDirectory, withIntermediateDirectories: true)
             throw ExitCode(Daemon.spawnAndAwaitReady(arguments: Array(CommandLine.arguments.dropFirst()), logPath: logPath,
                                                      readyTimeout: timeout * 4 + 30))
         }
@@ -213,6 +218,30 @@ struct MountCommand: ParsableCommand {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
         guard entries.isEmpty else {
             throw CommandError("mountpoint \(path) is not empty; mounting would hide its files")
+        }
+    }
+
+    /// Creates the cache directory if needed and checks that it can hold a cache, so that the
+    /// failure names the path (later, opening the log file in it or the content store would
+    /// only say "Not a directory" or "Permission denied").
+    static func prepareCacheDirectory(_ path: String) throws {
+        var info = stat()
+        if stat(path, &info) != 0 {
+            let code = errno
+            guard code == ENOENT else { throw CommandError("cache directory \(path): \(String(cString: strerror(code)))") }
+            do {
+                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            } catch {
+                throw CommandError("cannot create the cache directory \(path): \(describeFileError(error))")
+            }
+            guard stat(path, &info) == 0 else {
+                throw CommandError("cache directory \(path): \(String(cString: strerror(errno)))")
+            }
+        }
+        guard info.st_mode & S_IFMT == S_IFDIR else { throw CommandError("cache directory \(path) is not a directory") }
+        // access() answers EROFS on a read-only filesystem even for root.
+        guard access(path, W_OK | X_OK) == 0 else {
+            throw CommandError("cache directory \(path) is not writable: \(String(cString: strerror(errno)))")
         }
     }
 

@@ -11,6 +11,7 @@ struct UnmountCommand: ParsableCommand {
         commandName: "unmount",
         abstract: "Unmount MOUNTPOINT and wait for its daemon to exit.",
         discussion: """
+        Acts only on an ocicachefs mount: any other filesystem at MOUNTPOINT is left alone. \
         Fails with EBUSY's message while a process still has a file open in the mount. \
         Sending SIGTERM or SIGINT to the daemon also unmounts cleanly.
 
@@ -28,7 +29,7 @@ struct UnmountCommand: ParsableCommand {
     func run() throws {
         let path: String
         do {
-            path = try MountCommand.checkedMountpoint(mountpoint)
+            path = try Self.ocicachefsMount(mountpoint)
         } catch {
             printError("\(error)")
             throw ExitCode.failure
@@ -54,5 +55,47 @@ struct UnmountCommand: ParsableCommand {
             }
             usleep(20_000)
         }
+    }
+
+    /// The mount point as the kernel lists it, when an ocicachefs mount this user may unmount is
+    /// on top there. The directory itself is never stat'ed: a mount of another user answers
+    /// EACCES and one whose daemon died ENOTCONN, and those need unmounting most.
+    static func ocicachefsMount(_ argument: String) throws -> String {
+        let resolved = realpath(argument, nil)
+        let resolveError = errno
+        defer { free(resolved) }
+        let path = resolved.map { String(cString: $0) } ?? lexicallyAbsolute(argument)
+        guard let entry = MountTable.topmost(at: path) else {
+            if resolved == nil { throw CommandError("\(argument): \(String(cString: strerror(resolveError)))") }
+            throw CommandError("\(path) is not mounted")
+        }
+        guard entry.filesystemType == Unmounter.filesystemType else {
+            throw CommandError("\(path) is not an ocicachefs mount (it is \(entry.filesystemType))")
+        }
+        // fusermount3 would only say it finds no entry of ours in /etc/mtab.
+        if getuid() != 0, let owner = entry.fuseOwner, owner != getuid() {
+            throw CommandError("cannot unmount \(path): permission denied (it was mounted by uid \(owner))")
+        }
+        return path
+    }
+
+    /// `path` made absolute and stripped of `.`, `..` and repeated slashes, without touching
+    /// the filesystem.
+    static func lexicallyAbsolute(_ path: String) -> String {
+        var full = path
+        if !path.hasPrefix("/") {
+            let cwd = getcwd(nil, 0)
+            defer { free(cwd) }
+            full = (cwd.map { String(cString: $0) } ?? "") + "/" + path
+        }
+        var components: [Substring] = []
+        for component in full.split(separator: "/") {
+            switch component {
+            case ".": continue
+            case "..": _ = components.popLast()
+            default: components.append(component)
+            }
+        }
+        return "/" + components.joined(separator: "/")
     }
 }

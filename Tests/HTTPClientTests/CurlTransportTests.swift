@@ -210,8 +210,8 @@ struct CurlTransportTests {
                                                     headers: HTTPHeaders([(name: "Authorization", value: secret)])),
                                         maxBodyBytes: 10)
             }
-            guard case .protocolError(let message)? = error else {
-                Issue.record("expected protocolError, got \(String(describing: error))")
+            guard case .invalidRequest(let message)? = error else {
+                Issue.record("expected invalidRequest, got \(String(describing: error))")
                 return
             }
             #expect(!message.contains("s3cr3t"))

@@ -37,6 +37,8 @@ final class FakeRegistry: HTTPTransport {
         case sameHost
         /// 307 to the very same URL, forever.
         case loop
+        /// 307 to this absolute Location, whatever it is.
+        case location(String)
     }
 
     struct TokenRequest: Sendable {
@@ -230,6 +232,11 @@ final class FakeRegistry: HTTPTransport {
                 case .loop:
                     return (HTTPResponseHead(status: 307, headers: HTTPHeaders([
                         ("Location", request.url),
+                        ("Content-Length", "0"),
+                    ])), [])
+                case .location(let location):
+                    return (HTTPResponseHead(status: 307, headers: HTTPHeaders([
+                        ("Location", location),
                         ("Content-Length", "0"),
                     ])), [])
                 }

@@ -199,6 +199,29 @@ struct RegistryReferenceTests {
         _ = configurationMessage { _ = try RegistryReference(parsing: text) }
     }
 
+    /// libcurl would call such a URL malformed without naming the port, and only at the first
+    /// request; parsing names it.
+    @Test(arguments: [
+        ("127.0.0.1:0/cache:main", "0"),
+        ("127.0.0.1:65536/cache:main", "65536"),
+        ("127.0.0.1:99999/cache:main", "99999"),
+        ("localhost:00000/cache", "00000"),
+        ("[::1]:70000/cache:main", "70000"),
+        ("reg.example.com:65536/team/cache@sha256:" + hex, "65536"),
+    ])
+    func portsOutsideTheRangeAreRefused(_ text: String, _ port: String) {
+        let message = configurationMessage { _ = try RegistryReference(parsing: text) }
+        #expect(message.contains("port \(port) is outside 1-65535"), "\(message)")
+        #expect(message.contains(text), "\(message)")
+    }
+
+    @Test(arguments: ["127.0.0.1:1/cache", "127.0.0.1:65535/cache", "[::1]:65535/cache", "localhost:05000/cache"])
+    func portsAtTheEdgesOfTheRangeAreAccepted(_ text: String) throws {
+        let reference = try RegistryReference(parsing: text)
+        #expect(reference.repository == "cache")
+        #expect(text.hasPrefix(reference.host))
+    }
+
     @Test(arguments: [
         "reg.example.com/app:",
         "reg.example.com/app:-x",

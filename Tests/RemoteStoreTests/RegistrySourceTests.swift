@@ -851,6 +851,41 @@ struct RegistrySourceBlobTests {
         #expect(cache.registry.requests.count == 6, "the first request and five redirects")
     }
 
+    /// A registry that redirects to file:// or ftp:// must not get the transport to try them;
+    /// the refusal is final (not transient), so nothing retries it.
+    @Test(arguments: ["file:///etc/passwd", "ftp://cdn.example/blob", "FILE:///etc/shadow"])
+    func redirectToANonHTTPSchemeIsRefusedWithoutFetchingIt(_ location: String) throws {
+        let cache = IndexVariantCache()
+        let source = try makeSource(transport: cache.registry)
+        _ = try source.loadSnapshot()
+        cache.registry.setRedirect(.location(location))
+        let before = cache.registry.requests.count
+        let error = remoteError { _ = try stream(source, Digest.sha256(of: cache.layer1), from: 0) }
+        guard case .invalidContent(let message)? = error else {
+            Issue.record("expected invalidContent, got \(String(describing: error))")
+            return
+        }
+        #expect(error?.isTransient == false)
+        #expect(message.contains("redirect") && message.lowercased().contains(location.prefix(while: { $0 != ":" }).lowercased()),
+                "\(message)")
+        #expect(cache.registry.requests.dropFirst(before).map(\.url).allSatisfy { $0.hasPrefix("https://registry.test/") })
+    }
+
+    /// A URL the transport refuses to fetch (malformed, say) fails the same way every time: the
+    /// small-document fetch, which retries transient failures, must ask only once.
+    @Test func unfetchableRedirectTargetIsNotRetried() throws {
+        let cache = IndexVariantCache()
+        cache.registry.setRedirect(.otherHost)
+        let transport = RefusingTransport(inner: cache.registry, refusedHost: FakeRegistry.cdnHost)
+        let error = remoteError { _ = try makeSource(transport: transport).loadSnapshot() }
+        guard case .invalidContent(let message)? = error else {
+            Issue.record("expected invalidContent, got \(String(describing: error))")
+            return
+        }
+        #expect(message.contains("malformed URL"), "\(message)")
+        #expect(cache.registry.requests(host: FakeRegistry.cdnHost).count == 1, "asked again after a refusal")
+    }
+
     /// Registry error messages are quoted into errors and warnings, which must stay one line
     /// ("One readable line per failure"); a registry may put newlines in its message.
     @Test func registryErrorMessagesStayOnOneLine() throws {
@@ -947,5 +982,21 @@ struct RegistrySourceBlobTests {
                                    logger: Logger(label: "exit-test") { _ in SwiftLogNoOpLogHandler() })
             }
         }
+    }
+}
+
+/// Throws what CurlTransport throws for a malformed URL for every request to `refusedHost`
+/// (after recording it in the inner fake), and passes the rest through.
+private struct RefusingTransport: HTTPTransport {
+    let inner: FakeRegistry
+    let refusedHost: String
+
+    func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
+                 onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        guard URLComponents(string: request.url)?.host == refusedHost else {
+            return try inner.execute(request, onResponse: onResponse, onBody: onBody)
+        }
+        try inner.execute(request, onResponse: { _ in }, onBody: { _ in })
+        throw HTTPTransportError.invalidRequest("malformed URL: Port number was not a decimal number between 0 and 65535")
     }
 }

@@ -115,6 +115,8 @@ func makeS3Source(_ attributes: String, transport: any HTTPTransport, environmen
         ("type=s3,bucket=b", "region"),
         ("type=s3,bucket=b,region=r,endpoint_url=ftp://x", "endpoint_url"),
         ("type=s3,bucket=b,region=r,endpoint_url=not a url", "endpoint_url"),
+        ("type=s3,bucket=b,region=r,endpoint_url=http://127.0.0.1:99999", "port 99999 is outside 1-65535"),
+        ("type=s3,bucket=b,region=r,endpoint_url=http://127.0.0.1:0/", "port 0 is outside 1-65535"),
         ("type=s3,bucket=b,region=r,colour=blue", "colour"),
         ("type=s3,bucket=b,region=r,name=;", "name"),
     ])

@@ -14,6 +14,7 @@ Routes (every response has a Content-Length, so connections stay alive):
                              X-Content-Type describe the request ("none" when absent); PUT -> 201
   GET      /headers          the request headers as a JSON list of [name, value]
   GET      /redirect         302 with Location: /blob/10
+  GET      /redirect-to?url=U   302 with Location: U (any scheme: file://, ftp://, ...)
   GET      /status/<code>    that status, body "status <code>"
   GET      /continue         an interim "100 Continue" (X-Interim) then 200 (X-Final)
   GET      /stall-headers    200 headers (Content-Length 1000), then no byte for 30 s
@@ -140,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
                               [("Content-Type", "application/json")])
         if path == "/redirect":
             return self.reply(302, b"redirecting", [("Location", "/blob/10")])
+        if path == "/redirect-to":
+            return self.reply(302, b"redirecting", [("Location", query.get("url", [""])[0])])
         if path.startswith("/status/"):
             code = int(path[len("/status/"):])
             return self.reply(code, ("status %d" % code).encode())
