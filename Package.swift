@@ -68,6 +68,7 @@ let package = Package(
         .testTarget(name: "OCITests", dependencies: ["OCI"]),
         .testTarget(name: "HTTPClientTests", dependencies: ["HTTPClient"]),
         .testTarget(name: "RemoteStoreTests", dependencies: ["RemoteStore", "HTTPClient", "OCI"]),
+        .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI"]),
         .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient"]),
     ]

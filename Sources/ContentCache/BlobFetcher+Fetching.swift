@@ -12,53 +12,44 @@ extension BlobFetcher {
     /// Nobody waits for the blob's blocks and nobody has read it for a while.
     private struct Unwatched: Error {}
 
-    func run(_ job: Job) {
-        defer { finishJob(job.digest) }
-        let digest = job.digest
+    /// What a running job reports back, one event at a time.
+    private func event(_ digest: Digest, _ change: (inout TransferMachine) -> [TransferMachine.Action]) {
+        perform(state.withLock { state in
+            guard let transfer = state.transfers[digest] else { return [] }
+            return change(&transfer.machine)
+        }, for: digest)
+    }
+
+    func run(_ job: JobID, of digest: Digest) {
         // A blob whose last fetch failed is tried again after a pause shared by all its readers.
         let pause = state.withLock { $0.backoffs[digest]?.remainingPause() }
         if let pause { SystemThread.sleep(for: pause) }
-        let taken = state.withLock { state -> (OpenFile, BlockJournal, [Int], Bool, owner: Int)? in
+        let started = state.withLock { state -> (TransferMachine.JobPlan, OpenFile, BlockJournal)?? in
             guard !state.cancelled, let transfer = state.transfers[digest] else { return nil }
-            let owner = state.nextJob
-            state.nextJob += 1
-            var candidates = Array(job.blocks)
-            if transfer.rangesIgnored { candidates = Array(transfer.blocks.indices) }
-            let ours = candidates.filter { transfer.blocks[$0] == .queued || (transfer.rangesIgnored && transfer.blocks[$0] == .absent) }
-            for index in ours { transfer.blocks[index] = .fetching(owner: owner) }
-            transfer.queuedForReadAhead.subtract(ours)
-            return (transfer.data, transfer.journal, ours, transfer.rangesIgnored, owner)
-        }
-        guard let (data, journal, ours, wholeStream, owner) = taken, !ours.isEmpty else { return }
-        // Blocks this fetch left unfinished are free to be fetched again, by a new job for the
-        // readers still waiting; blocks other fetches own are theirs to finish or give back.
-        defer {
-            let released = state.withLock { state -> Bool in
-                guard let transfer = state.transfers[digest] else { return false }
-                var released = false
-                for index in ours where transfer.blocks[index] == .fetching(owner: owner) {
-                    transfer.blocks[index] = .absent
-                    released = true
-                }
-                return released && !state.cancelled
+            // After a failure only a read waiting now is worth a new attempt.
+            if pause != nil && !transfer.machine.isWanted(retrying: true, now: .now) {
+                return .some(nil)
             }
-            if released { rescheduleWaiters(digest) }
+            return transfer.machine.jobStarting(job).map { ($0, transfer.data, transfer.journal) }
         }
-        // After a failure only a read waiting now is worth a new attempt.
-        if pause != nil && !isWanted(digest, retrying: true) { return }
-        if wholeStream {
+        guard case .some(let plan) = started else { return }
+        // Whatever this job did not land goes back, for new jobs for the reads still waiting.
+        defer { event(digest) { $0.jobEnded(job) } }
+        guard let (plan, data, journal) = plan else { return }
+        let ours = plan.blocks
+        if plan.wholeStream {
             // The remote sends the whole blob whatever is asked: take every block from it.
             _ = journal.tryClaim(0...(journal.blockCount - 1))
             defer { journal.release(0...(journal.blockCount - 1)) }
-            fetch(digest, blocks: Set(ours), span: 0...(journal.blockCount - 1), data: data, journal: journal, wholeStream: true)
+            fetch(digest, job: job, blocks: Set(ours), span: 0...(journal.blockCount - 1), data: data, journal: journal, wholeStream: true)
             return
         }
-        // A reader's re-queued job may span a chunk boundary; requests never do.
-        for run in Self.contiguousRuns(ours, blocksPerChunk: Int(tuning.chunkSize / tuning.blockSize)) {
-            if job.overridingClaims {
+        // A reader's promoted job may span a chunk boundary; requests never do.
+        for run in TransferMachine.contiguousRuns(ours, blocksPerChunk: Int(tuning.chunkSize / tuning.blockSize)) {
+            if plan.overridingClaims {
                 // Another process holds these blocks' claims without landing them; both may now
                 // write the same bytes, which the digest check covers like any other.
-                guard fetch(digest, blocks: Set(run), span: run, data: data, journal: journal, wholeStream: false) else { return }
+                guard fetch(digest, job: job, blocks: Set(run), span: run, data: data, journal: journal, wholeStream: false) else { return }
                 continue
             }
             // Claim the run across processes; what another mount is fetching is watched instead.
@@ -67,9 +58,14 @@ extension BlobFetcher {
                 claimed = [run]
             } else {
                 let mine = run.filter { journal.tryClaim($0...$0) }
-                let theirs = Set(run).subtracting(mine)
-                setBlocks(digest, theirs, to: .elsewhere)
-                claimed = Self.contiguousRuns(mine)
+                let theirs = run.filter { !mine.contains($0) }
+                let now = ContinuousClock.now
+                state.withLock { state in
+                    guard let transfer = state.transfers[digest] else { return }
+                    transfer.machine.claimedElsewhere(theirs, by: job, now: now)
+                    startTimer(&state)
+                }
+                claimed = TransferMachine.contiguousRuns(mine)
             }
             for piece in claimed {
                 defer { journal.release(piece) }
@@ -77,38 +73,18 @@ extension BlobFetcher {
                 let recorded = piece.compactMap { index in journal.recordedChecksum(ofBlock: index).map { (index, $0) } }
                 if !recorded.isEmpty { adoptRecordedBlocks(digest, Dictionary(uniqueKeysWithValues: recorded)) }
                 let wanted = piece.filter { index in !recorded.contains { $0.0 == index } }
-                for part in Self.contiguousRuns(wanted) {
-                    guard fetch(digest, blocks: Set(part), span: part, data: data, journal: journal, wholeStream: false) else { return }
+                for part in TransferMachine.contiguousRuns(wanted) {
+                    guard fetch(digest, job: job, blocks: Set(part), span: part, data: data, journal: journal, wholeStream: false) else { return }
                 }
             }
         }
-    }
-
-    private func finishJob(_ digest: Digest) {
-        state.withLock { state in
-            guard state.transfers[digest] != nil else { return }
-            state.transfers[digest]!.jobs -= 1
-        }
-    }
-
-    /// Runs of consecutive blocks, cut where a chunk starts when `blocksPerChunk` is given.
-    static func contiguousRuns(_ indices: [Int], blocksPerChunk: Int = .max) -> [ClosedRange<Int>] {
-        var runs: [ClosedRange<Int>] = []
-        for index in indices.sorted() {
-            if let last = runs.last, last.upperBound + 1 == index, index % blocksPerChunk != 0 {
-                runs[runs.count - 1] = last.lowerBound...index
-            } else {
-                runs.append(index...index)
-            }
-        }
-        return runs
     }
 
     /// Fetches the blocks of `span` with one range request, resumed within itself after a
     /// transient failure, and records each block as it completes. Only blocks in `ours` are
     /// written (a whole-blob stream passes over the others). False when the fetch failed.
     @discardableResult
-    private func fetch(_ digest: Digest, blocks ours: Set<Int>, span: ClosedRange<Int>, data: OpenFile,
+    private func fetch(_ digest: Digest, job: JobID, blocks ours: Set<Int>, span: ClosedRange<Int>, data: OpenFile,
                        journal: BlockJournal, wholeStream: Bool) -> Bool {
         let first = journal.range(ofBlock: span.lowerBound).lowerBound
         let end = journal.range(ofBlock: span.upperBound).upperBound
@@ -160,7 +136,7 @@ extension BlobFetcher {
                             if ours.contains(index) {
                                 try writer.flush()
                                 try journal.record(block: index, checksum: blockChecksum)
-                                self.blockLanded(digest, index)
+                                self.blockLanded(digest, index, by: job)
                             }
                             blockChecksum = 0
                             if position < end && !self.isWanted(digest, retrying: false) { throw Unwatched() }
@@ -172,7 +148,10 @@ extension BlobFetcher {
                 }
                 return true
             } catch is RangesIgnored {
-                switchToWholeStream(digest)
+                let switched = state.withLock { $0.transfers[digest]?.machine.remoteIgnoresRanges(by: job) ?? false }
+                if switched {
+                    logger.info("the remote ignores ranges; fetching the blob as one stream", metadata: ["digest": "\(digest)"])
+                }
                 return false
             } catch is Unwatched {
                 logger.debug("no reader is left for a fetch; stopping it", metadata: ["digest": "\(digest)"])
@@ -194,66 +173,36 @@ extension BlobFetcher {
             logger.warning("retrying a range", metadata: ["digest": "\(digest)", "attempt": "\(attempt)", "error": "\(lastError)"])
             SystemThread.sleep(for: RetryBackoff.pause(afterFailures: attempt))
         }
-        failBlocks(digest, error: lastError)
+        logger.error("blob fetch failed", metadata: ["digest": "\(digest)", "error": "\(lastError)"])
+        let now = ContinuousClock.now
+        perform(state.withLock { state in
+            state.backoffs[digest, default: RetryBackoff()].recordFailure(at: now)
+            return state.transfers[digest]?.machine.fetchFailed(lastError, by: job, now: now) ?? []
+        }, for: digest)
         return false
     }
 
-    /// Whether a fetch of the blob should go on, or be tried again: the blob is neither verified
-    /// nor dropped, and a read waits on it, or it is read-ahead of a live reader: one read it
-    /// within `unwatchedFetchLimit`, and (for another attempt) after its last failure, since
-    /// readers told of a failure are gone until they read again.
-    func isWanted(_ digest: Digest, retrying: Bool) -> Bool {
+    private func isWanted(_ digest: Digest, retrying: Bool) -> Bool {
         state.withLock { state in
-            guard !state.cancelled, let transfer = state.transfers[digest], !transfer.verified else { return false }
-            if !transfer.waiters.isEmpty { return true }
-            if retrying, let failed = transfer.lastFailure, failed >= transfer.lastUse { return false }
-            return transfer.lastUse.duration(to: .now) <= unwatchedFetchLimit
+            guard !state.cancelled, let transfer = state.transfers[digest] else { return false }
+            return transfer.machine.isWanted(retrying: retrying, now: .now)
         }
     }
 
     // MARK: Block arrivals
 
     /// A block is on disk and recorded: answer whoever it completes, and hash onwards.
-    func blockLanded(_ digest: Digest, _ index: Int) {
-        let ready = state.withLock { state -> (OpenFile, [Waiter])? in
-            guard let transfer = state.transfers[digest] else { return nil }
-            transfer.blocks[index] = .present
-            transfer.lastProgress = .now
+    func blockLanded(_ digest: Digest, _ index: Int, by job: JobID) {
+        let now = ContinuousClock.now
+        perform(state.withLock { state in
             state.backoffs[digest] = nil
-            return (transfer.data, takeReadyWaiters(transfer))
-        }
-        if let (data, waiters) = ready {
-            for waiter in waiters { answer(waiter, from: data) }
-        }
+            return state.transfers[digest]?.machine.blockLanded(index, by: job, now: now) ?? []
+        }, for: digest)
         advanceHash(digest)
     }
 
-    func takeReadyWaiters(_ transfer: Transfer) -> [Waiter] {
-        var ready: [Waiter] = [], waiting: [Waiter] = []
-        for waiter in transfer.waiters {
-            if transfer.canServe(waiter, blockSize: tuning.blockSize) { ready.append(waiter) } else { waiting.append(waiter) }
-        }
-        transfer.waiters = waiting
-        if !transfer.verified { transfer.unverifiedReaders.formUnion(ready.compactMap(\.reader)) }
-        return ready
-    }
-
-    func setBlocks(_ digest: Digest, _ indices: Set<Int>, to newState: BlockState) {
-        guard !indices.isEmpty else { return }
-        state.withLock { state in
-            guard state.transfers[digest] != nil else { return }
-            for index in indices { state.transfers[digest]!.blocks[index] = newState }
-            if newState == .elsewhere {
-                let now = ContinuousClock.now
-                for index in indices where state.transfers[digest]!.elsewhereSince[index] == nil {
-                    state.transfers[digest]!.elsewhereSince[index] = now
-                }
-                startTimer(&state)
-            }
-        }
-    }
-
-    /// Blocks another process recorded: checked against their CRC before they count.
+    /// Blocks an earlier or another process recorded: checked against their CRC before they
+    /// count.
     func adoptRecordedBlocks(_ digest: Digest, _ recorded: [Int: UInt32]) {
         guard let (data, journal) = state.withLock({ state in state.transfers[digest].map { ($0.data, $0.journal) } }) else { return }
         var intact: Set<Int> = [], damaged: Set<Int> = []
@@ -269,50 +218,9 @@ extension BlobFetcher {
                 damaged.insert(index)
             }
         }
-        setBlocks(digest, damaged, to: .absent)
-        for index in intact { blockLanded(digest, index) }
-        if !damaged.isEmpty { rescheduleWaiters(digest) }
-    }
-
-    /// Queues fetches for the blocks waiting readers still lack.
-    func rescheduleWaiters(_ digest: Digest) {
-        submit(state.withLock { state -> [Job] in
-            guard let transfer = state.transfers[digest] else { return [] }
-            var jobs: [Job] = []
-            for waiter in transfer.waiters {
-                jobs += schedule(transfer, digest: digest, reading: waiter.offset..<waiter.end, ahead: 0)
-            }
-            return jobs
-        })
-    }
-
-    /// From now on one stream brings the blob. Blocks other fetches are writing stay theirs:
-    /// those fetches see the same whole answer and give them back themselves. The caller's
-    /// own blocks go back when its job ends, and the readers still waiting are queued again.
-    private func switchToWholeStream(_ digest: Digest) {
-        let switched = state.withLock { state -> Bool in
-            guard let transfer = state.transfers[digest], !transfer.rangesIgnored else { return false }
-            transfer.rangesIgnored = true
-            return true
-        }
-        if switched {
-            logger.info("the remote ignores ranges; fetching the blob as one stream", metadata: ["digest": "\(digest)"])
-        }
-    }
-
-    /// A fetch failed past its retries: every reader of the blob is told, and the next fetch
-    /// of it waits a pause first. Its blocks go back when its job ends.
-    private func failBlocks(_ digest: Digest, error: BlobReadError) {
-        logger.error("blob fetch failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
-        let waiters = state.withLock { state -> [Waiter] in
-            state.backoffs[digest, default: RetryBackoff()].recordFailure()
-            guard let transfer = state.transfers[digest] else { return [] }
-            transfer.lastFailure = .now
-            let waiters = transfer.waiters
-            transfer.waiters = []
-            return waiters
-        }
-        for waiter in waiters { answer(waiter, failing: error) }
+        let now = ContinuousClock.now
+        event(digest) { $0.adopted(intact: intact, damaged: damaged, now: now) }
+        advanceHash(digest)
     }
 
     // MARK: Making verified blobs durable
@@ -330,16 +238,16 @@ extension BlobFetcher {
     private func commitWhenQuiet() {
         while true {
             let due = state.withLock { state -> [Digest]? in
-                let verified = state.transfers.filter { $0.value.verified }
+                let verified = state.transfers.filter { $0.value.machine.verified }
                 guard !verified.isEmpty else {
                     state.committing = false
                     return nil
                 }
                 let now = ContinuousClock.now
-                let fetching = state.transfers.values.contains { $0.jobs > 0 || $0.hashing || !$0.waiters.isEmpty }
+                let fetching = state.transfers.values.contains { !$0.machine.jobs.isEmpty || $0.machine.hashing || !$0.machine.waiters.isEmpty }
                 let quiet = !fetching && state.lastRead.duration(to: now) >= commitTiming.quietPeriod
                 let commitAll = state.cancelled || state.commitsWanted > 0 || quiet
-                return verified.filter { commitAll || $0.value.verifiedAt!.duration(to: now) >= commitTiming.delayLimit }.map(\.key)
+                return verified.filter { commitAll || $0.value.machine.verifiedAt!.duration(to: now) >= commitTiming.delayLimit }.map(\.key)
             }
             guard let due else { return }
             if due.isEmpty { SystemThread.sleep(for: .milliseconds(20)) }
@@ -357,9 +265,8 @@ extension BlobFetcher {
         } catch {
             logger.error("cannot keep a verified blob", metadata: ["digest": "\(digest)", "error": "\(error)"])
         }
-        // Later reads open the complete blob; anything still queued finds nothing to do.
-        let stragglers = state.withLock { state in state.transfers.removeValue(forKey: digest)?.waiters ?? [] }
-        for waiter in stragglers { answer(waiter, from: data) }
+        // Later reads open the complete blob; a verified machine holds no waiting read.
+        state.withLock { state in _ = state.transfers.removeValue(forKey: digest) }
     }
 
     // MARK: Waits and other processes
@@ -371,61 +278,40 @@ extension BlobFetcher {
         SystemThread.start(named: "ocicachefs-timer") { [self] in runTimer() }
     }
 
-    /// Fails reads that waited `readStallLimit` while their blob made no progress, and follows
-    /// blocks other mounts are fetching: each lands (recorded in the shared journal), or its
-    /// claim goes away without a record (that process died or gave up) and is fetched here, or
-    /// it stays claimed past `otherProcessStall` and is fetched here regardless.
+    /// Gives each machine the time (it fails reads that waited too long without progress, and
+    /// re-queues blocks another mount claimed and stalled on), and follows blocks other mounts
+    /// are fetching: each lands (recorded in the shared journal), or its claim goes away
+    /// without a record (that process died or gave up) and is fetched here.
     private func runTimer() {
         while true {
             SystemThread.sleep(for: .milliseconds(10))
             let now = ContinuousClock.now
-            let deadline = now - otherProcessStall
-            var overdue: [(Digest, Waiter)] = []
-            let watched = state.withLock { state -> [(Digest, BlockJournal, waiting: [Int], stalled: [Job])]? in
-                var watched: [(Digest, BlockJournal, waiting: [Int], stalled: [Job])] = []
-                var anyWaiting = false
-                for (digest, transfer) in state.transfers where !transfer.waiters.isEmpty {
-                    let stalledSince = now - readStallLimit
-                    let late = transfer.waiters.filter { max($0.since, transfer.lastProgress) < stalledSince }
-                    if !late.isEmpty {
-                        transfer.waiters.removeAll { max($0.since, transfer.lastProgress) < stalledSince }
-                        overdue += late.map { (digest, $0) }
-                    }
-                    anyWaiting = anyWaiting || !transfer.waiters.isEmpty
+            let ticks = state.withLock { state -> [(Digest, [TransferMachine.Action], BlockJournal, watched: [Int])]? in
+                var ticks: [(Digest, [TransferMachine.Action], BlockJournal, watched: [Int])] = []
+                for (digest, transfer) in state.transfers {
+                    let elsewhere = transfer.machine.blocksElsewhere
+                    guard !transfer.machine.waiters.isEmpty || !elsewhere.isEmpty else { continue }
+                    ticks.append((digest, transfer.machine.tick(now: now), transfer.journal, transfer.machine.blocksElsewhere))
                 }
-                for digest in Array(state.transfers.keys) where !state.transfers[digest]!.elsewhereSince.isEmpty {
-                    let transfer = state.transfers[digest]!
-                    transfer.elsewhereSince = transfer.elsewhereSince.filter { transfer.blocks[$0.key] == .elsewhere }
-                    let stalled = transfer.elsewhereSince.filter { $0.value < deadline }.keys.sorted()
-                    for index in stalled {
-                        transfer.blocks[index] = .queued
-                        transfer.elsewhereSince[index] = nil
-                    }
-                    let jobs = Self.contiguousRuns(stalled).map { Job(digest: digest, blocks: $0, priority: .reader, overridingClaims: true) }
-                    transfer.jobs += jobs.count
-                    watched.append((digest, transfer.journal, Array(transfer.elsewhereSince.keys), jobs))
-                }
-                if state.cancelled || (watched.isEmpty && !anyWaiting) {
+                if state.cancelled || ticks.isEmpty {
                     state.timerRunning = false
                     return nil
                 }
-                return watched
+                return ticks
             }
-            for (digest, waiter) in overdue {
-                let error = BlobReadError.remote("blob \(digest): no progress for \(readStallLimit); read failed")
-                logger.error("read timed out", metadata: ["digest": "\(digest)", "offset": "\(waiter.offset)"])
-                answer(waiter, failing: error)
-            }
-            guard let watched else { return }
-            for (digest, _, _, stalled) in watched where !stalled.isEmpty {
-                logger.warning("another mount of this cache directory made no progress on blocks it claimed; fetching them here",
-                               metadata: ["digest": "\(digest)", "blocks": "\(stalled.reduce(0) { $0 + $1.blocks.count })"])
-                submit(stalled)
-            }
-            for (digest, journal, indices, _) in watched {
+            guard let ticks else { return }
+            for (digest, actions, journal, watched) in ticks {
+                if actions.contains(where: { if case .enqueue = $0 { return true } else { return false } }) {
+                    logger.warning("another mount of this cache directory made no progress on blocks it claimed; fetching them here",
+                                   metadata: ["digest": "\(digest)"])
+                }
+                for case .fail(_, let error) in actions {
+                    logger.error("read timed out", metadata: ["digest": "\(digest)", "error": "\(error)"])
+                }
+                perform(actions, for: digest)
                 var recorded: [Int: UInt32] = [:]
                 var abandoned: Set<Int> = []
-                for index in indices {
+                for index in watched {
                     if let crc = journal.recordedChecksum(ofBlock: index) {
                         recorded[index] = crc
                     } else if journal.tryClaim(index...index) {
@@ -434,10 +320,7 @@ extension BlobFetcher {
                     }
                 }
                 if !recorded.isEmpty { adoptRecordedBlocks(digest, recorded) }
-                if !abandoned.isEmpty {
-                    setBlocks(digest, abandoned, to: .absent)
-                    rescheduleWaiters(digest)
-                }
+                if !abandoned.isEmpty { event(digest) { $0.abandonedElsewhere(abandoned) } }
             }
         }
     }
@@ -449,24 +332,20 @@ extension BlobFetcher {
     /// Hashes every block that extends the hashed prefix. One thread hashes at a time; another
     /// that finds it busy leaves the work to it, and it looks again before it stops.
     func advanceHash(_ digest: Digest) {
-        while let (data, journal, first, pending, verifier) = state.withLock({ state -> (OpenFile, BlockJournal, Int, [BlockState], DigestVerifier)? in
-            guard let transfer = state.transfers[digest], !transfer.hashing, !transfer.verified else { return nil }
-            var end = transfer.hashedBlocks
-            while end < transfer.blocks.count && transfer.blocks[end].isOnDisk { end += 1 }
-            guard end > transfer.hashedBlocks else { return nil }
-            transfer.hashing = true
-            return (transfer.data, transfer.journal, transfer.hashedBlocks, Array(transfer.blocks[transfer.hashedBlocks..<end]), transfer.verifier)
+        while let (work, data, journal, verifier) = state.withLock({ state -> (TransferMachine.HashWork, OpenFile, BlockJournal, DigestVerifier)? in
+            guard let transfer = state.transfers[digest], let work = transfer.machine.hashStarting() else { return nil }
+            return (work, transfer.data, transfer.journal, transfer.machine.verifier)
         }) {
             var verifier = verifier
             var hashed = 0
             var damaged: Int?
-            for (offset, blockState) in pending.enumerated() {
-                let index = first + offset
+            for (offset, expectedCRC) in work.expectedCRCs.enumerated() {
+                let index = work.first + offset
                 let range = journal.range(ofBlock: index)
                 let intact = buffers.withBuffer(count: range.count) { buffer -> Bool in
                     guard (try? data.read(into: buffer, offset: range.lowerBound)) == range.count else { return false }
                     let block = UnsafeRawBufferPointer(buffer)
-                    if case .unverified(let crc) = blockState, crc32(0, block) != crc { return false }
+                    if let expectedCRC, crc32(0, block) != expectedCRC { return false }
                     verifier.update(block)
                     return true
                 }
@@ -481,87 +360,21 @@ extension BlobFetcher {
                                metadata: ["digest": "\(digest)", "block": "\(damaged)"])
                 journal.forget(block: damaged)
             }
-            let (finished, ready) = state.withLock { state -> (Bool, [Waiter]) in
-                guard let transfer = state.transfers[digest] else { return (false, []) }
-                transfer.verifier = verifier
-                for index in first..<(first + hashed) where transfer.blocks[index] != .present { transfer.blocks[index] = .present }
-                transfer.hashedBlocks = first + hashed
-                if let damaged { transfer.blocks[damaged] = .absent }
-                // Still busy until `complete` has decided, so that nobody sees it idle between.
-                let finished = transfer.hashedBlocks == transfer.blocks.count
-                transfer.hashing = finished
-                return (finished, takeReadyWaiters(transfer))
+            let (actions, finished) = state.withLock { state -> ([TransferMachine.Action], Bool) in
+                guard let transfer = state.transfers[digest] else { return ([], false) }
+                return transfer.machine.hashed(first: work.first, count: hashed, damaged: damaged, verifier: verifier)
             }
-            for waiter in ready { answer(waiter, from: data) }
-            if damaged != nil { rescheduleWaiters(digest) }
+            perform(actions, for: digest)
             if finished {
-                complete(digest, matched: verifier.finalize() == digest)
+                let matched = verifier.finalize() == digest
+                perform(state.withLock { state -> [TransferMachine.Action] in
+                    guard let transfer = state.transfers[digest] else { return [] }
+                    let actions = transfer.machine.digestChecked(matched: matched, now: .now)
+                    if matched { startCommitting(&state) }
+                    return actions
+                }, for: digest)
                 return
             }
-        }
-    }
-
-    /// Every block is hashed: a match is served at once and committed later; a mismatch is
-    /// fetched once more from scratch when earlier processes' blocks may be the cause, and
-    /// discarded otherwise.
-    private func complete(_ digest: Digest, matched: Bool) {
-        if matched {
-            let (ready, data) = state.withLock { state -> ([Waiter], OpenFile?) in
-                guard let transfer = state.transfers[digest] else { return ([], nil) }
-                transfer.verified = true
-                transfer.verifiedAt = .now
-                transfer.hashing = false
-                let waiters = transfer.waiters
-                transfer.waiters = []
-                startCommitting(&state)
-                return (waiters, transfer.data)
-            }
-            guard let data else { return }
-            for waiter in ready { answer(waiter, from: data) }
-            return
-        }
-        // Whoever was answered with bytes of this download must not see other bytes now: those
-        // handles fail from here on. Bad blocks an earlier process recorded are worth one fetch
-        // from scratch; otherwise the download is discarded.
-        let outcome = state.withLock { state -> (failed: [Waiter], retried: [Waiter], discarded: OpenFile?, journal: BlockJournal)? in
-            guard let transfer = state.transfers[digest] else { return nil }
-            state.poisonedReaders.formUnion(transfer.unverifiedReaders)
-            transfer.unverifiedReaders = []
-            let waiters = transfer.waiters
-            transfer.waiters = []
-            guard transfer.usedEarlierBlocks else {
-                state.transfers[digest] = nil
-                state.backoffs[digest, default: RetryBackoff()].recordFailure()
-                return (waiters, [], transfer.data, transfer.journal)
-            }
-            transfer.usedEarlierBlocks = false
-            transfer.hashing = false
-            transfer.blocks = Array(repeating: .absent, count: transfer.blocks.count)
-            transfer.hashedBlocks = 0
-            transfer.verifier = DigestVerifier()
-            let poisonedReaders = state.poisonedReaders
-            let poisoned = { (waiter: Waiter) in waiter.reader.map(poisonedReaders.contains) == true }
-            return (waiters.filter(poisoned), waiters.filter { !poisoned($0) }, nil, transfer.journal)
-        }
-        guard let outcome else { return }
-        // The kernel forgets the pages it cached from this download before any reader hears of
-        // the failure, so that none reads them afterwards. The pages of the reads still waiting
-        // are being read (locked): they are spared, or the kernel would wait for their answers.
-        withdrawnHandler.withLock { $0 }?(digest, (outcome.failed + outcome.retried).map { $0.offset..<$0.end })
-        let error = BlobReadError.digestMismatch(digest)
-        if let data = outcome.discarded {
-            logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(error)"])
-            store.discardPartial(digest, data: data)
-        } else {
-            logger.warning("blob does not match its digest; fetching it again from scratch", metadata: ["digest": "\(digest)"])
-            for index in 0..<outcome.journal.blockCount { outcome.journal.forget(block: index) }
-        }
-        for waiter in outcome.failed { answer(waiter, failing: error) }
-        // Each is counted again if it waits again, before its old count is given back, so that
-        // shutdown never sees none owed while one is still to be answered.
-        for waiter in outcome.retried {
-            read(waiter, of: digest, size: outcome.journal.blobSize, attempts: 3)
-            owedReplies.subtract(1, ordering: .releasing)
         }
     }
 }
