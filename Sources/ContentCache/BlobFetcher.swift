@@ -151,6 +151,10 @@ public final class BlobFetcher: Sendable {
     let limits: CacheLimits?
     let tuning: FetchTuning
     let queue: FetchQueue
+    /// Opening blobs (the blob's lock, making room) and checking recorded blocks: work that
+    /// waits on the disk or another process, off the FUSE threads, and not behind fetches
+    /// that wait on the network.
+    let localQueue: FetchQueue
     /// Buffers for answering reads and for checking blocks: reads arrive in at most 1 MiB (the
     /// FUSE mount's max_read), and more copies at once than the machine has cores gain nothing.
     let buffers: ReadBuffers
@@ -193,6 +197,7 @@ public final class BlobFetcher: Sendable {
         self.limits = limits
         self.tuning = tuning
         self.queue = FetchQueue(workers: tuning.connections)
+        self.localQueue = FetchQueue(workers: 4)
         self.buffers = ReadBuffers(size: max(Int(tuning.blockSize), 1 << 20), count: max(2, ProcessInfo.processInfo.activeProcessorCount))
     }
 
@@ -215,8 +220,12 @@ public final class BlobFetcher: Sendable {
         self.read(read, of: digest, size: size, reply: reply, attempts: 3)
     }
 
-    /// Gives a read to the blob's machine, opening the blob first when it has none.
-    func read(_ read: TransferMachine.Read, of digest: Digest, size: Int64, reply: @escaping Reply, attempts: Int) {
+    /// Gives a read to the blob's machine, opening the blob first when it has none. What may
+    /// wait on the disk or on another process (a blob's lock, making room, checking blocks an
+    /// earlier process recorded) happens on a fetch worker, never on the caller's thread: the
+    /// caller is a FUSE thread, and sixteen of them stuck would stall the whole mount.
+    func read(_ read: TransferMachine.Read, of digest: Digest, size: Int64, reply: @escaping Reply, attempts: Int,
+              onWorker: Bool = false) {
         enum Next {
             case outcome(TransferMachine.ReadOutcome, OpenFile)
             case open
@@ -242,21 +251,32 @@ public final class BlobFetcher: Sendable {
         case .outcome(.waiting(let actions), _):
             perform(actions, for: digest)
         case .outcome(.check(let recorded), _):
+            guard onWorker else { return readOnWorker(read, of: digest, size: size, reply: reply, attempts: attempts) }
             adoptRecordedBlocks(digest, recorded)
-            self.read(read, of: digest, size: size, reply: reply, attempts: attempts)
+            self.read(read, of: digest, size: size, reply: reply, attempts: attempts, onWorker: true)
         case .fail(let error):
             reply(.failure(error))
         case .open:
+            // A complete blob is served at once: it only ever appears by a rename, whole.
+            if let complete = try? store.openComplete(digest) { return serve(read, reply, from: complete) }
+            guard onWorker else { return readOnWorker(read, of: digest, size: size, reply: reply, attempts: attempts) }
             guard attempts > 0 else { return reply(.failure(.local("blob \(digest): cannot open it in the cache"))) }
             switch openTransfer(digest, size: size) {
             case .success(let complete?):
                 serve(read, reply, from: complete)
             case .success(nil):
-                self.read(read, of: digest, size: size, reply: reply, attempts: attempts - 1)
+                self.read(read, of: digest, size: size, reply: reply, attempts: attempts - 1, onWorker: true)
             case .failure(let error):
                 reply(.failure(error))
             }
         }
+    }
+
+    private func readOnWorker(_ read: TransferMachine.Read, of digest: Digest, size: Int64, reply: @escaping Reply, attempts: Int) {
+        let queued = localQueue.enqueue(.reader, dropped: { reply(.failure(.cancelled)) }) { [self] in
+            self.read(read, of: digest, size: size, reply: reply, attempts: attempts, onWorker: true)
+        }
+        if !queued { reply(.failure(.cancelled)) }
     }
 
     /// Starts fetching the start of a blob nobody reads yet, as much as a first read fetches,
@@ -350,6 +370,7 @@ public final class BlobFetcher: Sendable {
             return Array(state.pending.values)
         }
         queue.stop()
+        localQueue.stop()
         for pending in owed {
             pending.reply(.failure(.cancelled))
             sendingReplies.subtract(1, ordering: .releasing)

@@ -14,9 +14,12 @@ import OCI
 /// download, which the next mount continues.
 public final class ContentStore: Sendable {
     public let directory: String
+    /// The longest a blob's lock is waited for: a stopped process may hold it.
+    let lockWait: Duration
 
-    public init(directory: String) throws(CacheError) {
+    public init(directory: String, lockWait: Duration = .seconds(60)) throws(CacheError) {
         self.directory = directory
+        self.lockWait = lockWait
         for path in [directory, blobsDirectory, partialDirectory, locksDirectory] {
             try Self.makeDirectory(path)
         }
@@ -79,15 +82,24 @@ public final class ContentStore: Sendable {
     }
 
     /// Held briefly by whoever creates, commits or evicts a blob's partial file. Released when
-    /// the returned file closes (a killed holder releases it too).
+    /// the returned file closes (a killed holder releases it too; a stopped one does not, so
+    /// the wait is bounded by `lockWait`).
     func blobLock(_ digest: Digest) throws(CacheError) -> OpenFile {
-        let fd = open("\(locksDirectory)/\(digest.hex)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        let path = "\(locksDirectory)/\(digest.hex)"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw CacheError("cannot open the lock of \(digest): \(String(cString: strerror(errno)))") }
-        while flock(fd, LOCK_EX) != 0 {
-            guard errno == EINTR else {
+        let deadline = ContinuousClock.now + lockWait
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let code = errno
+            guard code == EWOULDBLOCK || code == EINTR else {
                 close(fd)
-                throw CacheError("cannot lock \(digest): \(String(cString: strerror(errno)))")
+                throw CacheError("cannot lock \(digest): \(String(cString: strerror(code)))")
             }
+            guard ContinuousClock.now < deadline else {
+                close(fd)
+                throw CacheError("\(path) stayed locked by another process for \(lockWait); is a mount of this cache directory stopped?")
+            }
+            SystemThread.sleep(for: .milliseconds(5))
         }
         return OpenFile(fd: fd)
     }

@@ -9,9 +9,15 @@ import Synchronization
 final class FetchQueue: Sendable {
     enum Priority: Sendable { case reader, readAhead }
 
+    private struct Job {
+        var run: @Sendable () -> Void
+        /// Called instead when the queue stops before the job started.
+        var dropped: (@Sendable () -> Void)?
+    }
+
     private struct Pending {
-        var readers: [@Sendable () -> Void] = []
-        var readAhead: [@Sendable () -> Void] = []
+        var readers: [Job] = []
+        var readAhead: [Job] = []
         var stopped = false
     }
 
@@ -26,32 +32,40 @@ final class FetchQueue: Sendable {
         }
     }
 
-    func enqueue(_ priority: Priority, _ job: @escaping @Sendable () -> Void) {
+    /// False when the queue is stopped and the job was not taken. `dropped` is called instead
+    /// of `job` when the queue stops before the job started.
+    @discardableResult
+    func enqueue(_ priority: Priority, dropped: (@Sendable () -> Void)? = nil, _ job: @escaping @Sendable () -> Void) -> Bool {
         let accepted = pending.withLock { pending -> Bool in
             guard !pending.stopped else { return false }
             switch priority {
-            case .reader: pending.readers.append(job)
-            case .readAhead: pending.readAhead.append(job)
+            case .reader: pending.readers.append(Job(run: job, dropped: dropped))
+            case .readAhead: pending.readAhead.append(Job(run: job, dropped: dropped))
             }
             return true
         }
         if accepted { available.signal() }
+        return accepted
     }
 
     /// Workers finish the job in hand and exit; queued jobs are dropped.
     func stop() {
-        pending.withLock { pending in
+        let dropped = pending.withLock { pending -> [Job] in
             pending.stopped = true
-            pending.readers = []
-            pending.readAhead = []
+            defer {
+                pending.readers = []
+                pending.readAhead = []
+            }
+            return pending.readers + pending.readAhead
         }
         for _ in 0..<workerCount { available.signal() }
+        for job in dropped { job.dropped?() }
     }
 
     private func work() {
         while true {
             available.wait()
-            let job = pending.withLock { pending -> (@Sendable () -> Void)?? in
+            let job = pending.withLock { pending -> Job?? in
                 if pending.stopped { return .some(nil) }
                 if !pending.readers.isEmpty { return pending.readers.removeFirst() }
                 if !pending.readAhead.isEmpty { return pending.readAhead.removeFirst() }
@@ -59,7 +73,7 @@ final class FetchQueue: Sendable {
             }
             switch job {
             case .some(nil): return
-            case .some(let job?): job()
+            case .some(let job?): job.run()
             case nil: continue
             }
         }

@@ -148,7 +148,7 @@ struct MountCommand: ParsableCommand {
 
         let spec = try SourceSpec(parsing: source)
         let remote = try SourceFactory.make(spec, timeout: bound, logger: logger)
-        let store = try ContentStore(directory: cacheDirectory)
+        let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
         let snapshot = try store.resolve(remote, logger: logger)
         snapshot.warnings.forEach { logger.warning("\($0)") }
