@@ -44,18 +44,15 @@ public final class RegistrySource: RemoteCacheSource {
     public func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
         if insecure { chooseInsecureScheme() }
         var snapshot = CacheSnapshot()
-        let root: (bytes: [UInt8], contentType: String?)
+        let root: (bytes: [UInt8], content: ManifestContent)
         do {
-            root = try fetchManifest(reference.manifestReference)
+            root = try fetchManifest(reference.manifestReference, expectedDigest: reference.digest)
         } catch .notFound(let message) {
             snapshot.warnings.append("\(reference) has no cache yet (\(message)); showing an empty index.json")
             return snapshot
         }
         let digest = Digest.sha256(of: root.bytes)
-        if let pinned = reference.digest, pinned != digest {
-            throw .invalidContent("manifest of \(reference) has digest \(digest), not the requested \(pinned)")
-        }
-        let content = try parseManifest(root.bytes, contentType: root.contentType, digest: digest)
+        let content = root.content
         snapshot.tags.append(.init(tag: reference.layoutTag,
                                    manifest: Descriptor(mediaType: content.mediaType, digest: digest, size: Int64(root.bytes.count))))
         snapshot.addSmallBlob(digest, root.bytes)
@@ -84,14 +81,9 @@ public final class RegistrySource: RemoteCacheSource {
                     snapshot.addLazyBlob(entry)
                     continue
                 }
-                let child = try fetchManifest(entry.digest.description, expectedSize: entry.size)
-                let childDigest = Digest.sha256(of: child.bytes)
-                guard childDigest == entry.digest else {
-                    throw .invalidContent("\(reference): manifest \(entry.digest) arrived with digest \(childDigest)")
-                }
+                let child = try fetchManifest(entry.digest.description, expectedDigest: entry.digest, expectedSize: entry.size)
                 snapshot.addSmallBlob(entry.digest, child.bytes)
-                let childContent = try parseManifest(child.bytes, contentType: child.contentType, digest: childDigest)
-                try addReferencedBlobs(of: childContent, to: &snapshot, depth: depth + 1)
+                try addReferencedBlobs(of: child.content, to: &snapshot, depth: depth + 1)
             }
         }
     }
@@ -104,37 +96,47 @@ public final class RegistrySource: RemoteCacheSource {
         }
     }
 
-    private func fetchManifest(_ manifestReference: String, expectedSize: Int64? = nil) throws(RemoteStoreError) -> (bytes: [UInt8], contentType: String?) {
+    /// The manifest's bytes, checked against what names them (the digest asked for, the
+    /// descriptor's size, the registry's Docker-Content-Digest) and parsed; a check that fails
+    /// is tried again, as the bytes may have been damaged on the way.
+    private func fetchManifest(_ manifestReference: String, expectedDigest: Digest?,
+                               expectedSize: Int64? = nil) throws(RemoteStoreError) -> (bytes: [UInt8], content: ManifestContent) {
         let url = apiURL("manifests/\(manifestReference)")
-        let response = try fetchSmall(url, accept: MediaType.acceptedManifests.joined(separator: ", "),
-                                      what: "manifest \(manifestReference)")
-        if let expectedSize, Int64(response.body.count) != expectedSize {
-            throw .invalidContent("\(reference): manifest \(manifestReference) is \(response.body.count) bytes, its descriptor says \(expectedSize)")
+        return try fetchSmall(url, accept: MediaType.acceptedManifests.joined(separator: ", "),
+                              what: "manifest \(manifestReference)") { response throws(RemoteStoreError) in
+            let digest = Digest.sha256(of: response.body)
+            if let expectedDigest, expectedDigest != digest {
+                throw .invalidContent("\(reference): manifest \(manifestReference) arrived with digest \(digest)")
+            }
+            if let expectedSize, Int64(response.body.count) != expectedSize {
+                throw .invalidContent("\(reference): manifest \(manifestReference) is \(response.body.count) bytes, its descriptor says \(expectedSize)")
+            }
+            if let claimed = response.headers["Docker-Content-Digest"], let claimedDigest = Digest(claimed), claimedDigest != digest {
+                throw .invalidContent("\(reference): registry sent manifest bytes that do not match its Docker-Content-Digest \(claimed)")
+            }
+            return (response.body, try parseManifest(response.body, contentType: response.headers["Content-Type"], digest: digest))
         }
-        if let claimed = response.headers["Docker-Content-Digest"], let claimedDigest = Digest(claimed),
-           claimedDigest != Digest.sha256(of: response.body) {
-            throw .invalidContent("\(reference): registry sent manifest bytes that do not match its Docker-Content-Digest \(claimed)")
-        }
-        return (response.body, response.headers["Content-Type"])
     }
 
     private func fetchSmallBlob(_ descriptor: Descriptor) throws(RemoteStoreError) -> [UInt8] {
         guard descriptor.size <= Self.maxSmallBlobSize else {
             throw .invalidContent("\(reference): \(descriptor.mediaType) blob \(descriptor.digest) is \(descriptor.size) bytes; configs over \(Self.maxSmallBlobSize) bytes are refused")
         }
-        let response = try fetchSmall(apiURL("blobs/\(descriptor.digest)"), accept: nil, what: "blob \(descriptor.digest)")
-        let actual = Digest.sha256(of: response.body)
-        guard actual == descriptor.digest, Int64(response.body.count) == descriptor.size else {
-            throw .invalidContent("\(reference): blob \(descriptor.digest) arrived as \(response.body.count) bytes with digest \(actual)")
+        return try fetchSmall(apiURL("blobs/\(descriptor.digest)"), accept: nil, what: "blob \(descriptor.digest)") { response throws(RemoteStoreError) in
+            let actual = Digest.sha256(of: response.body)
+            guard actual == descriptor.digest, Int64(response.body.count) == descriptor.size else {
+                throw .invalidContent("\(reference): blob \(descriptor.digest) arrived as \(response.body.count) bytes with digest \(actual)")
+            }
+            return response.body
         }
-        return response.body
     }
 
-    private func fetchSmall(_ url: URL, accept: String?, what: String) throws(RemoteStoreError) -> HTTPResponse {
+    private func fetchSmall<Document>(_ url: URL, accept: String?, what: String,
+                                      check: (HTTPResponse) throws(RemoteStoreError) -> Document) throws(RemoteStoreError) -> Document {
         let headers = accept.map { HTTPHeaders([("Accept", $0)]) } ?? HTTPHeaders()
-        return try SmallDocument.fetch("\(reference): \(what)", logger: logger) { onBody in
+        return try SmallDocument.fetch("\(reference): \(what)", logger: logger, { onBody in
             try perform(url, headers: headers, totalTimeout: timeout, onResponse: { _ in }, onBody: onBody)
-        }
+        }, check: check)
     }
 
     // MARK: Blobs

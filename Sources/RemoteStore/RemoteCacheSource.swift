@@ -107,7 +107,8 @@ public enum RemoteStoreError: Error, Sendable, Equatable, CustomStringConvertibl
 }
 
 /// Manifests, configs and cache configs are read whole at mount time: bounded in size, and
-/// tried again, with a growing pause, after a failure that may pass.
+/// tried again, with a growing pause, after a failure that may pass: a transient error, a
+/// stall, or a document that arrived damaged. Within `attempts`, like a blob request.
 enum SmallDocument {
     static let maxSize = 4 << 20
     static let attempts = 3
@@ -116,8 +117,18 @@ enum SmallDocument {
     static func fetch(_ what: String, logger: Logger,
                       _ exchange: (_ onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead)
         throws(RemoteStoreError) -> HTTPResponse {
+        try fetch(what, logger: logger, exchange, check: { response throws(RemoteStoreError) in response })
+    }
+
+    /// `check` judges each document that arrives; what it throws (a digest or a size that does
+    /// not match, bytes that do not parse) may be damage in transit, so it is tried again too.
+    static func fetch<Document>(_ what: String, logger: Logger,
+                                _ exchange: (_ onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead,
+                                check: (HTTPResponse) throws(RemoteStoreError) -> Document) throws(RemoteStoreError) -> Document {
         var attempt = 1
         while true {
+            let failure: RemoteStoreError
+            var mayPass: Bool
             do {
                 var body: [UInt8] = []
                 let head = try exchange { chunk in
@@ -126,15 +137,23 @@ enum SmallDocument {
                     }
                     body.append(contentsOf: chunk)
                 }
-                return HTTPResponse(head: head, body: body)
+                do throws(RemoteStoreError) {
+                    return try check(HTTPResponse(head: head, body: body))
+                } catch {
+                    failure = error
+                    mayPass = true
+                }
             } catch let error as RemoteStoreError {
-                guard attempt < attempts, error.isTransient else { throw error }
-                logger.debug("retrying after a transient error", metadata: ["what": "\(what)", "error": "\(error)"])
-                SystemThread.sleep(for: RetryBackoff.pause(afterFailures: attempt))
-                attempt += 1
+                failure = error
+                mayPass = error.isTransient
+                if case .timedOut = error { mayPass = true }
             } catch {
                 throw .transport("\(what): \(error)")
             }
+            guard attempt < attempts, mayPass else { throw failure }
+            logger.warning("retrying", metadata: ["what": "\(what)", "attempt": "\(attempt)", "error": "\(failure)"])
+            SystemThread.sleep(for: RetryBackoff.pause(afterFailures: attempt))
+            attempt += 1
         }
     }
 }

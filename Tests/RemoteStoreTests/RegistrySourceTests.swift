@@ -347,7 +347,9 @@ struct RegistrySourceSnapshotTests {
             return
         }
         #expect(message.contains("Docker-Content-Digest"), "\(message)")
-        #expect(cache.registry.requests.count == 1, "invalid content is not retried")
+        // Damage in transit passes on a retry; a registry that always lies is asked a bounded
+        // number of times (issue 12: a manifest corrupt once failed the whole mount).
+        #expect(cache.registry.requests.count == 3, "\(cache.registry.requests.count) requests")
     }
 
     @Test func digestPinnedReference() throws {

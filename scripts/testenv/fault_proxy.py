@@ -34,6 +34,7 @@ modes never contact the upstream):
   corrupt [count=K]      Range honoured, every body byte at an absolute blob offset below
                          1 MiB is XORed with 0xFF; with count, only the first K responses
                          touching the first MiB are corrupted, then it behaves like pass
+  (any other mode) count=K  only the first K blob GETs get the fault, then it behaves like pass
   long                   Range dropped: 200, the blob + 1000 zero bytes (Content-Length matches)
   short                  Range dropped: 200, the blob minus its last 1000 bytes (idem)
   truncated              Range dropped: 200, full Content-Length, half the body, then close
@@ -235,7 +236,13 @@ class Handler(BaseHTTPRequestHandler):
     def blob(self, digest):
         with LOCK:
             fault = FAULTS.get(digest) or FAULTS["*"]
-        mode = fault["mode"]
+            mode = fault["mode"]
+            # corrupt counts only the responses it corrupts (see relay)
+            if mode != "corrupt" and "left" in fault:
+                if fault["left"] > 0:
+                    fault["left"] -= 1
+                else:
+                    mode = "pass"
         if mode == "reset":
             return self.abort(reset=True)
         if mode == "stall":
