@@ -69,6 +69,7 @@ let package = Package(
         .testTarget(name: "HTTPClientTests", dependencies: ["HTTPClient"]),
         .testTarget(name: "RemoteStoreTests", dependencies: ["RemoteStore", "HTTPClient", "OCI"]),
         .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI"]),
+        .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
         .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient"]),
     ]

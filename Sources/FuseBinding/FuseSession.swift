@@ -225,7 +225,8 @@ struct FuseRequest: @unchecked Sendable {
         result.st_uid = attributes.uid
         result.st_gid = attributes.gid
         result.st_blksize = 4096
-        result.st_blocks = (Int(attributes.size) + 511) / 512
+        // Rounded up without overflowing: a descriptor may declare a size near Int64.max.
+        result.st_blocks = Int(attributes.size / 512) + (attributes.size % 512 > 0 ? 1 : 0)
         let time = timespec(tv_sec: attributes.modified.seconds, tv_nsec: attributes.modified.nanoseconds)
         result.st_mtim = time
         result.st_ctim = time
