@@ -215,8 +215,8 @@ public final class CacheFilesystem: Sendable {
     public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
         openNode(inode, flags: flags).map { opened, lazyBlob in
             guard let lazyBlob else { return opened }
-            let reader = fetcher.openReader(lazyBlob)
-            return OpenedFile(keepCache: fetcher.isVerified(lazyBlob), handle: reader.rawValue)
+            let opened = fetcher.openReader(lazyBlob)
+            return OpenedFile(keepCache: opened.verified, handle: opened.reader.rawValue)
         }
     }
 

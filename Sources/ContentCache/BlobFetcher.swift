@@ -113,7 +113,6 @@ public final class BlobFetcher: Sendable {
         var transfers: [Digest: Transfer] = [:]
         /// Replies owed to reads that wait in a machine.
         var pending: [ReadID: PendingReply] = [:]
-        var nextRead: UInt64 = 1
         var nextGeneration: UInt64 = 1
         /// Blobs whose last fetch failed: the next one waits out a pause that grows with each
         /// failure in a row, shared by every reader (the kernel retries a failed readahead page
@@ -164,6 +163,8 @@ public final class BlobFetcher: Sendable {
     let sendingReplies = Atomic<Int>(0)
     /// Verified blobs still being made durable; shutdown lets them finish.
     let commitsInFlight = Atomic<Int>(0)
+    /// Identifies each read given to a machine; taken without the state lock on every read.
+    let nextRead = Atomic<UInt64>(0)
     /// Range requests started, for tests and metrics.
     let requestsStarted = Atomic<Int>(0)
     /// Set once at shutdown; checked for every piece of body a fetch receives.
@@ -208,16 +209,11 @@ public final class BlobFetcher: Sendable {
     /// calling thread when the bytes are already local, later from a fetch otherwise.
     public func read(_ digest: Digest, size: Int64, offset: Int64, count: Int, reader: ReaderID? = nil, reply: @escaping Reply) {
         let end = min(offset + Int64(count), size)
-        let id = state.withLock { state -> ReadID in
-            defer { state.nextRead += 1 }
-            return ReadID(rawValue: state.nextRead)
-        }
-        let read = TransferMachine.Read(id: id, range: offset..<max(offset, end), reader: reader?.rawValue, since: .now)
-        if let reader, state.withLock({ $0.poisonedReaders.contains(reader.rawValue) }) {
-            return reply(.failure(.digestMismatch(digest)))
-        }
         guard offset < end else { return reply(.success(UnsafeRawBufferPointer(start: nil, count: 0))) }
-        self.read(read, of: digest, size: size, reply: reply, attempts: 3)
+        let id = ReadID(rawValue: nextRead.add(1, ordering: .relaxed).newValue)
+        // A poisoned handle is refused under the lock `read` takes anyway.
+        self.read(TransferMachine.Read(id: id, range: offset..<end, reader: reader?.rawValue, since: .now),
+                  of: digest, size: size, reply: reply, attempts: 3)
     }
 
     /// Gives a read to the blob's machine, opening the blob first when it has none. What may
@@ -305,53 +301,38 @@ public final class BlobFetcher: Sendable {
         }, for: digest)
     }
 
-    /// A file handle on the blob opened: keep the blob out of eviction while it is open.
-    public func openReader(_ digest: Digest) -> ReaderID {
-        pin(digest)
-        return state.withLock { state in
+    /// A file handle on the blob opened: kept out of eviction while it is open, its use
+    /// recorded (at most once a minute per blob, one timestamp update). `verified`: reads of it
+    /// can only ever be answered with its verified content, so the kernel may keep the pages it
+    /// caches across opens. One lock and at most one `access`: buildctl opens a blob per 1 MiB.
+    public func openReader(_ digest: Digest) -> (reader: ReaderID, verified: Bool) {
+        let (reader, verifiedHere, markNow) = state.withLock { state -> (ReaderID, Bool, Bool) in
             defer { state.nextReader += 1 }
-            return ReaderID(rawValue: state.nextReader)
+            state.pins[digest, default: 0] += 1
+            var markNow = true
+            if let last = state.lastMarkedUsed[digest], last.duration(to: .now) < .seconds(60) {
+                markNow = false
+            } else {
+                state.lastMarkedUsed[digest] = .now
+            }
+            return (ReaderID(rawValue: state.nextReader), state.transfers[digest]?.machine.verified == true, markNow)
         }
+        if markNow { store.markUsed(digest) }
+        return (reader, verifiedHere || store.hasComplete(digest))
     }
 
     public func closeReader(_ reader: ReaderID, of digest: Digest) {
-        unpin(digest)
         state.withLock { state in
+            if let count = state.pins[digest] { state.pins[digest] = count > 1 ? count - 1 : nil }
             _ = state.poisonedReaders.remove(reader.rawValue)
             state.transfers[digest]?.machine.forget(reader: reader.rawValue)
         }
-    }
-
-    /// True when reads of the blob can only ever be answered with its verified content: the
-    /// kernel may then keep the pages it caches across opens.
-    public func isVerified(_ digest: Digest) -> Bool {
-        if state.withLock({ $0.transfers[digest]?.machine.verified == true }) { return true }
-        return store.hasComplete(digest)
     }
 
     /// `handler` learns of every blob whose download answered reads and then failed its digest,
     /// before the reads still waiting on it (`spared`, their pages being read) are answered.
     public func onWithdrawnContent(_ handler: @escaping @Sendable (Digest, _ spared: [Range<Int64>]) -> Void) {
         withdrawnHandler.withLock { $0 = handler }
-    }
-
-    /// A file handle on the blob opened: keep it out of eviction and record the use. No I/O
-    /// beyond, at most once a minute per blob, one timestamp update.
-    func pin(_ digest: Digest) {
-        let markNow = state.withLock { state -> Bool in
-            state.pins[digest, default: 0] += 1
-            if let last = state.lastMarkedUsed[digest], last.duration(to: .now) < .seconds(60) { return false }
-            state.lastMarkedUsed[digest] = .now
-            return true
-        }
-        if markNow { store.markUsed(digest) }
-    }
-
-    func unpin(_ digest: Digest) {
-        state.withLock { state in
-            guard let count = state.pins[digest] else { return }
-            state.pins[digest] = count > 1 ? count - 1 : nil
-        }
     }
 
     /// True when the blob is in the local cache, complete and verified.

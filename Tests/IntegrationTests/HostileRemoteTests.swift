@@ -12,6 +12,13 @@ import Glibc
 struct HostileRemoteTests {
     static let layerSize = 8 << 20
 
+    /// A registry holding a cache of one layer, behind the fault proxy (passing for now).
+    static func oneLayerBehindProxy(_ ws: Workspace, size: Int, seed: Int) async throws -> (FaultProxy, SeedSummary.Blob) {
+        let registry = try await ws.startRegistry()
+        let summary = try await ws.seed(registry, variant: "index", layers: 1, layerSize: size, seed: seed)
+        return (try await ws.startFaultProxy(inFrontOf: registry), summary.layers[0])
+    }
+
     /// `sha256sum PATH` as a separate process, killed past `timeout`: the digest, or nil when
     /// a read failed.
     static func sha256sum(_ path: String, timeout: Double, in ws: Workspace) async throws -> (digest: String?, result: ProcessResult) {
@@ -33,10 +40,7 @@ struct HostileRemoteTests {
     @Test("a remote that lies and then recovers: EIO, then exactly the blob, never other bytes")
     func lyingThenRecovering() async throws {
         try await withWorkspace("lie-recover") { ws in
-            let registry = try await ws.startRegistry()
-            let seed = try await ws.seed(registry, variant: "index", layers: 1, layerSize: Self.layerSize, seed: 41)
-            let proxy = try await ws.startFaultProxy(inFrontOf: registry)
-            let layer = seed.layers[0]
+            let (proxy, layer) = try await Self.oneLayerBehindProxy(ws, size: Self.layerSize, seed: 41)
             // Only the layer: the manifest and config must arrive intact for the mount.
             try proxy.set(#"{"mode": "corrupt", "digest": "\#(layer.digest)"}"#)
             let mount = try await ws.mountExpectingSuccess(proxy.source("cache:main"))
@@ -76,10 +80,7 @@ struct HostileRemoteTests {
     @Test("bad blocks from a killed daemon's journal: the handle that read them fails, a new one gets the blob")
     func badJournalFromAnEarlierProcess() async throws {
         try await withWorkspace("bad-journal") { ws in
-            let registry = try await ws.startRegistry()
-            let seed = try await ws.seed(registry, variant: "index", layers: 1, layerSize: Self.layerSize, seed: 42)
-            let proxy = try await ws.startFaultProxy(inFrontOf: registry)
-            let layer = seed.layers[0]
+            let (proxy, layer) = try await Self.oneLayerBehindProxy(ws, size: Self.layerSize, seed: 42)
             let cache = try ws.makeDirectory("shared-cache")
             // Only the layer: the manifest and config must arrive intact for the mount.
             try proxy.set(#"{"mode": "corrupt", "digest": "\#(layer.digest)"}"#)
@@ -120,10 +121,7 @@ struct HostileRemoteTests {
                       #"{"mode": "truncated"}"#, #"{"mode": "endless"}"#, #"{"mode": "html"}"#])
     func ignoringRanges(fault: String) async throws {
         try await withWorkspace("ranges-ignored") { ws in
-            let registry = try await ws.startRegistry()
-            let seed = try await ws.seed(registry, variant: "index", layers: 1, layerSize: 16 << 20, seed: 43)
-            let proxy = try await ws.startFaultProxy(inFrontOf: registry)
-            let layer = seed.layers[0]
+            let (proxy, layer) = try await Self.oneLayerBehindProxy(ws, size: 16 << 20, seed: 43)
             let mount = try await ws.mountExpectingSuccess(proxy.source("cache:main"), timeout: 5)
             try proxy.set(fault)
 
