@@ -12,36 +12,39 @@ extension BlobFetcher {
     /// Nobody waits for the blob's blocks and nobody has read it for a while.
     private struct Unwatched: Error {}
 
-    /// What a running job reports back, one event at a time.
-    private func event(_ digest: Digest, _ change: (inout TransferMachine) -> [TransferMachine.Action]) {
-        perform(state.withLock { state in
-            guard let transfer = state.transfers[digest] else { return [] }
-            return change(&transfer.machine)
-        }, for: digest)
+    /// What happened to a blob's transfer, given to its machine, whose actions are then
+    /// performed. Nothing happens when another transfer of the blob took its place.
+    func event(_ digest: Digest, on transfer: Transfer? = nil, _ change: (inout TransferMachine) -> [TransferMachine.Action]) {
+        let (actions, current) = state.withLock { state -> ([TransferMachine.Action], Transfer?) in
+            guard let current = state.transfers[digest], transfer == nil || current === transfer else { return ([], nil) }
+            return (change(&current.machine), current)
+        }
+        perform(actions, for: digest, on: current)
     }
 
     func run(_ job: JobID, of digest: Digest) {
         // A blob whose last fetch failed is tried again after a pause shared by all its readers.
         let pause = state.withLock { $0.backoffs[digest]?.remainingPause() }
         if let pause { SystemThread.sleep(for: pause) }
-        let started = state.withLock { state -> (TransferMachine.JobPlan, OpenFile, BlockJournal)?? in
+        let started = state.withLock { state -> (TransferMachine.JobPlan?, Transfer)? in
             guard !state.cancelled, let transfer = state.transfers[digest] else { return nil }
             // After a failure only a read waiting now is worth a new attempt.
             if pause != nil && !transfer.machine.isWanted(retrying: true, now: .now) {
-                return .some(nil)
+                return (nil, transfer)
             }
-            return transfer.machine.jobStarting(job).map { ($0, transfer.data, transfer.journal) }
+            return (transfer.machine.jobStarting(job), transfer)
         }
-        guard case .some(let plan) = started else { return }
+        guard let (plan, transfer) = started else { return }
         // Whatever this job did not land goes back, for new jobs for the reads still waiting.
-        defer { event(digest) { $0.jobEnded(job) } }
-        guard let (plan, data, journal) = plan else { return }
+        defer { event(digest, on: transfer) { $0.jobEnded(job) } }
+        guard let plan else { return }
+        let journal = transfer.journal
         let ours = plan.blocks
         if plan.wholeStream {
             // The remote sends the whole blob whatever is asked: take every block from it.
             _ = journal.tryClaim(0...(journal.blockCount - 1))
             defer { journal.release(0...(journal.blockCount - 1)) }
-            fetch(digest, job: job, blocks: Set(ours), span: 0...(journal.blockCount - 1), data: data, journal: journal, wholeStream: true)
+            fetch(digest, job: job, blocks: Set(ours), span: 0...(journal.blockCount - 1), into: transfer, wholeStream: true)
             return
         }
         // A reader's promoted job may span a chunk boundary; requests never do.
@@ -49,7 +52,7 @@ extension BlobFetcher {
             if plan.overridingClaims {
                 // Another process holds these blocks' claims without landing them; both may now
                 // write the same bytes, which the digest check covers like any other.
-                guard fetch(digest, job: job, blocks: Set(run), span: run, data: data, journal: journal, wholeStream: false) else { return }
+                guard fetch(digest, job: job, blocks: Set(run), span: run, into: transfer, wholeStream: false) else { return }
                 continue
             }
             // Claim the run across processes; what another mount is fetching is watched instead.
@@ -61,7 +64,6 @@ extension BlobFetcher {
                 let theirs = run.filter { !mine.contains($0) }
                 let now = ContinuousClock.now
                 state.withLock { state in
-                    guard let transfer = state.transfers[digest] else { return }
                     transfer.machine.claimedElsewhere(theirs, by: job, now: now)
                     startTimer(&state)
                 }
@@ -71,10 +73,10 @@ extension BlobFetcher {
                 defer { journal.release(piece) }
                 // A block another process recorded just before our claim needs no fetch.
                 let recorded = piece.compactMap { index in journal.recordedChecksum(ofBlock: index).map { (index, $0) } }
-                if !recorded.isEmpty { adoptRecordedBlocks(digest, Dictionary(uniqueKeysWithValues: recorded)) }
+                if !recorded.isEmpty { adoptRecordedBlocks(digest, Dictionary(uniqueKeysWithValues: recorded), on: transfer) }
                 let wanted = piece.filter { index in !recorded.contains { $0.0 == index } }
                 for part in TransferMachine.contiguousRuns(wanted) {
-                    guard fetch(digest, job: job, blocks: Set(part), span: part, data: data, journal: journal, wholeStream: false) else { return }
+                    guard fetch(digest, job: job, blocks: Set(part), span: part, into: transfer, wholeStream: false) else { return }
                 }
             }
         }
@@ -83,16 +85,24 @@ extension BlobFetcher {
     /// Fetches the blocks of `span` with one range request, resumed within itself after a
     /// transient failure, and records each block as it completes. Only blocks in `ours` are
     /// written (a whole-blob stream passes over the others). False when the fetch failed.
+    ///
+    /// A full cache directory costs no read: least recently used blobs are evicted and the
+    /// block written again, and when nothing more can go the download moves to memory.
     @discardableResult
-    private func fetch(_ digest: Digest, job: JobID, blocks ours: Set<Int>, span: ClosedRange<Int>, data: OpenFile,
-                       journal: BlockJournal, wholeStream: Bool) -> Bool {
+    private func fetch(_ digest: Digest, job: JobID, blocks ours: Set<Int>, span: ClosedRange<Int>, into transfer: Transfer,
+                       wholeStream: Bool) -> Bool {
+        let data = transfer.data, journal = transfer.journal
         let first = journal.range(ofBlock: span.lowerBound).lowerBound
         let end = journal.range(ofBlock: span.upperBound).upperBound
+        if !transfer.inMemory { makeRoom(for: digest, bytes: Int64(ours.count) * journal.blockSize) }
         var position = first
         var blockChecksum: UInt32 = 0
         var writer = PageAlignedWriter(file: data)
         var lastError = BlobReadError.remote("blob \(digest): no attempt made")
-        for attempt in 1...maxAttempts {
+        var evictedForRoom = false
+        var attempt = 0
+        while attempt < maxAttempts {
+            attempt += 1
             do {
                 requestsStarted.add(1, ordering: .relaxed)
                 // A whole stream resumed from where it broke may start over from an earlier
@@ -136,7 +146,7 @@ extension BlobFetcher {
                             if ours.contains(index) {
                                 try writer.flush()
                                 try journal.record(block: index, checksum: blockChecksum)
-                                self.blockLanded(digest, index, by: job)
+                                self.blockLanded(digest, index, by: job, on: transfer)
                             }
                             blockChecksum = 0
                             if position < end && !self.isWanted(digest, retrying: false) { throw Unwatched() }
@@ -161,6 +171,21 @@ extension BlobFetcher {
                 lastError = error
             } catch let error as CacheError {
                 lastError = .local(error.description)
+                guard error.isOutOfSpace else { break }
+                // The block is written again from its start, with nothing held back.
+                position = journal.range(ofBlock: Int(position / journal.blockSize)).lowerBound
+                blockChecksum = 0
+                writer = PageAlignedWriter(file: data)
+                if !evictedForRoom {
+                    evictedForRoom = true
+                    if makeRoom(for: digest, bytes: end - position, rescan: true) > 0 {
+                        attempt -= 1
+                        continue
+                    }
+                }
+                noteDiskFull(error)
+                guard let failure = moveToMemory(digest, from: transfer) else { return false }
+                lastError = failure
                 break
             } catch let error as RemoteStoreError {
                 lastError = .remote("blob \(digest): \(error)")
@@ -175,10 +200,8 @@ extension BlobFetcher {
         }
         logger.error("blob fetch failed", metadata: ["digest": "\(digest)", "error": "\(lastError)"])
         let now = ContinuousClock.now
-        perform(state.withLock { state in
-            state.backoffs[digest, default: RetryBackoff()].recordFailure(at: now)
-            return state.transfers[digest]?.machine.fetchFailed(lastError, by: job, now: now) ?? []
-        }, for: digest)
+        state.withLock { $0.backoffs[digest, default: RetryBackoff()].recordFailure(at: now) }
+        event(digest, on: transfer) { $0.fetchFailed(lastError, by: job, now: now) }
         return false
     }
 
@@ -192,19 +215,17 @@ extension BlobFetcher {
     // MARK: Block arrivals
 
     /// A block is on disk and recorded: answer whoever it completes, and hash onwards.
-    func blockLanded(_ digest: Digest, _ index: Int, by job: JobID) {
+    func blockLanded(_ digest: Digest, _ index: Int, by job: JobID, on transfer: Transfer) {
         let now = ContinuousClock.now
-        perform(state.withLock { state in
-            state.backoffs[digest] = nil
-            return state.transfers[digest]?.machine.blockLanded(index, by: job, now: now) ?? []
-        }, for: digest)
-        advanceHash(digest)
+        state.withLock { $0.backoffs[digest] = nil }
+        event(digest, on: transfer) { $0.blockLanded(index, by: job, now: now) }
+        advanceHash(digest, on: transfer)
     }
 
     /// Blocks an earlier or another process recorded: checked against their CRC before they
     /// count.
-    func adoptRecordedBlocks(_ digest: Digest, _ recorded: [Int: UInt32]) {
-        guard let (data, journal) = state.withLock({ state in state.transfers[digest].map { ($0.data, $0.journal) } }) else { return }
+    func adoptRecordedBlocks(_ digest: Digest, _ recorded: [Int: UInt32], on transfer: Transfer) {
+        let data = transfer.data, journal = transfer.journal
         var intact: Set<Int> = [], damaged: Set<Int> = []
         for (index, crc) in recorded {
             let range = journal.range(ofBlock: index)
@@ -219,8 +240,8 @@ extension BlobFetcher {
             }
         }
         let now = ContinuousClock.now
-        event(digest) { $0.adopted(intact: intact, damaged: damaged, now: now) }
-        advanceHash(digest)
+        event(digest, on: transfer) { $0.adopted(intact: intact, damaged: damaged, now: now) }
+        advanceHash(digest, on: transfer)
     }
 
     // MARK: Making verified blobs durable
@@ -238,7 +259,7 @@ extension BlobFetcher {
     private func commitWhenQuiet() {
         while true {
             let due = state.withLock { state -> [Digest]? in
-                let verified = state.transfers.filter { $0.value.machine.verified }
+                let verified = state.transfers.filter { $0.value.awaitsCommit }
                 guard !verified.isEmpty else {
                     state.committing = false
                     return nil
@@ -252,21 +273,24 @@ extension BlobFetcher {
             guard let due else { return }
             if due.isEmpty { SystemThread.sleep(for: .milliseconds(20)) }
             for digest in due { commit(digest) }
+            if let last = due.last { makeRoom(for: last, bytes: 0, rescan: true) }
         }
     }
 
     private func commit(_ digest: Digest) {
         commitsInFlight.add(1, ordering: .relaxed)
         defer { commitsInFlight.subtract(1, ordering: .releasing) }
-        guard let data = state.withLock({ $0.transfers[digest]?.data }) else { return }
+        guard let transfer = state.withLock({ $0.transfers[digest] }) else { return }
         do {
-            try store.commit(digest, data: data)
+            try store.commit(digest, data: transfer.data)
             logger.debug("blob complete", metadata: ["digest": "\(digest)"])
         } catch {
             logger.error("cannot keep a verified blob", metadata: ["digest": "\(digest)", "error": "\(error)"])
         }
         // Later reads open the complete blob; a verified machine holds no waiting read.
-        state.withLock { state in _ = state.transfers.removeValue(forKey: digest) }
+        state.withLock { state in
+            if state.transfers[digest] === transfer { state.transfers[digest] = nil }
+        }
     }
 
     // MARK: Waits and other processes
@@ -286,12 +310,12 @@ extension BlobFetcher {
         while true {
             SystemThread.sleep(for: .milliseconds(10))
             let now = ContinuousClock.now
-            let ticks = state.withLock { state -> [(Digest, [TransferMachine.Action], BlockJournal, watched: [Int])]? in
-                var ticks: [(Digest, [TransferMachine.Action], BlockJournal, watched: [Int])] = []
+            let ticks = state.withLock { state -> [(Digest, [TransferMachine.Action], Transfer, watched: [Int])]? in
+                var ticks: [(Digest, [TransferMachine.Action], Transfer, watched: [Int])] = []
                 for (digest, transfer) in state.transfers {
                     let elsewhere = transfer.machine.blocksElsewhere
                     guard !transfer.machine.waiters.isEmpty || !elsewhere.isEmpty else { continue }
-                    ticks.append((digest, transfer.machine.tick(now: now), transfer.journal, transfer.machine.blocksElsewhere))
+                    ticks.append((digest, transfer.machine.tick(now: now), transfer, transfer.machine.blocksElsewhere))
                 }
                 if state.cancelled || ticks.isEmpty {
                     state.timerRunning = false
@@ -300,7 +324,8 @@ extension BlobFetcher {
                 return ticks
             }
             guard let ticks else { return }
-            for (digest, actions, journal, watched) in ticks {
+            for (digest, actions, transfer, watched) in ticks {
+                let journal = transfer.journal
                 if actions.contains(where: { if case .enqueue = $0 { return true } else { return false } }) {
                     logger.warning("another mount of this cache directory made no progress on blocks it claimed; fetching them here",
                                    metadata: ["digest": "\(digest)"])
@@ -308,7 +333,7 @@ extension BlobFetcher {
                 for case .fail(_, let error) in actions {
                     logger.error("read timed out", metadata: ["digest": "\(digest)", "error": "\(error)"])
                 }
-                perform(actions, for: digest)
+                perform(actions, for: digest, on: transfer)
                 var recorded: [Int: UInt32] = [:]
                 var abandoned: Set<Int> = []
                 for index in watched {
@@ -319,8 +344,8 @@ extension BlobFetcher {
                         abandoned.insert(index)
                     }
                 }
-                if !recorded.isEmpty { adoptRecordedBlocks(digest, recorded) }
-                if !abandoned.isEmpty { event(digest) { $0.abandonedElsewhere(abandoned) } }
+                if !recorded.isEmpty { adoptRecordedBlocks(digest, recorded, on: transfer) }
+                if !abandoned.isEmpty { event(digest, on: transfer) { $0.abandonedElsewhere(abandoned) } }
             }
         }
     }
@@ -331,10 +356,11 @@ extension BlobFetcher {
 extension BlobFetcher {
     /// Hashes every block that extends the hashed prefix. One thread hashes at a time; another
     /// that finds it busy leaves the work to it, and it looks again before it stops.
-    func advanceHash(_ digest: Digest) {
-        while let (work, data, journal, verifier) = state.withLock({ state -> (TransferMachine.HashWork, OpenFile, BlockJournal, DigestVerifier)? in
-            guard let transfer = state.transfers[digest], let work = transfer.machine.hashStarting() else { return nil }
-            return (work, transfer.data, transfer.journal, transfer.machine.verifier)
+    func advanceHash(_ digest: Digest, on transfer: Transfer) {
+        let data = transfer.data, journal = transfer.journal
+        while let (work, verifier) = state.withLock({ state -> (TransferMachine.HashWork, DigestVerifier)? in
+            guard state.transfers[digest] === transfer, let work = transfer.machine.hashStarting() else { return nil }
+            return (work, transfer.machine.verifier)
         }) {
             var verifier = verifier
             var hashed = 0
@@ -360,19 +386,18 @@ extension BlobFetcher {
                                metadata: ["digest": "\(digest)", "block": "\(damaged)"])
                 journal.forget(block: damaged)
             }
-            let (actions, finished) = state.withLock { state -> ([TransferMachine.Action], Bool) in
-                guard let transfer = state.transfers[digest] else { return ([], false) }
-                return transfer.machine.hashed(first: work.first, count: hashed, damaged: damaged, verifier: verifier)
+            // The machine is told even when another transfer took its place: its hash is over.
+            let (actions, finished) = state.withLock { _ in
+                transfer.machine.hashed(first: work.first, count: hashed, damaged: damaged, verifier: verifier)
             }
-            perform(actions, for: digest)
+            perform(actions, for: digest, on: transfer)
             if finished {
                 let matched = verifier.finalize() == digest
                 perform(state.withLock { state -> [TransferMachine.Action] in
-                    guard let transfer = state.transfers[digest] else { return [] }
                     let actions = transfer.machine.digestChecked(matched: matched, now: .now)
-                    if matched { startCommitting(&state) }
+                    if matched && transfer.awaitsCommit { startCommitting(&state) }
                     return actions
-                }, for: digest)
+                }, for: digest, on: transfer)
                 return
             }
         }

@@ -91,16 +91,25 @@ public final class BlobFetcher: Sendable {
     /// A blob being fetched: its decisions, and the files they are about. A class, so that an
     /// event changes the machine in place rather than copying its arrays out of the dictionary
     /// and back (32 KiB per read of a 4 GiB blob).
-    final class Transfer {
+    // SAFETY: `machine` and `movingToMemory` are read and changed only under the fetcher's state lock; the rest is immutable.
+    final class Transfer: @unchecked Sendable {
         var machine: TransferMachine
         let data: OpenFile
         let journal: BlockJournal
+        /// Held in memory, not in the cache directory: never committed, dropped once idle.
+        let inMemory: Bool
+        /// Its blocks are being copied into memory: the cache's filesystem is full.
+        var movingToMemory = false
 
-        init(machine: TransferMachine, data: OpenFile, journal: BlockJournal) {
+        init(machine: TransferMachine, data: OpenFile, journal: BlockJournal, inMemory: Bool = false) {
             self.machine = machine
             self.data = data
             self.journal = journal
+            self.inMemory = inMemory
         }
+
+        /// Verified, and to be made durable in the cache directory.
+        var awaitsCommit: Bool { machine.verified && !inMemory }
     }
 
     struct PendingReply {
@@ -135,6 +144,12 @@ public final class BlobFetcher: Sendable {
         /// of them still waiting in the queue to open their transfer.
         var prefetched: Set<Digest> = []
         var prefetchesQueued = 0
+        /// Until when the cache's filesystem counts as full: new downloads are held in memory.
+        var diskFullUntil: ContinuousClock.Instant?
+        /// Room eviction made that downloads have not filled yet. Room is made as bytes
+        /// arrive, a step at a time, so that a size a descriptor merely declares evicts nothing
+        /// and the cache directory is not scanned for every block.
+        var roomMade: Int64 = 0
     }
 
     /// Idle partial transfers kept open (two descriptors each) so that their blocks need no
@@ -149,6 +164,8 @@ public final class BlobFetcher: Sendable {
     let commitTiming: CommitTiming
     let limits: CacheLimits?
     let tuning: FetchTuning
+    /// The most that downloads held in memory (see `Transfer.inMemory`) may take together.
+    let memoryLimit: Int64
     let queue: FetchQueue
     /// Opening blobs (the blob's lock, making room) and checking recorded blocks: work that
     /// waits on the disk or another process, off the FUSE threads, and not behind fetches
@@ -184,7 +201,8 @@ public final class BlobFetcher: Sendable {
     public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
                 otherProcessStall: Duration = .seconds(60), readStallLimit: Duration? = nil,
                 unwatchedFetchLimit: Duration = .seconds(10),
-                commitTiming: CommitTiming = CommitTiming(), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning()) {
+                commitTiming: CommitTiming = CommitTiming(), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning(),
+                memoryLimit: Int64 = BlobFetcher.defaultMemoryLimit) {
         self.store = store
         self.source = source
         self.logger = logger
@@ -197,9 +215,15 @@ public final class BlobFetcher: Sendable {
         self.commitTiming = commitTiming
         self.limits = limits
         self.tuning = tuning
+        self.memoryLimit = memoryLimit
         self.queue = FetchQueue(workers: tuning.connections)
         self.localQueue = FetchQueue(workers: 4)
         self.buffers = ReadBuffers(size: max(Int(tuning.blockSize), 1 << 20), count: max(2, ProcessInfo.processInfo.activeProcessorCount))
+    }
+
+    /// An eighth of the machine's memory, and at least 256 MiB.
+    public static var defaultMemoryLimit: Int64 {
+        max(Int64(clamping: ProcessInfo.processInfo.physicalMemory / 8), 256 << 20)
     }
 
     // MARK: - Reading
@@ -223,7 +247,7 @@ public final class BlobFetcher: Sendable {
     func read(_ read: TransferMachine.Read, of digest: Digest, size: Int64, reply: @escaping Reply, attempts: Int,
               onWorker: Bool = false) {
         enum Next {
-            case outcome(TransferMachine.ReadOutcome, OpenFile)
+            case outcome(TransferMachine.ReadOutcome, Transfer)
             case open
             case fail(BlobReadError)
         }
@@ -238,17 +262,17 @@ public final class BlobFetcher: Sendable {
                 state.pending[read.id] = PendingReply(digest: digest, read: read, reply: reply)
                 startTimer(&state)
             }
-            return .outcome(outcome, transfer.data)
+            return .outcome(outcome, transfer)
         }
         switch next {
-        case .outcome(.serve(let actions), let file):
-            perform(actions, for: digest)
-            serve(read, reply, from: file)
-        case .outcome(.waiting(let actions), _):
-            perform(actions, for: digest)
-        case .outcome(.check(let recorded), _):
+        case .outcome(.serve(let actions), let transfer):
+            perform(actions, for: digest, on: transfer)
+            serve(read, reply, from: transfer.data)
+        case .outcome(.waiting(let actions), let transfer):
+            perform(actions, for: digest, on: transfer)
+        case .outcome(.check(let recorded), let transfer):
             guard onWorker else { return readOnWorker(read, of: digest, size: size, reply: reply, attempts: attempts) }
-            adoptRecordedBlocks(digest, recorded)
+            adoptRecordedBlocks(digest, recorded, on: transfer)
             self.read(read, of: digest, size: size, reply: reply, attempts: attempts, onWorker: true)
         case .fail(let error):
             reply(.failure(error))
@@ -295,10 +319,7 @@ public final class BlobFetcher: Sendable {
         defer { state.withLock { $0.prefetchesQueued -= 1 } }
         guard !store.hasComplete(digest), state.withLock({ $0.backoffs[digest] == nil }),
               case .success(nil) = openTransfer(digest, size: size) else { return }
-        perform(state.withLock { state in
-            guard !state.cancelled, let transfer = state.transfers[digest] else { return [] }
-            return transfer.machine.prefetch()
-        }, for: digest)
+        event(digest) { $0.prefetch() }
     }
 
     /// A file handle on the blob opened: kept out of eviction while it is open, its use
@@ -359,7 +380,7 @@ public final class BlobFetcher: Sendable {
         // Replies already taken off the state are being sent right now; they finish quickly.
         while sendingReplies.load(ordering: .acquiring) > 0 { SystemThread.sleep(for: .milliseconds(1)) }
         // Queued jobs were dropped; a verified blob being made durable is let finish.
-        while commitsInFlight.load(ordering: .acquiring) > 0 || state.withLock({ $0.transfers.values.contains(where: \.machine.verified) }) {
+        while commitsInFlight.load(ordering: .acquiring) > 0 || state.withLock({ $0.transfers.values.contains(where: \.awaitsCommit) }) {
             SystemThread.sleep(for: .milliseconds(1))
         }
     }
@@ -370,7 +391,7 @@ public final class BlobFetcher: Sendable {
         state.withLock { $0.commitsWanted += 1 }
         defer { state.withLock { $0.commitsWanted -= 1 } }
         while commitsInFlight.load(ordering: .acquiring) > 0
-            || state.withLock({ $0.prefetchesQueued > 0 || $0.transfers.values.contains { !$0.machine.jobs.isEmpty || $0.machine.hashing || $0.machine.verified } }) {
+            || state.withLock({ $0.prefetchesQueued > 0 || $0.transfers.values.contains { !$0.machine.jobs.isEmpty || $0.machine.hashing || $0.awaitsCommit } }) {
             SystemThread.sleep(for: .milliseconds(1))
         }
     }
@@ -390,11 +411,13 @@ public final class BlobFetcher: Sendable {
 
     // MARK: - Performing the machine's actions
 
-    /// Performs, in order and outside the lock, what a machine decided.
-    func perform(_ actions: [TransferMachine.Action], for digest: Digest) {
-        guard !actions.isEmpty else { return }
+    /// Performs, in order and outside the lock, what the machine of `transfer` decided: its
+    /// replies are served from its file, even when another transfer of the blob took its place.
+    func perform(_ actions: [TransferMachine.Action], for digest: Digest, on transfer: Transfer?) {
+        guard !actions.isEmpty, let transfer else { return }
+        let file = transfer.data, journal = transfer.journal
         // The replies a machine named, taken off the state in one go.
-        let (replies, file, journal) = state.withLock { state -> ([ReadID: PendingReply], OpenFile?, BlockJournal?) in
+        let replies = state.withLock { state -> [ReadID: PendingReply] in
             var replies: [ReadID: PendingReply] = [:]
             for action in actions {
                 switch action {
@@ -407,8 +430,7 @@ public final class BlobFetcher: Sendable {
                 }
             }
             sendingReplies.add(replies.count, ordering: .relaxed)
-            let transfer = state.transfers[digest]
-            return (replies, transfer?.data, transfer?.journal)
+            return replies
         }
         for action in actions {
             switch action {
@@ -416,7 +438,7 @@ public final class BlobFetcher: Sendable {
                 queue.enqueue(priority) { [self] in run(job, of: digest) }
             case .serve(let id):
                 guard let pending = replies[id] else { continue }
-                if let file { serve(pending.read, pending.reply, from: file) } else { pending.reply(.failure(.cancelled)) }
+                serve(pending.read, pending.reply, from: file)
                 sendingReplies.subtract(1, ordering: .releasing)
             case .fail(let id, let error):
                 guard let pending = replies[id] else { continue }
@@ -426,80 +448,22 @@ public final class BlobFetcher: Sendable {
                 state.withLock { $0.poisonedReaders.formUnion(poisoned) }
                 withdrawnHandler.withLock { $0 }?(digest, spared)
             case .discard:
-                let removed = state.withLock { state -> Transfer? in
+                state.withLock { state in
                     state.backoffs[digest, default: RetryBackoff()].recordFailure()
-                    return state.transfers.removeValue(forKey: digest)
+                    if state.transfers[digest] === transfer { state.transfers[digest] = nil }
                 }
                 logger.error("blob download failed", metadata: ["digest": "\(digest)", "error": "\(BlobReadError.digestMismatch(digest))"])
-                if let removed { store.discardPartial(digest, data: removed.data) }
+                if !transfer.inMemory { store.discardPartial(digest, data: file) }
             case .forgetRecordedBlocks:
                 logger.warning("blob does not match its digest; fetching it again from scratch", metadata: ["digest": "\(digest)"])
-                if let journal { for index in 0..<journal.blockCount { journal.forget(block: index) } }
+                for index in 0..<journal.blockCount { journal.forget(block: index) }
             case .retry(let read):
                 guard let pending = replies[read.id] else { continue }
                 // Counted again if it waits again before its old count is given back, so that
                 // shutdown never sees none owed while one is still to be answered.
-                self.read(read, of: digest, size: journal?.blobSize ?? read.range.upperBound, reply: pending.reply, attempts: 3)
+                self.read(read, of: digest, size: journal.blobSize, reply: pending.reply, attempts: 3)
                 sendingReplies.subtract(1, ordering: .releasing)
             }
-        }
-    }
-
-    // MARK: - Opening
-
-    /// The complete blob when the cache has it; otherwise registers a transfer over the shared
-    /// partial file and returns nil.
-    private func openTransfer(_ digest: Digest, size: Int64) -> Result<OpenFile?, BlobReadError> {
-        if let limits, size > limits.maxBytes, !store.hasComplete(digest) {
-            return .failure(.local("blob \(digest) is \(size) bytes, more than the cache may hold (--cache-size \(limits.maxBytes))"))
-        }
-        let local: ContentStore.LocalBlob
-        do {
-            local = try store.openBlob(digest, size: size, blockSize: tuning.blockSize)
-        } catch {
-            return .failure(.local(error.description))
-        }
-        guard case .partial(let data, let journal) = local else {
-            if case .complete(let file) = local { return .success(file) }
-            return .success(nil)
-        }
-        // The new partial file counts at its full size: make room for it.
-        makeRoom(for: digest)
-        let recorded = journal.recordedChecksums()
-        let presentBytes = recorded.indices.reduce(Int64(0)) { sum, index in
-            recorded[index] == nil ? sum : sum + Int64(journal.range(ofBlock: index).count)
-        }
-        if presentBytes > 0 {
-            logger.info("continuing an interrupted download", metadata: ["digest": "\(digest)", "bytes on disk": "\(presentBytes)"])
-        }
-        state.withLock { state in
-            guard state.transfers[digest] == nil else { return }
-            let machine = TransferMachine(digest: digest, size: size, limits: machineLimits, generation: state.nextGeneration,
-                                          recorded: recorded, now: .now)
-            state.nextGeneration += 1
-            state.transfers[digest] = Transfer(machine: machine, data: data, journal: journal)
-            closeIdleTransfers(&state)
-        }
-        return .success(nil)
-    }
-
-    private func closeIdleTransfers(_ state: inout State) {
-        let idle = state.transfers.filter { $0.value.machine.isIdle && state.pins[$0.key] == nil }
-        guard idle.count > Self.idleTransfersKept else { return }
-        for (digest, _) in idle.sorted(by: { $0.value.machine.lastUse < $1.value.machine.lastUse }).prefix(idle.count - Self.idleTransfersKept) {
-            state.transfers[digest] = nil
-        }
-    }
-
-    /// Evicts least recently used blobs until the cache, this blob's partial file included,
-    /// fits under the cap.
-    private func makeRoom(for digest: Digest) {
-        guard let limits else { return }
-        let protected = state.withLock { state in Set(state.pins.keys).union(state.transfers.keys).union([digest]) }
-        let removed = store.evict(toFit: limits, protected: { protected.contains($0) })
-        if !removed.isEmpty {
-            logger.info("evicted least recently used blobs", metadata: ["count": "\(removed.count)",
-                                                                        "bytes": "\(removed.reduce(0) { $0 + $1.size })"])
         }
     }
 }

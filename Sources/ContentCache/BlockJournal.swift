@@ -29,17 +29,22 @@ final class BlockJournal: Sendable {
     /// Opens the journal at `path`, creating it for a blob of `blobSize` bytes. An existing
     /// journal for another geometry, or with a damaged header, is started afresh: every block
     /// counts as absent, whatever the data file holds.
-    init(path: String, blobSize: Int64, blockSize: Int64) throws(CacheError) {
+    convenience init(path: String, blobSize: Int64, blockSize: Int64) throws(CacheError) {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError("cannot open \(path): \(String(cString: strerror(errno)))") }
-        file = OpenFile(fd: fd)
+        guard fd >= 0 else { throw CacheError.system("cannot open \(path)") }
+        try self.init(file: OpenFile(fd: fd), blobSize: blobSize, blockSize: blockSize)
+    }
+
+    /// The journal kept in `file`, on disk or in memory.
+    init(file: OpenFile, blobSize: Int64, blockSize: Int64) throws(CacheError) {
+        self.file = file
         self.blobSize = blobSize
         self.blockSize = blockSize
         blockCount = Int((blobSize + blockSize - 1) / blockSize)
         let header = (try? file.read(offset: 0, count: Int(Self.headerSize))) ?? []
         if header != Self.header(blobSize: blobSize, blockSize: blockSize) {
             // A fresh journal, or one for other parameters: every block is absent.
-            _ = ftruncate(fd, 0)
+            _ = ftruncate(file.fd, 0)
             try file.write(Self.header(blobSize: blobSize, blockSize: blockSize), at: 0)
         }
     }

@@ -81,8 +81,8 @@ extension ContentStore {
         return Int64(statistics.f_bavail) * Int64(statistics.f_frsize)
     }
 
-    /// Partial downloads, at their blob's full size (room is made for the whole blob when a
-    /// download starts), and when a block last landed.
+    /// Partial downloads, at the bytes they take on disk (a partial file is sparse: a blob's
+    /// declared size costs nothing until its bytes arrive), and when a block last landed.
     public func partialBlobs() -> [CachedBlob] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: partialDirectory)) ?? []
         return names.compactMap { name -> CachedBlob? in
@@ -90,7 +90,7 @@ extension ContentStore {
             var info = stat()
             guard stat(partialDirectory + "/" + name, &info) == 0 else { return nil }
             let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
-            return CachedBlob(digest: digest, size: Int64(info.st_size), lastUsed: lastUsed)
+            return CachedBlob(digest: digest, size: Int64(info.st_blocks) * 512, lastUsed: lastUsed)
         }
     }
 
@@ -100,6 +100,13 @@ extension ContentStore {
     @discardableResult
     public func evict(toFit limits: CacheLimits, making room: Int64 = 0,
                       protected: (Digest) -> Bool = { _ in false }) -> [CachedBlob] {
+        evictMeasuringSlack(toFit: limits, making: room, protected: protected).removed
+    }
+
+    /// `evict`, also returning the slack left after `room`: how many more bytes fit under the
+    /// cap and above the free-space floor (negative when eviction could not make the room).
+    func evictMeasuringSlack(toFit limits: CacheLimits, making room: Int64,
+                             protected: (Digest) -> Bool) -> (removed: [CachedBlob], slack: Int64) {
         let complete = completeBlobs()
         let partial = partialBlobs()
         let candidates = (complete.map { ($0, false) } + partial.map { ($0, true) })
@@ -114,7 +121,7 @@ extension ContentStore {
             free += blob.size
             removed.append(blob)
         }
-        return removed
+        return (removed, min(limits.maxBytes - total, free - limits.minFreeBytes))
     }
 
     /// Removes a blob unless some reader holds it: the exclusive lock fails while any shared

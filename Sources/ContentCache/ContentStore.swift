@@ -40,7 +40,7 @@ public final class ContentStore: Sendable {
         let fd = open(completePath(digest), O_RDONLY | O_CLOEXEC)
         if fd < 0 {
             if errno == ENOENT { return nil }
-            throw CacheError("cannot open cached blob \(digest): \(String(cString: strerror(errno)))")
+            throw CacheError.system("cannot open cached blob \(digest)")
         }
         // Held until the file is closed: eviction spares blobs being read. Were the blob
         // evicted between open and lock, this descriptor still reads its (verified) content.
@@ -68,17 +68,31 @@ public final class ContentStore: Sendable {
         if let complete = try openComplete(digest) { return .complete(complete) }
         let path = partialPath(digest)
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw CacheError.system("cannot open \(path)") }
         let data = OpenFile(fd: fd)
         _ = flock(fd, LOCK_SH)
         var info = stat()
         if fstat(fd, &info) == 0, Int64(info.st_size) != size {
             guard ftruncate(fd, off_t(size)) == 0 else {
-                throw CacheError("cannot size \(path): \(String(cString: strerror(errno)))")
+                throw CacheError.system("cannot size \(path)")
             }
         }
         let journal = try BlockJournal(path: journalPath(digest), blobSize: size, blockSize: blockSize)
         return .partial(data, journal)
+    }
+
+    /// A download kept only in memory, which no other process sees: for a blob the cache's
+    /// filesystem has no room for. Its pages are allocated as blocks land.
+    func openInMemory(_ digest: Digest, size: Int64, blockSize: Int64) throws(CacheError) -> (data: OpenFile, journal: BlockJournal) {
+        func memoryFile(_ role: String) throws(CacheError) -> OpenFile {
+            switch createMemoryFile(named: "ocicachefs-\(role)-\(digest.hex.prefix(12))") {
+            case .success(let fd): return OpenFile(fd: fd)
+            case .failure(let error): throw CacheError.system("cannot hold blob \(digest) in memory", code: error.rawValue)
+            }
+        }
+        let data = try memoryFile("data")
+        guard ftruncate(data.fd, off_t(size)) == 0 else { throw CacheError.system("cannot hold blob \(digest) in memory") }
+        return (data, try BlockJournal(file: memoryFile("journal"), blobSize: size, blockSize: blockSize))
     }
 
     /// Held briefly by whoever creates, commits or evicts a blob's partial file. Released when
@@ -87,13 +101,13 @@ public final class ContentStore: Sendable {
     func blobLock(_ digest: Digest) throws(CacheError) -> OpenFile {
         let path = "\(locksDirectory)/\(digest.hex)"
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError("cannot open the lock of \(digest): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw CacheError.system("cannot open the lock of \(digest)") }
         let deadline = ContinuousClock.now + lockWait
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let code = errno
             guard code == EWOULDBLOCK || code == EINTR else {
                 close(fd)
-                throw CacheError("cannot lock \(digest): \(String(cString: strerror(code)))")
+                throw CacheError.system("cannot lock \(digest)", code: code)
             }
             guard ContinuousClock.now < deadline else {
                 close(fd)
@@ -107,7 +121,7 @@ public final class ContentStore: Sendable {
     /// Makes a verified partial file the complete blob, durably, unless another process
     /// already did (it renamed the same file: every process's descriptor still reads it).
     func commit(_ digest: Digest, data: OpenFile) throws(CacheError) {
-        guard fsync(data.fd) == 0 else { throw CacheError("fsync of blob \(digest) failed: \(String(cString: strerror(errno)))") }
+        guard fsync(data.fd) == 0 else { throw CacheError.system("fsync of blob \(digest) failed") }
         let lock = try blobLock(digest)
         defer { withExtendedLifetime(lock) {} }
         var ours = stat(), named = stat()
@@ -116,7 +130,7 @@ public final class ContentStore: Sendable {
         // Complete blobs are immutable; make that visible to anyone looking at the cache.
         fchmod(data.fd, 0o444)
         guard rename(partialPath(digest), completePath(digest)) == 0 else {
-            throw CacheError("cannot move \(digest) into the cache: \(String(cString: strerror(errno)))")
+            throw CacheError.system("cannot move \(digest) into the cache")
         }
         unlink(journalPath(digest))
         let directoryFD = open(blobsDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -130,14 +144,14 @@ public final class ContentStore: Sendable {
     func storeVerified(_ bytes: [UInt8], as digest: Digest) throws(CacheError) {
         let path = "\(partialDirectory)/\(digest.hex).\(getpid()).small"
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw CacheError.system("cannot create \(path)") }
         let file = OpenFile(fd: fd)
         do throws(CacheError) {
             try file.write(bytes, at: 0)
-            guard fsync(fd) == 0 else { throw CacheError("fsync of \(path) failed: \(String(cString: strerror(errno)))") }
+            guard fsync(fd) == 0 else { throw CacheError.system("fsync of \(path) failed") }
             fchmod(fd, 0o444)
             guard rename(path, completePath(digest)) == 0 else {
-                throw CacheError("cannot move \(digest) into the cache: \(String(cString: strerror(errno)))")
+                throw CacheError.system("cannot move \(digest) into the cache")
             }
         } catch {
             unlink(path)
@@ -180,7 +194,22 @@ public final class ContentStore: Sendable {
 
 public struct CacheError: Error, Sendable, CustomStringConvertible {
     public var description: String
-    public init(_ description: String) { self.description = description }
+    /// The errno of the system call that failed, when one did.
+    public var code: Int32?
+
+    public init(_ description: String, code: Int32? = nil) {
+        self.description = description
+        self.code = code
+    }
+
+    /// `what` failed with `code` (the current errno by default): "what: No space left on device".
+    static func system(_ what: String, code: Int32 = errno) -> CacheError {
+        CacheError("\(what): \(String(cString: strerror(code)))", code: code)
+    }
+
+    /// The cache's filesystem is full, or the user's quota there is used up: evicting may
+    /// help, and a download can go on in memory.
+    public var isOutOfSpace: Bool { code == ENOSPC || code == EDQUOT }
 }
 
 /// An open file descriptor, closed when the last reference goes.
@@ -214,7 +243,7 @@ final class OpenFile: Sendable {
             let n = pread(fd, buffer.baseAddress! + filled, buffer.count - filled, off_t(offset) + off_t(filled))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw CacheError("read failed: \(String(cString: strerror(errno)))")
+                throw CacheError.system("read failed")
             }
             if n == 0 { break }
             filled += n
@@ -250,7 +279,7 @@ final class OpenFile: Sendable {
             }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw CacheError("write to the cache failed: \(String(cString: strerror(errno)))")
+                throw CacheError.system("write to the cache failed")
             }
             written += n
         }

@@ -63,7 +63,7 @@ extension ContentStore {
         }
         guard rename(temporary, path) == 0 else {
             unlink(temporary)
-            throw CacheError("cannot write \(path): \(String(cString: strerror(errno)))")
+            throw CacheError.system("cannot write \(path)")
         }
     }
 

@@ -370,6 +370,12 @@ struct TransferMachine: Sendable {
         return actions
     }
 
+    /// Handles an earlier download of the blob answered with bytes this one holds too (copied
+    /// from it): a mismatch fails them as well.
+    mutating func inherit(unverifiedReaders readers: Set<UInt64>) {
+        unverifiedReaders.formUnion(readers)
+    }
+
     /// Every read still waiting, for shutdown.
     mutating func takeAllWaiters() -> [Read] {
         defer { waiters = [] }

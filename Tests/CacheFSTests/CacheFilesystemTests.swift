@@ -23,13 +23,15 @@ final class Fixture: Sendable {
     init(layers: [[UInt8]], behaviour: InMemorySource.Behaviour = .init(), cacheDirectory: String? = nil,
          otherProcessStall: Duration = .seconds(60), readStallLimit: Duration? = nil,
          unwatchedFetchLimit: Duration = .seconds(10), commitTiming: CommitTiming = .init(),
-         limits: CacheLimits? = nil, tuning: FetchTuning = .init(), chained: Bool = false) throws {
+         limits: CacheLimits? = nil, tuning: FetchTuning = .init(), memoryLimit: Int64 = 256 << 20,
+         chained: Bool = false) throws {
         source = InMemorySource(layers: layers, behaviour: behaviour, chained: chained)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
         fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3,
                               otherProcessStall: otherProcessStall, readStallLimit: readStallLimit,
-                              unwatchedFetchLimit: unwatchedFetchLimit, commitTiming: commitTiming, limits: limits, tuning: tuning)
+                              unwatchedFetchLimit: unwatchedFetchLimit, commitTiming: commitTiming, limits: limits, tuning: tuning,
+                              memoryLimit: memoryLimit)
         filesystem = CacheFilesystem(snapshot: source.snapshot, fetcher: fetcher, logger: Logger(label: "test"))
     }
 

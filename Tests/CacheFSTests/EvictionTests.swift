@@ -80,13 +80,49 @@ private func storeBlob(_ store: ContentStore, _ bytes: [UInt8], lastUsed: Int) t
         #expect(store.completeBlobs().map(\.size).reduce(0, +) <= 250_000)
     }
 
-    @Test func aBlobLargerThanTheCapIsRefusedNotCachedPastIt() throws {
+    /// A blob larger than the cap is read through memory and never written to the cache.
+    @Test func aBlobLargerThanTheCapIsServedFromMemoryAndNotKept() throws {
         let layer = randomBytes(300_000, seed: 20)
         let fixture = try Fixture(layers: [layer], limits: CacheLimits(maxBytes: 100_000, minFreeBytes: 0))
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
+        #expect(try fixture.readWhole(inode).get() == layer)
+        fixture.fetcher.waitUntilIdle()
+        #expect(store.completeBlobs().isEmpty)
+        #expect(store.partialBlobs().isEmpty)
+    }
+
+    /// Beyond the memory downloads may take, such a blob is refused before any request.
+    @Test func aBlobLargerThanTheCapAndTheMemoryLimitIsRefused() throws {
+        let layer = randomBytes(300_000, seed: 21)
+        let fixture = try Fixture(layers: [layer], limits: CacheLimits(maxBytes: 100_000, minFreeBytes: 0), memoryLimit: 200_000)
         defer { fixture.removeCache() }
         let inode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: layer).hex)
         #expect(fixture.read(inode, offset: 0, count: 4096).failure == .ioError)
         #expect(fixture.source.streamsStarted.isEmpty)
+    }
+
+    /// A descriptor that declares far more than the remote has (issue 13, item 3): its failed
+    /// download evicts none of the cache's verified blobs, and leaves nothing that counts at the
+    /// declared size.
+    @Test func aLyingSizeEvictsNothing() throws {
+        let kept = randomBytes(100_000, seed: 22)
+        let lying = randomBytes(50_000, seed: 23)
+        let limits = CacheLimits(maxBytes: 1 << 30, minFreeBytes: 0)
+        let fixture = try Fixture(layers: [kept, lying], behaviour: .init(declaredSizes: [Digest.sha256(of: lying): 1 << 30 - 1]),
+                                  limits: limits)
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        #expect(try fixture.readWhole(try fixture.inode("blobs/sha256/" + Digest.sha256(of: kept).hex)).get() == kept)
+        fixture.fetcher.waitUntilIdle()
+        #expect(store.completeBlobs().map(\.digest) == [Digest.sha256(of: kept)])
+
+        let lyingInode = try fixture.inode("blobs/sha256/" + Digest.sha256(of: lying).hex)
+        #expect(fixture.read(lyingInode, offset: 0, count: 4096).failure == .ioError)
+        fixture.fetcher.waitUntilIdle()
+        #expect(store.completeBlobs().map(\.digest) == [Digest.sha256(of: kept)])
+        #expect(store.partialBlobs().map(\.size).reduce(0, +) < 1 << 20)
     }
 
     @Test(arguments: [("1024", Int64(1024)), ("10K", 10 << 10), ("500M", 500 << 20), ("2GiB", 2 << 30), ("2gb", 2 << 30),

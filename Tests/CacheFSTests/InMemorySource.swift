@@ -19,6 +19,8 @@ final class InMemorySource: RemoteCacheSource {
         var failEverything = false
         /// What resolving the source throws, if anything.
         var resolutionError: RemoteStoreError?
+        /// Sizes the descriptors declare instead of the real ones (a lying manifest).
+        var declaredSizes: [Digest: Int64] = [:]
     }
 
     let displayName = "memory"
@@ -45,7 +47,8 @@ final class InMemorySource: RemoteCacheSource {
         for layer in layers {
             let digest = Digest.sha256(of: layer)
             blobs[digest] = layer
-            layerDescriptors.append(Descriptor(mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: digest, size: Int64(layer.count)))
+            layerDescriptors.append(Descriptor(mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: digest,
+                                               size: behaviour.declaredSizes[digest] ?? Int64(layer.count)))
             snapshot.addLazyBlob(layerDescriptors.last!)
         }
         struct Manifest: Encodable {
