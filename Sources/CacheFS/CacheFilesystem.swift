@@ -23,11 +23,11 @@ public final class CacheFilesystem: Sendable {
 
     enum Content {
         /// `creatable`: new names may be made here (they become scratch entries).
-        case directory(children: [String: UInt64], creatable: Bool)
+        case directory(children: DirectoryEntries, creatable: Bool)
         case bytes([UInt8])
         case lazyBlob(Digest, size: Int64)
         case scratchFile([UInt8])
-        case scratchDirectory(children: [String: UInt64])
+        case scratchDirectory(children: DirectoryEntries)
     }
 
     struct Node {
@@ -47,7 +47,7 @@ public final class CacheFilesystem: Sendable {
             }
         }
 
-        var children: [String: UInt64]? {
+        var children: DirectoryEntries? {
             switch content {
             case .directory(let children, _), .scratchDirectory(let children): return children
             default: return nil
@@ -122,21 +122,18 @@ public final class CacheFilesystem: Sendable {
             let inode = state.nextInode
             state.nextInode += 1
             state.nodes[inode] = Node(parent: parent, name: name, content: content, permissions: permissions, modified: now)
-            if case .directory(var children, let creatable)? = state.nodes[parent]?.content {
-                children[name] = inode
-                state.nodes[parent]!.content = .directory(children: children, creatable: creatable)
-            }
+            state.nodes[parent]?.children?[name] = inode
             return inode
         }
         let root = rootInode
-        state.nodes[root] = Node(parent: root, name: "", content: .directory(children: [:], creatable: true),
+        state.nodes[root] = Node(parent: root, name: "", content: .directory(children: DirectoryEntries(), creatable: true),
                                  permissions: 0o755, modified: now)
         _ = add(root, "oci-layout", .bytes(OCILayout.ociLayoutFile), permissions: 0o444)
         _ = add(root, "index.json", .bytes(OCILayout.indexFile(snapshot.tags)), permissions: 0o444)
         // containerd 1.x clients MkdirAll ingest/ on every open; it is scratch space.
-        _ = add(root, "ingest", .directory(children: [:], creatable: true), permissions: 0o755)
-        let blobs = add(root, "blobs", .directory(children: [:], creatable: false), permissions: 0o755)
-        let sha256 = add(blobs, "sha256", .directory(children: [:], creatable: false), permissions: 0o755)
+        _ = add(root, "ingest", .directory(children: DirectoryEntries(), creatable: true), permissions: 0o755)
+        let blobs = add(root, "blobs", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o755)
+        let sha256 = add(blobs, "sha256", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o755)
         for (digest, bytes) in snapshot.smallBlobs.sorted(by: { $0.key < $1.key }) {
             _ = add(sha256, digest.hex, .bytes(bytes), permissions: 0o444)
         }
@@ -195,16 +192,31 @@ public final class CacheFilesystem: Sendable {
         }
     }
 
-    public func readdir(_ inode: UInt64) -> Result<[DirectoryEntry], FSError> {
+    /// The directory's entries in name order after `.` and `..`, from the `offset`-th, at most
+    /// `limit` of them: the kernel lists a large directory a page at a time.
+    public func readdir(_ inode: UInt64, offset: Int = 0, limit: Int = .max) -> Result<[DirectoryEntry], FSError> {
         state.withLock { state in
             guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
             guard let children = node.children else { return .failure(.notDirectory) }
-            var entries = [DirectoryEntry(name: ".", inode: inode, type: .directory),
-                           DirectoryEntry(name: "..", inode: node.parent, type: .directory)]
-            for (name, child) in children.sorted(by: { $0.key < $1.key }) {
+            let dots = [DirectoryEntry(name: ".", inode: inode, type: .directory),
+                        DirectoryEntry(name: "..", inode: node.parent, type: .directory)]
+            let start = max(offset, 0)
+            var entries = Array(dots.dropFirst(start).prefix(limit))
+            let names = children.orderedNames()
+            let first = min(max(start - dots.count, 0), names.count)
+            for name in names[first..<min(names.count, first + max(limit - entries.count, 0))] {
+                let child = children[name]!
                 entries.append(DirectoryEntry(name: name, inode: child, type: state.nodes[child]!.children == nil ? .regular : .directory))
             }
             return .success(entries)
+        }
+    }
+
+    /// Whether the inode is a directory, for opendir.
+    public func isDirectory(_ inode: UInt64) -> Result<Void, FSError> {
+        state.withLock { state in
+            guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+            return node.children == nil ? .failure(.notDirectory) : .success(())
         }
     }
 
@@ -316,7 +328,7 @@ public final class CacheFilesystem: Sendable {
 
     public func mkdir(parent: UInt64, name: String, permissions: UInt32) -> Result<Entry, FSError> {
         state.withLock { state in
-            Self.insert(parent: parent, name: name, content: .scratchDirectory(children: [:]), permissions: permissions, in: &state)
+            Self.insert(parent: parent, name: name, content: .scratchDirectory(children: DirectoryEntries()), permissions: permissions, in: &state)
                 .map { inode in
                     state.nodes[inode]!.lookups += 1
                     return entry(inode, state.nodes[inode]!)
@@ -463,16 +475,7 @@ public final class CacheFilesystem: Sendable {
     }
 
     private static func setChild(_ parent: UInt64, _ name: String, _ child: UInt64?, in state: inout State) {
-        switch state.nodes[parent]!.content {
-        case .directory(var children, let creatable):
-            children[name] = child
-            state.nodes[parent]!.content = .directory(children: children, creatable: creatable)
-        case .scratchDirectory(var children):
-            children[name] = child
-            state.nodes[parent]!.content = .scratchDirectory(children: children)
-        default:
-            break
-        }
+        state.nodes[parent]!.children?[name] = child
     }
 
     private static func detach(_ inode: UInt64, in state: inout State) {
@@ -489,6 +492,32 @@ public final class CacheFilesystem: Sendable {
     }
 
     private static func isValidName(_ name: String) -> Bool { !name.isEmpty && name.utf8.count <= 255 }
+}
+
+/// A directory's names and their inodes. A class, changed in place: adding the 100,000th blob
+/// must not copy the other 99,999 (a struct in an enum payload is copied out and back).
+/// Touched only under the filesystem's state lock.
+final class DirectoryEntries {
+    private var byName: [String: UInt64] = [:]
+    /// The names in order, for listings; made by the first listing after a change.
+    private var ordered: [String]?
+
+    subscript(name: String) -> UInt64? {
+        get { byName[name] }
+        set {
+            byName[name] = newValue
+            ordered = nil
+        }
+    }
+
+    var isEmpty: Bool { byName.isEmpty }
+
+    func orderedNames() -> [String] {
+        if let ordered { return ordered }
+        let names = byName.keys.sorted()
+        ordered = names
+        return names
+    }
 }
 
 public struct OpenedFile: Sendable, Equatable {

@@ -345,16 +345,17 @@ private func makeOperations() -> fuse_lowlevel_ops {
     ops.fsync = { req, _, _, _ in FuseRequest(raw: req!).ok() }
     ops.opendir = { req, inode, info in
         let request = FuseRequest(raw: req!)
-        request.reply(request.filesystem.readdir(inode)) { _ in fuse_reply_open(req, info) }
+        request.reply(request.filesystem.isDirectory(inode)) { _ in fuse_reply_open(req, info) }
     }
     ops.readdir = { req, inode, size, offset, _ in
         let request = FuseRequest(raw: req!)
-        request.reply(request.filesystem.readdir(inode)) { entries in
+        // An entry takes at least 32 bytes of the buffer (a 24-byte header, the name, padding
+        // to 8): no more than that many can fit.
+        request.reply(request.filesystem.readdir(inode, offset: Int(offset), limit: size / 32 + 1)) { entries in
             var buffer = [CChar](repeating: 0, count: size)
             var used = 0
             var index = Int(offset)
-            while index < entries.count {
-                let entry = entries[index]
+            for entry in entries {
                 var attributes = Glibc.stat()
                 attributes.st_ino = UInt(entry.inode)
                 attributes.st_mode = entry.type.modeBits

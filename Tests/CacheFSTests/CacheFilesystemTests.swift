@@ -200,6 +200,36 @@ final class PendingRead: Sendable {
         #expect(fs.rename(parent: ingest, name: "ref-1", newParent: directory, newName: "inside").failure == .invalidArgument)
     }
 
+    /// The kernel lists a directory a page at a time, each from the offset the last one ended
+    /// at: the pages cover it exactly once, in name order, and a change shows in the next listing.
+    @Test func directoryPagesCoverEveryEntryOnce() throws {
+        let fixture = try Fixture(layers: [randomBytes(100, seed: 6)])
+        defer { fixture.removeCache() }
+        let fs = fixture.filesystem
+        let ingest = try fixture.inode("ingest")
+        let names = (0..<500).map { "file-\($0)" }
+        for name in names.shuffled() {
+            let (file, _) = try fs.create(parent: ingest, name: name, permissions: 0o644, flags: OpenFlags(O_WRONLY | O_CREAT)).get()
+            fs.release(file.attributes.inode)
+        }
+        func listInPages(of size: Int) throws -> [String] {
+            var listed: [String] = []
+            while true {
+                let page = try fs.readdir(ingest, offset: listed.count, limit: size).get()
+                #expect(page.count <= size)
+                if page.isEmpty { return listed }
+                listed += page.map(\.name)
+            }
+        }
+        let whole = try fs.readdir(ingest).get().map(\.name)
+        #expect(whole == [".", ".."] + names.sorted())
+        for size in [1, 2, 3, 7, 129] { #expect(try listInPages(of: size) == whole) }
+
+        try fs.unlink(parent: ingest, name: "file-7").get()
+        _ = try fs.mkdir(parent: ingest, name: "a-directory", permissions: 0o755).get()
+        #expect(try listInPages(of: 64) == [".", "..", "a-directory"] + names.filter { $0 != "file-7" }.sorted())
+    }
+
     @Test func scratchSpaceIsBounded() throws {
         let fixture = try Fixture(layers: [randomBytes(100, seed: 6)])
         defer { fixture.removeCache() }
