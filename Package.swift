@@ -68,9 +68,11 @@ let package = Package(
         .testTarget(name: "OCITests", dependencies: ["OCI"]),
         .testTarget(name: "HTTPClientTests", dependencies: ["HTTPClient"]),
         .testTarget(name: "RemoteStoreTests", dependencies: ["RemoteStore", "HTTPClient", "OCI"]),
-        .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI"]),
+        // What the reference-model tests share: a seeded generator and a shrinker.
+        .target(name: "ModelTesting", path: "Tests/ModelTesting"),
+        .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI", "ModelTesting"]),
         .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
-        .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport"]),
+        .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),
         .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient"]),
     ]
 )

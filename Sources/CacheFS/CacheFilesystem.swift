@@ -19,7 +19,9 @@ public final class CacheFilesystem: Sendable {
     /// Scratch entries change under the kernel's eyes only through us, but stay modest.
     static let scratchCacheSeconds = 1.0
     /// Scratch data lives in memory; clients write a few bytes, so a small cap is plenty.
-    public static let scratchCapacity = 64 << 20
+    public static let defaultScratchCapacity = 64 << 20
+    /// The most bytes all scratch files may hold together.
+    public let scratchCapacity: Int
 
     enum Content {
         /// `creatable`: new names may be made here (they become scratch entries).
@@ -85,7 +87,9 @@ public final class CacheFilesystem: Sendable {
     /// that its first bytes arrive while the reader finishes this one.
     static let nextLayerLead: Int64 = 8 << 20
 
-    public init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger) {
+    public init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
+                scratchCapacity: Int = CacheFilesystem.defaultScratchCapacity) {
+        self.scratchCapacity = scratchCapacity
         self.fetcher = fetcher
         self.logger = logger
         self.nextLayers = Self.nextLayers(snapshot)
@@ -345,7 +349,7 @@ public final class CacheFilesystem: Sendable {
             guard offset >= 0 else { return .failure(.invalidArgument) }
             let end = Int(offset) + data.count
             let growth = max(0, end - bytes.count)
-            guard state.scratchBytes + growth <= Self.scratchCapacity else { return .failure(.noSpace) }
+            guard state.scratchBytes + growth <= scratchCapacity else { return .failure(.noSpace) }
             if end > bytes.count { bytes.append(contentsOf: repeatElement(0, count: end - bytes.count)) }
             bytes.replaceSubrange(Int(offset)..<end, with: data)
             node.content = .scratchFile(bytes)
@@ -364,7 +368,7 @@ public final class CacheFilesystem: Sendable {
                 guard case .scratchFile(var bytes) = node.content else { return .failure(.isDirectory) }
                 guard size >= 0 else { return .failure(.invalidArgument) }
                 let growth = max(0, Int(size) - bytes.count)
-                guard state.scratchBytes + growth <= Self.scratchCapacity else { return .failure(.noSpace) }
+                guard state.scratchBytes + growth <= scratchCapacity else { return .failure(.noSpace) }
                 state.scratchBytes += Int(size) - bytes.count
                 if Int(size) < bytes.count {
                     bytes.removeLast(bytes.count - Int(size))
@@ -391,11 +395,21 @@ public final class CacheFilesystem: Sendable {
 
     public func rename(parent: UInt64, name: String, newParent: UInt64, newName: String) -> Result<Void, FSError> {
         state.withLock { state in
-            guard let source = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
-            guard state.nodes[source]!.isScratch, state.nodes[newParent]?.acceptsNewEntries == true else {
+            guard let source = state.nodes[parent]?.children?[name], state.nodes[newParent]?.unlinked == false else {
+                return .failure(.noSuchFileOrDirectory)
+            }
+            guard state.nodes[source]!.isScratch, state.nodes[newParent]!.acceptsNewEntries else {
                 return .failure(.readOnlyFileSystem)
             }
             guard Self.isValidName(newName) else { return .failure(.nameTooLong) }
+            // A directory may not move below itself. The new parent is attached, so every
+            // ancestor up to the root is too.
+            var ancestor = newParent
+            var belowItself = false
+            while ancestor != Self.rootInode {
+                if ancestor == source { belowItself = true }
+                ancestor = state.nodes[ancestor]!.parent
+            }
             if let target = state.nodes[newParent]?.children?[newName] {
                 if target == source { return .success(()) }
                 let targetNode = state.nodes[target]!
@@ -407,14 +421,10 @@ public final class CacheFilesystem: Sendable {
                 } else if sourceIsDirectory {
                     return .failure(.notDirectory)
                 }
-                Self.detach(target, in: &state)
             }
-            // A directory may not move below itself.
-            var ancestor = newParent
-            while ancestor != Self.rootInode {
-                if ancestor == source { return .failure(.invalidArgument) }
-                ancestor = state.nodes[ancestor]!.parent
-            }
+            // Only once nothing can fail does anything change.
+            if belowItself { return .failure(.invalidArgument) }
+            if let target = state.nodes[newParent]!.children?[newName] { Self.detach(target, in: &state) }
             Self.setChild(parent, name, nil, in: &state)
             Self.setChild(newParent, newName, source, in: &state)
             state.nodes[source]!.parent = newParent
@@ -462,7 +472,8 @@ public final class CacheFilesystem: Sendable {
 
     private static func insert(parent: UInt64, name: String, content: Content, permissions: UInt32,
                                in state: inout State) -> Result<UInt64, FSError> {
-        guard let directory = state.nodes[parent] else { return .failure(.noSuchFileOrDirectory) }
+        // A removed directory the kernel still references takes no new names.
+        guard let directory = state.nodes[parent], !directory.unlinked else { return .failure(.noSuchFileOrDirectory) }
         guard let children = directory.children else { return .failure(.notDirectory) }
         guard children[name] == nil else { return .failure(.fileExists) }
         guard directory.acceptsNewEntries else { return .failure(.readOnlyFileSystem) }

@@ -235,9 +235,9 @@ final class PendingRead: Sendable {
         defer { fixture.removeCache() }
         let fs = fixture.filesystem
         let (file, _) = try fs.create(parent: CacheFilesystem.rootInode, name: "big", permissions: 0o644, flags: OpenFlags(O_WRONLY | O_CREAT)).get()
-        #expect(fs.setattr(file.attributes.inode, AttributeChanges(size: Int64(CacheFilesystem.scratchCapacity) + 1)).failure == .noSpace)
+        #expect(fs.setattr(file.attributes.inode, AttributeChanges(size: Int64(fs.scratchCapacity) + 1)).failure == .noSpace)
         let byte: [UInt8] = [1]
-        #expect(byte.withUnsafeBytes { fs.write(file.attributes.inode, offset: Int64(CacheFilesystem.scratchCapacity), data: $0) }.failure == .noSpace)
+        #expect(byte.withUnsafeBytes { fs.write(file.attributes.inode, offset: Int64(fs.scratchCapacity), data: $0) }.failure == .noSpace)
     }
 }
 

@@ -1,4 +1,5 @@
 import Foundation
+import ModelTesting
 import OCI
 import Testing
 
@@ -26,39 +27,19 @@ import Testing
     @Test func randomInterleavingsKeepEveryInvariant() {
         let firstSeed = ProcessInfo.processInfo.environment["OCICACHEFS_MODEL_SEED"].flatMap(UInt64.init) ?? 1
         for seed in firstSeed..<(firstSeed + UInt64(Self.sequences)) {
-            var generator = SeededGenerator(seed: seed)
-            let steps = (0..<Int.random(in: 10...80, using: &generator)).map { _ in UInt32.random(in: 0...UInt32.max, using: &generator) }
+            let steps = randomSteps(seed: seed, count: 10...80)
             let scenario = Scenario(seed: seed)
             var simulation = Simulation(scenario)
             guard let failure = simulation.run(steps) else { continue }
-            let minimal = Self.shrink(steps, scenario: scenario)
+            let minimal = shrink(steps) { candidate in
+                var simulation = Simulation(scenario)
+                return simulation.run(candidate) != nil
+            }
             var replay = Simulation(scenario)
             let trace = replay.trace(minimal)
             Issue.record("seed \(seed): \(failure)\nminimal sequence (\(minimal.count) steps):\n\(trace.joined(separator: "\n"))")
             return
         }
-    }
-
-    /// Drops steps while the sequence still fails.
-    static func shrink(_ steps: [UInt32], scenario: Scenario) -> [UInt32] {
-        var current = steps
-        var changed = true
-        while changed {
-            changed = false
-            var index = 0
-            while index < current.count {
-                var candidate = current
-                candidate.remove(at: index)
-                var simulation = Simulation(scenario)
-                if simulation.run(candidate) != nil {
-                    current = candidate
-                    changed = true
-                } else {
-                    index += 1
-                }
-            }
-        }
-        return current
     }
 
     /// The model itself must catch a broken rule: an executor that answers reads of the end
@@ -74,18 +55,6 @@ import Testing
             caught = simulation.run(steps) != nil
         }
         #expect(caught)
-    }
-}
-
-/// xorshift64*: the same sequences on every machine.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 | 1 }
-    mutating func next() -> UInt64 {
-        state ^= state >> 12
-        state ^= state << 25
-        state ^= state >> 27
-        return state &* 0x2545_F491_4F6C_DD1D
     }
 }
 
