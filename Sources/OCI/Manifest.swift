@@ -68,13 +68,18 @@ public enum ManifestContent: Sendable, Equatable {
         (contentType.split(separator: ";").first ?? "").trimmingWhitespace()
     }
 
+    /// `layers.0.size`: array positions as numbers (their keys would say "Index 0").
+    private static func pathText(_ path: [any CodingKey]) -> String {
+        path.map { key in key.intValue.map(String.init) ?? key.stringValue }.joined(separator: ".")
+    }
+
     private static func summary(of error: DecodingError) -> String {
         switch error {
         case .dataCorrupted(let context), .typeMismatch(_, let context), .valueNotFound(_, let context):
-            let path = context.codingPath.map(\.stringValue).joined(separator: ".")
+            let path = pathText(context.codingPath)
             return path.isEmpty ? context.debugDescription : "\(path): \(context.debugDescription)"
         case .keyNotFound(let key, let context):
-            let path = (context.codingPath + [key]).map(\.stringValue).joined(separator: ".")
+            let path = pathText(context.codingPath + [key])
             return "missing \(path)"
         @unknown default:
             return "undecodable"

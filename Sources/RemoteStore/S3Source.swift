@@ -92,6 +92,9 @@ public final class S3Source: RemoteCacheSource {
             } else {
                 size = try headSize(location.blobKey(layer.blob.description))
             }
+            if let problem = Descriptor.sizeProblem(size, of: layer.blob) {
+                throw .invalidContent("\(displayName): \(location.manifestKey(name)): \(problem)")
+            }
             var layerAnnotations = [Annotation.uncompressed: diffID]
             if let createdAt = annotations?.createdAt { layerAnnotations[Annotation.buildkitCreatedAt] = createdAt }
             layers.append(Descriptor(mediaType: annotations?.mediaType ?? "application/vnd.oci.image.layer.v1.tar+gzip",

@@ -30,8 +30,21 @@ enum FakeRegistry {
                                              "digest": STALL_DIGEST, "size": len(STALL_LAYER),
                                              "annotations": {"containerd.io/uncompressed": STALL_DIGEST}}]},
                                 separators=(",", ":")).encode()
+    # Issue 13: a cache manifest whose one layer declares `layer_size` bytes (the config is
+    # served; the layer never is).
+    def sized_manifest(layer_size):
+        return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.buildkit.cacheconfig.v0",
+                                      "digest": CACHE_CONFIG_DIGEST, "size": len(CACHE_CONFIG)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                       "digest": "sha256:" + "2" * 64, "size": layer_size}]},
+                          separators=(",", ":")).encode()
     # tag -> (body, content type, Docker-Content-Digest override)
     TAGS = {
+        "size-int64max": (sized_manifest(2**63 - 1), OCI_MANIFEST, None),
+        "size-over-limit": (sized_manifest(2**62 + 1), OCI_MANIFEST, None),
+        "size-at-limit": (sized_manifest(2**62), OCI_MANIFEST, None),
+        "size-negative": (sized_manifest(-1), OCI_MANIFEST, None),
         "stall": (STALL_MANIFEST, OCI_MANIFEST, None),
         "oops": (b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":"oops"}', OCI_MANIFEST, None),
         "notjson": (b'{"schemaVersion":2, "mediaType": "application/vnd.oci.image.manifest.v1+json", this is not json', OCI_MANIFEST, None),
