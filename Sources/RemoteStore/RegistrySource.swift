@@ -3,6 +3,7 @@ import HTTPClient
 import Logging
 import OCI
 import Synchronization
+import SystemSupport
 
 /// A repository in an OCI registry, read through the distribution API.
 public final class RegistrySource: RemoteCacheSource {
@@ -120,7 +121,7 @@ public final class RegistrySource: RemoteCacheSource {
 
     private func fetchSmallBlob(_ descriptor: Descriptor) throws(RemoteStoreError) -> [UInt8] {
         guard descriptor.size <= Self.maxSmallBlobSize else {
-            throw .invalidContent("\(reference): \(descriptor.mediaType) blob \(descriptor.digest) is \(descriptor.size) bytes; configs over \(Self.maxSmallBlobSize) bytes are refused")
+            throw .invalidContent("\(reference): \(descriptor.mediaType.escapingControlCharacters) blob \(descriptor.digest) is \(descriptor.size) bytes; configs over \(Self.maxSmallBlobSize) bytes are refused")
         }
         return try fetchSmall(apiURL("blobs/\(descriptor.digest)"), accept: nil, what: "blob \(descriptor.digest)") { response throws(RemoteStoreError) in
             let actual = Digest.sha256(of: response.body)
@@ -246,7 +247,7 @@ public final class RegistrySource: RemoteCacheSource {
         }
         let text = [first.code, first.message].compactMap { $0 }.joined(separator: " ")
             .map { $0.isNewline || $0 == "\t" ? " " : $0 }
-        return text.isEmpty ? "" : ": " + String(String(text).prefix(200))
+        return text.isEmpty ? "" : ": " + String(String(text).prefix(200)).escapingControlCharacters
     }
 }
 

@@ -2,6 +2,7 @@ import FoundationEssentials
 import HTTPClient
 import Logging
 import OCI
+import SystemSupport
 
 /// BuildKit's `type=s3` cache in any S3-compatible store. Each manifest object (a BuildKit
 /// cache config with per-layer annotations) is presented as a synthesized OCI image manifest,
@@ -197,6 +198,6 @@ struct S3ErrorResponse {
             return nil
         }
         let value = text[open.upperBound..<close.lowerBound].map { $0.isNewline ? " " : $0 }
-        return String(String(value).prefix(300))
+        return String(String(value).prefix(300)).escapingControlCharacters
     }
 }

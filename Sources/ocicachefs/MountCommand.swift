@@ -124,8 +124,9 @@ struct MountCommand: ParsableCommand {
             try serve(mountpoint: mountpoint, cacheDirectory: cacheDirectory, reporter: reporter)
         } catch {
             let line = "\(error)"
-            reporter.fail(line)
+            // Into the daemon's log before its caller hears of it and returns.
             printError(line)
+            reporter.fail(line)
             throw ExitCode.failure
         }
     }
@@ -139,7 +140,7 @@ struct MountCommand: ParsableCommand {
         _ = CMalloc_limitArenas(2)
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler = EscapingLogHandler(StreamLogHandler.standardError(label: label))
             handler.logLevel = level
             return handler
         }
@@ -260,7 +261,8 @@ struct CommandError: Error, CustomStringConvertible {
 }
 
 func printError(_ line: String) {
-    let text = "ocicachefs: \(line)\n"
+    // Error lines quote registries, S3 and token servers, which choose their words.
+    let text = "ocicachefs: \(line.escapingControlCharacters)\n"
     _ = text.withCString { write(2, $0, strlen($0)) }
 }
 

@@ -37,4 +37,21 @@ struct CarelessInputTests {
             #expect(unmounted.status == 0, "\(unmounted)")
         }
     }
+
+    /// A media type and a registry error message holding ESC and BEL: printed raw they would
+    /// retitle the terminal and colour everything after them.
+    @Test("control characters a registry sends are escaped on stderr and in the log", arguments: ["escape-mediatype", "escape-denied"])
+    func controlCharactersAreEscaped(tag: String) async throws {
+        try await withWorkspace("escape-\(tag)") { ws in
+            let fake = try await FakeRegistry.start(in: ws)
+            let mount = try await ws.mount("type=registry,ref=127.0.0.1:\(fake.port)/cache:\(tag)", timeout: Self.timeout)
+            Check.mountFailedCleanly(mount, within: 15)
+            let controls = Set<UInt8>([0x1B, 0x07])
+            #expect(!mount.result.stderr.utf8.contains { controls.contains($0) }, "raw ESC/BEL on stderr: \(mount.result)")
+            #expect(mount.result.stderr.contains(#"\x1b]0;owned\x07"#), "the text is shown, escaped: \(mount.result)")
+            let log = mount.log
+            #expect(log.contains("owned"), "the daemon logged the failure: \(log.suffix(1500))")
+            #expect(!log.utf8.contains { controls.contains($0) }, "raw ESC/BEL in the log: \(log.suffix(1500).debugDescription)")
+        }
+    }
 }

@@ -39,12 +39,16 @@ enum FakeRegistry {
                            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                                        "digest": "sha256:" + "2" * 64, "size": layer_size}]},
                           separators=(",", ":")).encode()
+    # A media type that would retitle the terminal (ESC ] 0 ; ... BEL) if printed raw.
+    HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[31m"
+    ESCAPE_MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST + HOSTILE_TEXT, "layers": []}).encode()
     # tag -> (body, content type, Docker-Content-Digest override)
     TAGS = {
         "size-int64max": (sized_manifest(2**63 - 1), OCI_MANIFEST, None),
         "size-over-limit": (sized_manifest(2**62 + 1), OCI_MANIFEST, None),
         "size-at-limit": (sized_manifest(2**62), OCI_MANIFEST, None),
         "size-negative": (sized_manifest(-1), OCI_MANIFEST, None),
+        "escape-mediatype": (ESCAPE_MANIFEST, OCI_MANIFEST, None),
         "stall": (STALL_MANIFEST, OCI_MANIFEST, None),
         "oops": (b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":"oops"}', OCI_MANIFEST, None),
         "notjson": (b'{"schemaVersion":2, "mediaType": "application/vnd.oci.image.manifest.v1+json", this is not json', OCI_MANIFEST, None),
@@ -71,6 +75,9 @@ enum FakeRegistry {
             if self.path == "/v2/":
                 return self.reply(200, b"{}", send_body=send_body)
             match = re.fullmatch(r"/v2/(.+)/manifests/([^/]+)", self.path)
+            if match and match.group(2) == "escape-denied":
+                error = json.dumps({"errors": [{"code": "DENIED", "message": "no" + HOSTILE_TEXT}]}).encode()
+                return self.reply(403, error, send_body=send_body)
             if match and match.group(2) in TAGS:
                 body, content_type, claimed = TAGS[match.group(2)]
                 digest = claimed or "sha256:" + hashlib.sha256(body).hexdigest()

@@ -260,6 +260,13 @@ struct ManifestContentTests {
         #expect(manifests.map(\.size) == [size])
     }
 
+    /// Issue 13: a media type chosen by a registry reaches the terminal through this message.
+    @Test func controlCharactersInTheMediaTypeAreEscaped() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/x\u001b]0;owned\u0007"}"#
+        let message = errorMessage(json)
+        #expect(message == #"unsupported manifest media type application/x\x1b]0;owned\x07"#, "\(message.debugDescription)")
+    }
+
     @Test(arguments: [
         "sha256:XYZ",
         "sha512:" + String(repeating: "a", count: 128),

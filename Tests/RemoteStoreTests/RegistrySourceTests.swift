@@ -818,6 +818,9 @@ struct RegistrySourceBlobTests {
             == ": MANIFEST_UNKNOWN manifest unknown")
         #expect(RegistrySource.registryErrorSummary(Array("<html>oops</html>".utf8)) == "")
         #expect(RegistrySource.registryErrorSummary([]) == "")
+        // Issue 13: the registry writes this text; it reaches the terminal escaped, in one line.
+        #expect(RegistrySource.registryErrorSummary(Array(#"{"errors":[{"code":"DENIED","message":"no\u001b]0;owned\u0007\nmore"}]}"#.utf8))
+            == #": DENIED no\x1b]0;owned\x07 more"#)
     }
 
     @Test func rangeAnswerStartingElsewhereIsInvalid() throws {

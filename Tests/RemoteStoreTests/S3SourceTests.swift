@@ -263,6 +263,16 @@ func makeS3Source(_ attributes: String, transport: any HTTPTransport, environmen
         }
     }
 
+    @Test func controlCharactersInS3ErrorsAreEscaped() throws {
+        let fake = FakeS3(bucket: "cache", objects: cache.objects())
+        fake.answer("manifests/main", with: .init(status: 403, body: Array("<Error><Code>AccessDenied</Code><Message>no\u{1B}]0;owned\u{07}</Message></Error>".utf8)))
+        let source = try makeS3Source("bucket=cache,region=us-east-1,name=main,endpoint_url=http://127.0.0.1:9,use_path_style=true", transport: fake)
+        #expect { try source.loadSnapshot() } throws: { error in
+            guard case .unauthorized(let message) = error as? RemoteStoreError else { return false }
+            return message.hasSuffix(#"AccessDenied: no\x1b]0;owned\x07"#)
+        }
+    }
+
     @Test func aConfigWithoutDiffIDsIsRejected() throws {
         let bad = Array(#"{"layers":[{"blob":"sha256:\#(String(repeating: "a", count: 64))","parent":-1}]}"#.utf8)
         let fake = FakeS3(bucket: "cache", objects: ["manifests/main": bad])
