@@ -48,8 +48,12 @@ public final class RegistrySource: RemoteCacheSource {
         let root: (bytes: [UInt8], content: ManifestContent)
         do {
             root = try fetchManifest(reference.manifestReference, expectedDigest: reference.digest)
-        } catch .notFound(let message) {
-            snapshot.warnings.append("\(reference) has no cache yet (\(message)); showing an empty index.json")
+        } catch .notFound {
+            // BuildKit's first export has not run yet, or the tag is misspelt: the mount works,
+            // but whoever runs it should see why it shows nothing.
+            let missing = reference.digest.map { "manifest \($0)" } ?? "tag \(reference.layoutTag)"
+            snapshot.warnings.append("no \(missing) at \(reference.host)/\(reference.repository); "
+                                     + "the mount is empty until a cache is exported")
             return snapshot
         }
         let digest = Digest.sha256(of: root.bytes)

@@ -32,13 +32,14 @@ public final class S3Source: RemoteCacheSource {
 
     public func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
         var snapshot = CacheSnapshot()
+        var missing: [String] = []
         for name in location.names {
             let key = location.manifestKey(name)
             let config: [UInt8]
             do {
                 config = try fetchSmall(key)
-            } catch .notFound(let message) {
-                snapshot.warnings.append("\(displayName): \(name) has no cache yet (\(message))")
+            } catch .notFound {
+                missing.append(name)
                 continue
             }
             let manifest = try synthesizeManifest(fromCacheConfig: config, name: name)
@@ -47,6 +48,13 @@ public final class S3Source: RemoteCacheSource {
             for layer in manifest.layers { snapshot.addLazyBlob(layer) }
             snapshot.tags.append(.init(tag: name, manifest: Descriptor(mediaType: MediaType.ociManifest, digest: manifest.digest,
                                                                       size: Int64(manifest.bytes.count))))
+        }
+        // BuildKit's first export has not run yet, or a name is misspelt: the mount works, but
+        // whoever runs it should see why it shows nothing.
+        for name in missing {
+            let consequence = snapshot.tags.isEmpty ? "the mount is empty" : "tag \(name) is left out of index.json"
+            snapshot.warnings.append("no cache named \(name) at s3://\(location.bucket)/\(location.manifestKey(name)) "
+                                     + "(\(location.endpoint)); \(consequence) until a cache is exported")
         }
         return snapshot
     }

@@ -67,7 +67,12 @@ enum Daemon {
             return 1
         }
 
-        let message = readLine(from: readEnd, timeoutSeconds: readyTimeout)
+        let deadline = Date().addingTimeInterval(readyTimeout)
+        var message = readLine(from: readEnd, until: deadline)
+        while let warning = message, warning.hasPrefix("warning: ") {
+            printError(warning)
+            message = readLine(from: readEnd, until: deadline)
+        }
         if message == "ready" { return 0 }
         if let message, message.hasPrefix("error: ") {
             printError(String(message.dropFirst("error: ".count)))
@@ -116,9 +121,8 @@ enum Daemon {
         return names.compactMap { Int32($0) }.filter { fcntl($0, F_GETFD) >= 0 }
     }
 
-    /// One line from `fd`, or nil on timeout; "" when the writer closed without a line.
-    private static func readLine(from fd: Int32, timeoutSeconds: Double) -> String? {
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
+    /// One line from `fd`, or nil past `deadline`; "" when the writer closed without a line.
+    private static func readLine(from fd: Int32, until deadline: Date) -> String? {
         var bytes: [UInt8] = []
         while true {
             let remaining = deadline.timeIntervalSinceNow
@@ -143,15 +147,26 @@ final class ReadinessReporter: Sendable {
 
     init(fd: Int32?) { self.fd = fd }
 
-    func ready() { send("ready") }
+    /// A line the caller prints on stderr before the mount is ready (a daemon's log is not
+    /// where a person looks when a mount seems to work).
+    func warn(_ line: String) {
+        guard let fd, !reported.load(ordering: .acquiring) else { return }
+        write(fd, "warning: " + line.replacing("\n", with: " "))
+    }
 
-    func fail(_ line: String) { send("error: " + line.replacing("\n", with: " ")) }
+    func ready() { finish("ready") }
 
-    private func send(_ line: String) {
+    func fail(_ line: String) { finish("error: " + line.replacing("\n", with: " ")) }
+
+    private func finish(_ line: String) {
         guard let fd, !reported.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        write(fd, line)
+        close(fd)
+    }
+
+    private func write(_ fd: Int32, _ line: String) {
         let text = line + "\n"
         _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
-        close(fd)
     }
 }
 

@@ -31,7 +31,8 @@ struct MountCommand: ParsableCommand {
         certificate check and falls back to HTTP when the registry does not speak HTTPS. The tag is shown in index.json \
         (annotation org.opencontainers.image.ref.name), so import it with tag=TAG; a reference \
         by digest alone is shown as tag "latest". A tag that does not exist yet is not an error: \
-        the mount shows an empty index.json (the first CI run has no cache).
+        the mount shows an empty index.json (the first CI run has no cache) and prints a \
+        warning line on stderr.
 
         Registry credentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker): \
         auths entries, credHelpers and credsStore, as `docker login` leaves them.
@@ -152,7 +153,10 @@ struct MountCommand: ParsableCommand {
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
         let snapshot = try store.resolve(remote, logger: logger)
-        snapshot.warnings.forEach { logger.warning("\($0)") }
+        for warning in snapshot.warnings {
+            logger.warning("\(warning)")
+            reporter.warn(warning)
+        }
 
         var limits = CacheLimits.defaults(forDirectory: cacheDirectory)
         if let cacheSize { limits.maxBytes = cacheSize.bytes }

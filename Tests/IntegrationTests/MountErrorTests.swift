@@ -289,16 +289,19 @@ struct MountErrorTests {
     }
 
     /// The first CI run has no cache yet: a tag (or repository) that does not exist mounts an
-    /// empty layout.
-    @Test("tag or repository that does not exist yet: empty index.json")
+    /// empty layout, and says so in one line (issue 13: a typo in the tag looked like success).
+    @Test("tag or repository that does not exist yet: empty index.json and one warning line")
     func missingTag() async throws {
         try await withWorkspace("err-missing") { ws in
             let registry = try await ws.startRegistry()
             _ = try await ws.seed(registry, variant: "index", layers: 1, layerSize: 100_000)
-            for reference in ["cache:not-yet", "no-such-repo:main"] {
+            for (reference, repository, tag) in [("cache:not-yet", "cache", "not-yet"), ("no-such-repo:main", "no-such-repo", "main")] {
                 let mount = try await ws.mount(registry.source(reference), timeout: Self.timeout)
                 #expect(mount.result.status == 0, "\(reference): \(mount.result); log: \(mount.log.suffix(1500))")
-                #expect(mount.result.stderr.isEmpty, "\(mount.result)")
+                #expect(mount.result.stderrLines == [
+                    "ocicachefs: warning: no tag \(tag) at \(registry.host)/\(repository); the mount is empty until a cache is exported",
+                ], "\(mount.result)")
+                #expect(mount.result.stdout.isEmpty, "\(mount.result)")
                 guard mount.result.status == 0 else { continue }
                 let index = try FileIO.json(mount.path("index.json"))
                 #expect(index["schemaVersion"] as? Int == 2)
