@@ -62,10 +62,14 @@ struct MountCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Local content cache, shared by every mount that names it.", valueName: "DIR"))
     var cacheDir: String?
 
-    @Option(help: ArgumentHelp("Hard cap on the content cache, e.g. 20G (default: a quarter of its filesystem); least recently used blobs are evicted.", valueName: "SIZE"))
+    @Option(parsing: .unconditional,
+            help: ArgumentHelp("Hard cap on the content cache, e.g. 20G (default: a quarter of its filesystem); least recently used blobs are evicted.", valueName: "SIZE"),
+            transform: ByteSize.parse)
     var cacheSize: ByteSize?
 
-    @Option(help: ArgumentHelp("Free space the cache leaves on its filesystem (default: 5% of it).", valueName: "SIZE"))
+    @Option(parsing: .unconditional,
+            help: ArgumentHelp("Free space the cache leaves on its filesystem (default: 5% of it).", valueName: "SIZE"),
+            transform: ByteSize.parse)
     var minFree: ByteSize?
 
     @Flag(help: "Stay in the foreground and log to stderr.")
@@ -110,11 +114,14 @@ struct MountCommand: ParsableCommand {
         }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
         do {
+            try Self.checkOutsideMountpoint(cacheDirectory, mountpoint: mountpoint)
             try Self.prepareCacheDirectory(cacheDirectory)
         } catch {
             printError("\(error)")
             throw ExitCode.failure
         }
+        // The daemon works in /: relative paths must mean what they meant to the caller.
+        let absoluteCacheDirectory = UnmountCommand.lexicallyAbsolute(cacheDirectory)
         if !foreground {
             let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
             throw ExitCode(Daemon.spawnAndAwaitReady(arguments: Array(CommandLine.arguments.dropFirst()), logPath: logPath,
@@ -122,7 +129,7 @@ struct MountCommand: ParsableCommand {
         }
         let reporter = ReadinessReporter(fd: readyFD)
         do {
-            try serve(mountpoint: mountpoint, cacheDirectory: cacheDirectory, reporter: reporter)
+            try serve(mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory, reporter: reporter)
         } catch {
             let line = "\(error)"
             // Into the daemon's log before its caller hears of it and returns.
@@ -133,6 +140,8 @@ struct MountCommand: ParsableCommand {
     }
 
     private func serve(mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
+        // `pgrep ocicachefs` finds the daemon: exec'd through /proc/self/exe, it would be "exe".
+        SystemThread.nameCurrentThread("ocicachefs")
         // Signals go to one waiting thread, not to whichever thread happens to run.
         Signals.blockTerminationSignals()
         Self.raiseOpenFileLimit()
@@ -166,6 +175,10 @@ struct MountCommand: ParsableCommand {
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
         if allowOther { options.append("allow_other") }
         let session = try FuseSession(filesystem: filesystem, mountpoint: mountpoint, options: options, logger: logger)
+        // A background daemon must not keep its caller's directory busy (it could not be
+        // unmounted or removed). Only now: the configuration and credential files it read may
+        // have been named relative to it.
+        if readyFD != nil { _ = chdir("/") }
         let pidFile = RuntimeFiles.pidFile(forMountpoint: mountpoint)
         RuntimeFiles.write(pid: getpid(), to: pidFile)
         defer { unlink(pidFile) }
@@ -223,6 +236,31 @@ struct MountCommand: ParsableCommand {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
         guard entries.isEmpty else {
             throw CommandError("mountpoint \(path) is not empty; mounting would hide its files")
+        }
+    }
+
+    /// The mount would hide a cache directory at or below the mountpoint, and the daemon would
+    /// then write its cache through its own mount.
+    static func checkOutsideMountpoint(_ cacheDirectory: String, mountpoint: String) throws {
+        let resolved = resolvedPath(cacheDirectory)
+        if resolved == mountpoint || resolved.hasPrefix(mountpoint == "/" ? "/" : mountpoint + "/") {
+            throw CommandError("cache directory \(cacheDirectory) is inside the mountpoint \(mountpoint); the mount would hide it")
+        }
+    }
+
+    /// `path` absolute, with the symbolic links of the part that exists resolved; the part
+    /// that does not exist yet is appended as written.
+    static func resolvedPath(_ path: String) -> String {
+        var existing = UnmountCommand.lexicallyAbsolute(path)
+        var missing: [String] = []
+        while true {
+            if let resolved = realpath(existing, nil) {
+                defer { free(resolved) }
+                return ([String(cString: resolved)] + missing.reversed()).reduce("") { joinedPath($0, $1) }
+            }
+            guard existing != "/" else { return UnmountCommand.lexicallyAbsolute(path) }
+            missing.append(String(existing.split(separator: "/").last ?? ""))
+            existing = parentPath(existing)
         }
     }
 
