@@ -90,6 +90,11 @@ struct MountCommand: ParsableCommand {
     @Option(help: .hidden)
     var readyFD: Int32?
 
+    /// The daemon reads its source from here rather than from its arguments, which other users
+    /// can read; SOURCE then holds it without its secrets, for `ps`.
+    @Option(help: .hidden)
+    var sourceFD: Int32?
+
     @Argument(help: ArgumentHelp("The remote cache, in BuildKit's syntax (see above).", valueName: "SOURCE"))
     var source: String
 
@@ -113,9 +118,11 @@ struct MountCommand: ParsableCommand {
             throw ExitCode.failure
         }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
+        let source: String
         do {
             try Self.checkOutsideMountpoint(cacheDirectory, mountpoint: mountpoint)
             try Self.prepareCacheDirectory(cacheDirectory)
+            source = try sourceFD.map(Self.readSource) ?? self.source
         } catch {
             printError("\(error)")
             throw ExitCode.failure
@@ -124,12 +131,21 @@ struct MountCommand: ParsableCommand {
         let absoluteCacheDirectory = UnmountCommand.lexicallyAbsolute(cacheDirectory)
         if !foreground {
             let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
-            throw ExitCode(Daemon.spawnAndAwaitReady(arguments: Array(CommandLine.arguments.dropFirst()), logPath: logPath,
-                                                     readyTimeout: timeout * 4 + 30))
+            let spec: SourceSpec
+            do {
+                spec = try SourceSpec(parsing: source)
+            } catch {
+                printError("\(error)")
+                throw ExitCode.failure
+            }
+            throw ExitCode(Daemon.spawnAndAwaitReady(arguments: daemonArguments(cacheDirectory: absoluteCacheDirectory,
+                                                                                shownSource: spec.withoutSecrets,
+                                                                                mountpoint: mountpoint),
+                                                     source: source, logPath: logPath, readyTimeout: timeout * 4 + 30))
         }
         let reporter = ReadinessReporter(fd: readyFD)
         do {
-            try serve(mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory, reporter: reporter)
+            try serve(source: source, mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory, reporter: reporter)
         } catch {
             let line = "\(error)"
             // Into the daemon's log before its caller hears of it and returns.
@@ -139,7 +155,31 @@ struct MountCommand: ParsableCommand {
         }
     }
 
-    private func serve(mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
+    /// The daemon's command line: this one's options with absolute paths, and the source
+    /// without its secrets (the daemon reads the whole source from its descriptor).
+    private func daemonArguments(cacheDirectory: String, shownSource: String, mountpoint: String) -> [String] {
+        var arguments = ["mount", "--cache-dir", cacheDirectory, "--timeout", String(timeout), "--log-level", logLevel]
+        if let cacheSize { arguments += ["--cache-size", String(cacheSize.bytes)] }
+        if let minFree { arguments += ["--min-free", String(minFree.bytes)] }
+        if allowOther { arguments.append("--allow-other") }
+        return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
+                            "--", shownSource, mountpoint]
+    }
+
+    private static func readSource(from fd: Int32) throws -> String {
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count >= 0 else { throw CommandError("cannot read the source from descriptor \(fd): \(String(cString: strerror(errno)))") }
+            if count == 0 { return String(decoding: bytes, as: UTF8.self) }
+            bytes += buffer[..<count]
+        }
+    }
+
+    private func serve(source: String, mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
         // `pgrep ocicachefs` finds the daemon: exec'd through /proc/self/exe, it would be "exe".
         SystemThread.nameCurrentThread("ocicachefs")
         // Signals go to one waiting thread, not to whichever thread happens to run.

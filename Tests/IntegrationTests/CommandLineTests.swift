@@ -5,7 +5,7 @@ import Testing
 import Glibc
 #endif
 
-/// Issue 13 (item 9): what a person sees of the command and of its daemon.
+/// Issue 13 (items 9 and 10): what a person sees of the command and of its daemon.
 @Suite("The command line and the daemon process")
 struct CommandLineTests {
     @Test("--version prints the version")
@@ -85,6 +85,32 @@ struct CommandLineTests {
             #expect(result.stderrLines == ["ocicachefs: cache directory \(cache) is inside the mountpoint \(mountpoint); the mount would hide it"],
                     "\(result)")
             #expect(FileIO.listDirectory(mountpoint).isEmpty, "created in the mountpoint: \(FileIO.listDirectory(mountpoint))")
+        }
+    }
+
+    /// The daemon re-executes itself: a secret in the source must not reach its argv, which
+    /// every user can read in `ps`, nor its environment, which its children inherit.
+    @Test("secret_access_key and session_token given in the source stay out of the daemon's argv")
+    func secretsStayOutOfTheDaemonArguments() async throws {
+        try await withS3Workspace("s3-secret-argv") { ws in
+            let moto = try await ws.startMoto()
+            let bucket = "bk-secret"
+            let seed = try await ws.seedS3(moto, bucket: bucket, names: "main", layers: 1, layerSize: 100_000, seed: 31)
+            let secret = "argv/secret+key", token = "argv-session-token"
+            let mount = try await ws.mountS3ExpectingSuccess(moto.source(bucket: bucket, names: "main", extra: [
+                "access_key_id=AKIAARGV000000000001", "secret_access_key=\(secret)", "session_token=\(token)",
+            ]))
+            try S3Check.layout(mount, seed, names: ["main"])
+            Check.blobsVerify(mount, seed.layers.map(\.blob))
+            let pid = try #require(mount.daemonPIDs.first, "no daemon for \(mount.mountpoint)")
+            let arguments = try #require(Processes.commandLine(of: pid)).joined(separator: " ")
+            #expect(!arguments.contains(secret) && !arguments.contains(token), "the daemon's argv: \(arguments)")
+            #expect(arguments.contains("AKIAARGV000000000001"), "the rest of the source is still shown: \(arguments)")
+            let environment = String(decoding: FileManager.default.contents(atPath: "/proc/\(pid)/environ") ?? Data(), as: UTF8.self)
+            #expect(!environment.isEmpty && !environment.contains(secret) && !environment.contains(token), "the daemon's environment holds a secret")
+            #expect(!mount.log.contains(secret) && !mount.log.contains(token))
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted)")
         }
     }
 }
