@@ -1,4 +1,5 @@
 import Crypto
+import SystemSupport
 
 /// A content digest. Only sha256 is accepted: it is what BuildKit, registries and the local
 /// layout (`blobs/sha256/<hex>`) use, and accepting nothing else keeps every path a digest.
@@ -42,7 +43,7 @@ public struct Digest: Hashable, Sendable, Comparable, CustomStringConvertible, C
         let container = try decoder.singleValueContainer()
         let text = try container.decode(String.self)
         guard let digest = Digest(text) else {
-            throw DecodingError.dataCorruptedError(in: container, debugDescription: "not a sha256 digest: \(text.prefix(80))")
+            throw DecodingError.dataCorruptedError(in: container, debugDescription: "not a sha256 digest: \(text.prefix(80).escapingControlCharacters)")
         }
         self = digest
     }

@@ -43,7 +43,8 @@ public enum ManifestContent: Sendable, Equatable {
         do {
             document = try JSONDecoder().decode(Document.self, from: Data(bytes))
         } catch let error as DecodingError {
-            throw ManifestError("malformed manifest JSON: \(Self.summary(of: error))")
+            // The path and the decoder's words quote the document, which the registry wrote.
+            throw ManifestError("malformed manifest JSON: \(Self.summary(of: error).escapingControlCharacters)")
         } catch {
             throw ManifestError("malformed manifest JSON")
         }
@@ -53,14 +54,16 @@ public enum ManifestContent: Sendable, Equatable {
         let declared = document.mediaType ?? contentType.map(Self.bareMediaType)
         let type = declared ?? (document.manifests != nil ? MediaType.ociIndex : MediaType.ociManifest)
         if MediaType.indexTypes.contains(type) {
-            guard let manifests = document.manifests else { throw ManifestError("index \(type) has no manifests list") }
+            guard let manifests = document.manifests else {
+                throw ManifestError("index \(type.escapingControlCharacters) has no manifests list")
+            }
             return .index(mediaType: type, manifests: manifests)
         }
         if MediaType.manifestTypes.contains(type) {
             guard let config = document.config else { throw ManifestError("image manifest has no config") }
             return .image(mediaType: type, config: config, layers: document.layers ?? [])
         }
-        throw ManifestError("unsupported manifest media type \(type)")
+        throw ManifestError("unsupported manifest media type \(type.escapingControlCharacters)")
     }
 
     /// `application/json; charset=utf-8` → `application/json`.
@@ -68,13 +71,18 @@ public enum ManifestContent: Sendable, Equatable {
         (contentType.split(separator: ";").first ?? "").trimmingWhitespace()
     }
 
+    /// `layers.0.size`: array positions as numbers (their keys would say "Index 0").
+    private static func pathText(_ path: [any CodingKey]) -> String {
+        path.map { key in key.intValue.map(String.init) ?? key.stringValue }.joined(separator: ".")
+    }
+
     private static func summary(of error: DecodingError) -> String {
         switch error {
         case .dataCorrupted(let context), .typeMismatch(_, let context), .valueNotFound(_, let context):
-            let path = context.codingPath.map(\.stringValue).joined(separator: ".")
+            let path = pathText(context.codingPath)
             return path.isEmpty ? context.debugDescription : "\(path): \(context.debugDescription)"
         case .keyNotFound(let key, let context):
-            let path = (context.codingPath + [key]).map(\.stringValue).joined(separator: ".")
+            let path = pathText(context.codingPath + [key])
             return "missing \(path)"
         @unknown default:
             return "undecodable"

@@ -3,6 +3,7 @@ import HTTPClient
 import Logging
 import OCI
 import Synchronization
+import SystemSupport
 
 /// A repository in an OCI registry, read through the distribution API.
 public final class RegistrySource: RemoteCacheSource {
@@ -47,8 +48,12 @@ public final class RegistrySource: RemoteCacheSource {
         let root: (bytes: [UInt8], content: ManifestContent)
         do {
             root = try fetchManifest(reference.manifestReference, expectedDigest: reference.digest)
-        } catch .notFound(let message) {
-            snapshot.warnings.append("\(reference) has no cache yet (\(message)); showing an empty index.json")
+        } catch .notFound {
+            // BuildKit's first export has not run yet, or the tag is misspelt: the mount works,
+            // but whoever runs it should see why it shows nothing.
+            let missing = reference.digest.map { "manifest \($0)" } ?? "tag \(reference.layoutTag)"
+            snapshot.warnings.append("no \(missing) at \(reference.host)/\(reference.repository); "
+                                     + "the mount is empty until a cache is exported")
             return snapshot
         }
         let digest = Digest.sha256(of: root.bytes)
@@ -120,7 +125,7 @@ public final class RegistrySource: RemoteCacheSource {
 
     private func fetchSmallBlob(_ descriptor: Descriptor) throws(RemoteStoreError) -> [UInt8] {
         guard descriptor.size <= Self.maxSmallBlobSize else {
-            throw .invalidContent("\(reference): \(descriptor.mediaType) blob \(descriptor.digest) is \(descriptor.size) bytes; configs over \(Self.maxSmallBlobSize) bytes are refused")
+            throw .invalidContent("\(reference): \(descriptor.mediaType.escapingControlCharacters) blob \(descriptor.digest) is \(descriptor.size) bytes; configs over \(Self.maxSmallBlobSize) bytes are refused")
         }
         return try fetchSmall(apiURL("blobs/\(descriptor.digest)"), accept: nil, what: "blob \(descriptor.digest)") { response throws(RemoteStoreError) in
             let actual = Digest.sha256(of: response.body)
@@ -246,7 +251,7 @@ public final class RegistrySource: RemoteCacheSource {
         }
         let text = [first.code, first.message].compactMap { $0 }.joined(separator: " ")
             .map { $0.isNewline || $0 == "\t" ? " " : $0 }
-        return text.isEmpty ? "" : ": " + String(String(text).prefix(200))
+        return text.isEmpty ? "" : ": " + String(String(text).prefix(200)).escapingControlCharacters
     }
 }
 

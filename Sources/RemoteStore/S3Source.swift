@@ -2,6 +2,7 @@ import FoundationEssentials
 import HTTPClient
 import Logging
 import OCI
+import SystemSupport
 
 /// BuildKit's `type=s3` cache in any S3-compatible store. Each manifest object (a BuildKit
 /// cache config with per-layer annotations) is presented as a synthesized OCI image manifest,
@@ -31,13 +32,14 @@ public final class S3Source: RemoteCacheSource {
 
     public func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot {
         var snapshot = CacheSnapshot()
+        var missing: [String] = []
         for name in location.names {
             let key = location.manifestKey(name)
             let config: [UInt8]
             do {
                 config = try fetchSmall(key)
-            } catch .notFound(let message) {
-                snapshot.warnings.append("\(displayName): \(name) has no cache yet (\(message))")
+            } catch .notFound {
+                missing.append(name)
                 continue
             }
             let manifest = try synthesizeManifest(fromCacheConfig: config, name: name)
@@ -46,6 +48,13 @@ public final class S3Source: RemoteCacheSource {
             for layer in manifest.layers { snapshot.addLazyBlob(layer) }
             snapshot.tags.append(.init(tag: name, manifest: Descriptor(mediaType: MediaType.ociManifest, digest: manifest.digest,
                                                                       size: Int64(manifest.bytes.count))))
+        }
+        // BuildKit's first export has not run yet, or a name is misspelt: the mount works, but
+        // whoever runs it should see why it shows nothing.
+        for name in missing {
+            let consequence = snapshot.tags.isEmpty ? "the mount is empty" : "tag \(name) is left out of index.json"
+            snapshot.warnings.append("no cache named \(name) at s3://\(location.bucket)/\(location.manifestKey(name)) "
+                                     + "(\(location.endpoint)); \(consequence) until a cache is exported")
         }
         return snapshot
     }
@@ -91,6 +100,9 @@ public final class S3Source: RemoteCacheSource {
                 size = annotated
             } else {
                 size = try headSize(location.blobKey(layer.blob.description))
+            }
+            if let problem = Descriptor.sizeProblem(size, of: layer.blob) {
+                throw .invalidContent("\(displayName): \(location.manifestKey(name)): \(problem)")
             }
             var layerAnnotations = [Annotation.uncompressed: diffID]
             if let createdAt = annotations?.createdAt { layerAnnotations[Annotation.buildkitCreatedAt] = createdAt }
@@ -194,6 +206,6 @@ struct S3ErrorResponse {
             return nil
         }
         let value = text[open.upperBound..<close.lowerBound].map { $0.isNewline ? " " : $0 }
-        return String(String(value).prefix(300))
+        return String(String(value).prefix(300)).escapingControlCharacters
     }
 }

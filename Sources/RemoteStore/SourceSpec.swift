@@ -27,6 +27,18 @@ public struct SourceSpec: Sendable, Equatable {
         self.attributes = attributes
     }
 
+    /// Attributes that are credentials, which must never be on a command line: every user of
+    /// the machine can read those (`ps`).
+    public static let secretAttributes: Set<String> = ["secret_access_key", "session_token"]
+
+    /// The source in the same syntax without its secret attributes (fields sorted by key).
+    public var withoutSecrets: String {
+        let kept = attributes.filter { !Self.secretAttributes.contains($0.key) }.sorted { $0.key < $1.key }
+        return ([("type", type)] + kept).map { key, value in
+            value.contains(",") ? "\(key)=\"\(value)\"" : "\(key)=\(value)"
+        }.joined(separator: ",")
+    }
+
     /// A boolean attribute as BuildKit parses them (strconv.ParseBool).
     public func flag(_ key: String) throws(RemoteStoreError) -> Bool {
         guard let value = attributes[key] else { return false }

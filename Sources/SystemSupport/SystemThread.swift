@@ -45,3 +45,11 @@ public enum SystemThread {
         while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
     }
 }
+
+extension SystemThread {
+    /// Names the calling thread. Called on the main thread it names the process, as `ps`,
+    /// `pgrep` and `top` show it (15 bytes are kept).
+    public static func nameCurrentThread(_ name: String) {
+        _ = CSystem_nameThisThread(String(decoding: name.utf8.prefix(15), as: UTF8.self))
+    }
+}

@@ -13,6 +13,31 @@ extension StringProtocol {
     }
 }
 
+extension StringProtocol {
+    /// The text with every control character (C0 such as ESC, BEL, CR and LF; DEL; C1) written
+    /// as `\x1b`. Registries, S3 and token servers choose the text of media types, error
+    /// messages and headers: printed raw, it could retitle or rewrite the terminal, or forge
+    /// lines in a log.
+    public var escapingControlCharacters: String {
+        guard unicodeScalars.contains(where: \.isControlCharacter) else { return String(self) }
+        var escaped = ""
+        for scalar in unicodeScalars {
+            if scalar.isControlCharacter {
+                let hex = String(scalar.value, radix: 16)
+                escaped += "\\x" + (hex.count < 2 ? "0" + hex : hex)
+            } else {
+                escaped.unicodeScalars.append(scalar)
+            }
+        }
+        return escaped
+    }
+}
+
+extension Unicode.Scalar {
+    /// Unicode's general category Cc, which every terminal control sequence starts with.
+    fileprivate var isControlCharacter: Bool { value < 0x20 || (0x7F...0x9F).contains(value) }
+}
+
 /// `component` below `directory`, with exactly one slash between them.
 public func joinedPath(_ directory: String, _ component: String) -> String {
     if directory.isEmpty { return component }

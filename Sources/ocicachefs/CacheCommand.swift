@@ -4,13 +4,30 @@ import FoundationEssentials
 import SystemSupport
 import OCI
 
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
 /// A size on the command line: `10G`, `500M`, `2GiB`, or bytes.
-struct ByteSize: ExpressibleByArgument {
+struct ByteSize {
     var bytes: Int64
 
-    init?(argument: String) {
-        guard let bytes = CacheLimits.parseSize(argument) else { return nil }
-        self.bytes = bytes
+    /// For options parsed `.unconditional`ly: "-1" is then a value the person gets told is
+    /// invalid, instead of an option that leaves the size "missing".
+    static func parse(_ argument: String) throws -> ByteSize {
+        guard let bytes = CacheLimits.parseSize(argument) else {
+            throw ValidationError("a size is bytes or a number with K, M, G or T (e.g. 20G), not negative")
+        }
+        return ByteSize(bytes: bytes)
+    }
+
+    /// The total of `sizes`, or Int64.max where it would overflow: a partial download counts
+    /// at its blob's declared size, whatever its sparse file holds.
+    static func total<Sizes: Sequence>(_ sizes: Sizes) -> Int64 where Sizes.Element == Int64 {
+        sizes.reduce(Int64(0)) { sum, size in
+            let (total, overflow) = sum.addingReportingOverflow(size)
+            return overflow ? .max : total
+        }
     }
 
     static func describe(_ bytes: Int64) -> String {
@@ -47,9 +64,15 @@ struct CacheCommand: ParsableCommand {
         @OptionGroup var options: CacheOptions
 
         func run() throws {
-            let store = try openStore(options.directory)
-            let blobs = store.completeBlobs()
-            let partials = store.partialBlobs()
+            let directory = options.directory
+            guard FileManager.default.fileExists(atPath: directory) else {
+                printError("no content cache at \(directory)")
+                throw ExitCode.failure
+            }
+            // Not a ContentStore: opening one creates its directories and clears debris, and
+            // listing must change nothing (it may run on a cache another user owns, or read-only).
+            let blobs = CachedFiles.list(directory + "/blobs/sha256")
+            let partials = CachedFiles.list(directory + "/partial")
             let rows = (blobs.map { ($0, "") } + partials.map { ($0, "  partial download") })
                 .sorted { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
             func column(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(1, width - text.count)) }
@@ -58,9 +81,9 @@ struct CacheCommand: ParsableCommand {
                 print(column(blob.digest.description, 72) + column(ByteSize.describe(blob.size), 14)
                       + blob.lastUsed.formatted(.iso8601) + note)
             }
-            var summary = "\(blobs.count) blobs, \(ByteSize.describe(blobs.reduce(0) { $0 + $1.size }))"
+            var summary = "\(blobs.count) blobs, \(ByteSize.describe(ByteSize.total(blobs.map(\.size))))"
             if !partials.isEmpty {
-                summary += "; \(partials.count) partial downloads of \(ByteSize.describe(partials.reduce(0) { $0 + $1.size }))"
+                summary += "; \(partials.count) partial downloads of \(ByteSize.describe(ByteSize.total(partials.map(\.size))))"
             }
             print(summary + " in \(options.directory)")
         }
@@ -81,7 +104,8 @@ struct CacheCommand: ParsableCommand {
 
         @OptionGroup var options: CacheOptions
 
-        @Option(help: ArgumentHelp("Keep at most this much (e.g. 20G, 500M).", valueName: "SIZE"))
+        @Option(parsing: .unconditional, help: ArgumentHelp("Keep at most this much (e.g. 20G, 500M).", valueName: "SIZE"),
+                transform: ByteSize.parse)
         var maxSize: ByteSize?
 
         func run() throws {
@@ -91,8 +115,29 @@ struct CacheCommand: ParsableCommand {
             if let maxSize { limits.maxBytes = maxSize.bytes }
             let removed = store.evict(toFit: limits)
             let kept = store.completeBlobs()
-            print("removed \(removed.count) blobs (\(ByteSize.describe(removed.reduce(0) { $0 + $1.size }))); "
-                  + "kept \(kept.count) (\(ByteSize.describe(kept.reduce(0) { $0 + $1.size })))")
+            print("removed \(removed.count) blobs (\(ByteSize.describe(ByteSize.total(removed.map(\.size))))); "
+                  + "kept \(kept.count) (\(ByteSize.describe(ByteSize.total(kept.map(\.size)))))")
+        }
+    }
+}
+
+/// The blobs named by their digest in one directory of a content cache, read without changing
+/// anything; a directory that does not exist holds none.
+enum CachedFiles {
+    struct Entry {
+        var digest: Digest
+        var size: Int64
+        var lastUsed: Date
+    }
+
+    static func list(_ directory: String) -> [Entry] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.compactMap { name -> Entry? in
+            guard let digest = Digest(hex: name) else { return nil }
+            var info = stat()
+            guard stat(directory + "/" + name, &info) == 0 else { return nil }
+            let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
+            return Entry(digest: digest, size: Int64(info.st_size), lastUsed: lastUsed)
         }
     }
 }

@@ -10,11 +10,13 @@ import Synchronization
 /// Starting the mount in the background: the command re-executes itself in the foreground in a
 /// new session, and returns only once the child says the mount is ready or why it is not.
 enum Daemon {
-    private static let childReadyFD: Int32 = 3
+    static let childReadyFD: Int32 = 3
+    /// Where the daemon reads its source: secrets in it must not be on its command line.
+    static let childSourceFD: Int32 = 4
     /// glibc's POSIX_SPAWN_SETSID, which its header hides behind _GNU_SOURCE.
     private static let spawnSetSID: Int32 = 0x80
 
-    static func spawnAndAwaitReady(arguments: [String], logPath: String, readyTimeout: Double) -> Int32 {
+    static func spawnAndAwaitReady(arguments: [String], source: String, logPath: String, readyTimeout: Double) -> Int32 {
         // Opened here rather than by posix_spawn, whose failure cannot say which file it was.
         let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard logFD >= 0 else {
@@ -35,6 +37,9 @@ enum Daemon {
         if writeEnd != childReadyFD { _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC) }
         defer { close(readEnd) }
 
+        guard let sourceReader = sourcePipe(holding: source) else { return 1 }
+        defer { close(sourceReader) }
+
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -42,9 +47,10 @@ enum Daemon {
         posix_spawn_file_actions_adddup2(&actions, logFD, 1)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, childReadyFD)
+        posix_spawn_file_actions_adddup2(&actions, sourceReader, childSourceFD)
         // The daemon outlives this command: it must not hold whatever its caller left open
         // (a CI runner's pipes would then never see their end).
-        for fd in inheritedDescriptors() where fd > childReadyFD {
+        for fd in inheritedDescriptors() where fd > childSourceFD {
             posix_spawn_file_actions_addclose(&actions, fd)
         }
 
@@ -56,7 +62,7 @@ enum Daemon {
         posix_spawnattr_setsigmask(&attributes, &emptySet)
         posix_spawnattr_setflags(&attributes, Int16(spawnSetSID | POSIX_SPAWN_SETSIGMASK))
 
-        let childArguments = ["ocicachefs"] + arguments + ["--foreground", "--ready-fd", String(childReadyFD)]
+        let childArguments = ["ocicachefs"] + arguments
         var cArguments = childArguments.map { strdup($0) } + [nil]
         defer { cArguments.forEach { free($0) } }
         var pid: pid_t = 0
@@ -67,7 +73,12 @@ enum Daemon {
             return 1
         }
 
-        let message = readLine(from: readEnd, timeoutSeconds: readyTimeout)
+        let deadline = Date().addingTimeInterval(readyTimeout)
+        var message = readLine(from: readEnd, until: deadline)
+        while let warning = message, warning.hasPrefix("warning: ") {
+            printError(warning)
+            message = readLine(from: readEnd, until: deadline)
+        }
         if message == "ready" { return 0 }
         if let message, message.hasPrefix("error: ") {
             printError(String(message.dropFirst("error: ".count)))
@@ -116,9 +127,34 @@ enum Daemon {
         return names.compactMap { Int32($0) }.filter { fcntl($0, F_GETFD) >= 0 }
     }
 
-    /// One line from `fd`, or nil on timeout; "" when the writer closed without a line.
-    private static func readLine(from fd: Int32, timeoutSeconds: Double) -> String? {
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
+    /// A pipe already holding `source`, its read end at a descriptor above the ones the child's
+    /// are copied onto (so no copy overwrites it first); nil after saying why not.
+    private static func sourcePipe(holding source: String) -> Int32? {
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0 else {
+            printError("cannot create a pipe: \(String(cString: strerror(errno)))")
+            return nil
+        }
+        defer { close(pipeFDs[0]) }
+        // Written before the child exists, so it must fit the pipe; a source is a few hundred bytes.
+        let bytes = Array(source.utf8)
+        _ = fcntl(pipeFDs[1], F_SETFL, O_NONBLOCK)
+        let written = bytes.withUnsafeBytes { Glibc.write(pipeFDs[1], $0.baseAddress, $0.count) }
+        close(pipeFDs[1])
+        guard written == bytes.count else {
+            printError("the source is too long (\(bytes.count) bytes)")
+            return nil
+        }
+        let reader = fcntl(pipeFDs[0], F_DUPFD_CLOEXEC, childSourceFD + 1)
+        guard reader >= 0 else {
+            printError("cannot create a pipe: \(String(cString: strerror(errno)))")
+            return nil
+        }
+        return reader
+    }
+
+    /// One line from `fd`, or nil past `deadline`; "" when the writer closed without a line.
+    private static func readLine(from fd: Int32, until deadline: Date) -> String? {
         var bytes: [UInt8] = []
         while true {
             let remaining = deadline.timeIntervalSinceNow
@@ -143,15 +179,26 @@ final class ReadinessReporter: Sendable {
 
     init(fd: Int32?) { self.fd = fd }
 
-    func ready() { send("ready") }
+    /// A line the caller prints on stderr before the mount is ready (a daemon's log is not
+    /// where a person looks when a mount seems to work).
+    func warn(_ line: String) {
+        guard let fd, !reported.load(ordering: .acquiring) else { return }
+        write(fd, "warning: " + line.replacing("\n", with: " "))
+    }
 
-    func fail(_ line: String) { send("error: " + line.replacing("\n", with: " ")) }
+    func ready() { finish("ready") }
 
-    private func send(_ line: String) {
+    func fail(_ line: String) { finish("error: " + line.replacing("\n", with: " ")) }
+
+    private func finish(_ line: String) {
         guard let fd, !reported.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        write(fd, line)
+        close(fd)
+    }
+
+    private func write(_ fd: Int32, _ line: String) {
         let text = line + "\n"
         _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
-        close(fd)
     }
 }
 

@@ -31,7 +31,8 @@ struct MountCommand: ParsableCommand {
         certificate check and falls back to HTTP when the registry does not speak HTTPS. The tag is shown in index.json \
         (annotation org.opencontainers.image.ref.name), so import it with tag=TAG; a reference \
         by digest alone is shown as tag "latest". A tag that does not exist yet is not an error: \
-        the mount shows an empty index.json (the first CI run has no cache).
+        the mount shows an empty index.json (the first CI run has no cache) and prints a \
+        warning line on stderr.
 
         Registry credentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker): \
         auths entries, credHelpers and credsStore, as `docker login` leaves them.
@@ -61,10 +62,14 @@ struct MountCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Local content cache, shared by every mount that names it.", valueName: "DIR"))
     var cacheDir: String?
 
-    @Option(help: ArgumentHelp("Hard cap on the content cache, e.g. 20G (default: a quarter of its filesystem); least recently used blobs are evicted.", valueName: "SIZE"))
+    @Option(parsing: .unconditional,
+            help: ArgumentHelp("Hard cap on the content cache, e.g. 20G (default: a quarter of its filesystem); least recently used blobs are evicted.", valueName: "SIZE"),
+            transform: ByteSize.parse)
     var cacheSize: ByteSize?
 
-    @Option(help: ArgumentHelp("Free space the cache leaves on its filesystem (default: 5% of it).", valueName: "SIZE"))
+    @Option(parsing: .unconditional,
+            help: ArgumentHelp("Free space the cache leaves on its filesystem (default: 5% of it).", valueName: "SIZE"),
+            transform: ByteSize.parse)
     var minFree: ByteSize?
 
     @Flag(help: "Stay in the foreground and log to stderr.")
@@ -84,6 +89,11 @@ struct MountCommand: ParsableCommand {
 
     @Option(help: .hidden)
     var readyFD: Int32?
+
+    /// The daemon reads its source from here rather than from its arguments, which other users
+    /// can read; SOURCE then holds it without its secrets, for `ps`.
+    @Option(help: .hidden)
+    var sourceFD: Int32?
 
     @Argument(help: ArgumentHelp("The remote cache, in BuildKit's syntax (see above).", valueName: "SOURCE"))
     var source: String
@@ -108,29 +118,70 @@ struct MountCommand: ParsableCommand {
             throw ExitCode.failure
         }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
+        let source: String
         do {
+            try Self.checkOutsideMountpoint(cacheDirectory, mountpoint: mountpoint)
             try Self.prepareCacheDirectory(cacheDirectory)
+            source = try sourceFD.map(Self.readSource) ?? self.source
         } catch {
             printError("\(error)")
             throw ExitCode.failure
         }
+        // The daemon works in /: relative paths must mean what they meant to the caller.
+        let absoluteCacheDirectory = UnmountCommand.lexicallyAbsolute(cacheDirectory)
         if !foreground {
             let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
-            throw ExitCode(Daemon.spawnAndAwaitReady(arguments: Array(CommandLine.arguments.dropFirst()), logPath: logPath,
-                                                     readyTimeout: timeout * 4 + 30))
+            let spec: SourceSpec
+            do {
+                spec = try SourceSpec(parsing: source)
+            } catch {
+                printError("\(error)")
+                throw ExitCode.failure
+            }
+            throw ExitCode(Daemon.spawnAndAwaitReady(arguments: daemonArguments(cacheDirectory: absoluteCacheDirectory,
+                                                                                shownSource: spec.withoutSecrets,
+                                                                                mountpoint: mountpoint),
+                                                     source: source, logPath: logPath, readyTimeout: timeout * 4 + 30))
         }
         let reporter = ReadinessReporter(fd: readyFD)
         do {
-            try serve(mountpoint: mountpoint, cacheDirectory: cacheDirectory, reporter: reporter)
+            try serve(source: source, mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory, reporter: reporter)
         } catch {
             let line = "\(error)"
-            reporter.fail(line)
+            // Into the daemon's log before its caller hears of it and returns.
             printError(line)
+            reporter.fail(line)
             throw ExitCode.failure
         }
     }
 
-    private func serve(mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
+    /// The daemon's command line: this one's options with absolute paths, and the source
+    /// without its secrets (the daemon reads the whole source from its descriptor).
+    private func daemonArguments(cacheDirectory: String, shownSource: String, mountpoint: String) -> [String] {
+        var arguments = ["mount", "--cache-dir", cacheDirectory, "--timeout", String(timeout), "--log-level", logLevel]
+        if let cacheSize { arguments += ["--cache-size", String(cacheSize.bytes)] }
+        if let minFree { arguments += ["--min-free", String(minFree.bytes)] }
+        if allowOther { arguments.append("--allow-other") }
+        return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
+                            "--", shownSource, mountpoint]
+    }
+
+    private static func readSource(from fd: Int32) throws -> String {
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count >= 0 else { throw CommandError("cannot read the source from descriptor \(fd): \(String(cString: strerror(errno)))") }
+            if count == 0 { return String(decoding: bytes, as: UTF8.self) }
+            bytes += buffer[..<count]
+        }
+    }
+
+    private func serve(source: String, mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
+        // `pgrep ocicachefs` finds the daemon: exec'd through /proc/self/exe, it would be "exe".
+        SystemThread.nameCurrentThread("ocicachefs")
         // Signals go to one waiting thread, not to whichever thread happens to run.
         Signals.blockTerminationSignals()
         Self.raiseOpenFileLimit()
@@ -139,7 +190,7 @@ struct MountCommand: ParsableCommand {
         _ = CMalloc_limitArenas(2)
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler = EscapingLogHandler(StreamLogHandler.standardError(label: label))
             handler.logLevel = level
             return handler
         }
@@ -151,7 +202,10 @@ struct MountCommand: ParsableCommand {
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
         let snapshot = try store.resolve(remote, logger: logger)
-        snapshot.warnings.forEach { logger.warning("\($0)") }
+        for warning in snapshot.warnings {
+            logger.warning("\(warning)")
+            reporter.warn(warning)
+        }
 
         var limits = CacheLimits.defaults(forDirectory: cacheDirectory)
         if let cacheSize { limits.maxBytes = cacheSize.bytes }
@@ -161,6 +215,10 @@ struct MountCommand: ParsableCommand {
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
         if allowOther { options.append("allow_other") }
         let session = try FuseSession(filesystem: filesystem, mountpoint: mountpoint, options: options, logger: logger)
+        // A background daemon must not keep its caller's directory busy (it could not be
+        // unmounted or removed). Only now: the configuration and credential files it read may
+        // have been named relative to it.
+        if readyFD != nil { _ = chdir("/") }
         let pidFile = RuntimeFiles.pidFile(forMountpoint: mountpoint)
         RuntimeFiles.write(pid: getpid(), to: pidFile)
         defer { unlink(pidFile) }
@@ -221,6 +279,31 @@ struct MountCommand: ParsableCommand {
         }
     }
 
+    /// The mount would hide a cache directory at or below the mountpoint, and the daemon would
+    /// then write its cache through its own mount.
+    static func checkOutsideMountpoint(_ cacheDirectory: String, mountpoint: String) throws {
+        let resolved = resolvedPath(cacheDirectory)
+        if resolved == mountpoint || resolved.hasPrefix(mountpoint == "/" ? "/" : mountpoint + "/") {
+            throw CommandError("cache directory \(cacheDirectory) is inside the mountpoint \(mountpoint); the mount would hide it")
+        }
+    }
+
+    /// `path` absolute, with the symbolic links of the part that exists resolved; the part
+    /// that does not exist yet is appended as written.
+    static func resolvedPath(_ path: String) -> String {
+        var existing = UnmountCommand.lexicallyAbsolute(path)
+        var missing: [String] = []
+        while true {
+            if let resolved = realpath(existing, nil) {
+                defer { free(resolved) }
+                return ([String(cString: resolved)] + missing.reversed()).reduce("") { joinedPath($0, $1) }
+            }
+            guard existing != "/" else { return UnmountCommand.lexicallyAbsolute(path) }
+            missing.append(String(existing.split(separator: "/").last ?? ""))
+            existing = parentPath(existing)
+        }
+    }
+
     /// Creates the cache directory if needed and checks that it can hold a cache, so that the
     /// failure names the path (later, opening the log file in it or the content store would
     /// only say "Not a directory" or "Permission denied").
@@ -260,7 +343,8 @@ struct CommandError: Error, CustomStringConvertible {
 }
 
 func printError(_ line: String) {
-    let text = "ocicachefs: \(line)\n"
+    // Error lines quote registries, S3 and token servers, which choose their words.
+    let text = "ocicachefs: \(line.escapingControlCharacters)\n"
     _ = text.withCString { write(2, $0, strlen($0)) }
 }
 

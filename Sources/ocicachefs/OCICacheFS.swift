@@ -15,6 +15,9 @@ struct OCICacheFS: ParsableCommand {
           buildctl build ... --import-cache type=local,src=/mnt/cache,tag=cache
           ocicachefs unmount /mnt/cache
         """,
+        version: OCICacheFS.version,
         subcommands: [MountCommand.self, UnmountCommand.self, CacheCommand.self]
     )
+
+    static let version = "0.1.0"
 }

@@ -30,8 +30,25 @@ enum FakeRegistry {
                                              "digest": STALL_DIGEST, "size": len(STALL_LAYER),
                                              "annotations": {"containerd.io/uncompressed": STALL_DIGEST}}]},
                                 separators=(",", ":")).encode()
+    # Issue 13: a cache manifest whose one layer declares `layer_size` bytes (the config is
+    # served; the layer never is).
+    def sized_manifest(layer_size):
+        return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.buildkit.cacheconfig.v0",
+                                      "digest": CACHE_CONFIG_DIGEST, "size": len(CACHE_CONFIG)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                       "digest": "sha256:" + "2" * 64, "size": layer_size}]},
+                          separators=(",", ":")).encode()
+    # A media type that would retitle the terminal (ESC ] 0 ; ... BEL) if printed raw.
+    HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[31m"
+    ESCAPE_MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST + HOSTILE_TEXT, "layers": []}).encode()
     # tag -> (body, content type, Docker-Content-Digest override)
     TAGS = {
+        "size-int64max": (sized_manifest(2**63 - 1), OCI_MANIFEST, None),
+        "size-over-limit": (sized_manifest(2**62 + 1), OCI_MANIFEST, None),
+        "size-at-limit": (sized_manifest(2**62), OCI_MANIFEST, None),
+        "size-negative": (sized_manifest(-1), OCI_MANIFEST, None),
+        "escape-mediatype": (ESCAPE_MANIFEST, OCI_MANIFEST, None),
         "stall": (STALL_MANIFEST, OCI_MANIFEST, None),
         "oops": (b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":"oops"}', OCI_MANIFEST, None),
         "notjson": (b'{"schemaVersion":2, "mediaType": "application/vnd.oci.image.manifest.v1+json", this is not json', OCI_MANIFEST, None),
@@ -58,6 +75,9 @@ enum FakeRegistry {
             if self.path == "/v2/":
                 return self.reply(200, b"{}", send_body=send_body)
             match = re.fullmatch(r"/v2/(.+)/manifests/([^/]+)", self.path)
+            if match and match.group(2) == "escape-denied":
+                error = json.dumps({"errors": [{"code": "DENIED", "message": "no" + HOSTILE_TEXT}]}).encode()
+                return self.reply(403, error, send_body=send_body)
             if match and match.group(2) in TAGS:
                 body, content_type, claimed = TAGS[match.group(2)]
                 digest = claimed or "sha256:" + hashlib.sha256(body).hexdigest()
@@ -269,16 +289,19 @@ struct MountErrorTests {
     }
 
     /// The first CI run has no cache yet: a tag (or repository) that does not exist mounts an
-    /// empty layout.
-    @Test("tag or repository that does not exist yet: empty index.json")
+    /// empty layout, and says so in one line (issue 13: a typo in the tag looked like success).
+    @Test("tag or repository that does not exist yet: empty index.json and one warning line")
     func missingTag() async throws {
         try await withWorkspace("err-missing") { ws in
             let registry = try await ws.startRegistry()
             _ = try await ws.seed(registry, variant: "index", layers: 1, layerSize: 100_000)
-            for reference in ["cache:not-yet", "no-such-repo:main"] {
+            for (reference, repository, tag) in [("cache:not-yet", "cache", "not-yet"), ("no-such-repo:main", "no-such-repo", "main")] {
                 let mount = try await ws.mount(registry.source(reference), timeout: Self.timeout)
                 #expect(mount.result.status == 0, "\(reference): \(mount.result); log: \(mount.log.suffix(1500))")
-                #expect(mount.result.stderr.isEmpty, "\(mount.result)")
+                #expect(mount.result.stderrLines == [
+                    "ocicachefs: warning: no tag \(tag) at \(registry.host)/\(repository); the mount is empty until a cache is exported",
+                ], "\(mount.result)")
+                #expect(mount.result.stdout.isEmpty, "\(mount.result)")
                 guard mount.result.status == 0 else { continue }
                 let index = try FileIO.json(mount.path("index.json"))
                 #expect(index["schemaVersion"] as? Int == 2)

@@ -465,6 +465,10 @@ struct S3Tests {
 
             // No manifest object for the name: an empty cache (BuildKit treats it so).
             let empty = try await ws.mountS3ExpectingSuccess(moto.source(bucket: bucket, names: "absent", extra: Self.attributeKeys))
+            #expect(empty.result.stderrLines == [
+                "ocicachefs: warning: no cache named absent at s3://\(bucket)/manifests/absent (\(moto.endpoint)); "
+                    + "the mount is empty until a cache is exported",
+            ], "\(empty.result)")
             let index = try FileIO.json(empty.path("index.json"))
             #expect((index["manifests"] as? [Any])?.isEmpty == true, "index.json lists no manifest: \(index)")
             #expect(index["schemaVersion"] as? Int == 2)
@@ -473,6 +477,10 @@ struct S3Tests {
 
             // One name missing among several: the others are still shown.
             let partial = try await ws.mountS3ExpectingSuccess(moto.source(bucket: bucket, names: "absent;main", extra: Self.attributeKeys))
+            #expect(partial.result.stderrLines == [
+                "ocicachefs: warning: no cache named absent at s3://\(bucket)/manifests/absent (\(moto.endpoint)); "
+                    + "tag absent is left out of index.json until a cache is exported",
+            ], "\(partial.result)")
             try S3Check.layout(partial, seed, names: ["main"])
 
             for handle in [empty, partial] {

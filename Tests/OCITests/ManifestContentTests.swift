@@ -234,18 +234,37 @@ struct ManifestContentTests {
         #expect(errorMessage(json) == "index application/vnd.oci.image.index.v1+json has no manifests list")
     }
 
-    @Test func negativeSize() {
-        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(dC)","size":1},"layers":[{"mediaType":"m","digest":"\#(dA)","size":-5}]}"#
+    /// Issue 13: a size no blob can have (negative, or beyond 2^62 bytes) is refused in a line
+    /// that names the blob and the size.
+    @Test(arguments: [Int64(-5), -1, Int64(1) << 62 + 1, Int64.max - 511, Int64.max])
+    func impossibleSize(_ size: Int64) {
+        let json = #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"m","digest":"\#(dC)","size":1},"layers":[{"mediaType":"m","digest":"\#(dA)","size":\#(size)}]}"#
         let message = errorMessage(json)
         #expect(message.hasPrefix("malformed manifest JSON"), "\(message)")
-        #expect(message.contains("negative size -5"), "\(message)")
-        #expect(message.contains("size"), "\(message)")
+        #expect(message.contains("layers.0.size: blob \(dA) declares \(size) bytes"), "\(message)")
         #expect(!message.contains("\n"))
     }
 
     @Test func negativeSizeInIndex() {
         let json = #"{"schemaVersion":2,"manifests":[{"mediaType":"m","digest":"\#(dA)","size":-1}]}"#
-        #expect(errorMessage(json).contains("negative size -1"))
+        #expect(errorMessage(json).contains("blob \(dA) declares -1 bytes"))
+    }
+
+    @Test(arguments: [Int64(0), Int64(1) << 62])
+    func sizesAtTheLimitsAreAccepted(_ size: Int64) throws {
+        let json = #"{"schemaVersion":2,"manifests":[{"mediaType":"m","digest":"\#(dA)","size":\#(size)}]}"#
+        guard case .index(_, let manifests) = try parse(json) else {
+            Issue.record("not an index")
+            return
+        }
+        #expect(manifests.map(\.size) == [size])
+    }
+
+    /// Issue 13: a media type chosen by a registry reaches the terminal through this message.
+    @Test func controlCharactersInTheMediaTypeAreEscaped() {
+        let json = #"{"schemaVersion":2,"mediaType":"application/x\u001b]0;owned\u0007"}"#
+        let message = errorMessage(json)
+        #expect(message == #"unsupported manifest media type application/x\x1b]0;owned\x07"#, "\(message.debugDescription)")
     }
 
     @Test(arguments: [

@@ -237,6 +237,42 @@ func makeS3Source(_ attributes: String, transport: any HTTPTransport, environmen
         #expect(fake.requests.filter { $0.url.contains("manifests/main") }.count == 3)
     }
 
+    /// Issue 13: a size no blob can have, from an annotation or a HEAD, fails the mount in a
+    /// line that names the blob and the size.
+    @Test(arguments: ["-1", "4611686018427387905", "9223372036854775807"])
+    func impossibleSizesAreRefused(_ size: String) throws {
+        let layer = Digest.sha256(of: cache.layers[0])
+        for annotated in [true, false] {
+            var objects = cache.objects()
+            let fake: FakeS3
+            if annotated {
+                objects["manifests/main"] = Array(String(decoding: cache.config, as: UTF8.self)
+                    .replacing(#""size":\#(cache.layers[0].count)"#, with: #""size":\#(size)"#).utf8)
+                fake = FakeS3(bucket: "cache", objects: objects)
+            } else {
+                var unsized = S3Cache()
+                unsized.omitSizes = true
+                fake = FakeS3(bucket: "cache", objects: unsized.objects())
+                fake.answer(layer.hex, with: .init(status: 200, headers: HTTPHeaders([("Content-Length", size)])))
+            }
+            let source = try makeS3Source("bucket=cache,region=us-east-1,name=main,endpoint_url=http://127.0.0.1:9,use_path_style=true", transport: fake)
+            #expect { try source.loadSnapshot() } throws: { error in
+                guard case .invalidContent(let message) = error as? RemoteStoreError else { return false }
+                return message.contains("\(layer) declares \(size) bytes")
+            }
+        }
+    }
+
+    @Test func controlCharactersInS3ErrorsAreEscaped() throws {
+        let fake = FakeS3(bucket: "cache", objects: cache.objects())
+        fake.answer("manifests/main", with: .init(status: 403, body: Array("<Error><Code>AccessDenied</Code><Message>no\u{1B}]0;owned\u{07}</Message></Error>".utf8)))
+        let source = try makeS3Source("bucket=cache,region=us-east-1,name=main,endpoint_url=http://127.0.0.1:9,use_path_style=true", transport: fake)
+        #expect { try source.loadSnapshot() } throws: { error in
+            guard case .unauthorized(let message) = error as? RemoteStoreError else { return false }
+            return message.hasSuffix(#"AccessDenied: no\x1b]0;owned\x07"#)
+        }
+    }
+
     @Test func aConfigWithoutDiffIDsIsRejected() throws {
         let bad = Array(#"{"layers":[{"blob":"sha256:\#(String(repeating: "a", count: 64))","parent":-1}]}"#.utf8)
         let fake = FakeS3(bucket: "cache", objects: ["manifests/main": bad])

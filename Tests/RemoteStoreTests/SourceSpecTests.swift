@@ -31,6 +31,15 @@ struct SourceSpecTests {
         #expect(spec.attributes["type"] == nil)
     }
 
+    /// Issue 13: the daemon's command line shows the source without its secrets, in a form
+    /// that still parses to the rest of it.
+    @Test func withoutSecretsDropsOnlyTheSecrets() throws {
+        let spec = try SourceSpec(parsing: #"type=s3,bucket=b,name="a,b",access_key_id=AKID,secret_access_key=s/k+1,session_token=tok"#)
+        #expect(spec.withoutSecrets == #"type=s3,access_key_id=AKID,bucket=b,name="a,b""#)
+        let shown = try SourceSpec(parsing: spec.withoutSecrets)
+        #expect(shown.attributes == spec.attributes.filter { !SourceSpec.secretAttributes.contains($0.key) })
+    }
+
     @Test func quotedValuesHoldCommas() throws {
         let spec = try SourceSpec(parsing: #"type=registry,ref="reg.example.com/a/b:c",note="x,y,z",mode=max"#)
         #expect(spec.type == "registry")

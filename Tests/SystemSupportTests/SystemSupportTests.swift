@@ -29,6 +29,17 @@ struct TextTests {
         #expect(SystemSupport.parentPath(path) == expected)
     }
 
+    /// Issue 13: text a remote chose must not reach a terminal as escape sequences.
+    @Test(arguments: [
+        ("plain text, ünïcode", "plain text, ünïcode"), ("\u{1B}]0;owned\u{07}", #"\x1b]0;owned\x07"#),
+        ("a\nb\r\tc", #"a\x0ab\x0d\x09c"#), ("\u{7F}\u{9B}31m", #"\x7f\x9b31m"#), ("\u{0}", #"\x00"#), ("\\x1b", "\\x1b"),
+    ])
+    func escapingControlCharacters(input: String, expected: String) {
+        #expect(input.escapingControlCharacters == expected)
+        #expect(input[...].escapingControlCharacters == expected)
+        #expect(expected.escapingControlCharacters == expected, "escaping twice changes nothing")
+    }
+
     @Test(arguments: [(1.25, "1.3"), (0.04, "0.0"), (-1.5, "-1.5"), (1023.96, "1024.0"), (3, "3.0"), (-0.04, "0.0")])
     func oneDecimal(value: Double, expected: String) {
         #expect(value.withOneDecimal == expected)
