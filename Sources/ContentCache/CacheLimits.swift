@@ -58,14 +58,31 @@ public struct CachedBlob: Sendable, Equatable {
 extension ContentStore {
     /// Every complete blob, least recently used first.
     public func completeBlobs() -> [CachedBlob] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: blobsDirectory)) ?? []
+        Self.completeBlobs(inCache: directory)
+    }
+
+    /// `completeBlobs` of the cache at `directory`, read without opening (and so creating or
+    /// tidying) the store: for listing a cache that may be another user's or read-only.
+    public static func completeBlobs(inCache directory: String) -> [CachedBlob] {
+        listBlobs(in: directory + "/blobs/sha256", allocatedSize: false)
+            .sorted { ($0.lastUsed, $0.digest) < ($1.lastUsed, $1.digest) }
+    }
+
+    /// `partialBlobs` of the cache at `directory`, read without opening the store.
+    public static func partialBlobs(inCache directory: String) -> [CachedBlob] {
+        listBlobs(in: directory + "/partial", allocatedSize: true)
+    }
+
+    /// The files of `directory` named by a digest; a missing directory holds none.
+    private static func listBlobs(in directory: String, allocatedSize: Bool) -> [CachedBlob] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
         return names.compactMap { name -> CachedBlob? in
             guard let digest = Digest(hex: name) else { return nil }
             var info = stat()
-            guard stat(blobsDirectory + "/" + name, &info) == 0 else { return nil }
+            guard stat(directory + "/" + name, &info) == 0 else { return nil }
             let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
-            return CachedBlob(digest: digest, size: Int64(info.st_size), lastUsed: lastUsed)
-        }.sorted { ($0.lastUsed, $0.digest) < ($1.lastUsed, $1.digest) }
+            return CachedBlob(digest: digest, size: allocatedSize ? Int64(info.st_blocks) * 512 : Int64(info.st_size), lastUsed: lastUsed)
+        }
     }
 
     /// Records a use: eviction takes the least recently used first. The modification time
@@ -84,14 +101,7 @@ extension ContentStore {
     /// Partial downloads, at the bytes they take on disk (a partial file is sparse: a blob's
     /// declared size costs nothing until its bytes arrive), and when a block last landed.
     public func partialBlobs() -> [CachedBlob] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: partialDirectory)) ?? []
-        return names.compactMap { name -> CachedBlob? in
-            guard let digest = Digest(hex: name) else { return nil }
-            var info = stat()
-            guard stat(partialDirectory + "/" + name, &info) == 0 else { return nil }
-            let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
-            return CachedBlob(digest: digest, size: Int64(info.st_blocks) * 512, lastUsed: lastUsed)
-        }
+        Self.partialBlobs(inCache: directory)
     }
 
     /// Removes least recently used blobs, complete or partial, until they take at most

@@ -21,8 +21,7 @@ struct ByteSize {
         return ByteSize(bytes: bytes)
     }
 
-    /// The total of `sizes`, or Int64.max where it would overflow: a partial download counts
-    /// at its blob's declared size, whatever its sparse file holds.
+    /// The total of `sizes`, or Int64.max where it would overflow.
     static func total<Sizes: Sequence>(_ sizes: Sizes) -> Int64 where Sizes.Element == Int64 {
         sizes.reduce(Int64(0)) { sum, size in
             let (total, overflow) = sum.addingReportingOverflow(size)
@@ -69,10 +68,10 @@ struct CacheCommand: ParsableCommand {
                 printError("no content cache at \(directory)")
                 throw ExitCode.failure
             }
-            // Not a ContentStore: opening one creates its directories and clears debris, and
-            // listing must change nothing (it may run on a cache another user owns, or read-only).
-            let blobs = CachedFiles.list(directory + "/blobs/sha256")
-            let partials = CachedFiles.list(directory + "/partial")
+            // Without opening a ContentStore, which creates its directories and clears debris:
+            // listing changes nothing (the cache may be another user's, or read-only).
+            let blobs = ContentStore.completeBlobs(inCache: directory)
+            let partials = ContentStore.partialBlobs(inCache: directory)
             let rows = (blobs.map { ($0, "") } + partials.map { ($0, "  partial download") })
                 .sorted { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
             func column(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(1, width - text.count)) }
@@ -117,27 +116,6 @@ struct CacheCommand: ParsableCommand {
             let kept = store.completeBlobs()
             print("removed \(removed.count) blobs (\(ByteSize.describe(ByteSize.total(removed.map(\.size))))); "
                   + "kept \(kept.count) (\(ByteSize.describe(ByteSize.total(kept.map(\.size)))))")
-        }
-    }
-}
-
-/// The blobs named by their digest in one directory of a content cache, read without changing
-/// anything; a directory that does not exist holds none.
-enum CachedFiles {
-    struct Entry {
-        var digest: Digest
-        var size: Int64
-        var lastUsed: Date
-    }
-
-    static func list(_ directory: String) -> [Entry] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-        return names.compactMap { name -> Entry? in
-            guard let digest = Digest(hex: name) else { return nil }
-            var info = stat()
-            guard stat(directory + "/" + name, &info) == 0 else { return nil }
-            let lastUsed = Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
-            return Entry(digest: digest, size: Int64(info.st_size), lastUsed: lastUsed)
         }
     }
 }
