@@ -26,9 +26,10 @@ let package = Package(
         // glibc's mallopt, for the daemon's memory footprint.
         .systemLibrary(name: "CMalloc"),
 
+        // glibc's GNU extensions and Linux constants, compiled with _GNU_SOURCE.
+        .target(name: "CSystem"),
         // Threads, child processes and text helpers that would otherwise come from corelibs
         // Foundation, which links 34 MB of ICU data that every cold start reads.
-        .systemLibrary(name: "CSystem"),
         .target(name: "SystemSupport", dependencies: ["CSystem"], swiftSettings: sourceSettings),
 
         // Pure values: digests, descriptors, manifests, cache configs, deterministic JSON.
@@ -73,6 +74,6 @@ let package = Package(
         .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI", "ModelTesting"]),
         .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
         .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient", "SystemSupport"]),
     ]
 )

@@ -1,5 +1,6 @@
 import CZlib
 import FoundationEssentials
+import SystemSupport
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
@@ -103,11 +104,7 @@ final class BlockJournal: Sendable {
         description.l_start = off_t(recordOffset(blocks.lowerBound))
         description.l_len = off_t(Int64(blocks.count) * Self.recordSize)
         description.l_pid = 0
-        // Linux's F_OFD_SETLK: a lock owned by this open file description, not by the process,
-        // so that it survives other descriptors of the file closing. fcntl.h hides the name
-        // without _GNU_SOURCE.
-        let setOpenFileDescriptionLock: Int32 = 37
-        return fcntl(file.fd, setOpenFileDescriptionLock, &description) == 0
+        return fcntl(file.fd, LinuxConstants.openFileDescriptionSetLock, &description) == 0
     }
 
     private func recordOffset(_ index: Int) -> Int64 { Self.headerSize + Int64(index) * Self.recordSize }

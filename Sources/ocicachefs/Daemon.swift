@@ -13,8 +13,6 @@ enum Daemon {
     static let childReadyFD: Int32 = 3
     /// Where the daemon reads its source: secrets in it must not be on its command line.
     static let childSourceFD: Int32 = 4
-    /// glibc's POSIX_SPAWN_SETSID, which its header hides behind _GNU_SOURCE.
-    private static let spawnSetSID: Int32 = 0x80
 
     static func spawnAndAwaitReady(arguments: [String], source: String, logPath: String, readyTimeout: Double) -> Int32 {
         // Opened here rather than by posix_spawn, whose failure cannot say which file it was.
@@ -60,7 +58,7 @@ enum Daemon {
         var emptySet = sigset_t()
         sigemptyset(&emptySet)
         posix_spawnattr_setsigmask(&attributes, &emptySet)
-        posix_spawnattr_setflags(&attributes, Int16(spawnSetSID | POSIX_SPAWN_SETSIGMASK))
+        posix_spawnattr_setflags(&attributes, Int16(LinuxConstants.spawnNewSession | POSIX_SPAWN_SETSIGMASK))
 
         let childArguments = ["ocicachefs"] + arguments
         var cArguments = childArguments.map { strdup($0) } + [nil]

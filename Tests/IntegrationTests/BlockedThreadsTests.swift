@@ -1,4 +1,5 @@
 import Foundation
+import SystemSupport
 import Synchronization
 import Testing
 
@@ -38,10 +39,7 @@ struct BlockedThreadsTests {
             // one file wait on each other's pages in the page cache instead).
             let readers = 20
             let page = 4096
-            // glibc shows O_DIRECT only to _GNU_SOURCE code, which Swift's Glibc is not; Python
-            // has it from the same headers.
-            let direct = try #require(Int32(try await Processes.run(try Harness.python(), ["-c", "import os; print(os.O_DIRECT)"],
-                                                                    in: ws).stdout.trimmingCharacters(in: .whitespacesAndNewlines)))
+            let direct = LinuxConstants.directIO
             let finished = DispatchSemaphore(value: 0)
             let answers = Mutex<[Int: [UInt8]]>([:])
             let threads = Mutex<[Int32]>([])
