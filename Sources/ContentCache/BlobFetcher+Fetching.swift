@@ -104,7 +104,6 @@ extension BlobFetcher {
         while attempt < maxAttempts {
             attempt += 1
             do {
-                requestsStarted.add(1, ordering: .relaxed)
                 // A whole stream resumed from where it broke may start over from an earlier
                 // byte (the remote ignores ranges): the bytes before are passed over.
                 var passOver: Int64 = 0

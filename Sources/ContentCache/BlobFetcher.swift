@@ -182,8 +182,6 @@ public final class BlobFetcher: Sendable {
     let commitsInFlight = Atomic<Int>(0)
     /// Identifies each read given to a machine; taken without the state lock on every read.
     let nextRead = Atomic<UInt64>(0)
-    /// Range requests started, for tests and metrics.
-    let requestsStarted = Atomic<Int>(0)
     /// Set once at shutdown; checked for every piece of body a fetch receives.
     let stopping = Atomic<Bool>(false)
     /// Told when a download that already answered reads failed its digest, so that the kernel
@@ -357,7 +355,7 @@ public final class BlobFetcher: Sendable {
     }
 
     /// True when the blob is in the local cache, complete and verified.
-    public func isComplete(_ digest: Digest) -> Bool {
+    package func isComplete(_ digest: Digest) -> Bool {
         store.hasComplete(digest)
     }
 

@@ -10,8 +10,8 @@ import Synchronization
 ///
 /// Rules are tried in the order they were added; the first that matches and still has
 /// occurrences left applies (and uses one up). A request no rule matches is passed through.
-public final class FaultInjectingTransport: HTTPTransport {
-    public enum Fault: Sendable, Equatable {
+package final class FaultInjectingTransport: HTTPTransport {
+    package enum Fault: Sendable, Equatable {
         /// Throws `.connectionFailed` without contacting the inner transport.
         case failConnection
         /// Passes the response through but stops after this many body bytes and throws
@@ -37,7 +37,7 @@ public final class FaultInjectingTransport: HTTPTransport {
     }
 
     /// One request as the double saw it, with the fault it received (nil: passed through).
-    public struct LoggedRequest: Sendable, Equatable {
+    package struct LoggedRequest: Sendable, Equatable {
         public var method: String
         public var url: String
         public var headers: HTTPHeaders
@@ -49,10 +49,10 @@ public final class FaultInjectingTransport: HTTPTransport {
         var log: [LoggedRequest] = []
     }
 
-    public let inner: any HTTPTransport
+    package let inner: any HTTPTransport
     private let state = Mutex(State())
 
-    public init(wrapping inner: any HTTPTransport) {
+    package init(wrapping inner: any HTTPTransport) {
         self.inner = inner
     }
 
@@ -60,7 +60,7 @@ public final class FaultInjectingTransport: HTTPTransport {
 
     /// Adds a rule for requests whose URL contains `urlContains` (nil: any URL) and whose
     /// method is `method` (nil: any method), applied at most `times` times (nil: always).
-    public func inject(_ fault: Fault, method: String? = nil, urlContains: String? = nil, times: Int? = nil) {
+    package func inject(_ fault: Fault, method: String? = nil, urlContains: String? = nil, times: Int? = nil) {
         inject(fault, times: times) { request in
             (method == nil || request.method == method)
                 && (urlContains.map { request.url.contains($0) } ?? true)
@@ -68,23 +68,23 @@ public final class FaultInjectingTransport: HTTPTransport {
     }
 
     /// Adds a rule with an arbitrary predicate.
-    public func inject(_ fault: Fault, times: Int? = nil, where matches: @escaping @Sendable (HTTPRequest) -> Bool) {
+    package func inject(_ fault: Fault, times: Int? = nil, where matches: @escaping @Sendable (HTTPRequest) -> Bool) {
         let rule = Rule(fault: fault, remaining: times, matches: matches)
         state.withLock { $0.rules.append(rule) }
     }
 
-    public func removeAllFaults() {
+    package func removeAllFaults() {
         state.withLock { $0.rules.removeAll() }
     }
 
     // MARK: Request log
 
     /// Every request seen, in order, including the ones that got a fault.
-    public var requests: [LoggedRequest] { state.withLock { $0.log } }
+    package var requests: [LoggedRequest] { state.withLock { $0.log } }
 
     /// How many requests were seen with this method (nil: any) whose URL contains `urlContains`
     /// (nil: any URL).
-    public func requestCount(method: String? = nil, urlContains: String? = nil) -> Int {
+    package func requestCount(method: String? = nil, urlContains: String? = nil) -> Int {
         state.withLock { state in
             state.log.count(where: { entry in
                 (method == nil || entry.method == method)
@@ -94,19 +94,19 @@ public final class FaultInjectingTransport: HTTPTransport {
     }
 
     /// Requests seen per exact URL.
-    public var requestCountsByURL: [String: Int] {
+    package var requestCountsByURL: [String: Int] {
         state.withLock { state in
             state.log.reduce(into: [:]) { counts, entry in counts[entry.url, default: 0] += 1 }
         }
     }
 
-    public func clearLog() {
+    package func clearLog() {
         state.withLock { $0.log.removeAll() }
     }
 
     // MARK: HTTPTransport
 
-    public func execute(
+    package func execute(
         _ request: HTTPRequest,
         onResponse: (HTTPResponseHead) throws -> Void,
         onBody: (UnsafeRawBufferPointer) throws -> Void

@@ -25,10 +25,7 @@ public struct Digest: Hashable, Sendable, Comparable, CustomStringConvertible, C
     }
 
     public init(finalized: SHA256.Digest) {
-        self.hex = finalized.map { byte in
-            let text = String(byte, radix: 16)
-            return byte < 16 ? "0" + text : text
-        }.joined()
+        self.hex = finalized.lowercaseHex
     }
 
     public var description: String { "sha256:" + hex }

@@ -303,12 +303,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     static func isAllowedContainerHTTPHost(_ rawHost: String) -> Bool {
         var host = rawHost.lowercased()
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        if host == "localhost" || host == "::1" || host == "169.254.170.2" || host == "169.254.170.23"
-            || host == "fd00:ec2::23" {
-            return true
-        }
-        let octets = host.split(separator: ".", omittingEmptySubsequences: false)
-        return octets.count == 4 && octets[0] == "127" && octets.allSatisfy { UInt8($0) != nil }
+        return isLoopbackHost(host) || ["169.254.170.2", "169.254.170.23", "fd00:ec2::23"].contains(host)
     }
 
     private func containerAuthorization() -> Result<String?, Failure> {

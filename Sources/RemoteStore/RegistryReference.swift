@@ -1,4 +1,5 @@
 import OCI
+import SystemSupport
 
 /// `HOST[:PORT]/REPO[:TAG|@sha256:HEX]`, normalised as Docker does (`alpine` is
 /// `docker.io/library/alpine`).
@@ -56,12 +57,7 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
 
     /// Loopback registries are reached over plain HTTP, as BuildKit does: `localhost` and
     /// loopback addresses, never a DNS name that merely starts with "127.".
-    public var isLoopback: Bool {
-        let name = hostName.lowercased()
-        if name == "localhost" || name == "[::1]" { return true }
-        let octets = name.split(separator: ".", omittingEmptySubsequences: false)
-        return octets.count == 4 && octets[0] == "127" && octets.allSatisfy { UInt8($0) != nil }
-    }
+    public var isLoopback: Bool { isLoopbackHost(hostName) }
 
     private static func isDockerHub(_ host: String) -> Bool { host == "docker.io" || host == "index.docker.io" }
 

@@ -13,6 +13,7 @@
 // decoded and re-encoded the same way, with `+` taken literally (never as a space).
 
 import Crypto
+import SystemSupport
 import FoundationEssentials
 import HTTPClient
 
@@ -80,7 +81,7 @@ public enum SigV4 {
 
     static func signed(_ request: inout HTTPRequest, credentials: AWSCredentials, region: String,
                        service: String, date: Date, payloadHash: String?) -> Signed {
-        let hash = payloadHash ?? hexString(SHA256.hash(data: request.body ?? []))
+        let hash = payloadHash ?? SHA256.hash(data: request.body ?? []).lowercaseHex
         for name in ["Authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"] {
             request.headers.remove(name)
         }
@@ -124,7 +125,7 @@ public enum SigV4 {
 
     public static func stringToSign(canonicalRequest: String, date: Date, region: String, service: String) -> String {
         [algorithm, timestamp(date), scope(date: date, region: region, service: service),
-         hexString(SHA256.hash(data: Array(canonicalRequest.utf8)))].joined(separator: "\n")
+         SHA256.hash(data: Array(canonicalRequest.utf8)).lowercaseHex].joined(separator: "\n")
     }
 
     public static func signature(stringToSign: String, secretAccessKey: String, date: Date, region: String,
@@ -133,7 +134,7 @@ public enum SigV4 {
         for part in [String(timestamp(date).prefix(8)), region, service, "aws4_request"] {
             key = SymmetricKey(data: Array(HMAC<SHA256>.authenticationCode(for: Array(part.utf8), using: key)))
         }
-        return hexString(HMAC<SHA256>.authenticationCode(for: Array(stringToSign.utf8), using: key))
+        return HMAC<SHA256>.authenticationCode(for: Array(stringToSign.utf8), using: key).lowercaseHex
     }
 
     /// RFC 3986 percent-encoding as AWS wants it: unreserved `A-Z a-z 0-9 - _ . ~` kept, `/` kept
@@ -294,10 +295,4 @@ public enum SigV4 {
         "\(timestamp(date).prefix(8))/\(region)/\(service)/aws4_request"
     }
 
-    static func hexString<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
-        let hex = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        for byte in digest { out += [hex[Int(byte >> 4)], hex[Int(byte & 0xF)]] }
-        return String(decoding: out, as: UTF8.self)
-    }
 }

@@ -23,8 +23,8 @@ extension StringProtocol {
         var escaped = ""
         for scalar in unicodeScalars {
             if scalar.isControlCharacter {
-                let hex = String(scalar.value, radix: 16)
-                escaped += "\\x" + (hex.count < 2 ? "0" + hex : hex)
+                // Control characters are all below 0xA0: one byte.
+                escaped += "\\x" + [UInt8(truncatingIfNeeded: scalar.value)].lowercaseHex
             } else {
                 escaped.unicodeScalars.append(scalar)
             }
@@ -78,4 +78,16 @@ public func describeFileError(_ error: any Error) -> String {
         }
     }
     return "\(error)"
+}
+
+extension Sequence where Element == UInt8 {
+    /// The bytes in lowercase hexadecimal, two digits each: digests and signatures as OCI and
+    /// AWS write them.
+    public var lowercaseHex: String {
+        let digits = Array("0123456789abcdef".utf8)
+        var text: [UInt8] = []
+        text.reserveCapacity(underestimatedCount * 2)
+        for byte in self { text += [digits[Int(byte >> 4)], digits[Int(byte & 0xF)]] }
+        return String(decoding: text, as: UTF8.self)
+    }
 }

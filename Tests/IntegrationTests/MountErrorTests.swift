@@ -260,8 +260,12 @@ struct MountErrorTests {
 
             let path = mount.blobPath(digest)
             async let read = onThread { FileIO.readUntilFailure(path) }
-            // While that read waits on the stalled download, the mount answers at once.
-            try await Task.sleep(for: .milliseconds(300))
+            // While that read waits on the stalled download (the server has been asked for the
+            // blob), the mount answers at once.
+            let asked = Date().addingTimeInterval(30)
+            while !Processes.readText(fake.server.stderrPath).contains("/v2/cache/blobs/\(digest)") && Date() < asked {
+                try await Task.sleep(for: .milliseconds(20))
+            }
             let probeStart = Date()
             let index = try FileIO.readAll(mount.path("index.json"))
             _ = try FileIO.statFile(mount.path("blobs/sha256"))
