@@ -45,13 +45,13 @@ let package = Package(
         ], swiftSettings: sourceSettings),
         // On-disk content-addressed cache and single-flight block fetches (zlib for block CRCs).
         .target(name: "ContentCache", dependencies: [
-            "OCI", "RemoteStore", "CZlib", "SystemSupport",
+            "OCI", "CZlib", "SystemSupport",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
         // The filesystem core: knows nothing of libfuse.
         .target(name: "CacheFS", dependencies: [
-            "OCI", "RemoteStore", "ContentCache",
+            "OCI", "ContentCache",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
         // Thin libfuse low-level binding over CacheFS.

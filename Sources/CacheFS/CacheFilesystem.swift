@@ -1,7 +1,6 @@
 import ContentCache
 import Logging
 import OCI
-import RemoteStore
 import Synchronization
 
 #if canImport(Glibc)

@@ -1,7 +1,6 @@
 import FoundationEssentials
 import SystemSupport
 import OCI
-import RemoteStore
 import Synchronization
 import Logging
 
@@ -186,7 +185,7 @@ extension BlobFetcher {
                 guard let failure = moveToMemory(digest, from: transfer) else { return false }
                 lastError = failure
                 break
-            } catch let error as RemoteStoreError {
+            } catch let error as any BlobSourceFailure {
                 lastError = .remote("blob \(digest): \(error)")
                 guard error.isTransient else { break }
             } catch {

@@ -2,7 +2,6 @@ import FoundationEssentials
 import SystemSupport
 import Logging
 import OCI
-import RemoteStore
 import Synchronization
 
 public enum BlobReadError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -157,7 +156,7 @@ public final class BlobFetcher: Sendable {
     static let idleTransfersKept = 64
 
     let store: ContentStore
-    let source: any RemoteCacheSource
+    let source: any BlobSource
     let logger: Logger
     let maxAttempts: Int
     let machineLimits: TransferMachine.Limits
@@ -196,7 +195,7 @@ public final class BlobFetcher: Sendable {
     /// - Parameter unwatchedFetchLimit: how long a fetch nobody waits for goes on after the
     ///   blob's last read: read-ahead of a live sequential reader continues, a stream the
     ///   reader left stops.
-    public init(store: ContentStore, source: any RemoteCacheSource, logger: Logger, maxAttempts: Int = 3,
+    public init(store: ContentStore, source: any BlobSource, logger: Logger, maxAttempts: Int = 3,
                 otherProcessStall: Duration = .seconds(60), readStallLimit: Duration? = nil,
                 unwatchedFetchLimit: Duration = .seconds(10),
                 commitTiming: CommitTiming = CommitTiming(), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning(),

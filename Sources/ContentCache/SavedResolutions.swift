@@ -2,15 +2,15 @@ import FoundationEssentials
 import SystemSupport
 import Logging
 import OCI
-import RemoteStore
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
 #endif
 
 /// What a source resolved to at its last successful mount, so that a mount made while the
-/// remote is unreachable can still show the cache it showed before. Small blobs are stored
-/// in the content store like any blob; the resolution file names them.
+/// remote is unreachable can still show the cache it showed before (the decision is the
+/// wiring's: `RemoteCacheSource.loadSnapshot(remembering:recalling:logger:)`). Small blobs are
+/// stored in the content store like any blob; the resolution file names them.
 extension ContentStore {
     private struct SavedResolution: Codable {
         struct LazyBlob: Codable {
@@ -26,26 +26,9 @@ extension ContentStore {
 
     var resolutionsDirectory: String { directory + "/resolutions" }
 
-    /// Resolves `source`; when the remote is unavailable (not when it refuses us), falls back
-    /// to its last saved resolution whose small blobs are all still in the store.
-    public func resolve(_ source: any RemoteCacheSource, logger: Logger) throws(RemoteStoreError) -> CacheSnapshot {
-        do {
-            let snapshot = try source.loadSnapshot()
-            do {
-                try save(snapshot, for: source.displayName)
-            } catch {
-                logger.warning("cannot save the resolution for offline mounts", metadata: ["error": "\(error)"])
-            }
-            return snapshot
-        } catch {
-            guard error.isUnavailability, let (snapshot, resolvedAt) = savedResolution(for: source.displayName) else { throw error }
-            logger.warning("remote unavailable; serving the resolution saved at its last mount",
-                           metadata: ["source": "\(source.displayName)", "resolvedAt": "\(resolvedAt)", "error": "\(error)"])
-            return snapshot
-        }
-    }
-
-    func save(_ snapshot: CacheSnapshot, for source: String) throws(CacheError) {
+    /// Keeps `snapshot` as what `source` (a display name) resolved to, its small blobs stored
+    /// as complete blobs.
+    public func save(_ snapshot: CacheSnapshot, for source: String) throws(CacheError) {
         for (digest, bytes) in snapshot.smallBlobs where !hasComplete(digest) {
             try storeVerified(bytes, as: digest)
         }
@@ -67,7 +50,9 @@ extension ContentStore {
         }
     }
 
-    func savedResolution(for source: String) -> (CacheSnapshot, Date)? {
+    /// What `source` resolved to when it was last saved, if its small blobs are all still here
+    /// and intact.
+    public func savedResolution(for source: String) -> (snapshot: CacheSnapshot, resolvedAt: Date)? {
         guard let data = FileManager.default.contents(atPath: resolutionPath(for: source)),
               let record = try? JSONDecoder().decode(SavedResolution.self, from: data),
               record.source == source else { return nil }
@@ -85,15 +70,5 @@ extension ContentStore {
 
     private func resolutionPath(for source: String) -> String {
         resolutionsDirectory + "/" + Digest.sha256(of: Array(source.utf8)).hex + ".json"
-    }
-}
-
-extension RemoteStoreError {
-    /// The remote could not be reached or did not answer usefully; it did not say no.
-    public var isUnavailability: Bool {
-        switch self {
-        case .server, .transport, .timedOut: return true
-        default: return false
-        }
     }
 }

@@ -255,11 +255,19 @@ public final class RegistrySource: RemoteCacheSource {
     }
 }
 
-extension RemoteStoreError {
+extension RemoteStoreError: BlobSourceFailure {
     /// Worth another try: the server or the network may do better in a moment.
     public var isTransient: Bool {
         switch self {
         case .server, .transport: return true
+        default: return false
+        }
+    }
+
+    /// The remote could not be reached or did not answer usefully; it did not say no.
+    public var isUnavailability: Bool {
+        switch self {
+        case .server, .transport, .timedOut: return true
         default: return false
         }
     }

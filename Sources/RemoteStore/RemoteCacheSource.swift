@@ -4,51 +4,37 @@ import HTTPClient
 import Logging
 import OCI
 
-/// Everything the mount shows, resolved once at mount time: tags, the small blobs (manifests
-/// and configs, exact bytes) and the sizes of the large ones (layers, fetched lazily).
-public struct CacheSnapshot: Sendable {
-    public var tags: [OCILayout.TaggedManifest] = []
-    public var smallBlobs: [Digest: [UInt8]] = [:]
-    public var lazyBlobs: [Digest: Int64] = [:]
-    /// Things a person should know that do not stop the mount (a tag that does not exist yet).
-    public var warnings: [String] = []
-
-    public init() {}
-
-    public mutating func addLazyBlob(_ descriptor: Descriptor) {
-        if smallBlobs[descriptor.digest] == nil { lazyBlobs[descriptor.digest] = descriptor.size }
-    }
-
-    public mutating func addSmallBlob(_ digest: Digest, _ bytes: [UInt8]) {
-        smallBlobs[digest] = bytes
-        lazyBlobs[digest] = nil
-    }
-}
-
-/// A remote cache (a registry repository, later an S3 prefix). Calls block the calling thread
-/// and every wait inside them is bounded.
-public protocol RemoteCacheSource: Sendable {
+/// A remote cache (a registry repository, an S3 prefix): its layout, resolved at mount time,
+/// and its blobs. Calls block the calling thread and every wait inside them is bounded.
+public protocol RemoteCacheSource: BlobSource {
     /// For logs and error messages; never contains credentials.
     var displayName: String { get }
 
     /// Resolves the tags and fetches every manifest and config.
     func loadSnapshot() throws(RemoteStoreError) -> CacheSnapshot
-
-    /// Streams a blob's bytes from `offset` through `last` (inclusive; nil: to its end).
-    /// `onStart` receives the offset the body actually starts at (0 when the server ignored the
-    /// range, in which case the body runs to the blob's end), before any body byte.
-    func streamBlob(
-        _ digest: Digest, from offset: Int64, through last: Int64?,
-        onStart: (Int64) throws -> Void,
-        onBody: (UnsafeRawBufferPointer) throws -> Void
-    ) throws
 }
 
 extension RemoteCacheSource {
-    /// Streams a blob from `offset` to its end.
-    public func streamBlob(_ digest: Digest, from offset: Int64, onStart: (Int64) throws -> Void,
-                           onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
-        try streamBlob(digest, from: offset, through: nil, onStart: onStart, onBody: onBody)
+    /// Resolves the source and hands the result to `remember`; when the remote is unavailable
+    /// (not when it refuses us), serves what `recall` remembers of its last resolution, so that
+    /// a mount made while the remote is down still shows the cache it showed before.
+    public func loadSnapshot(remembering remember: (CacheSnapshot) throws -> Void,
+                             recalling recall: () -> (snapshot: CacheSnapshot, resolvedAt: Date)?,
+                             logger: Logger) throws(RemoteStoreError) -> CacheSnapshot {
+        do {
+            let snapshot = try loadSnapshot()
+            do {
+                try remember(snapshot)
+            } catch {
+                logger.warning("cannot save the resolution for offline mounts", metadata: ["error": "\(error)"])
+            }
+            return snapshot
+        } catch {
+            guard error.isUnavailability, let (snapshot, resolvedAt) = recall() else { throw error }
+            logger.warning("remote unavailable; serving the resolution saved at its last mount",
+                           metadata: ["source": "\(displayName)", "resolvedAt": "\(resolvedAt)", "error": "\(error)"])
+            return snapshot
+        }
     }
 }
 

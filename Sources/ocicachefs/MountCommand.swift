@@ -201,7 +201,8 @@ struct MountCommand: ParsableCommand {
         let remote = try SourceFactory.make(spec, timeout: bound, logger: logger)
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
-        let snapshot = try store.resolve(remote, logger: logger)
+        let snapshot = try remote.loadSnapshot(remembering: { try store.save($0, for: remote.displayName) },
+                                               recalling: { store.savedResolution(for: remote.displayName) }, logger: logger)
         for warning in snapshot.warnings {
             logger.warning("\(warning)")
             reporter.warn(warning)

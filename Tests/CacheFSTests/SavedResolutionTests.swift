@@ -13,26 +13,26 @@ import Testing
         let fixture = try Fixture(layers: [layer])
         defer { fixture.removeCache() }
         let store = try ContentStore(directory: fixture.cacheDirectory)
-        let live = try store.resolve(fixture.source, logger: logger)
+        let live = try resolve(fixture.source, through: store, logger: logger)
 
         fixture.source.update { $0.resolutionError = .transport("memory: connection refused") }
-        let offline = try store.resolve(fixture.source, logger: logger)
+        let offline = try resolve(fixture.source, through: store, logger: logger)
         #expect(offline.tags == live.tags)
         #expect(offline.smallBlobs == live.smallBlobs)
         #expect(offline.lazyBlobs == live.lazyBlobs)
 
         fixture.source.update { $0.resolutionError = .timedOut("memory: no answer") }
-        #expect(try store.resolve(fixture.source, logger: logger).tags == live.tags)
+        #expect(try resolve(fixture.source, through: store, logger: logger).tags == live.tags)
     }
 
     @Test func aRefusalIsNeverMaskedByTheSavedResolution() throws {
         let fixture = try Fixture(layers: [randomBytes(1000, seed: 21)])
         defer { fixture.removeCache() }
         let store = try ContentStore(directory: fixture.cacheDirectory)
-        _ = try store.resolve(fixture.source, logger: logger)
+        _ = try resolve(fixture.source, through: store, logger: logger)
         for refusal in [RemoteStoreError.unauthorized("no"), .invalidContent("bad manifest")] {
             fixture.source.update { $0.resolutionError = refusal }
-            #expect(throws: refusal) { try store.resolve(fixture.source, logger: logger) }
+            #expect(throws: refusal) { try resolve(fixture.source, through: store, logger: logger) }
         }
     }
 
@@ -42,7 +42,7 @@ import Testing
         defer { fixture.removeCache() }
         let store = try ContentStore(directory: fixture.cacheDirectory)
         #expect(throws: RemoteStoreError.transport("memory: connection refused")) {
-            try store.resolve(fixture.source, logger: logger)
+            try resolve(fixture.source, through: store, logger: logger)
         }
     }
 
@@ -50,14 +50,20 @@ import Testing
         let fixture = try Fixture(layers: [randomBytes(1000, seed: 23)])
         defer { fixture.removeCache() }
         let store = try ContentStore(directory: fixture.cacheDirectory)
-        let live = try store.resolve(fixture.source, logger: logger)
+        let live = try resolve(fixture.source, through: store, logger: logger)
         let manifest = live.tags[0].manifest.digest
         let path = store.completePath(manifest)
         chmod(path, 0o644)
         try Data("{}".utf8).write(to: URL(fileURLWithPath: path))
         fixture.source.update { $0.resolutionError = .transport("memory: connection refused") }
         #expect(throws: RemoteStoreError.transport("memory: connection refused")) {
-            try store.resolve(fixture.source, logger: logger)
+            try resolve(fixture.source, through: store, logger: logger)
         }
     }
+}
+
+/// As the mount wires it: the remote decides, the store remembers.
+private func resolve(_ source: InMemorySource, through store: ContentStore, logger: Logger) throws(RemoteStoreError) -> CacheSnapshot {
+    try source.loadSnapshot(remembering: { try store.save($0, for: source.displayName) },
+                            recalling: { store.savedResolution(for: source.displayName) }, logger: logger)
 }
