@@ -137,6 +137,8 @@ struct TransferMachine: Sendable {
     private(set) var lastFailure: ContinuousClock.Instant?
     /// Handles answered with bytes of this download before it was verified.
     private(set) var unverifiedReaders: Set<UInt64> = []
+    /// The download failed its digest and is being deleted: reads fail at once.
+    private(set) var discarded = false
 
     /// `recorded`: each block's CRC where an earlier process recorded it.
     init(digest: Digest, size: Int64, limits: Limits, generation: UInt64, recorded: [UInt32?], now: ContinuousClock.Instant) {
@@ -163,6 +165,9 @@ struct TransferMachine: Sendable {
 
     mutating func read(_ read: Read, now: ContinuousClock.Instant) -> ReadOutcome {
         lastUse = now
+        // Until the executor has dropped this download, a read must not wait on it: the kernel
+        // is dropping the inode's pages meanwhile, and waits for every page being read.
+        if discarded { return .waiting([.fail(read.id, .digestMismatch(digest))]) }
         var unchecked: [Int: UInt32] = [:]
         for index in covering(read.range) {
             if case .unverified(let crc) = blocks[index] { unchecked[index] = crc }
@@ -181,7 +186,7 @@ struct TransferMachine: Sendable {
 
     /// The start of a blob nobody reads yet, as much as a first read would fetch.
     mutating func prefetch() -> [Action] {
-        guard !verified else { return [] }
+        guard !verified, !discarded else { return [] }
         return schedule(reading: 0..<min(size, limits.initialReadAhead), ahead: limits.initialReadAhead, speculative: true)
     }
 
@@ -190,7 +195,7 @@ struct TransferMachine: Sendable {
     /// `unwatchedFetchLimit` and (for another attempt) after its last failure, since readers
     /// told of a failure are gone until they read again.
     func isWanted(retrying: Bool, now: ContinuousClock.Instant) -> Bool {
-        guard !verified else { return false }
+        guard !verified, !discarded else { return false }
         if !waiters.isEmpty { return true }
         if retrying, let lastFailure, lastFailure >= lastUse { return false }
         return lastUse.duration(to: now) <= limits.unwatchedFetchLimit
@@ -353,6 +358,7 @@ struct TransferMachine: Sendable {
         lastFailure = now
         var actions: [Action] = [.withdraw(spared: taken.map(\.range), poisoned: poisoned)]
         guard usedEarlierBlocks else {
+            discarded = true
             return actions + [.discard] + taken.map { .fail($0.id, .digestMismatch(digest)) }
         }
         usedEarlierBlocks = false
@@ -466,9 +472,12 @@ struct TransferMachine: Sendable {
             guard case .queued(let owner) = blocks[index] else { return false }
             return jobs[owner]?.priority == .readAhead
         }
-        guard let first = behind.first, let last = behind.last else { return [] }
+        guard let first = behind.first, var last = behind.last, case .queued(let owner) = blocks[last] else { return [] }
+        // The rest of that read-ahead job comes along: one request instead of two for bytes
+        // about to be fetched anyway.
+        while last + 1 < blocks.count && blocks[last + 1] == .queued(owner) { last += 1 }
         let id = newJob(Job(blocks: first...last, priority: .reader))
-        for index in behind { blocks[index] = .queued(id) }
+        for index in first...last where behind.contains(index) || blocks[index] == .queued(owner) { blocks[index] = .queued(id) }
         return [.enqueue(id, .reader)]
     }
 
