@@ -23,6 +23,13 @@ struct CredentialHelper {
         ["PATH": directory + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")]
     }
 
+    /// From now on the helper hangs (after counting its run), its PID in `hungPIDFile`.
+    func hangFromNowOn() throws {
+        try Data().write(to: URL(fileURLWithPath: directory + "/hang"))
+    }
+
+    var hungPIDFile: String { directory + "/hung-pid" }
+
     var invocations: Int {
         Processes.readText(invocationsFile).split(separator: "\n").count
     }
@@ -47,6 +54,7 @@ extension Workspace {
             [ "$1" = get ] || exit 1
             read -r server
             echo "$server" >> '\(helper.invocationsFile)'
+            if [ -e '\(directory)/hang' ]; then echo $$ > '\(helper.hungPIDFile)'; exec sleep 600; fi
             printf '{"ServerURL":"%s","Username":"\(user)","Secret":"%s"}\\n' "$server" "$(cat '\(helper.passwordFile)')"
 
             """
@@ -133,6 +141,35 @@ struct CredentialHelperTests {
             let log = mount.log
             #expect(log.contains("asked again it gave the same ones"), "the log should say why: \(log.suffix(2000))")
             #expect(log.contains("docker-credential-test"), "the log should name the helper")
+            expectNoSecrets(in: log)
+
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted)")
+        }
+    }
+
+    @Test("a helper that hangs when asked again is killed after --timeout, and the read fails with EIO")
+    func hangingHelperIsKilledAfterTheTimeout() async throws {
+        try await withWorkspace("helper-hang") { ws in
+            let timeout = 3.0
+            let registry = try await ws.startRegistry(auth: .basic(user: "alice", password: Self.first))
+            let seed = try await ws.seed(registry, variant: "index", layers: 2, layerSize: 300_000, user: "alice", password: Self.first)
+            let helper = try ws.credentialHelper(for: registry.host, password: Self.first)
+            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), dockerConfig: helper.dockerConfig,
+                                                           environment: helper.environment, timeout: timeout)
+            let (read, notYetRead) = (seed.layers[1], seed.layers[0])
+            Check.blobsVerify(mount, [read])
+
+            try await registry.changePassword(of: "alice", to: Self.second, in: ws)
+            try helper.hangFromNowOn()
+            let (outcome, seconds) = await onThread { FileIO.readUntilFailure(mount.blobPath(notYetRead.digest)) }
+            #expect(outcome.errno == EIO, "the read should fail with EIO: \(outcome)")
+            #expect(seconds >= timeout - 0.5 && seconds < timeout + 10, "the read took \(seconds) s with --timeout \(timeout)")
+            let hungPID = pid_t(Processes.readText(helper.hungPIDFile).trimmingCharacters(in: .whitespacesAndNewlines))
+            #expect(hungPID != nil, "the helper should have been run again")
+            if let hungPID { #expect(!Processes.isAlive(hungPID), "the hung helper \(hungPID) should have been killed") }
+            let log = mount.log
+            #expect(log.contains("did not finish within 3s and was killed"), "the log should say why: \(log.suffix(2000))")
             expectNoSecrets(in: log)
 
             let unmounted = try await mount.unmount(in: ws)

@@ -226,6 +226,7 @@ struct CredentialRenewalTests {
         scripted.willFail(CredentialError(.helperTimedOut, "docker-credential-scripted did not finish within 5s and was killed"))
         let message = unauthorizedMessage { _ = try read(source, cache.digests[1]) }
         #expect(message?.contains("did not finish within 5s") == true, "\(message ?? "")")
+        #expect(message?.contains("asking docker-credential-scripted again failed") == true, "\(message ?? "")")
         expectNoSecrets(message)
     }
 
