@@ -45,6 +45,31 @@ extension RegistryCredential: CustomStringConvertible, CustomDebugStringConverti
     }
 }
 
+// MARK: - RegistryCredentialSource
+
+/// Where a registry's credential comes from, kept so that it can be asked again: logins that
+/// credential helpers hand out (ECR, GCR) expire after hours, long before a CI machine's mount
+/// ends, and the helper then hands out a fresh one.
+public struct RegistryCredentialSource: Sendable {
+    /// Names the source in messages: `docker-credential-NAME`, or the config file's path.
+    public let name: String
+    /// How long a failure to get a new credential stands for later refusals, instead of the
+    /// source being asked again: the kernel retries a failed read at once, and a build reads
+    /// many blobs, each of which would otherwise run the helper.
+    public let failureStandsFor: Duration
+    private let lookUp: @Sendable () throws -> RegistryCredential?
+
+    public init(name: String, failureStandsFor: Duration = .seconds(5),
+                lookUp: @escaping @Sendable () throws -> RegistryCredential?) {
+        self.name = name
+        self.failureStandsFor = failureStandsFor
+        self.lookUp = lookUp
+    }
+
+    /// The credential the source holds now (nil: none). Runs a helper, or reads the config.
+    public func credential() throws -> RegistryCredential? { try lookUp() }
+}
+
 // MARK: - CredentialError
 
 /// A failure to resolve credentials. Its message is one line and never
@@ -138,23 +163,34 @@ public struct DockerCredentialStore: Sendable {
         let isHub = Self.dockerHubHosts.contains(hostKey)
         let serverURL = isHub ? Self.dockerHubServerURL : hostKey
 
-        let helper: String?
-        if let configured = Self.credHelper(for: hostKey, isHub: isHub, in: config.credHelpers) {
-            // An empty helper name means "use the file", as in the docker CLI.
-            helper = configured.isEmpty ? nil : configured
-        } else if let store = config.credsStore, !store.isEmpty {
-            helper = store
-        } else {
-            helper = nil
-        }
-
-        if let helper {
+        if let helper = Self.helperName(for: hostKey, isHub: isHub, in: config) {
             if let credential = try runHelper(named: helper, serverURL: serverURL) {
                 return credential
             }
             // "credentials not found": fall through to `auths`.
         }
         return try credentialFromAuths(config, hostKey: hostKey, isHub: isHub)
+    }
+
+    /// This store as the source of `host`'s credential, asked again whenever the registry
+    /// refuses the credential it gave. Its name is the helper the config names for `host`
+    /// now, or the config file.
+    public func source(forHost host: String) -> RegistryCredentialSource {
+        let hostKey = Self.normalizedHost(host)
+        let config = try? loadConfig()
+        let helper = config.flatMap { Self.helperName(for: hostKey, isHub: Self.dockerHubHosts.contains(hostKey), in: $0) }
+        let name = helper.map { "docker-credential-\($0)" } ?? "the Docker config \(configFilePath ?? "(none)")"
+        return RegistryCredentialSource(name: name) { try credential(forHost: host) }
+    }
+
+    /// `credHelpers[host]`, else `credsStore`; nil when the file's `auths` are the only source.
+    static func helperName(for hostKey: String, isHub: Bool, in config: Config) -> String? {
+        if let configured = credHelper(for: hostKey, isHub: isHub, in: config.credHelpers) {
+            // An empty helper name means "use the file", as in the docker CLI.
+            return configured.isEmpty ? nil : configured
+        }
+        if let store = config.credsStore, !store.isEmpty { return store }
+        return nil
     }
 
     // MARK: Host normalization

@@ -23,7 +23,12 @@ public final class RegistrySource: RemoteCacheSource {
 
     public var displayName: String { reference.description }
 
+    /// - Parameters:
+    ///   - credential: what `credentialSource` gave at mount (nil: none).
+    ///   - credentialSource: asked again when the registry refuses the credential; nil: the
+    ///     credential never changes.
     public init(reference: RegistryReference, insecure: Bool, credential: RegistryCredential?,
+                credentialSource: RegistryCredentialSource? = nil,
                 transport: any HTTPTransport, timeout: Duration, logger: Logger) {
         self.reference = reference
         self.insecure = insecure && !reference.isLoopback
@@ -34,8 +39,10 @@ public final class RegistrySource: RemoteCacheSource {
         self.timeout = timeout
         self.logger = logger
         self.authenticator = RegistryAuthenticator(host: reference.host, credential: credential,
+                                                   credentialSource: credentialSource,
                                                    transport: transport, timeout: timeout,
-                                                   unverifiedTLSHost: self.insecure ? reference.apiHost : nil)
+                                                   unverifiedTLSHost: self.insecure ? reference.apiHost : nil,
+                                                   logger: logger)
     }
 
     private var pullScope: String { "repository:\(reference.repository):pull" }
@@ -177,21 +184,22 @@ public final class RegistrySource: RemoteCacheSource {
         baseURL.appendingPathComponent("v2/\(reference.repository)/\(path)")
     }
 
-    /// One registry exchange: answers auth challenges once, follows redirects (never carrying
-    /// credentials to another origin), and hands only a successful body to the caller.
+    /// One registry exchange: answers auth challenges (a second time only with credentials
+    /// asked for again), follows redirects (never carrying credentials to another origin), and
+    /// hands only a successful body to the caller.
     private func perform(_ url: URL, headers: HTTPHeaders, totalTimeout: Duration?,
                          onResponse: (HTTPResponseHead) throws -> Void,
                          onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead {
         var url = url
         var redirects = 0
-        var answeredChallenge = false
+        var authentication = AuthenticationRound()
         while true {
             var request = HTTPRequest(url: url.absoluteString, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
             let sameOrigin = Self.origin(of: url) == Self.origin(of: baseURL)
             request.verifiesTLSPeer = !(insecure && sameOrigin)
-            if sameOrigin, let authorization = authenticator.currentAuthorization() {
-                request.headers.set("Authorization", authorization)
-            }
+            let sentAuthorization = sameOrigin ? authenticator.currentAuthorization() : nil
+            if let sentAuthorization { request.headers.set("Authorization", sentAuthorization) }
+            authentication.sending(sentAuthorization)
             let head: HTTPResponseHead
             let errorBody: [UInt8]
             do {
@@ -218,9 +226,9 @@ public final class RegistrySource: RemoteCacheSource {
                 }
                 redirects += 1
                 url = next
-            case 401 where sameOrigin && !answeredChallenge:
-                answeredChallenge = true
-                try authenticator.answer(challenges: head.headers.values("WWW-Authenticate"), scope: pullScope)
+            case 401 where sameOrigin && authenticator.mayAnswerAgain(authentication):
+                try authenticator.answer(challenges: head.headers.values("WWW-Authenticate"), scope: pullScope,
+                                         round: &authentication)
             case 401, 403:
                 throw RemoteStoreError.unauthorized("\(reference.host) refused access to \(reference.repository) (HTTP \(head.status)\(Self.registryErrorSummary(errorBody)))")
             case 404:

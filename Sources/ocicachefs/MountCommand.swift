@@ -35,7 +35,9 @@ struct MountCommand: ParsableCommand {
         warning line on stderr.
 
         Registry credentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker): \
-        auths entries, credHelpers and credsStore, as `docker login` leaves them.
+        auths entries, credHelpers and credsStore, as `docker login` leaves them. When the \
+        registry refuses them during the mount (an expired ECR or GCR login), they are read \
+        again (the helper is run again, within --timeout).
 
         For S3, bucket and region fall back to AWS_BUCKET and AWS_REGION and name to \
         "buildkit"; every name becomes a tag. Credentials: the attributes, then \
@@ -361,13 +363,20 @@ enum SourceFactory {
                 throw RemoteStoreError.configuration("type=registry does not know the attribute '\(first)'")
             }
             let reference = try RegistryReference(parsing: ref)
+            // Asked again during the mount, after the daemon has left its starting directory.
+            var store = DockerCredentialStore(helperTimeout: timeout)
+            if let directory = store.configDirectory, !directory.hasPrefix("/") {
+                store = DockerCredentialStore(configDirectory: FileManager.default.currentDirectoryPath + "/" + directory,
+                                              helperTimeout: timeout)
+            }
             let credential: RegistryCredential?
             do {
-                credential = try DockerCredentialStore().credential(forHost: reference.host)
+                credential = try store.credential(forHost: reference.host)
             } catch {
                 throw RemoteStoreError.configuration("\(error)")
             }
             return RegistrySource(reference: reference, insecure: try spec.flag("registry.insecure"), credential: credential,
+                                  credentialSource: store.source(forHost: reference.host),
                                   transport: CurlTransport(), timeout: timeout, logger: logger)
         case "s3":
             let location = try S3Location(spec: spec, environment: ProcessInfo.processInfo.environment)

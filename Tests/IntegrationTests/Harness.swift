@@ -471,6 +471,14 @@ final class TokenIssuer: Sendable {
         self.password = password
     }
 
+    /// `POST /users`: the user's password from now on.
+    func changePassword(of user: String, to password: String) throws {
+        let body = String(decoding: try JSONSerialization.data(withJSONObject: [user: password]), as: UTF8.self)
+        guard let answer = RawHTTP.post(port: endpoint.port, path: "/users", json: body), answer.status == 200 else {
+            throw HarnessError("the token issuer did not take the new password of \(user)")
+        }
+    }
+
     /// `GET /stats` of the issuer.
     func stats() -> [String: Int] {
         guard let answer = RawHTTP.get(port: endpoint.port, path: "/stats"), answer.status == 200,
@@ -532,12 +540,13 @@ final class Registry: Sendable {
 }
 
 extension Workspace {
-    func startTokenIssuer(user: String = "alice", password: String = "pw") async throws -> TokenIssuer {
+    /// - Parameter ttl: the tokens' lifetime in seconds (the issuer's default when nil).
+    func startTokenIssuer(user: String = "alice", password: String = "pw", ttl: Int? = nil) async throws -> TokenIssuer {
         let directory = try makeDirectory("token")
-        let server = try BackgroundServer(try Harness.python(),
-                                          ["-u", Harness.testenv + "/token_issuer.py", "--dir", directory, "--port", "0",
-                                           "--users", "\(user):\(password)", "--issuer", "integ-issuer", "--service", "integ-registry"],
-                                          in: self, label: "token")
+        var arguments = ["-u", Harness.testenv + "/token_issuer.py", "--dir", directory, "--port", "0",
+                         "--users", "\(user):\(password)", "--issuer", "integ-issuer", "--service", "integ-registry"]
+        if let ttl { arguments += ["--ttl", String(ttl)] }
+        let server = try BackgroundServer(try Harness.python(), arguments, in: self, label: "token")
         let port = try await server.awaitNumber(after: "ready")
         return TokenIssuer(server: server,
                            endpoint: .init(port: port, service: "integ-registry", issuer: "integ-issuer",
@@ -732,9 +741,10 @@ final class MountHandle: Sendable {
 extension Workspace {
     /// Runs `ocicachefs mount` (backgrounding, as users do) into a fresh mountpoint, and
     /// registers an unmount for the end of the test whatever happens.
-    /// `dockerConfig` defaults to an empty config so that the machine's ~/.docker never leaks in.
-    func mount(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil, timeout: Double = 10,
-               label: String = "mnt") async throws -> MountHandle {
+    /// `dockerConfig` defaults to an empty config so that the machine's ~/.docker never leaks in;
+    /// `environment` is added to the daemon's (e.g. a PATH with a credential helper on it).
+    func mount(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil, environment: [String: String] = [:],
+               timeout: Double = 10, label: String = "mnt") async throws -> MountHandle {
         try Harness.requireFuse()
         let binary = try Harness.binary()
         let mountpoint = try makeDirectory("\(label)-\(nextID())")
@@ -744,14 +754,16 @@ extension Workspace {
         onCleanup("unmount \(mountpoint)") { [self] in forceUnmount(mountpoint) }
         let result = try await Processes.run(binary, ["mount", "--cache-dir", cache, "--timeout", String(timeout),
                                                       "--log-level", "debug", "--log-file", logFile, source, mountpoint],
-                                             environment: ["DOCKER_CONFIG": config], timeout: timeout * 4 + 40, in: self)
+                                             environment: environment.merging(["DOCKER_CONFIG": config]) { _, config in config },
+                                             timeout: timeout * 4 + 40, in: self)
         return MountHandle(mountpoint: mountpoint, cacheDir: cache, logFile: logFile, result: result)
     }
 
     /// `mount` that must succeed (exit 0, mounted); throws with the daemon log otherwise.
     func mountExpectingSuccess(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil,
-                               timeout: Double = 10) async throws -> MountHandle {
-        let handle = try await mount(source, cacheDir: cacheDir, dockerConfig: dockerConfig, timeout: timeout)
+                               environment: [String: String] = [:], timeout: Double = 10) async throws -> MountHandle {
+        let handle = try await mount(source, cacheDir: cacheDir, dockerConfig: dockerConfig, environment: environment,
+                                     timeout: timeout)
         guard handle.result.status == 0, handle.isMounted else {
             throw HarnessError("mount failed: \(handle.result); mounted: \(handle.isMounted); daemon log: \(handle.log.suffix(3000))")
         }

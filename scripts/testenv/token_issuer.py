@@ -22,6 +22,8 @@ Endpoints:
        Unknown refresh token / bad password -> 401.
   GET  /stats  -> {"requests": N, "tokens": N, "denied": N}: requests = every request
        except /stats itself, tokens = tokens issued, denied = 401 answers.
+  POST /users  JSON {"USER": "PASSWORD", ...}: sets those users' passwords from now on (a
+       login that expires, as ECR's and GCR's do); answers 200 {"users": N}. Not counted.
 
 docker-registry 2.8 accepts a token until 60 s AFTER its exp claim (hard-coded clock-skew
 leeway, measured: a --ttl 2 token still worked at +61 s, got 401 at +63 s). To make the
@@ -227,6 +229,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         issuer = self.server.issuer
+        if urllib.parse.urlsplit(self.path).path == "/users":
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                users = json.loads(self.rfile.read(length).decode())
+                assert isinstance(users, dict) and all(isinstance(v, str) for v in users.values())
+            except Exception:
+                return self.reply(400, {"error": "expected a JSON object of user: password"}, "", counted=False)
+            with issuer.lock:
+                issuer.users.update(users)
+                count = len(issuer.users)
+            return self.reply(200, {"users": count}, "users=" + ",".join(sorted(users)), counted=False)
         if urllib.parse.urlsplit(self.path).path != "/token":
             return self.reply(404, {"error": "not found"}, "")
         length = int(self.headers.get("Content-Length") or 0)
