@@ -13,6 +13,11 @@ package struct ResponseHeadParser: Sendable {
         var bytes = Array(line)[...]
         while let last = bytes.last, last == 0x0D || last == 0x0A { bytes = bytes.dropLast() }
         if bytes.isEmpty { return }  // end of a header block
+        // libcurl passes a bare CR (or a NUL) inside a line through; values end up in one-line
+        // errors and logs. RFC 9110 §5.5 lets a recipient replace CR, LF and NUL with SP.
+        for index in bytes.indices where bytes[index] == 0x0D || bytes[index] == 0x0A || bytes[index] == 0 {
+            bytes[index] = 0x20
+        }
         if bytes.starts(with: "HTTP/".utf8) {
             // A new response (after 1xx, or a proxy's CONNECT answer): only the last one counts.
             headers = HTTPHeaders()
@@ -24,7 +29,7 @@ package struct ResponseHeadParser: Sendable {
             // Obsolete line folding: continues the previous field's value.
             let extra = String(decoding: bytes, as: UTF8.self).trimmingHTTPWhitespace()
             var fields = headers.fields
-            if let lastField = fields.popLast() {
+            if !extra.isEmpty, let lastField = fields.popLast() {
                 let joined = lastField.value.isEmpty ? extra : lastField.value + " " + extra
                 headers = HTTPHeaders(fields + [(name: lastField.name, value: joined)])
             }
