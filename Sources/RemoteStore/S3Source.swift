@@ -103,6 +103,10 @@ public final class S3Source: RemoteCacheSource {
             } else {
                 size = try sizeOfBlob(layer.blob)
             }
+            // A registry's descriptor with a negative size does not even decode; nor may this one.
+            guard size >= 0 else {
+                throw .invalidContent("\(source): layer \(layer.blob) in \(name) has a negative size \(size)")
+            }
             var layerAnnotations = [Annotation.uncompressed: diffID]
             if let createdAt = annotations?.createdAt { layerAnnotations[Annotation.buildkitCreatedAt] = createdAt }
             layers.append(Descriptor(mediaType: annotations?.mediaType ?? "application/vnd.oci.image.layer.v1.tar+gzip",
