@@ -5,6 +5,6 @@ let selectedTarget: FuzzTarget? = CommandLine.arguments.dropFirst().first.flatMa
 
 func runSelectedTarget(_ data: UnsafePointer<UInt8>?, _ count: Int) -> CInt {
     // SAFETY: libFuzzer hands over `count` readable bytes at `data` for the duration of the call.
-    selectedTarget!.run(UnsafeRawBufferPointer(start: data, count: count))
+    selectedTarget!.run(Array(UnsafeRawBufferPointer(start: data, count: count)))
     return 0
 }

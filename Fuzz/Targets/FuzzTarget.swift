@@ -35,8 +35,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     /// `--cache-size` and `--min-free` values.
     case cacheSize = "cache-size"
 
-    public func run(_ input: UnsafeRawBufferPointer) {
-        let bytes = Array(input)
+    public func run(_ bytes: [UInt8]) {
         switch self {
         case .manifest: Self.manifest(bytes, contentType: nil)
         case .cacheConfig: Self.cacheConfig(bytes)
@@ -50,10 +49,6 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .awsCredentialsResponse: Self.awsCredentialsResponse(bytes)
         case .cacheSize: Self.cacheSize(String(decoding: bytes, as: UTF8.self))
         }
-    }
-
-    public func run(_ bytes: [UInt8]) {
-        bytes.withUnsafeBytes { run($0) }
     }
 
     // MARK: OCI
