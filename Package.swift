@@ -65,6 +65,13 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
 
+        // One fuzz target per parser of remote or user input (docs/FUZZING.md). Built here so
+        // they compile and replay their corpus in the tests; scripts/fuzz.sh adds libFuzzer.
+        .target(name: "FuzzTargets", dependencies: [
+            "OCI", "HTTPClient", "RemoteStore", "ContentCache",
+            .product(name: "Logging", package: "swift-log"),
+        ], path: "Fuzz/Targets", swiftSettings: sourceSettings),
+
         .testTarget(name: "SystemSupportTests", dependencies: ["SystemSupport"]),
         .testTarget(name: "OCITests", dependencies: ["OCI"]),
         .testTarget(name: "HTTPClientTests", dependencies: ["HTTPClient"]),
@@ -75,5 +82,22 @@ let package = Package(
         .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
         .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),
         .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient", "SystemSupport"]),
+        .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
     ]
 )
+
+// scripts/fuzz.sh names libFuzzer's runtime without its main: SwiftPM gives the driver a main of
+// its own, and libFuzzer's would clash with it. Only that build (in its own scratch directory)
+// instruments the parsers and has the driver, so `swift build` and the tests never need libFuzzer.
+if let libFuzzerRuntime = Context.environment["OCICACHEFS_LIBFUZZER_RUNTIME"] {
+    let instrumented: Set = ["SystemSupport", "OCI", "HTTPClient", "RemoteStore", "ContentCache", "FuzzTargets"]
+    for target in package.targets where instrumented.contains(target.name) {
+        target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-sanitize=fuzzer"])]
+    }
+    package.targets += [
+        .systemLibrary(name: "CLibFuzzer", path: "Fuzz/CLibFuzzer"),
+        .executableTarget(name: "ocicachefs-fuzz", dependencies: ["CLibFuzzer", "FuzzTargets"], path: "Fuzz/Driver",
+                          swiftSettings: sourceSettings,
+                          linkerSettings: [.unsafeFlags([libFuzzerRuntime, "-lstdc++", "-lm"])]),
+    ]
+}

@@ -8,3 +8,4 @@ swift build --build-tests
 # One test at a time: the integration tests start servers and mounts and wait on them, and
 # run side by side on two cores they starve each other's waits into time-outs.
 swift test --skip-build --no-parallel
+scripts/fuzz.sh 3  # every parser's libFuzzer target for 3 s (docs/FUZZING.md)

@@ -102,8 +102,8 @@ extension BlobFetcher {
     }
 
     private func noMemoryError(_ digest: Digest, size: Int64) -> BlobReadError {
-        .local("blob \(digest): the cache directory \(store.directory) has no room for its \(size) bytes, "
-               + "and they do not fit in the \(memoryLimit) bytes of memory downloads may take")
+        .local("blob \(digest): its \(size) bytes cannot be cached in \(store.directory) (it is full, or the blob is larger "
+               + "than the cache may hold), and they do not fit in the \(memoryLimit) bytes of memory downloads may take")
     }
 
     /// Logs the full cache directory once per episode, and sends new downloads to memory for a while.

@@ -182,13 +182,13 @@ public final class CurlTransport: HTTPTransport {
         }
         if !context.responded {
             context.responded = true
-            var status = context.status
+            var status = context.headParser.status
             if status == 0 {
                 var fromCurl = 0
                 _ = CCurl_easy_getinfo_long(curl, CURLINFO_RESPONSE_CODE, &fromCurl)
                 status = fromCurl
             }
-            try context.onResponse(HTTPResponseHead(status: status, headers: context.headers))
+            try context.onResponse(HTTPResponseHead(status: status, headers: context.headParser.headers))
         }
     }
 
@@ -335,8 +335,7 @@ private final class EasyHandle: @unchecked Sendable {
 private final class TransferContext {
     let onResponse: (HTTPResponseHead) throws -> Void
     let onBody: (UnsafeRawBufferPointer) throws -> Void
-    var status = 0
-    var headers = HTTPHeaders()
+    var headParser = ResponseHeadParser()
     var responded = false
     /// The handler's error that stopped the transfer, rethrown unchanged.
     var handlerError: (any Error)?
@@ -374,30 +373,7 @@ private final class TransferContext {
     /// One raw header line as curl delivers it (with its CRLF).
     func receiveHeaderLine(_ line: UnsafeRawBufferPointer) {
         guard !responded else { return }  // trailers after the body: ignored
-        var bytes = line[...]
-        while let last = bytes.last, last == 0x0D || last == 0x0A { bytes = bytes.dropLast() }
-        if bytes.isEmpty { return }  // end of a header block
-        if bytes.starts(with: "HTTP/".utf8) {
-            // A new response (after 1xx, or a proxy's CONNECT answer): only the last one counts.
-            headers = HTTPHeaders()
-            let parts = bytes.split(separator: 0x20, maxSplits: 2, omittingEmptySubsequences: true)
-            status = parts.count >= 2 ? Int(String(decoding: parts[1], as: UTF8.self)) ?? 0 : 0
-            return
-        }
-        if let first = bytes.first, first == 0x20 || first == 0x09 {
-            // Obsolete line folding: continues the previous field's value.
-            let extra = String(decoding: bytes, as: UTF8.self).trimmingHTTPWhitespace()
-            var fields = headers.fields
-            if let lastField = fields.popLast() {
-                let joined = lastField.value.isEmpty ? extra : lastField.value + " " + extra
-                headers = HTTPHeaders(fields + [(name: lastField.name, value: joined)])
-            }
-            return
-        }
-        guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else { return }
-        let name = String(decoding: bytes[..<colon], as: UTF8.self).trimmingHTTPWhitespace()
-        let value = String(decoding: bytes[(colon + 1)...], as: UTF8.self).trimmingHTTPWhitespace()
-        if !name.isEmpty { headers.add(name, value) }
+        headParser.receive(line: line)
     }
 
     /// Returns false to stop the transfer.
@@ -405,7 +381,7 @@ private final class TransferContext {
         do {
             if !responded {
                 responded = true
-                try onResponse(HTTPResponseHead(status: status, headers: headers))
+                try onResponse(headParser.head)
             }
             try onBody(chunk)
             return true
@@ -444,14 +420,4 @@ private let curlProgressCallback: curl_xferinfo_callback = { userdata, _, downlo
     let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
     // Non-zero aborts the transfer with CURLE_ABORTED_BY_CALLBACK.
     return context.progress(downloaded: Int64(downloaded), uploaded: Int64(uploaded)) ? 0 : 1
-}
-
-fileprivate extension String {
-    /// Drops leading and trailing spaces and horizontal tabs.
-    func trimmingHTTPWhitespace() -> String {
-        let utf8 = self.utf8
-        guard let start = utf8.firstIndex(where: { $0 != 0x20 && $0 != 0x09 }) else { return "" }
-        let end = utf8.lastIndex(where: { $0 != 0x20 && $0 != 0x09 })!
-        return String(self[start...end])
-    }
 }

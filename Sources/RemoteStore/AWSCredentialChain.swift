@@ -268,8 +268,8 @@ public final class AWSCredentialChain: AWSCredentialProvider {
 
     // MARK: 4. Container credentials
 
-    private struct Failure: Error {
-        var message: String
+    package struct Failure: Error {
+        package var message: String
         init(_ message: String) { self.message = AWSCredentialChain.oneLine(message) }
     }
 
@@ -451,7 +451,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     }
 
     /// Container and instance metadata answers: `{AccessKeyId, SecretAccessKey, Token, Expiration}`.
-    private static func decodeCredentials(_ body: [UInt8], context: String) -> Result<AWSCredentials, Failure> {
+    package static func decodeCredentials(_ body: [UInt8], context: String) -> Result<AWSCredentials, Failure> {
         guard let document = try? JSONDecoder().decode(CredentialsDocument.self, from: Data(body)) else {
             return .failure(Failure("\(context): the response is not a credentials JSON object"))
         }
@@ -493,8 +493,8 @@ public final class AWSCredentialChain: AWSCredentialProvider {
 /// and indented sub-properties under a key with an empty value (`s3 =` then `  addressing_style
 /// = path`), which are skipped. Section names keep their case; `[profile  x]` becomes
 /// `profile x`. A repeated section merges into the earlier one, later keys winning.
-enum AWSINIParser {
-    static func parse(_ text: String) -> [String: [String: String]] {
+package enum AWSINIParser {
+    package static func parse(_ text: String) -> [String: [String: String]] {
         var sections: [String: [String: String]] = [:]
         var current: String?
         var lastKeyHadEmptyValue = false

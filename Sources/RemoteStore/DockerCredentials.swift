@@ -93,9 +93,10 @@ public struct CredentialError: Error, Sendable, CustomStringConvertible, Equatab
 
     public init(_ kind: Kind, _ message: String) {
         self.kind = kind
-        // Guarantee a single line.
+        // Guarantee a single line. `isNewline`, not == "\n": "\r\n" is one Character, equal to
+        // neither (found by the docker-config fuzz target).
         self.message = message
-            .split(whereSeparator: { $0 == "\n" || $0 == "\r" })
+            .split(whereSeparator: \.isNewline)
             .joined(separator: " ")
     }
 

@@ -246,7 +246,7 @@ public final class RegistrySource: RemoteCacheSource {
     }
 
     /// `{"errors":[{"code":"MANIFEST_UNKNOWN","message":"..."}]}` → `: MANIFEST_UNKNOWN manifest unknown`.
-    static func registryErrorSummary(_ body: [UInt8]) -> String {
+    package static func registryErrorSummary(_ body: [UInt8]) -> String {
         struct Errors: Decodable {
             struct Entry: Decodable {
                 var code: String?

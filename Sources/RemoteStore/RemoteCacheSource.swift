@@ -39,7 +39,7 @@ extension RemoteCacheSource {
 }
 
 /// HTTP byte ranges as both remote stores ask for them.
-enum ByteRange {
+package enum ByteRange {
     /// The Range header for a request, or nil when the whole body is wanted.
     static func header(from offset: Int64, through last: Int64?) -> String? {
         if let last { return "bytes=\(offset)-\(last)" }
@@ -56,7 +56,7 @@ enum ByteRange {
     }
 
     /// "bytes 100-199/1000" → 100.
-    static func contentRangeStart(_ value: String?) -> Int64? {
+    package static func contentRangeStart(_ value: String?) -> Int64? {
         guard let value, value.hasPrefix("bytes ") else { return nil }
         let range = value.dropFirst("bytes ".count).split(separator: "/").first ?? ""
         return range.split(separator: "-").first.flatMap { Int64($0) }

@@ -83,26 +83,38 @@ public final class S3Source: RemoteCacheSource {
     /// The image manifest BuildKit's own S3 importer builds in memory, serialized canonically.
     func synthesizeManifest(fromCacheConfig config: [UInt8], name: String) throws(RemoteStoreError)
         -> (bytes: [UInt8], digest: Digest, layers: [Descriptor]) {
+        try Self.synthesizeManifest(fromCacheConfig: config, name: name, source: displayName,
+                                    key: location.manifestKey(name)) { blob throws(RemoteStoreError) in
+            try headSize(location.blobKey(blob.description))
+        }
+    }
+
+    /// The same without a source: `sizeOfBlob` answers for a layer whose annotations give no
+    /// size (the source asks S3 with a HEAD request); `source` and `key` only name the object.
+    package static func synthesizeManifest(fromCacheConfig config: [UInt8], name: String, source: String, key: String,
+                                           sizeOfBlob: (Digest) throws(RemoteStoreError) -> Int64) throws(RemoteStoreError)
+        -> (bytes: [UInt8], digest: Digest, layers: [Descriptor]) {
         let parsed: AnnotatedCacheConfig
         do {
             parsed = try JSONDecoder().decode(AnnotatedCacheConfig.self, from: Data(config))
         } catch {
-            throw .invalidContent("\(displayName): \(location.manifestKey(name)) is not a BuildKit cache config")
+            throw .invalidContent("\(source): \(key) is not a BuildKit cache config")
         }
         var layers: [Descriptor] = []
         for layer in parsed.layers ?? [] {
             let annotations = layer.annotations
             guard let diffID = annotations?.diffID, Digest(diffID) != nil else {
-                throw .invalidContent("\(displayName): layer \(layer.blob) in \(name) has no diffID annotation")
+                throw .invalidContent("\(source): layer \(layer.blob) in \(name) has no diffID annotation")
             }
             let size: Int64
             if let annotated = annotations?.size {
                 size = annotated
             } else {
-                size = try headSize(location.blobKey(layer.blob.description))
+                size = try sizeOfBlob(layer.blob)
             }
+            // As a registry's descriptor with such a size does not even decode, nor may this one.
             if let problem = Descriptor.sizeProblem(size, of: layer.blob) {
-                throw .invalidContent("\(displayName): \(location.manifestKey(name)): \(problem)")
+                throw .invalidContent("\(source): \(key): \(problem)")
             }
             var layerAnnotations = [Annotation.uncompressed: diffID]
             if let createdAt = annotations?.createdAt { layerAnnotations[Annotation.buildkitCreatedAt] = createdAt }
@@ -175,15 +187,21 @@ public final class S3Source: RemoteCacheSource {
 }
 
 /// S3's XML error document, turned into one line.
-struct S3ErrorResponse {
+package struct S3ErrorResponse {
     var status: Int
     var headers: HTTPHeaders
     var body: [UInt8]
 
+    package init(status: Int, headers: HTTPHeaders, body: [UInt8]) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+
     var code: String? { element("Code") }
     var message: String? { element("Message") }
 
-    func remoteStoreError(context: String, region: String) -> RemoteStoreError {
+    package func remoteStoreError(context: String, region: String) -> RemoteStoreError {
         let summary = [code, message].compactMap { $0 }.joined(separator: ": ")
         let detail = summary.isEmpty ? "HTTP \(status)" : "HTTP \(status) \(summary)"
         if status == 301 || code == "PermanentRedirect" || code == "AuthorizationHeaderMalformed",

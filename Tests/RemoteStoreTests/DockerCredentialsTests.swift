@@ -186,6 +186,16 @@ struct DockerCredentialConfigTests {
         }
     }
 
+    /// Found by the docker-config fuzz target: "\r\n" is one Character, equal to neither
+    /// "\r" nor "\n", and a key holding it reached the message whole.
+    @Test func aKeyWithCRLFStaysOnOneLine() throws {
+        try withTempDir { dir in
+            try dir.writeConfig("{\"auths\":{\"x\\r\\ny\":1}}")
+            let error = #expect(throws: CredentialError.self) { try dir.store().credential(forHost: "docker.io") }
+            #expect(error.map { !$0.message.utf8.contains(where: { $0 == 0x0A || $0 == 0x0D }) } == true, "\(String(describing: error))")
+        }
+    }
+
     @Test func invalidAuthFieldIsAnErrorWithoutTheSecret() throws {
         try withTempDir { dir in
             // Not base64.

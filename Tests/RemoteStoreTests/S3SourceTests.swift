@@ -273,6 +273,30 @@ func makeS3Source(_ attributes: String, transport: any HTTPTransport, environmen
         }
     }
 
+    // Found by the s3-cache-config fuzz target: a negative size went into the layer's
+    // descriptor, so the synthesized manifest did not even parse with ManifestContent.parse.
+    @Test func aNegativeLayerSizeIsRejected() throws {
+        let layer = #"{"blob":"sha256:\#(String(repeating: "a", count: 64))","parent":-1,"annotations":{"diffID":"sha256:\#(String(repeating: "b", count: 64))","size":-231}}"#
+        let fake = FakeS3(bucket: "cache", objects: ["manifests/main": Array(#"{"layers":[\#(layer)]}"#.utf8)])
+        let source = try makeS3Source("bucket=cache,region=us-east-1,name=main,endpoint_url=http://127.0.0.1:9,use_path_style=true", transport: fake)
+        #expect { try source.loadSnapshot() } throws: { error in
+            guard case .invalidContent(let message) = error as? RemoteStoreError else { return false }
+            return message.contains("declares -231 bytes")
+        }
+    }
+
+    @Test func aNegativeContentLengthFromHeadIsRejected() throws {
+        var cache = S3Cache()
+        cache.omitSizes = true
+        let fake = FakeS3(bucket: "cache", objects: cache.objects())
+        fake.answer("blobs/", with: .init(status: 200, headers: HTTPHeaders([("Content-Length", "-5")])))
+        let source = try makeS3Source("bucket=cache,region=us-east-1,name=main,endpoint_url=http://127.0.0.1:9,use_path_style=true", transport: fake)
+        #expect { try source.loadSnapshot() } throws: { error in
+            guard case .invalidContent(let message) = error as? RemoteStoreError else { return false }
+            return message.contains("declares -5 bytes")
+        }
+    }
+
     @Test func aConfigWithoutDiffIDsIsRejected() throws {
         let bad = Array(#"{"layers":[{"blob":"sha256:\#(String(repeating: "a", count: 64))","parent":-1}]}"#.utf8)
         let fake = FakeS3(bucket: "cache", objects: ["manifests/main": bad])
