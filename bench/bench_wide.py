@@ -114,6 +114,21 @@ class WidePart:
             raise self.b.error(f"stat {path}: size {p.stdout.strip()}, expected {expect}")
         return t
 
+    def fetch_documents(self, n):
+        """Seconds `curl` takes to GET, one after another, what mounting the cache fetches: the
+        tag's manifest (or index), each image manifest under an index, and each config."""
+        info = self.caches[n]
+        base = f"http://{self.b.registry}/v2/bench/wide-{n}"
+        accept = "Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+        start = time.perf_counter()
+        self.b.curl(f"{base}/manifests/bench", info["manifest"]["size"], headers=[accept])
+        if n > PER_MANIFEST:
+            for m in info["manifests"]:
+                self.b.curl(f"{base}/manifests/{m['digest']}", m["size"], headers=[accept])
+        for c in info["configs"]:
+            self.b.curl(f"{base}/blobs/{c['digest']}", c["size"])
+        return time.perf_counter() - start
+
     def mount_and_list(self, n, key):
         info = self.caches[n]
         cache = self.b.new_cache_dir()
@@ -158,6 +173,7 @@ class WidePart:
                 d = os.path.join(self.tmpfs, str(n))
                 self.b.sample(f"wide_tmpfs_ls_{n}", self.ls(d, n))
                 self.b.sample(f"wide_tmpfs_stat_{n}", self.stat_size(os.path.join(d, os.listdir(d)[0]), 0))
+                self.b.sample(f"wide_curl_docs_{n}", self.fetch_documents(n))
             self.log(f"wide run {run + 1}: mount 1 {fmt_s(self.b.s('wide_mount_1')[-1])}, "
                      + ", ".join(f"{n}: mount {fmt_s(self.b.s(f'wide_mount_{n}')[-1])}, ls -l {fmt_s(self.b.s(f'wide_ls_{n}')[-1])} "
                                  f"(tmpfs {fmt_s(self.b.s(f'wide_tmpfs_ls_{n}')[-1])})" for n in SIZES))
@@ -186,6 +202,9 @@ class WideReport:
             mount, mount1 = self.m(f"wide_mount_{n}"), self.m("wide_mount_1")
             self.row(f"`ocicachefs mount`, {n:,} blobs ({self.layout(n)})", fmt_s(mount),
                      "the same mount of a 1-blob cache", fmt_s(mount1), f"{mount / mount1:.1f}× the time", target)
+            docs = self.m(f"wide_curl_docs_{n}")
+            self.row("same mount", fmt_s(mount), "`curl` GETs, one after another, of the manifests and configs it fetches",
+                     fmt_s(docs), f"{mount / docs:.1f}× the time")
             ls, tmpfs = self.m(f"wide_ls_{n}"), self.m(f"wide_tmpfs_ls_{n}")
             self.row(f"`ls -l MNT/blobs/sha256 \\| wc -l`, {n:,} blobs, first listing after mounting", fmt_s(ls),
                      f"`ls -l` of a tmpfs directory of {n:,} empty files", fmt_s(tmpfs), f"{ls / tmpfs:.1f}× the time", target)
@@ -246,7 +265,9 @@ class WideReport:
                 "the middle layer (size checked); `LC_ALL=C ls -l MNT/blobs/sha256 | wc -l` (line count checked: "
                 "the layers, manifests, configs and index, plus ls's total line), then again; `VmRSS`/`VmHWM` of "
                 "the daemon after the listings. Baselines in the same run: the same mount of a 1-layer cache; "
-                "`ls -l` of a tmpfs directory holding one empty file per layer, named by its digest.")
+                "`ls -l` of a tmpfs directory holding one empty file per layer, named by its digest; `curl` "
+                "(one process per request, one after another) of the manifest or index, each image manifest under "
+                "it and each config: what the mount itself fetches.")
 
     def not_measured(self):
         return "" if self.W else "- 13.4: mount and listing of 20,000 and 100,000 blobs (part `wide`)."
@@ -265,6 +286,9 @@ class WideReport:
             else:
                 samples.append(f"| `{k}` | {', '.join(f'{x:.3f}' for x in xs)} s | {med(xs):.3f} s |")
         return (f"## Many blobs (issue 13 item 4)\n\n"
-                f"Measured {started} with `{command}`; medians of {self.a.runs} runs.\n\n"
+                f"Measured {started} with `{command}` (release build of commit {self.a.build_commit or '?'}"
+                f"{', Sources/ changed' if self.a.build_dirty else ''}; load average {' '.join(self.R['load_before'])} "
+                f"before, {' '.join(self.R['load_after'])} after); medians of {self.a.runs} runs. The rest of this "
+                f"document comes from its own full run; a full run measures this part too.\n\n"
                 + "\n".join(lines) + "\n\n" + self.targets() + "\n\n" + self.where_time() + "\n\n"
                 + self.how() + "\n\n" + "\n".join(samples) + "\n")

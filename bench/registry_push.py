@@ -186,7 +186,7 @@ def write_stored_blob(storage: str, repo: str, data: bytes) -> dict:
 def push_wide(registry, repo, tag, count, per_manifest, storage, seed):
     p = Pusher(registry, repo)
     layers = [write_stored_blob(storage, repo, wide_layer(seed, i)) for i in range(count)]
-    manifests = []
+    manifests, configs = [], []
     for start in range(0, count, per_manifest):
         part = layers[start:start + per_manifest]
         # The cache config of BuildKit's image-manifest variant: one chain over the part's
@@ -195,7 +195,8 @@ def push_wide(registry, repo, tag, count, per_manifest, storage, seed):
         cfg_layers = [{"blob": l["digest"], **({"parent": i - 1} if i != 1 else {})} for i, l in enumerate(part)]
         cfg = json.dumps({"layers": cfg_layers, "records": [{"layers": [{"layer": len(part) - 1}],
                           "digest": sha(f"bench-wide-record:{seed}:{start}".encode())}]}, separators=(",", ":")).encode()
-        body = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST, "config": p.push_bytes(cfg, CACHECONFIG),
+        configs.append(p.push_bytes(cfg, CACHECONFIG))
+        body = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST, "config": configs[-1],
                            "layers": part}, separators=(",", ":")).encode()
         ref = tag if count <= per_manifest else sha(body)
         p.check(p.session().put(p.url(f"/v2/{repo}/manifests/{ref}"), data=body, headers={"Content-Type": MANIFEST}), 201)
@@ -205,7 +206,7 @@ def push_wide(registry, repo, tag, count, per_manifest, storage, seed):
         body = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}, separators=(",", ":")).encode()
         p.check(p.session().put(p.url(f"/v2/{repo}/manifests/{tag}"), data=body, headers={"Content-Type": INDEX}), 201)
         top = {"mediaType": INDEX, "digest": sha(body), "size": len(body)}
-    return {"ref": f"{registry}/{repo}:{tag}", "manifest": top, "manifests": manifests, "layers": layers}
+    return {"ref": f"{registry}/{repo}:{tag}", "manifest": top, "manifests": manifests, "configs": configs, "layers": layers}
 
 
 def main():
