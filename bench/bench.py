@@ -21,6 +21,7 @@ import threading
 import time
 
 import bench_s3
+import bench_wide
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB, GiB = 1 << 20, 1 << 30
@@ -107,6 +108,7 @@ class Bench:
         self.cache_seq = 0
         self.R = {"seed": {}, "samples": {}, "parts": self.parts}
         self.part2 = None
+        self.wide = None
 
     # ---- small helpers
     def sample(self, key, value):
@@ -371,6 +373,8 @@ class Bench:
     def cleanup(self):
         if self.part2:
             self.part2.cleanup()
+        if self.wide:
+            self.wide.cleanup()
         for m in list(self.mounted):
             subprocess.run([self.a.binary, "unmount", m], capture_output=True)
             self.mounted.discard(m)
@@ -696,6 +700,9 @@ class Bench:
             self.bench_partial()
             self.bench_pattern()
             self.bench_rss()
+        if "wide" in self.parts:
+            self.wide = bench_wide.WidePart(self, self.a)
+            self.wide.go()
         if set(self.parts) & {"s3", "shaped", "peers", "ci"}:
             self.part2 = bench_s3.S3Parts(self, self.a)
             self.part2.go()
@@ -738,6 +745,7 @@ class Report:
         self.parts = args.parts.split(",")
         self.reg = "registry" in self.parts
         self.p2 = bench_s3.S3Report(bench, args)
+        self.wide = bench_wide.WideReport(bench, args)
 
     def m(self, key):
         return med(self.b.s(key))
@@ -755,6 +763,8 @@ class Report:
     def build(self):
         if self.reg:
             self.build_registry()
+        self.wide.build()
+        self.rows += self.wide.rows
         self.p2.build()
         self.rows += self.p2.rows
 
@@ -871,7 +881,7 @@ class Report:
         return f
 
     def targets(self):
-        return "\n".join(t for t in ((self.targets_registry() if self.reg else ""), self.p2.targets()) if t)
+        return "\n".join(t for t in ((self.targets_registry() if self.reg else ""), self.wide.targets(), self.p2.targets()) if t)
 
     def targets_registry(self):
         R, ra = self.R, self.ratio
@@ -973,7 +983,8 @@ class Report:
         return "\n".join(out)
 
     def where_time(self):
-        return "\n".join(t for t in ((self.where_time_registry() if self.reg else ""), self.p2.where_time()) if t)
+        return "\n".join(t for t in ((self.where_time_registry() if self.reg else ""), self.wide.where_time(),
+                                     self.p2.where_time()) if t)
 
     def where_time_registry(self):
         R, ra = self.R, self.ratio
@@ -1038,7 +1049,7 @@ class Report:
     def raw(self):
         lines = ["| sample | runs | median |", "| --- | --- | --- |"]
         for key, xs in self.R["samples"].items():
-            if "wire" in key or "hwm" in key or "dirty" in key:
+            if "wire" in key or "hwm" in key or "dirty" in key or key.startswith("wide_rss"):
                 vals, m = ", ".join(fmt_bytes(x) for x in xs), fmt_bytes(med(xs))
             elif "gets" in key or "requests" in key:
                 vals, m = ", ".join(str(int(x)) for x in xs), str(int(med(xs)))
@@ -1064,7 +1075,7 @@ class Report:
         minutes = (R["finished"] - R["started"]).total_seconds() / 60
         mode = "quick mode (not the reference figures)" if self.a.quick else "full mode"
         tools = f"{mach['swift']}; libfuse {mach['libfuse']}; {mach['curl']}"
-        if self.reg or "ci" in self.parts:
+        if self.reg or "ci" in self.parts or "wide" in self.parts:
             tools += f"; docker-registry {mach['registry']}"
         if p2:
             tools += f"; nginx {mach['nginx']}; moto {mach['moto']}"
@@ -1127,9 +1138,11 @@ per second, "MB/s" 10⁶.""")
    cost) both on the cached file directly.""")
         else:
             how.append("- Items 1, 2 (registry), 4, 6, 7, 8: not run (part `registry`).")
+        if self.wide.W:
+            how.append(self.wide.how())
         if p2:
             how.append(self.p2.how())
-        missing = self.p2.not_measured()
+        missing = "\n".join(t for t in (self.wide.not_measured(), self.p2.not_measured()) if t)
         return head + f"""
 ## Results
 
@@ -1162,7 +1175,7 @@ per second, "MB/s" 10⁶.""")
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--parts", default="registry,s3,shaped,peers,ci")
+    ap.add_argument("--parts", default="registry,s3,shaped,peers,ci,wide")
     ap.add_argument("--registry-dir")
     ap.add_argument("--registry-port", type=int)
     ap.add_argument("--registry-pid", type=int, help="for its CPU time")
@@ -1208,6 +1221,9 @@ def main():
     report.build()
     text = report.markdown()
     print("\n" + report.table() + "\n\n" + report.targets() + "\n\n" + report.where_time() + "\n")
+    if report.wide.W:
+        # The part on its own, dated, for adding to docs/performance.md without a full run.
+        print(report.wide.section(args.command, bench.R["started"].strftime("%Y-%m-%d %H:%M UTC")))
     if args.doc:
         with open(args.doc, "w") as f:
             f.write(text)

@@ -13,6 +13,17 @@ benchmark unpacks them.
   chains --chains K --sizes A,B,C [--tag-prefix P]
                       K tags P0..P(K-1) in one repository, each an index whose layers are a
                       chain of sizes A, B, C... (streamed like big; no layer shared)
+  wide --count N --per-manifest M --storage DIR
+                      N small layers (a few hundred bytes, sizes vary) in BuildKit's image-manifest
+                      variant: image manifests of at most M layers each, their config a cache
+                      config chaining the layers; more than M layers go into several such
+                      manifests under one OCI index (ocicachefs refuses any manifest or config
+                      over 4 MiB, so no single document can name 100,000 layers). The layer
+                      blobs are written straight into the registry's filesystem storage DIR
+                      (what a push leaves there: blobs/sha256/XX/HEX/data and the repository's
+                      _layers link), since 100,000 pushes take minutes; configs, manifests and
+                      the index go through the API, and the registry checks on each manifest
+                      PUT that every layer it names exists.
 
 Stdout: the JSON {"ref", "manifest": {...}, "layers": [{digest, size}...], "seconds"}
 (also written to --out FILE). Loopback registries without auth only.
@@ -21,6 +32,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import os
 import random
 import sys
 import threading
@@ -30,6 +42,7 @@ import urllib.parse
 import requests
 
 INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar"
 CACHECONFIG = "application/vnd.buildkit.cacheconfig.v0"
 CHUNK = 1 << 20
@@ -145,9 +158,60 @@ def push_chains(registry, repo, prefix, chains, sizes, seed):
     return {"tags": tags}
 
 
+def wide_layer(seed: int, i: int) -> bytes:
+    """Layer i of a wide cache: 256-767 deterministic bytes."""
+    block = hashlib.sha256(f"ocicachefs-bench-wide:{seed}:{i}".encode()).digest()
+    return (block * 24)[:256 + i % 512]
+
+
+def write_stored_blob(storage: str, repo: str, data: bytes) -> dict:
+    """Stores a blob as distribution's filesystem driver does after a push: the content under
+    blobs/ and a link in the repository (the registry is not asked for it before its manifest)."""
+    digest = sha(data)
+    hexd = digest.split(":", 1)[1]
+    v2 = os.path.join(storage, "docker/registry/v2")
+    for directory, name, body in ((os.path.join(v2, "blobs/sha256", hexd[:2], hexd), "data", data),
+                                  (os.path.join(v2, "repositories", repo, "_layers/sha256", hexd), "link", digest.encode())):
+        try:
+            os.mkdir(directory)
+        except FileNotFoundError:
+            os.makedirs(directory)
+        except FileExistsError:
+            pass
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(body)
+    return {"mediaType": LAYER, "digest": digest, "size": len(data)}
+
+
+def push_wide(registry, repo, tag, count, per_manifest, storage, seed):
+    p = Pusher(registry, repo)
+    layers = [write_stored_blob(storage, repo, wide_layer(seed, i)) for i in range(count)]
+    manifests, configs = [], []
+    for start in range(0, count, per_manifest):
+        part = layers[start:start + per_manifest]
+        # The cache config of BuildKit's image-manifest variant: one chain over the part's
+        # layers (parent omitted for 0, as Go's omitempty writes it; -1 for the base) and one
+        # record naming its tip.
+        cfg_layers = [{"blob": l["digest"], **({"parent": i - 1} if i != 1 else {})} for i, l in enumerate(part)]
+        cfg = json.dumps({"layers": cfg_layers, "records": [{"layers": [{"layer": len(part) - 1}],
+                          "digest": sha(f"bench-wide-record:{seed}:{start}".encode())}]}, separators=(",", ":")).encode()
+        configs.append(p.push_bytes(cfg, CACHECONFIG))
+        body = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST, "config": configs[-1],
+                           "layers": part}, separators=(",", ":")).encode()
+        ref = tag if count <= per_manifest else sha(body)
+        p.check(p.session().put(p.url(f"/v2/{repo}/manifests/{ref}"), data=body, headers={"Content-Type": MANIFEST}), 201)
+        manifests.append({"mediaType": MANIFEST, "digest": sha(body), "size": len(body)})
+    top = manifests[0]
+    if count > per_manifest:
+        body = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}, separators=(",", ":")).encode()
+        p.check(p.session().put(p.url(f"/v2/{repo}/manifests/{tag}"), data=body, headers={"Content-Type": INDEX}), 201)
+        top = {"mediaType": INDEX, "digest": sha(body), "size": len(body)}
+    return {"ref": f"{registry}/{repo}:{tag}", "manifest": top, "manifests": manifests, "configs": configs, "layers": layers}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["big", "many", "chains"])
+    ap.add_argument("mode", choices=["big", "many", "chains", "wide"])
     ap.add_argument("--registry", required=True, metavar="127.0.0.1:PORT")
     ap.add_argument("--repo", required=True)
     ap.add_argument("--tag", default="bench")
@@ -155,7 +219,9 @@ def main():
     ap.add_argument("--chains", type=int, default=10, help="tags (mode chains)")
     ap.add_argument("--sizes", help="comma-separated layer sizes of each chain (mode chains)")
     ap.add_argument("--tag-prefix", default="ci-")
-    ap.add_argument("--count", type=int, default=1, help="layers (mode many)")
+    ap.add_argument("--count", type=int, default=1, help="layers (modes many, wide)")
+    ap.add_argument("--per-manifest", type=int, default=20000, help="layers per image manifest (mode wide)")
+    ap.add_argument("--storage", help="the registry's filesystem storage root (mode wide)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", metavar="FILE")
     args = ap.parse_args()
@@ -165,6 +231,10 @@ def main():
         if not sizes:
             sys.exit("registry_push.py: chains needs --sizes")
         result = push_chains(args.registry, args.repo, args.tag_prefix, args.chains, sizes, args.seed)
+    elif args.mode == "wide":
+        if not args.storage:
+            sys.exit("registry_push.py: wide needs --storage")
+        result = push_wide(args.registry, args.repo, args.tag, args.count, args.per_manifest, args.storage, args.seed)
     elif not args.size:
         sys.exit("registry_push.py: big and many need --size")
     elif args.mode == "big":
@@ -176,7 +246,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(text if args.mode != "many" else json.dumps({k: v for k, v in result.items() if k != "layers"}))
+    print(text if args.mode not in ("many", "wide") else json.dumps({k: v for k, v in result.items() if k != "layers"}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 #   shaped    item 3: the same behind a per-connection rate cap and added latency, vs 1 and 8 curl streams
 #   peers     item 5: cold and warm vs rclone mount --vfs-cache-mode full and s3fs (use_cache), same object
 #   ci        item 9: a 2 GiB cache, a job reading one tag's chain (10%), vs downloading the whole cache first
+#   wide      issue 13 item 4: mount and `ls -l` of caches of 20,000 and 100,000 blobs, vs a 1-blob mount
+#             and `ls -l` of as many empty files on tmpfs (seeding 100,000 blobs takes a minute or two)
 #
 #   bench/run.sh                 full mode, every part: 1 GiB blob, the 4 GiB peak-RSS case; writes docs/performance.md
 #   bench/run.sh --quick         256 MiB blob, 256 MiB CI cache, no 4 GiB case; writes no doc unless --doc
@@ -31,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-all_parts="registry,s3,shaped,peers,ci"
+all_parts="registry,s3,shaped,peers,ci,wide"
 quick=0 keep=0 doc="" parts="$all_parts" only=0
 args_text=""
 while [ $# -gt 0 ]; do
@@ -52,7 +54,7 @@ for p in ${parts//,/ }; do
     [[ ",$all_parts," == *",$p,"* ]] || die "unknown part '$p' in --only (parts: $all_parts)"
 done
 need_registry=0 need_s3=0
-{ has registry || has ci; } && need_registry=1
+{ has registry || has ci || has wide; } && need_registry=1
 { has s3 || has shaped || has peers || has ci; } && need_s3=1
 
 [ "$(id -u)" -eq 0 ] || die "needs root (drop_caches, read_ahead_kb, FUSE mounts, network namespaces)"
@@ -105,6 +107,7 @@ rate=${BENCH_RATE:-25m}
 
 tmp_base=${BENCH_TMPDIR:-/tmp}
 avail_gib=$(df -P -BG "$tmp_base" | awk 'NR==2{sub("G","",$4); print $4}')
+has wide && need_gib=$((need_gib + 2))   # 120,000 small blobs in the registry's storage
 [ "$avail_gib" -ge "$need_gib" ] || die "$tmp_base has ${avail_gib} GiB free, this mode needs about $need_gib GiB (set BENCH_TMPDIR)"
 
 # What the binary is built from, recorded now (other commits may land while the bench runs).
