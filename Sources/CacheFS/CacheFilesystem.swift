@@ -137,10 +137,13 @@ public final class CacheFilesystem: Sendable {
         _ = add(root, "ingest", .directory(children: DirectoryEntries(), creatable: true), permissions: 0o755)
         let blobs = add(root, "blobs", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o755)
         let sha256 = add(blobs, "sha256", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o755)
-        for (digest, bytes) in snapshot.smallBlobs.sorted(by: { $0.key < $1.key }) {
+        // In no particular order: listings sort names themselves, and sorting 100,000 digests
+        // here cost 6% of such a mount.
+        state.nodes.reserveCapacity(state.nodes.count + snapshot.smallBlobs.count + snapshot.lazyBlobs.count)
+        for (digest, bytes) in snapshot.smallBlobs {
             _ = add(sha256, digest.hex, .bytes(bytes), permissions: 0o444)
         }
-        for (digest, size) in snapshot.lazyBlobs.sorted(by: { $0.key < $1.key }) {
+        for (digest, size) in snapshot.lazyBlobs {
             _ = add(sha256, digest.hex, .lazyBlob(digest, size: size), permissions: 0o444)
         }
         return state

@@ -245,9 +245,8 @@ extension BlobFetcher {
     // MARK: Making verified blobs durable
 
     /// Committing forces the blob's pages to disk. Done while a job still reads (BuildKit reading
-    /// one layer after another), those writes competed with the next layers' downloads: reading
-    /// a 204 MiB chain of four layers took about 490 ms with each fsync right after its blob
-    /// verified, about 400 ms with the commits left until reading paused.
+    /// one layer after another), those writes competed with the next layers' downloads
+    /// (docs/performance.md, "Measurements behind design choices").
     func startCommitting(_ state: inout State) {
         guard !state.committing else { return }
         state.committing = true

@@ -7,9 +7,8 @@
 ///
 /// A buffered write that covers a new page only in part makes ext4 zero the rest of that page,
 /// which the next write then overwrites. Pieces come in whatever sizes the socket delivers, and
-/// after the first odd-sized one every write starts and ends mid-page: writing 1 GiB into a
-/// sparse file in 64 KiB pieces took 0.32 s of system time off page boundaries against 0.20 s
-/// on them, and zeroing was about 3% of all CPU samples in a cold 4 GiB read.
+/// after the first odd-sized one every write starts and ends mid-page (docs/performance.md,
+/// "Measurements behind design choices", has what that cost).
 struct PageAlignedWriter: ~Copyable {
     static let pageSize = Int64(sysconf(Int32(_SC_PAGESIZE)))
 
