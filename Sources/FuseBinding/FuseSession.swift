@@ -369,6 +369,33 @@ private func makeOperations() -> fuse_lowlevel_ops {
             _ = buffer.withUnsafeBytes { CFuse3_replyBuffer(req, $0.baseAddress, used) }
         }
     }
+    ops.readdirplus = { req, inode, size, offset, _ in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.readdirPlus(inode, offset: Int(offset), limit: size / 32 + 1)) { entries in
+            var buffer = [CChar](repeating: 0, count: size)
+            var used = 0
+            var sent = 0
+            for (entry, attributes) in entries {
+                var param = attributes.map(FuseRequest.entryParameters) ?? fuse_entry_param()
+                if attributes == nil {
+                    param.ino = entry.inode
+                    param.attr.st_ino = UInt(entry.inode)
+                    param.attr.st_mode = entry.type.modeBits
+                }
+                let needed = buffer.withUnsafeMutableBufferPointer { storage in
+                    fuse_add_direntry_plus(req, storage.baseAddress! + used, size - used, entry.name, &param, off_t(Int(offset) + sent + 1))
+                }
+                if used + needed > size { break }
+                used += needed
+                sent += 1
+            }
+            // Counted as looked up, but not sent: the kernel will never forget them.
+            for (entry, attributes) in entries.dropFirst(sent) where attributes != nil {
+                request.filesystem.forget(entry.inode, count: 1)
+            }
+            _ = buffer.withUnsafeBytes { CFuse3_replyBuffer(req, $0.baseAddress, used) }
+        }
+    }
     ops.releasedir = { req, _, _ in FuseRequest(raw: req!).ok() }
     ops.fsyncdir = { req, _, _, _ in FuseRequest(raw: req!).ok() }
     ops.statfs = { req, _ in
