@@ -25,6 +25,7 @@ extension BlobFetcher {
         // A blob whose last fetch failed is tried again after a pause shared by all its readers.
         let pause = state.withLock { $0.backoffs[digest]?.remainingPause() }
         if let pause { SystemThread.sleep(for: pause) }
+        waitWhileMovingToMemory(digest)
         let started = state.withLock { state -> (TransferMachine.JobPlan?, Transfer)? in
             guard !state.cancelled, let transfer = state.transfers[digest] else { return nil }
             // After a failure only a read waiting now is worth a new attempt.
@@ -182,7 +183,12 @@ extension BlobFetcher {
                     }
                 }
                 noteDiskFull(error)
-                guard let failure = moveToMemory(digest, from: transfer) else { return false }
+                guard let failure = moveToMemory(digest, from: transfer) else {
+                    // Ended once the memory transfer has taken over: ended before, its blocks
+                    // would go back to the full disk's machine, which would fetch them again.
+                    waitWhileMovingToMemory(digest)
+                    return false
+                }
                 lastError = failure
                 break
             } catch let error as any BlobSourceFailure {
@@ -201,6 +207,12 @@ extension BlobFetcher {
         state.withLock { $0.backoffs[digest, default: RetryBackoff()].recordFailure(at: now) }
         event(digest, on: transfer) { $0.fetchFailed(lastError, by: job, now: now) }
         return false
+    }
+
+    /// Waits while the blob's download is being moved into memory (as long as copying its
+    /// blocks takes): a job that started meanwhile would write to the full disk again.
+    private func waitWhileMovingToMemory(_ digest: Digest) {
+        while state.withLock({ $0.transfers[digest]?.movingToMemory == true }) { SystemThread.sleep(for: .milliseconds(2)) }
     }
 
     private func isWanted(_ digest: Digest, retrying: Bool) -> Bool {
