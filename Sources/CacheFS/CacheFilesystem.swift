@@ -201,21 +201,7 @@ public final class CacheFilesystem: Sendable {
     /// The directory's entries in name order after `.` and `..`, from the `offset`-th, at most
     /// `limit` of them: the kernel lists a large directory a page at a time.
     public func readdir(_ inode: UInt64, offset: Int = 0, limit: Int = .max) -> Result<[DirectoryEntry], FSError> {
-        state.withLock { state in
-            guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
-            guard let children = node.children else { return .failure(.notDirectory) }
-            let dots = [DirectoryEntry(name: ".", inode: inode, type: .directory),
-                        DirectoryEntry(name: "..", inode: node.parent, type: .directory)]
-            let start = max(offset, 0)
-            var entries = Array(dots.dropFirst(start).prefix(limit))
-            let names = children.orderedNames()
-            let first = min(max(start - dots.count, 0), names.count)
-            for name in names[first..<min(names.count, first + max(limit - entries.count, 0))] {
-                let child = children[name]!
-                entries.append(DirectoryEntry(name: name, inode: child, type: state.nodes[child]!.children == nil ? .regular : .directory))
-            }
-            return .success(entries)
-        }
+        state.withLock { state in Self.listing(inode, offset: offset, limit: limit, in: state) }
     }
 
     /// `readdir` with each entry's attributes, so that the kernel needs no lookup per name
@@ -223,15 +209,31 @@ public final class CacheFilesystem: Sendable {
     /// every entry but `.` and `..` as looked up; so does this, and `forget` takes back those
     /// that did not fit in the kernel's buffer.
     public func readdirPlus(_ inode: UInt64, offset: Int, limit: Int) -> Result<[(entry: DirectoryEntry, attributes: Entry?)], FSError> {
-        readdir(inode, offset: offset, limit: limit).map { entries in
-            state.withLock { state in
+        state.withLock { state in
+            Self.listing(inode, offset: offset, limit: limit, in: state).map { entries in
                 entries.map { entry in
-                    guard entry.name != "." && entry.name != "..", state.nodes[entry.inode] != nil else { return (entry, nil) }
+                    guard entry.name != "." && entry.name != ".." else { return (entry, nil) }
                     state.nodes[entry.inode]!.lookups += 1
                     return (entry, self.entry(entry.inode, state.nodes[entry.inode]!))
                 }
             }
         }
+    }
+
+    private static func listing(_ inode: UInt64, offset: Int, limit: Int, in state: State) -> Result<[DirectoryEntry], FSError> {
+        guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+        guard let children = node.children else { return .failure(.notDirectory) }
+        let dots = [DirectoryEntry(name: ".", inode: inode, type: .directory),
+                    DirectoryEntry(name: "..", inode: node.parent, type: .directory)]
+        let start = max(offset, 0)
+        var entries = Array(dots.dropFirst(start).prefix(limit))
+        let names = children.orderedNames()
+        let first = min(max(start - dots.count, 0), names.count)
+        for name in names[first..<min(names.count, first + max(limit - entries.count, 0))] {
+            let child = children[name]!
+            entries.append(DirectoryEntry(name: name, inode: child, type: state.nodes[child]!.children == nil ? .regular : .directory))
+        }
+        return .success(entries)
     }
 
     /// Whether the inode is a directory, for opendir.
