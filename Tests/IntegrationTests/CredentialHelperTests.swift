@@ -83,6 +83,22 @@ struct CredentialHelperTests {
     private static let second = "second-PASSWORD-two"
 
     /// Neither password, nor the Basic header of either, may be in the daemon's log.
+    /// A registry behind Basic auth holding two layers, mounted with a credential helper that
+    /// knows the password, and one layer read. The last layer is read: reading a layer to its
+    /// end prefetches the next one, which would then be cached before the password changes.
+    static func basicAuthMountWithALayerRead(_ ws: Workspace, timeout: Double = 10) async throws
+        -> (registry: Registry, helper: CredentialHelper, mount: MountHandle, notYetRead: SeedSummary.Blob) {
+        let registry = try await ws.startRegistry(auth: .basic(user: "alice", password: first))
+        let seed = try await ws.seed(registry, variant: "index", layers: 2, layerSize: 300_000, user: "alice", password: first)
+        let helper = try ws.credentialHelper(for: registry.host, password: first)
+        let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), dockerConfig: helper.dockerConfig,
+                                                       environment: helper.environment, timeout: timeout)
+        let (read, notYetRead) = (seed.layers[1], seed.layers[0])
+        Check.blobsVerify(mount, [read])
+        #expect(registry.blobGets(repo: "cache", digest: notYetRead.digest) == 0)
+        return (registry, helper, mount, notYetRead)
+    }
+
     private func expectNoSecrets(in log: String, sourceLocation: SourceLocation = #_sourceLocation) {
         for password in [Self.first, Self.second] {
             #expect(!log.contains(password), "the daemon log shows a password", sourceLocation: sourceLocation)
@@ -94,16 +110,7 @@ struct CredentialHelperTests {
     @Test("Basic auth: after the password changes, the helper is run again and the read succeeds")
     func basicPasswordChangesDuringTheMount() async throws {
         try await withWorkspace("helper-basic") { ws in
-            let registry = try await ws.startRegistry(auth: .basic(user: "alice", password: Self.first))
-            let seed = try await ws.seed(registry, variant: "index", layers: 2, layerSize: 300_000, user: "alice", password: Self.first)
-            let helper = try ws.credentialHelper(for: registry.host, password: Self.first)
-            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), dockerConfig: helper.dockerConfig,
-                                                           environment: helper.environment)
-            // The last layer first: reading a layer to its end prefetches the next one, which
-            // would then be cached before the password changes.
-            let (read, notYetRead) = (seed.layers[1], seed.layers[0])
-            Check.blobsVerify(mount, [read])
-            #expect(registry.blobGets(repo: "cache", digest: notYetRead.digest) == 0)
+            let (registry, helper, mount, notYetRead) = try await Self.basicAuthMountWithALayerRead(ws)
             let atMount = helper.invocations
             #expect(atMount == 1, "the mount runs the helper once")
 
@@ -122,16 +129,7 @@ struct CredentialHelperTests {
     @Test("Basic auth: a helper that gives the refused password again fails the read with EIO, without a loop")
     func helperWithNothingNewFailsTheRead() async throws {
         try await withWorkspace("helper-same") { ws in
-            let registry = try await ws.startRegistry(auth: .basic(user: "alice", password: Self.first))
-            let seed = try await ws.seed(registry, variant: "index", layers: 2, layerSize: 300_000, user: "alice", password: Self.first)
-            let helper = try ws.credentialHelper(for: registry.host, password: Self.first)
-            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), dockerConfig: helper.dockerConfig,
-                                                           environment: helper.environment)
-            // The last layer first: reading a layer to its end prefetches the next one, which
-            // would then be cached before the password changes.
-            let (read, notYetRead) = (seed.layers[1], seed.layers[0])
-            Check.blobsVerify(mount, [read])
-            #expect(registry.blobGets(repo: "cache", digest: notYetRead.digest) == 0)
+            let (registry, helper, mount, notYetRead) = try await Self.basicAuthMountWithALayerRead(ws)
             let atMount = helper.invocations
 
             try await registry.changePassword(of: "alice", to: Self.second, in: ws)
@@ -152,13 +150,7 @@ struct CredentialHelperTests {
     func hangingHelperIsKilledAfterTheTimeout() async throws {
         try await withWorkspace("helper-hang") { ws in
             let timeout = 3.0
-            let registry = try await ws.startRegistry(auth: .basic(user: "alice", password: Self.first))
-            let seed = try await ws.seed(registry, variant: "index", layers: 2, layerSize: 300_000, user: "alice", password: Self.first)
-            let helper = try ws.credentialHelper(for: registry.host, password: Self.first)
-            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), dockerConfig: helper.dockerConfig,
-                                                           environment: helper.environment, timeout: timeout)
-            let (read, notYetRead) = (seed.layers[1], seed.layers[0])
-            Check.blobsVerify(mount, [read])
+            let (registry, helper, mount, notYetRead) = try await Self.basicAuthMountWithALayerRead(ws, timeout: timeout)
 
             try await registry.changePassword(of: "alice", to: Self.second, in: ws)
             try helper.hangFromNowOn()

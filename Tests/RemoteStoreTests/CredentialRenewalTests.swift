@@ -138,6 +138,18 @@ struct CredentialRenewalTests {
     private let old = RegistryCredential.basic(username: "alice", password: oldPassword)
     private let new = RegistryCredential.basic(username: "alice", password: newPassword)
 
+    /// A registry that takes the old password, a source that gives it, and a first read done
+    /// with it.
+    private func loggedIn(failureStandsFor: Duration = .seconds(60)) throws
+        -> (cache: BlobRegistry, scripted: ScriptedCredentialSource, source: RegistrySource) {
+        let cache = BlobRegistry()
+        cache.registry.setAuth(.basic(username: "alice", password: oldPassword))
+        let scripted = ScriptedCredentialSource(old)
+        let source = try cache.source(credential: old, from: scripted.source(failureStandsFor: failureStandsFor))
+        _ = try read(source, cache.digests[0])
+        return (cache, scripted, source)
+    }
+
     @Test func refusedBasicCredentialIsReplacedOnceAndTheRequestRetried() throws {
         let cache = BlobRegistry()
         cache.registry.setAuth(.basic(username: "alice", password: oldPassword))
@@ -160,11 +172,7 @@ struct CredentialRenewalTests {
     }
 
     @Test func theSameCredentialAgainFailsOnceWithoutALoop() throws {
-        let cache = BlobRegistry()
-        cache.registry.setAuth(.basic(username: "alice", password: oldPassword))
-        let scripted = ScriptedCredentialSource(old)
-        let source = try cache.source(credential: old, from: scripted.source)
-        _ = try read(source, cache.digests[0])
+        let (cache, scripted, source) = try loggedIn()
 
         cache.registry.setAuth(.basic(username: "alice", password: newPassword))
         let before = cache.registry.requests.count
@@ -184,11 +192,7 @@ struct CredentialRenewalTests {
     }
 
     @Test func afterAFailureHasStoodTheSourceIsAskedAgain() throws {
-        let cache = BlobRegistry()
-        cache.registry.setAuth(.basic(username: "alice", password: oldPassword))
-        let scripted = ScriptedCredentialSource(old)
-        let source = try cache.source(credential: old, from: scripted.source(failureStandsFor: .zero))
-        _ = try read(source, cache.digests[0])
+        let (cache, scripted, source) = try loggedIn(failureStandsFor: .zero)
 
         cache.registry.setAuth(.basic(username: "alice", password: newPassword))
         _ = unauthorizedMessage { _ = try read(source, cache.digests[1]) }
@@ -200,11 +204,7 @@ struct CredentialRenewalTests {
     }
 
     @Test func aNewCredentialAlsoRefusedIsNotAskedForTwice() throws {
-        let cache = BlobRegistry()
-        cache.registry.setAuth(.basic(username: "alice", password: oldPassword))
-        let scripted = ScriptedCredentialSource(old)
-        let source = try cache.source(credential: old, from: scripted.source)
-        _ = try read(source, cache.digests[0])
+        let (cache, scripted, source) = try loggedIn()
 
         cache.registry.setAuth(.basic(username: "alice", password: "a-THIRD-password"))
         scripted.willAnswer(new)
@@ -216,11 +216,7 @@ struct CredentialRenewalTests {
     }
 
     @Test func aFailingSourceIsOneLineNamingIt() throws {
-        let cache = BlobRegistry()
-        cache.registry.setAuth(.basic(username: "alice", password: oldPassword))
-        let scripted = ScriptedCredentialSource(old)
-        let source = try cache.source(credential: old, from: scripted.source)
-        _ = try read(source, cache.digests[0])
+        let (cache, scripted, source) = try loggedIn()
 
         cache.registry.setAuth(.basic(username: "alice", password: newPassword))
         scripted.willFail(CredentialError(.helperTimedOut, "docker-credential-scripted did not finish within 5s and was killed"))
