@@ -85,5 +85,6 @@ static inline CURLcode CCurl_easy_getinfo_string(CURL *handle, CURLINFO info, ch
 static inline long CCurl_GLOBAL_ALL(void) { return CURL_GLOBAL_ALL; }
 static inline long CCurl_ERROR_SIZE(void) { return CURL_ERROR_SIZE; }
 static inline long CCurl_HTTP_VERSION_2TLS(void) { return CURL_HTTP_VERSION_2TLS; }
+static inline size_t CCurl_READFUNC_ABORT(void) { return CURL_READFUNC_ABORT; }
 
 #endif /* OCICACHEFS_CCURL_SHIM_H_7F3A91 */

@@ -1,5 +1,8 @@
 internal import CCurl
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The real `HTTPTransport`: libcurl's easy interface, one blocking transfer per call on the
 /// caller's thread.
@@ -135,7 +138,8 @@ public final class CurlTransport: HTTPTransport {
         guard !method.isEmpty, method.utf8.allSatisfy(Self.isTokenByte) else {
             throw HTTPTransportError.invalidRequest("invalid request method")
         }
-        let body: [UInt8]? = method == "HEAD" ? nil : request.body
+        let body: HTTPRequestBody? = method == "HEAD" ? nil : request.body
+        let sendsBody = body != nil || method == "POST" || method == "PUT" || method == "PATCH"
         switch method {
         case "HEAD":
             try check(CCurl_easy_setopt_long(curl, CURLOPT_NOBODY, 1), "NOBODY")
@@ -146,18 +150,17 @@ public final class CurlTransport: HTTPTransport {
         default:
             try check(CCurl_easy_setopt_string(curl, CURLOPT_CUSTOMREQUEST, method), "CUSTOMREQUEST")
         }
-        if body != nil || method == "POST" || method == "PUT" || method == "PATCH" {
-            // A body is sent through POSTFIELDS, which makes libcurl add a form Content-Type:
-            // suppress it unless the caller chose one.
-            if request.headers["Content-Type"] == nil {
-                headerList = try Self.append(headerList, "Content-Type:")
-            }
+        if sendsBody, request.headers["Content-Type"] == nil {
+            // libcurl adds a form Content-Type to a POSTFIELDS body: suppress it unless the
+            // caller chose one.
+            headerList = try Self.append(headerList, "Content-Type:")
         }
         try check(CCurl_easy_setopt_slist(curl, CURLOPT_HTTPHEADER, headerList), "HTTPHEADER")
 
         let code: CURLcode
-        if let body, !body.isEmpty {
-            code = try body.withUnsafeBytes { bytes in
+        switch body {
+        case .bytes(let bytes)? where !bytes.isEmpty:
+            code = try bytes.withUnsafeBytes { bytes in
                 try check(CCurl_easy_setopt_off_t(curl, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(bytes.count)),
                           "POSTFIELDSIZE_LARGE")
                 // SAFETY: `bytes` stays valid until this closure returns, after curl_easy_perform;
@@ -165,10 +168,23 @@ public final class CurlTransport: HTTPTransport {
                 try check(CCurl_easy_setopt_const_pointer(curl, CURLOPT_POSTFIELDS, bytes.baseAddress), "POSTFIELDS")
                 return curl_easy_perform(curl)
             }
-        } else {
-            if body != nil || method == "POST" || method == "PUT" || method == "PATCH" {
-                try check(CCurl_easy_set_empty_postfields(curl), "POSTFIELDS")
+        case .fileRange(let descriptor, let offset, let length)? where length > 0:
+            guard descriptor >= 0, offset >= 0 else {
+                throw HTTPTransportError.invalidRequest("request body from an invalid file range")
             }
+            context.upload = FileRangeReader(descriptor: descriptor, offset: offset, length: length)
+            // UPLOAD sends the body through the read callback, as a PUT unless CUSTOMREQUEST
+            // named another method; the known size gives a Content-Length, not chunked framing.
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_UPLOAD, 1), "UPLOAD")
+            try check(CCurl_easy_setopt_off_t(curl, CURLOPT_INFILESIZE_LARGE, curl_off_t(length)), "INFILESIZE_LARGE")
+            try check(CCurl_easy_setopt_read_callback(curl, CURLOPT_READFUNCTION, curlReadCallback), "READFUNCTION")
+            try check(CCurl_easy_setopt_pointer(curl, CURLOPT_READDATA, contextPointer), "READDATA")
+            if method == "POST" {
+                try check(CCurl_easy_setopt_string(curl, CURLOPT_CUSTOMREQUEST, "POST"), "CUSTOMREQUEST")
+            }
+            code = curl_easy_perform(curl)
+        default:
+            if sendsBody { try check(CCurl_easy_set_empty_postfields(curl), "POSTFIELDS") }
             code = curl_easy_perform(curl)
         }
 
@@ -345,6 +361,8 @@ private final class TransferContext {
     var lastProgressBytes: Int64 = 0
     /// Set when the progress callback stopped a transfer that moved no byte for `stallTimeout`.
     var stalled = false
+    /// The request body, when it is read from a file as it is sent.
+    var upload: FileRangeReader?
 
     init(onResponse: @escaping (HTTPResponseHead) throws -> Void,
          onBody: @escaping (UnsafeRawBufferPointer) throws -> Void,
@@ -412,6 +430,41 @@ private let curlWriteCallback: curl_write_callback = { buffer, size, count, user
     let chunk = UnsafeRawBufferPointer(start: buffer, count: length)
     // Returning a count other than `length` makes curl stop with CURLE_WRITE_ERROR.
     return context.receiveBody(chunk) ? length : 0
+}
+
+/// Reads a request body from a file range for curl's read callback.
+struct FileRangeReader {
+    let descriptor: Int32
+    let offset: Int64
+    let length: Int64
+    var sent: Int64 = 0
+
+    /// Fills `buffer` with the next bytes; nil when the file cannot be read or ended before the
+    /// range did, which must fail the exchange rather than send a short body.
+    mutating func read(into buffer: UnsafeMutableRawBufferPointer) -> Int? {
+        let wanted = Int(min(Int64(buffer.count), length - sent))
+        guard wanted > 0 else { return 0 }
+        while true {
+            let got = pread(descriptor, buffer.baseAddress, wanted, off_t(offset + sent))
+            if got < 0, errno == EINTR { continue }
+            guard got > 0 else { return nil }
+            sent += Int64(got)
+            return got
+        }
+    }
+}
+
+private let curlReadCallback: curl_read_callback = { buffer, size, count, userdata in
+    guard let userdata, let buffer else { return CCurl_READFUNC_ABORT() }
+    // SAFETY: userdata is the TransferContext passed unretained in `perform`, alive for the transfer.
+    let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
+    // SAFETY: curl guarantees `buffer` has room for `size * count` bytes during this call.
+    let room = UnsafeMutableRawBufferPointer(start: buffer, count: size * count)
+    guard let got = context.upload?.read(into: room) else {
+        context.handlerError = HTTPTransportError.aborted("the request body's file ended early or could not be read")
+        return CCurl_READFUNC_ABORT()
+    }
+    return got
 }
 
 private let curlProgressCallback: curl_xferinfo_callback = { userdata, _, downloaded, _, uploaded in

@@ -36,11 +36,33 @@ public struct HTTPHeaders: Sendable, Equatable, Sequence {
     }
 }
 
+/// What a request sends.
+public enum HTTPRequestBody: Sendable, Equatable {
+    case bytes([UInt8])
+    /// `length` bytes of an open file from `offset`, read while they are sent: an upload never
+    /// holds a blob in memory. The descriptor stays open, and the range unchanged, until the
+    /// exchange ends; a file shorter than the range fails the exchange.
+    case fileRange(descriptor: Int32, offset: Int64, length: Int64)
+
+    public var count: Int64 {
+        switch self {
+        case .bytes(let bytes): return Int64(bytes.count)
+        case .fileRange(_, _, let length): return length
+        }
+    }
+
+    /// The body's bytes when they are in memory.
+    public var bytes: [UInt8]? {
+        if case .bytes(let bytes) = self { return bytes }
+        return nil
+    }
+}
+
 public struct HTTPRequest: Sendable {
     public var method: String
     public var url: String
     public var headers: HTTPHeaders
-    public var body: [UInt8]?
+    public var body: HTTPRequestBody?
     /// Bound on connecting and on any stall: a transfer that moves no byte for this long fails.
     public var stallTimeout: Duration
     /// Bound on the whole exchange, for small requests (tokens, manifests); nil for streams.
@@ -49,7 +71,7 @@ public struct HTTPRequest: Sendable {
     public var verifiesTLSPeer = true
 
     public init(method: String = "GET", url: String, headers: HTTPHeaders = HTTPHeaders(),
-                body: [UInt8]? = nil, stallTimeout: Duration = .seconds(60), totalTimeout: Duration? = nil) {
+                body: HTTPRequestBody? = nil, stallTimeout: Duration = .seconds(60), totalTimeout: Duration? = nil) {
         self.method = method
         self.url = url
         self.headers = headers

@@ -192,7 +192,7 @@ final class RegistryAuthenticator: Sendable {
             request.method = "POST"
             request.url = realm
             request.headers.set("Content-Type", "application/x-www-form-urlencoded")
-            request.body = Array(Self.formEncode(form).utf8)
+            request.body = .bytes(Array(Self.formEncode(form).utf8))
         case .basic(let username, let password):
             request.headers.set("Authorization", Self.basicHeader(username, password))
             fallthrough

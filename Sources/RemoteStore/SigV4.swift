@@ -72,7 +72,8 @@ public enum SigV4 {
     /// Adds `x-amz-date`, `x-amz-content-sha256`, `x-amz-security-token` (with a session token;
     /// a stale one is removed otherwise) and `Authorization`, replacing earlier values, so a
     /// request may be signed again (a retry, refreshed credentials). `Host` is signed, not added.
-    /// `payloadHash` nil signs the SHA-256 of the body (of nothing when there is none).
+    /// `payloadHash` nil signs the SHA-256 of the body (of nothing when there is none); a body
+    /// read from a file is sent unsigned unless the caller gives its hash.
     public static func sign(_ request: inout HTTPRequest, credentials: AWSCredentials, region: String,
                             service: String = "s3", date: Date, payloadHash: String? = nil) {
         _ = signed(&request, credentials: credentials, region: region, service: service, date: date,
@@ -81,7 +82,12 @@ public enum SigV4 {
 
     static func signed(_ request: inout HTTPRequest, credentials: AWSCredentials, region: String,
                        service: String, date: Date, payloadHash: String?) -> Signed {
-        let hash = payloadHash ?? SHA256.hash(data: request.body ?? []).lowercaseHex
+        let hash: String
+        switch (payloadHash, request.body) {
+        case (let given?, _): hash = given
+        case (nil, .fileRange?): hash = unsignedPayload
+        case (nil, let body): hash = SHA256.hash(data: body?.bytes ?? []).lowercaseHex
+        }
         for name in ["Authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"] {
             request.headers.remove(name)
         }

@@ -134,7 +134,7 @@ struct CurlTransportTests {
                 }
             }
             body[body.count - 1] = 0xA5
-            let response = try transport.fetch(HTTPRequest(method: "PUT", url: server.url("/echo"), body: body),
+            let response = try transport.fetch(HTTPRequest(method: "PUT", url: server.url("/echo"), body: .bytes(body)),
                                                maxBodyBytes: 2 << 20)
             #expect(response.status == 201)
             #expect(response.headers["X-Method"] == "PUT")
@@ -145,10 +145,51 @@ struct CurlTransportTests {
         }
     }
 
+    @Test func fileRangeBodiesAreSentByteExactWithoutChunkedFraming() throws {
+        let bytes = (0..<(3 << 20) + 5).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11) }
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("body-\(UUID().uuidString)").path
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let descriptor = open(path, O_RDONLY)
+        #expect(descriptor >= 0)
+        defer { close(descriptor) }
+        try withFixtureServer { server throws in
+            for (method, offset, length) in [("PUT", 0, bytes.count), ("PATCH", 1_000_001, 2 << 20), ("POST", 7, 1)] {
+                let response = try transport.fetch(
+                    HTTPRequest(method: method, url: server.url("/echo"),
+                                body: .fileRange(descriptor: descriptor, offset: Int64(offset), length: Int64(length))),
+                    maxBodyBytes: 4 << 20)
+                #expect(response.headers["X-Method"] == method)
+                #expect(response.headers["X-Content-Length"] == String(length))
+                #expect(response.headers["X-Expect"] == "none")
+                #expect(response.headers["X-Content-Type"] == "none")
+                #expect(response.body == Array(bytes[offset..<offset + length]))
+            }
+        }
+    }
+
+    @Test func aFileShorterThanItsRangeFailsTheExchange() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("short-\(UUID().uuidString)").path
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 1000)))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let descriptor = open(path, O_RDONLY)
+        defer { close(descriptor) }
+        try withFixtureServer { server throws in
+            #expect(throws: HTTPTransportError.self) {
+                _ = try transport.fetch(HTTPRequest(method: "PUT", url: server.url("/echo"),
+                                                    body: .fileRange(descriptor: descriptor, offset: 500, length: 1000)),
+                                        maxBodyBytes: 1 << 20)
+            }
+            // The transport stays usable after the aborted upload.
+            let after = try transport.fetch(HTTPRequest(url: server.url("/blob/10")), maxBodyBytes: 100)
+            #expect(after.body == pattern(0..<10))
+        }
+    }
+
     @Test func bodylessMethodsAndEmptyBodies() throws {
         try withFixtureServer { server throws in
             func echo(_ method: String, _ body: [UInt8]?, headers: HTTPHeaders = HTTPHeaders()) throws -> HTTPResponse {
-                try transport.fetch(HTTPRequest(method: method, url: server.url("/echo"), headers: headers, body: body),
+                try transport.fetch(HTTPRequest(method: method, url: server.url("/echo"), headers: headers, body: body.map { .bytes($0) }),
                                     maxBodyBytes: 1 << 20)
             }
             let emptyPut = try echo("PUT", [])

@@ -271,7 +271,7 @@ final class FakeRegistry: HTTPTransport {
         var query: [String: String] = [:]
         if request.method == "POST" {
             var form = URLComponents()
-            form.percentEncodedQuery = String(decoding: request.body ?? [], as: UTF8.self)
+            form.percentEncodedQuery = String(decoding: request.body?.bytes ?? [], as: UTF8.self)
             for item in form.queryItems ?? [] { query[item.name] = item.value ?? "" }
         } else {
             for item in components.queryItems ?? [] { query[item.name] = item.value ?? "" }

@@ -618,7 +618,7 @@ struct RegistrySourceAuthTests {
         let tokenRequests = cache.registry.requests(host: FakeRegistry.tokenHost)
         #expect(tokenRequests.map(\.method) == ["POST"])
         #expect(tokenRequests.allSatisfy { !$0.url.contains(refresh) }, "refresh token must not be in the URL")
-        let body = String(decoding: tokenRequests.first?.body ?? [], as: UTF8.self)
+        let body = String(decoding: tokenRequests.first?.body?.bytes ?? [], as: UTF8.self)
         #expect(body.contains("grant_type=refresh_token"), "\(body)")
         #expect(cache.registry.tokenRequests.first?.scope == "repository:team/cache:pull")
     }

@@ -25,7 +25,7 @@ struct SigV4Tests {
                               body: String? = nil, canonical: [String], canonicalHash: String, signature: String,
                               sourceLocation: SourceLocation = #_sourceLocation) {
         var request = HTTPRequest(method: method, url: url, headers: HTTPHeaders(headers.map { ($0.0, $0.1) }),
-                                  body: body.map { Array($0.utf8) })
+                                  body: body.map { .bytes(Array($0.utf8)) })
         let signed = SigV4.signed(&request, credentials: example, region: "us-east-1", service: "s3", date: may24,
                                   payloadHash: nil)
         #expect(signed.canonicalRequest == canonical.joined(separator: "\n"), sourceLocation: sourceLocation)
@@ -98,7 +98,7 @@ struct SigV4Tests {
                                     query: v.query)
         #expect(url == v.url)
         var request = HTTPRequest(method: v.method, url: v.url, headers: HTTPHeaders(v.headers.map { ($0.0, $0.1) }),
-                                  body: v.body.map { Array($0.utf8) })
+                                  body: v.body.map { .bytes(Array($0.utf8)) })
         let credentials = AWSCredentials(accessKeyID: v.accessKeyID, secretAccessKey: v.secretAccessKey,
                                          sessionToken: v.sessionToken)
         let signed = SigV4.signed(&request, credentials: credentials, region: v.region, service: "s3",
