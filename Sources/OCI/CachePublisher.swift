@@ -1,0 +1,30 @@
+/// Where a writable mount publishes what a client exported: the one thing the upload queue
+/// asks of the network, as `BlobSource` is for reads. Calls block the calling thread; every wait
+/// inside them is bounded. Failures that may pass on another attempt conform to
+/// `BlobSourceFailure` with `isTransient` true; the caller decides when to try again.
+public protocol CachePublisher: Sendable {
+    /// For logs and error messages; never contains credentials.
+    var displayName: String { get }
+
+    /// Makes the blob present on the remote. Its bytes, already verified against `digest`, are
+    /// in the file at `path`, which is read only if they must be sent (a remote that already
+    /// holds the blob is not sent it again).
+    func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String) throws -> BlobPublication
+
+    /// Points `tag` at the manifest `manifestBytes` (described by `manifest`); every blob the
+    /// manifest references was published before. `smallBlob` gives the exact bytes of a blob
+    /// the manifest references (its cache config), for remotes that store a tag in a format of
+    /// their own (S3). The remote's previous tag stays intact and valid until this succeeds.
+    func publishTag(_ tag: String, manifest: Descriptor, manifestBytes: [UInt8],
+                    smallBlob: (Digest) -> [UInt8]?) throws
+}
+
+/// How a blob came to be on the remote.
+public enum BlobPublication: Sendable, Equatable {
+    /// The remote already had it; no byte was sent (S3 may have refreshed its age).
+    case alreadyPresent
+    /// Mounted from another repository of the same registry; no byte was sent.
+    case mountedFromRepository(String)
+    /// Its bytes were sent.
+    case uploaded(bytes: Int64)
+}
