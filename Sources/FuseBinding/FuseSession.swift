@@ -371,7 +371,9 @@ private func makeOperations() -> fuse_lowlevel_ops {
     }
     ops.readdirplus = { req, inode, size, offset, _ in
         let request = FuseRequest(raw: req!)
-        request.reply(request.filesystem.readdirPlus(inode, offset: Int(offset), limit: size / 32 + 1)) { entries in
+        // An entry takes at least fuse_direntplus's 152 bytes and an 8-byte-aligned name: any
+        // more would be counted as looked up only to be forgotten again.
+        request.reply(request.filesystem.readdirPlus(inode, offset: Int(offset), limit: size / 160 + 1)) { entries in
             var buffer = [CChar](repeating: 0, count: size)
             var used = 0
             var sent = 0

@@ -17,6 +17,15 @@ public struct CacheSnapshot: Sendable {
         smallBlobs[digest] = bytes
         lazyBlobs[digest] = nil
     }
+
+    /// Adds what `other` resolved, as if its blobs had been added here after these.
+    public mutating func merge(_ other: CacheSnapshot) {
+        tags += other.tags
+        warnings += other.warnings
+        for (digest, bytes) in other.smallBlobs { addSmallBlob(digest, bytes) }
+        lazyBlobs.reserveCapacity(lazyBlobs.count + other.lazyBlobs.count)
+        for (digest, size) in other.lazyBlobs where smallBlobs[digest] == nil { lazyBlobs[digest] = size }
+    }
 }
 
 /// Where blob bytes come from: the one thing the content cache asks of the network. Calls

@@ -10,6 +10,8 @@ public final class RegistrySource: RemoteCacheSource {
     /// Manifests and configs are read whole into memory at mount; anything bigger is refused.
     public static let maxSmallBlobSize = SmallDocument.maxSize
     private static let maxRedirects = 5
+    /// Child manifests of an index fetched at once.
+    static let parallelManifestFetches = 4
 
     public let reference: RegistryReference
     private let insecure: Bool
@@ -88,15 +90,28 @@ public final class RegistrySource: RemoteCacheSource {
             }
         case .index(_, let manifests):
             guard depth < 2 else { throw .invalidContent("\(reference): indexes nested deeper than two levels") }
-            for entry in manifests where snapshot.smallBlobs[entry.digest] == nil {
-                guard MediaType.indexTypes.contains(entry.mediaType) || MediaType.manifestTypes.contains(entry.mediaType) else {
+            var children: [Descriptor] = []
+            var seen = Set<Digest>()
+            for entry in manifests where snapshot.smallBlobs[entry.digest] == nil && seen.insert(entry.digest).inserted {
+                if MediaType.indexTypes.contains(entry.mediaType) || MediaType.manifestTypes.contains(entry.mediaType) {
+                    children.append(entry)
+                } else {
                     snapshot.addLazyBlob(entry)
-                    continue
                 }
-                let child = try fetchManifest(entry.digest.description, expectedDigest: entry.digest, expectedSize: entry.size)
-                snapshot.addSmallBlob(entry.digest, child.bytes)
-                try addReferencedBlobs(of: child.content, to: &snapshot, depth: depth + 1)
             }
+            // A few children at once: the registry serves them in parallel, and one child's
+            // decoding overlaps the next one's transfer (an index of five 3 MB manifests took
+            // 1.25 s one after another).
+            let parts = SystemThread.map(children, width: Self.parallelManifestFetches, named: "ocicachefs-resolve") { entry in
+                Result { () throws(RemoteStoreError) -> CacheSnapshot in
+                    var part = CacheSnapshot()
+                    let child = try self.fetchManifest(entry.digest.description, expectedDigest: entry.digest, expectedSize: entry.size)
+                    part.addSmallBlob(entry.digest, child.bytes)
+                    try self.addReferencedBlobs(of: child.content, to: &part, depth: depth + 1)
+                    return part
+                }
+            }
+            for part in parts { snapshot.merge(try part.get()) }
         }
     }
 

@@ -2,6 +2,8 @@ import Foundation
 import HTTPClient
 import Logging
 import OCI
+import Synchronization
+import SystemSupport
 import Testing
 @testable import RemoteStore
 
@@ -232,11 +234,50 @@ struct RegistrySourceSnapshotTests {
             Digest.sha256(of: shared): 4000, Digest.sha256(of: amdOnly): 100, Digest.sha256(of: attestation): 55,
         ])
         let manifestURLs = registry.requests(pathContains: "/manifests/").map(\.url)
-        #expect(manifestURLs == [
-            "https://registry.test/v2/team/cache/manifests/v1",
+        #expect(manifestURLs.first == "https://registry.test/v2/team/cache/manifests/v1")
+        #expect(manifestURLs.dropFirst().sorted() == [
             "https://registry.test/v2/team/cache/manifests/\(amdDigest)",
             "https://registry.test/v2/team/cache/manifests/\(armDigest)",
-        ])
+        ].sorted())
+    }
+
+    @Test func childManifestsOfAnIndexAreFetchedSeveralAtOnce() throws {
+        let registry = FakeRegistry(repository: "team/cache")
+        var entries: [String] = []
+        for child in 0..<6 {
+            let config = Array(#"{"child":\#(child)}"#.utf8)
+            let layer = blobBytes(UInt64(100 + child), count: 10 + child)
+            let manifest = imageManifest(mediaType: MediaType.ociManifest, config: descriptorJSON(MediaType.ociConfig, config),
+                                         layers: [descriptorJSON(gzipLayer, layer)])
+            registry.putBlob(config)
+            _ = registry.putManifest(manifest, tag: nil, contentType: MediaType.ociManifest)
+            entries.append(descriptorJSON(MediaType.ociManifest, manifest))
+        }
+        _ = registry.putManifest(indexManifest(mediaType: MediaType.ociIndex, entries: entries), tag: "v1", contentType: MediaType.ociIndex)
+        let gate = ConcurrencyGate(inner: registry, gated: "/manifests/sha256:", waitingFor: RegistrySource.parallelManifestFetches)
+
+        let snapshot = try makeSource("registry.test/team/cache:v1", transport: gate).loadSnapshot()
+        #expect(snapshot.smallBlobs.count == 1 + 6 + 6)
+        #expect(snapshot.lazyBlobs.count == 6)
+        #expect(gate.mostAtOnce == RegistrySource.parallelManifestFetches)
+    }
+
+    @Test func aFailingChildManifestFailsTheSnapshot() throws {
+        let registry = FakeRegistry(repository: "team/cache")
+        let config = Array(#"{"a":1}"#.utf8)
+        registry.putBlob(config)
+        let good = imageManifest(mediaType: MediaType.ociManifest, config: descriptorJSON(MediaType.ociConfig, config), layers: [])
+        _ = registry.putManifest(good, tag: nil, contentType: MediaType.ociManifest)
+        let missing = imageManifest(mediaType: MediaType.ociManifest, config: descriptorJSON(MediaType.ociConfig, Array("{}".utf8)), layers: [])
+        _ = registry.putManifest(indexManifest(mediaType: MediaType.ociIndex, entries: [
+            descriptorJSON(MediaType.ociManifest, good), descriptorJSON(MediaType.ociManifest, missing),
+        ]), tag: "v1", contentType: MediaType.ociIndex)
+        let error = remoteError { _ = try makeSource("registry.test/team/cache:v1", transport: registry).loadSnapshot() }
+        guard case .notFound(let message)? = error else {
+            Issue.record("expected notFound, got \(String(describing: error))")
+            return
+        }
+        #expect(message.contains(Digest.sha256(of: missing).description), "\(message)")
     }
 
     @Test func childManifestWithTheWrongSizeIsInvalid() throws {
@@ -1003,5 +1044,34 @@ private struct RefusingTransport: HTTPTransport {
         }
         try inner.execute(request, onResponse: { _ in }, onBody: { _ in })
         throw HTTPTransportError.invalidRequest("malformed URL: Port number was not a decimal number between 0 and 65535")
+    }
+}
+
+/// Holds requests whose URL contains `gated` until `width` of them are in flight at once (or a
+/// bounded wait passes), recording the most seen at once.
+private final class ConcurrencyGate: HTTPTransport, Sendable {
+    let inner: any HTTPTransport
+    let gated: String
+    let width: Int
+    private let running = Mutex((now: 0, most: 0))
+
+    init(inner: any HTTPTransport, gated: String, waitingFor width: Int) {
+        self.inner = inner
+        self.gated = gated
+        self.width = width
+    }
+
+    var mostAtOnce: Int { running.withLock { $0.most } }
+
+    func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
+                 onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        guard request.url.contains(gated) else { return try inner.execute(request, onResponse: onResponse, onBody: onBody) }
+        running.withLock { state in
+            state.now += 1
+            state.most = max(state.most, state.now)
+        }
+        defer { running.withLock { $0.now -= 1 } }
+        for _ in 0..<2_500 where mostAtOnce < width { SystemThread.sleep(for: .milliseconds(2)) }
+        try inner.execute(request, onResponse: onResponse, onBody: onBody)
     }
 }

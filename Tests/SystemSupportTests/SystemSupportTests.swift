@@ -125,6 +125,26 @@ struct SystemThreadTests {
         #expect(seen.withLock { $0 } == "ocfs-test-name\n")
     }
 
+    @Test func mapKeepsTheItemsOrderAndRunsUpToItsWidthAtOnce() {
+        let running = Atomic<Int>(0)
+        let mostAtOnce = Atomic<Int>(0)
+        let items = Array(0..<40)
+        let results = SystemThread.map(items, width: 4, named: "ocfs-test-map") { item in
+            let now = running.add(1, ordering: .relaxed).newValue
+            _ = mostAtOnce.max(now, ordering: .relaxed)
+            // Each item waits (boundedly) for four to run at once: only four threads can do that.
+            for _ in 0..<2_500 where running.load(ordering: .relaxed) < 4 && mostAtOnce.load(ordering: .relaxed) < 4 {
+                SystemThread.sleep(for: .milliseconds(2))
+            }
+            running.subtract(1, ordering: .relaxed)
+            return item * item
+        }
+        #expect(results == items.map { $0 * $0 })
+        #expect(mostAtOnce.load(ordering: .relaxed) == 4)
+        #expect(SystemThread.map([7], width: 4, named: "ocfs-test-map") { $0 + 1 } == [8])
+        #expect(SystemThread.map([Int](), width: 4, named: "ocfs-test-map") { $0 + 1 } == [])
+    }
+
     @Test func sleepWaitsAtLeastItsDuration() {
         let start = ContinuousClock.now
         SystemThread.sleep(for: .milliseconds(30))
