@@ -23,7 +23,6 @@ public struct CacheSnapshot: Sendable {
         tags += other.tags
         warnings += other.warnings
         for (digest, bytes) in other.smallBlobs { addSmallBlob(digest, bytes) }
-        lazyBlobs.reserveCapacity(lazyBlobs.count + other.lazyBlobs.count)
         for (digest, size) in other.lazyBlobs where smallBlobs[digest] == nil { lazyBlobs[digest] = size }
     }
 }

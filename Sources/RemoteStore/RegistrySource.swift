@@ -111,6 +111,8 @@ public final class RegistrySource: RemoteCacheSource {
                     return part
                 }
             }
+            // Once, for all parts: growing the table part by part rehashed it each time.
+            snapshot.lazyBlobs.reserveCapacity(snapshot.lazyBlobs.count + parts.reduce(0) { $0 + ((try? $1.get())?.lazyBlobs.count ?? 0) })
             for part in parts { snapshot.merge(try part.get()) }
         }
     }

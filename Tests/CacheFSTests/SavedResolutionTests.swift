@@ -62,6 +62,49 @@ import Testing
     }
 }
 
+extension SavedResolutionTests {
+    private func resolutionFile(_ store: ContentStore, _ source: InMemorySource) -> URL {
+        URL(fileURLWithPath: store.directory + "/resolutions/" + Digest.sha256(of: Array(source.displayName.utf8)).hex + ".json")
+    }
+
+    /// Its lazy blobs were once a JSON array of objects; such a file still serves offline.
+    @Test func aResolutionSavedInTheEarlierFormatIsStillRead() throws {
+        let fixture = try Fixture(layers: [randomBytes(1000, seed: 24), randomBytes(2000, seed: 25)])
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let live = try resolve(fixture.source, through: store, logger: logger)
+        let file = resolutionFile(store, fixture.source)
+        var record = try JSONSerialization.jsonObject(with: Data(contentsOf: file)) as! [String: Any]
+        #expect(record["lazyBlobSizes"] is String)
+        record["lazyBlobSizes"] = nil
+        record["lazyBlobs"] = live.lazyBlobs.map { ["digest": $0.key.description, "size": $0.value] }
+        try JSONSerialization.data(withJSONObject: record).write(to: file)
+
+        fixture.source.update { $0.resolutionError = .transport("memory: connection refused") }
+        let offline = try resolve(fixture.source, through: store, logger: logger)
+        #expect(offline.lazyBlobs == live.lazyBlobs)
+        #expect(offline.lazyBlobs.count == 2)
+    }
+
+    @Test(arguments: ["0123 100\n", "{hex} -5\n", "{hex}\n", "{hex} 12x\n"])
+    func aDamagedLazyBlobLineVoidsTheResolution(_ damage: String) throws {
+        let fixture = try Fixture(layers: [randomBytes(1000, seed: 26)])
+        defer { fixture.removeCache() }
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let live = try resolve(fixture.source, through: store, logger: logger)
+        let file = resolutionFile(store, fixture.source)
+        var record = try JSONSerialization.jsonObject(with: Data(contentsOf: file)) as! [String: Any]
+        record["lazyBlobSizes"] = (record["lazyBlobSizes"] as! String)
+            + damage.replacingOccurrences(of: "{hex}", with: live.lazyBlobs.keys.first!.hex)
+        try JSONSerialization.data(withJSONObject: record).write(to: file)
+
+        fixture.source.update { $0.resolutionError = .transport("memory: connection refused") }
+        #expect(throws: RemoteStoreError.transport("memory: connection refused")) {
+            try resolve(fixture.source, through: store, logger: logger)
+        }
+    }
+}
+
 /// As the mount wires it: the remote decides, the store remembers.
 private func resolve(_ source: InMemorySource, through store: ContentStore, logger: Logger) throws(RemoteStoreError) -> CacheSnapshot {
     try source.loadSnapshot(remembering: { try store.save($0, for: source.displayName) },
