@@ -336,6 +336,10 @@ private func makeOperations() -> fuse_lowlevel_ops {
             fuse_reply_write(req, written)
         }
     }
+    // Without these the kernel answers ENOSYS ("function not implemented") to symlink and EPERM
+    // to link: answer both as a local filesystem without links does.
+    ops.symlink = { req, _, _, _ in FuseRequest(raw: req!).fail(.notPermitted) }
+    ops.link = { req, _, _, _ in FuseRequest(raw: req!).fail(.notPermitted) }
     ops.flush = { req, _, _ in FuseRequest(raw: req!).ok() }
     ops.release = { req, inode, info in
         let request = FuseRequest(raw: req!)
