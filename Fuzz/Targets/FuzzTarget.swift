@@ -54,7 +54,11 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     // MARK: OCI
 
     private static func manifest(_ bytes: [UInt8], contentType: String?) {
-        guard let content = try? ManifestContent.parse(bytes, contentType: contentType) else { return }
+        let content = try? ManifestContent.parse(bytes, contentType: contentType)
+        // The fast reader answers only where JSONDecoder would answer the same.
+        check(content == (try? ManifestContent.parseWithFoundation(bytes, contentType: contentType)),
+              "the fast manifest reader and JSONDecoder disagree")
+        guard let content else { return }
         let descriptors: [Descriptor]
         switch content {
         case .index(let mediaType, let manifests):

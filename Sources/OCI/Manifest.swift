@@ -28,7 +28,7 @@ public enum ManifestContent: Sendable, Equatable {
         return manifests.first { $0.mediaType == MediaType.buildkitCacheConfig }
     }
 
-    private struct Document: Decodable {
+    struct Document: Decodable, Equatable {
         var schemaVersion: Int?
         var mediaType: String?
         var manifests: [Descriptor]?
@@ -39,9 +39,18 @@ public enum ManifestContent: Sendable, Equatable {
     /// Parses manifest bytes. The media type comes from the document, else from the HTTP
     /// Content-Type, else from its shape.
     public static func parse(_ bytes: [UInt8], contentType: String? = nil) throws(ManifestError) -> ManifestContent {
+        try parse(bytes, contentType: contentType, fast: true)
+    }
+
+    /// `parse` without its fast reader: what the fuzz target compares it with.
+    package static func parseWithFoundation(_ bytes: [UInt8], contentType: String? = nil) throws(ManifestError) -> ManifestContent {
+        try parse(bytes, contentType: contentType, fast: false)
+    }
+
+    private static func parse(_ bytes: [UInt8], contentType: String?, fast: Bool) throws(ManifestError) -> ManifestContent {
         let document: Document
         do {
-            document = try JSONDecoder().decode(Document.self, from: Data(bytes))
+            document = try (fast ? FastManifestReader.document(bytes) : nil) ?? JSONDecoder().decode(Document.self, from: Data(bytes))
         } catch let error as DecodingError {
             // The path and the decoder's words quote the document, which the registry wrote.
             throw ManifestError("malformed manifest JSON: \(Self.summary(of: error).escapingControlCharacters)")

@@ -310,3 +310,86 @@ struct ManifestContentTests {
         #expect(message.count < 300, "message is \(message.count) characters")
     }
 }
+
+@Suite("The fast manifest reader agrees with JSONDecoder")
+struct FastManifestReaderTests {
+    private let buildkitManifest = #"""
+    {"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":"sha256:\#(String(repeating: "c", count: 64))","size":402},
+     "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:\#(String(repeating: "a", count: 64))","size":3623807,"annotations":{"buildkit/createdat":"2025-06-01T10:00:00.123Z","containerd.io/uncompressed":"sha256:\#(String(repeating: "d", count: 64))"}},
+               {"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":"sha256:\#(String(repeating: "b", count: 64))","size":0}]}
+    """#
+
+    private func index(_ extra: String) -> String {
+        #"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:\#(String(repeating: "e", count: 64))","size":7\#(extra)}]}"#
+    }
+
+    @Test func typicalManifestsTakeTheFastPath() {
+        #expect(FastManifestReader.document(Array(buildkitManifest.utf8)) != nil)
+        #expect(FastManifestReader.document(Array(index("").utf8)) != nil)
+        #expect(FastManifestReader.document(Array(index(#","platform":{"os":"linux","architecture":"arm64","os.features":[]},"urls":[]"#).utf8)) != nil)
+    }
+
+    static let readFast = [
+        #"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+        #" {"schemaVersion" : 2 , "manifests" : [ ] } "#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":1,"annotations":{"a\"b":"\u00e9\n\/","x":"\u0000"}}]}"#,
+        #"{"schemaVersion":2,"config":{"digest":"sha256:\#(String(repeating: "2", count: 64))","size":4611686018427387904},"layers":[]}"#,
+        #"{"schemaVersion":2,"extra":{"deep":[1,-2.5e+3,0.0,true,false,"s",{"k":[]}]},"manifests":[]}"#,
+        #"{"\u0073chemaVersion":2,"manifests":[]}"#,
+    ]
+    static let leftToJSONDecoder = [
+        #"{"schemaVersion":2,"config":{"digest":"sha256:\#(String(repeating: "2", count: 64))","size":9223372036854775807},"layers":[]}"#,
+        #"{"schemaVersion":2,"manifests":null}"#,
+        #"{"schemaVersion":2.0,"manifests":[]}"#,
+        #"{"schemaVersion":2e0,"manifests":[]}"#,
+        #"{"schemaVersion":02,"manifests":[]}"#,
+        #"{"schemaVersion":-0,"manifests":[]}"#,
+        #"{"schemaVersion":2,"schemaVersion":3,"manifests":[]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":1.0}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":99999999999999999999}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":-1}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":"1"}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"md5:00","size":1}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"size":1}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":1,"annotations":{"a":1}}]}"#,
+        #"{"schemaVersion":2,"manifests":[{"digest":"sha256:\#(String(repeating: "1", count: 64))","size":1,"annotations":{"a":"x","a":"y"}}]}"#,
+        #"{"schemaVersion":2,"mediaType":"caf\#u{e9}","manifests":[]}"#,
+        #"{"schemaVersion":2,"mediaType":"\ud800","manifests":[]}"#,
+        #"{"schemaVersion":2,"manifests":[]} x"#,
+        #"{"schemaVersion":2,"manifests":[],}"#,
+        #"{"schemaVersion":2,"manifests":[1,]}"#,
+        #"{"schemaVersion":2,"extra":01,"manifests":[]}"#,
+        #"{"schemaVersion":2,"extra":tru,"manifests":[]}"#,
+        #"\#u{feff}{"schemaVersion":2,"manifests":[]}"#,
+        #"[]"#, "", "{",
+    ]
+
+    @Test(arguments: readFast)
+    func theFastReaderAnswers(_ json: String) {
+        #expect(FastManifestReader.document(Array(json.utf8)) != nil)
+    }
+
+    @Test(arguments: leftToJSONDecoder)
+    func theFastReaderGivesUp(_ json: String) {
+        #expect(FastManifestReader.document(Array(json.utf8)) == nil)
+    }
+
+    /// Every input gives the same outcome both ways: the same content, or an error from each.
+    @Test(arguments: readFast + leftToJSONDecoder)
+    func bothWaysAgree(_ json: String) {
+        let bytes = Array(json.utf8)
+        let fast = Result { () throws(ManifestError) in try ManifestContent.parse(bytes) }
+        let foundation = Result { () throws(ManifestError) in try ManifestContent.parseWithFoundation(bytes) }
+        switch (fast, foundation) {
+        case (.success(let a), .success(let b)): #expect(a == b)
+        case (.failure, .failure): break
+        default: Issue.record("fast: \(fast), JSONDecoder: \(foundation)")
+        }
+    }
+
+    @Test func aDocumentOfTheFastShapeReadsTheSameBothWays() throws {
+        let bytes = Array(buildkitManifest.utf8)
+        #expect(try ManifestContent.parse(bytes) == ManifestContent.parseWithFoundation(bytes))
+        #expect(FastManifestReader.document(bytes) == (try JSONDecoder().decode(ManifestContent.Document.self, from: Data(bytes))))
+    }
+}
