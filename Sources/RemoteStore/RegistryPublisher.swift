@@ -262,7 +262,7 @@ public final class RegistryPublisher: CachePublisher {
                 throw .configuration("'\(tag.escapingControlCharacters)' is not a valid tag")
             }
             guard Digest.sha256(of: manifestBytes) == manifest.digest, Int64(manifestBytes.count) == manifest.size else {
-                throw .invalidContent("the bytes given are not those of manifest \(manifest.digest)")
+                throw .invalidContent("the bytes given are not the manifest's (digest or size differ)")
             }
             try withAttempts("tag \(tag)") { () throws(RemoteStoreError) in
                 let answer = try send("PUT", connection.apiURL("manifests/\(tag)"),

@@ -75,19 +75,8 @@ private final class LostAnswerTransport: HTTPTransport {
     }
 }
 
-/// The RemoteStoreError `body` throws; records an issue when it throws none or another error.
-private func publishError(sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void) -> RemoteStoreError? {
-    do {
-        try body()
-        Issue.record("expected a RemoteStoreError, got success", sourceLocation: sourceLocation)
-    } catch let error as RemoteStoreError {
-        #expect(!error.description.contains("\n"), "multi-line error: \(error)", sourceLocation: sourceLocation)
-        return error
-    } catch {
-        Issue.record("expected a RemoteStoreError, got \(type(of: error)): \(error)", sourceLocation: sourceLocation)
-    }
-    return nil
-}
+/// A RemoteStoreError's case, by name (`unauthorized`, `server`...).
+private func kind(_ error: RemoteStoreError) -> String? { Mirror(reflecting: error).children.first?.label }
 
 @Suite("RegistryPublisher blobs")
 struct RegistryPublisherBlobTests {
@@ -134,39 +123,34 @@ struct RegistryPublisherBlobTests {
         #expect(setup.registry.blob(blob.digest) == blob.bytes)
     }
 
-    @Test func chunkCutMidwayResumesFromWhatTheRegistryHolds() throws {
+    struct ChunkCut: Sendable, CustomTestStringConvertible {
+        var testDescription: String
+        var bytesKept: Int
+        var session: FakeRegistry.CutSession
+        var patchRanges: [String]
+        var sessionsOpened: Int
+    }
+
+    static let chunkCuts = [
+        ChunkCut(testDescription: "resumed from what the registry holds", bytesKept: 300, session: .keepsWhatArrived,
+                 patchRanges: ["0-999", "300-1299", "1300-2299", "2300-3299", "3300-3499"], sessionsOpened: 1),
+        ChunkCut(testDescription: "session lost: the blob starts over", bytesKept: 300, session: .isLost,
+                 patchRanges: ["0-999", "0-999", "1000-1999", "2000-2999", "3000-3499"], sessionsOpened: 2),
+        // distribution's `Range: 0-0` means no byte as well as one: taken as none, the registry
+        // refuses the next chunk (416) and the blob starts over rather than looping.
+        ChunkCut(testDescription: "one byte kept: refused, the blob starts over", bytesKept: 1, session: .keepsWhatArrived,
+                 patchRanges: ["0-999", "0-999", "0-999", "1000-1999", "2000-2999", "3000-3499"], sessionsOpened: 2),
+    ]
+
+    @Test("a chunk cut midway", arguments: chunkCuts)
+    func chunkCutMidway(_ cut: ChunkCut) throws {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3500, seed: 4)
-        setup.registry.cutPatches(afterBytes: 300, session: .keepsWhatArrived)
+        setup.registry.cutPatches(afterBytes: cut.bytesKept, session: cut.session)
         let publication = try setup.publisher(monolithicLimit: 1000).publishBlob(blob.digest, size: blob.size, contentsAt: blob.path)
         #expect(publication == .uploaded(bytes: 3500))
-        #expect(setup.patchRanges == ["0-999", "300-1299", "1300-2299", "2300-3299", "3300-3499"])
-        #expect(setup.registry.uploadsOpened == 1, "the session was started over instead of resumed")
-        #expect(setup.methods.filter { $0 == "GET" }.count == 1)
-        #expect(setup.registry.blob(blob.digest) == blob.bytes)
-    }
-
-    @Test func chunkCutWithTheSessionLostStartsTheBlobOver() throws {
-        let setup = PushSetup()
-        let blob = try BlobFile(count: 2500, seed: 5)
-        setup.registry.cutPatches(afterBytes: 300, session: .isLost)
-        let publication = try setup.publisher(monolithicLimit: 1000).publishBlob(blob.digest, size: blob.size, contentsAt: blob.path)
-        #expect(publication == .uploaded(bytes: 2500))
-        #expect(setup.patchRanges == ["0-999", "0-999", "1000-1999", "2000-2499"])
-        #expect(setup.registry.uploadsOpened == 2)
-        #expect(setup.registry.blob(blob.digest) == blob.bytes)
-    }
-
-    /// distribution's `Range: 0-0` means no byte as well as one: taken as none, the registry
-    /// refuses the next chunk (416) and the blob starts over rather than looping.
-    @Test func oneByteKeptBeforeACutStartsTheBlobOver() throws {
-        let setup = PushSetup()
-        let blob = try BlobFile(count: 2500, seed: 6)
-        setup.registry.cutPatches(afterBytes: 1, session: .keepsWhatArrived)
-        let publication = try setup.publisher(monolithicLimit: 1000).publishBlob(blob.digest, size: blob.size, contentsAt: blob.path)
-        #expect(publication == .uploaded(bytes: 2500))
-        #expect(setup.patchRanges == ["0-999", "0-999", "0-999", "1000-1999", "2000-2499"])
-        #expect(setup.registry.uploadsOpened == 2)
+        #expect(setup.patchRanges == cut.patchRanges)
+        #expect(setup.registry.uploadsOpened == cut.sessionsOpened)
         #expect(setup.registry.blob(blob.digest) == blob.bytes)
     }
 
@@ -193,15 +177,13 @@ struct RegistryPublisherBlobTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 9)
         setup.network.inject(.status(403, body: deniedBody), method: "POST")
-        let error = publishError { _ = try setup.publisher().publishBlob(blob.digest, size: blob.size, contentsAt: blob.path) }
-        guard case .unauthorized(let message)? = error else {
-            Issue.record("expected .unauthorized, got \(String(describing: error))")
-            return
-        }
-        #expect(message.contains(blob.digest.description))
-        #expect(message.contains("DENIED requested access to the resource is denied"))
-        #expect(message.contains("registry.test/team/cache"))
-        #expect(error?.isTransient == false)
+        let error = try #require(throws: RemoteStoreError.self) { _ = try setup.publisher().publishBlob(blob.digest, size: blob.size, contentsAt: blob.path) }
+        #expect(kind(error) == "unauthorized")
+        #expect(error.description.contains(blob.digest.description))
+        #expect(error.description.contains("DENIED requested access to the resource is denied"))
+        #expect(error.description.contains("registry.test/team/cache"))
+        #expect(!error.description.contains("\n"))
+        #expect(error.isTransient == false)
         #expect(setup.methods == ["HEAD", "POST"])
     }
 
@@ -209,21 +191,18 @@ struct RegistryPublisherBlobTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 10)
         let other = try BlobFile(count: 3000, seed: 11)
-        let error = publishError { _ = try setup.publisher().publishBlob(other.digest, size: blob.size, contentsAt: blob.path) }
-        guard case .invalidContent(let message)? = error else {
-            Issue.record("expected .invalidContent, got \(String(describing: error))")
-            return
-        }
-        #expect(message.contains(other.digest.description))
-        #expect(message.contains("HTTP 400: DIGEST_INVALID"))
+        let error = try #require(throws: RemoteStoreError.self) { _ = try setup.publisher().publishBlob(other.digest, size: blob.size, contentsAt: blob.path) }
+        #expect(kind(error) == "invalidContent")
+        #expect(error.description.contains(other.digest.description))
+        #expect(error.description.contains("HTTP 400: DIGEST_INVALID"))
         #expect(setup.methods == ["HEAD", "POST", "PUT"])
     }
 
     @Test func fileOfTheWrongSizeIsRefusedBeforeItIsSent() throws {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 12)
-        let error = publishError { _ = try setup.publisher().publishBlob(blob.digest, size: 2999, contentsAt: blob.path) }
-        #expect(error?.description.contains(blob.path) == true)
+        let error = try #require(throws: RemoteStoreError.self) { _ = try setup.publisher().publishBlob(blob.digest, size: 2999, contentsAt: blob.path) }
+        #expect(error.description.contains(blob.path))
         #expect(!setup.methods.contains("PUT"))
     }
 
@@ -231,12 +210,9 @@ struct RegistryPublisherBlobTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 13)
         setup.network.inject(.status(503, body: []))
-        let error = publishError { _ = try setup.publisher().publishBlob(blob.digest, size: blob.size, contentsAt: blob.path) }
-        guard case .server? = error else {
-            Issue.record("expected .server, got \(String(describing: error))")
-            return
-        }
-        #expect(error?.isTransient == true, "the caller may try again later")
+        let error = try #require(throws: RemoteStoreError.self) { _ = try setup.publisher().publishBlob(blob.digest, size: blob.size, contentsAt: blob.path) }
+        #expect(kind(error) == "server")
+        #expect(error.isTransient == true, "the caller may try again later")
         #expect(setup.network.requests.count == RegistryPublisher.attempts)
     }
 
@@ -244,13 +220,10 @@ struct RegistryPublisherBlobTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3500, seed: 14)
         setup.network.inject(.failConnection, method: "PATCH")
-        let error = publishError {
+        let error = try #require(throws: RemoteStoreError.self) {
             _ = try setup.publisher(monolithicLimit: 1000).publishBlob(blob.digest, size: blob.size, contentsAt: blob.path)
         }
-        guard case .transport? = error else {
-            Issue.record("expected .transport, got \(String(describing: error))")
-            return
-        }
+        #expect(kind(error) == "transport")
         #expect(setup.methods.filter { $0 == "PATCH" }.count == RegistryPublisher.attempts)
         #expect(setup.network.requests.count <= 3 * RegistryPublisher.attempts)
     }
@@ -259,13 +232,10 @@ struct RegistryPublisherBlobTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 15)
         setup.network.inject(.stall, method: "PUT")
-        let error = publishError {
+        let error = try #require(throws: RemoteStoreError.self) {
             _ = try setup.publisher(timeout: .milliseconds(20)).publishBlob(blob.digest, size: blob.size, contentsAt: blob.path)
         }
-        guard case .timedOut? = error else {
-            Issue.record("expected .timedOut, got \(String(describing: error))")
-            return
-        }
+        #expect(kind(error) == "timedOut")
         #expect(setup.methods.filter { $0 == "PUT" }.count == RegistryPublisher.attempts)
     }
 
@@ -367,15 +337,12 @@ struct RegistryPublisherTagTests {
         let setup = PushSetup()
         let lie = "sha256:" + String(repeating: "0", count: 64)
         setup.registry.setManifestDigestAnswer(lie)
-        let error = publishError {
+        let error = try #require(throws: RemoteStoreError.self) {
             try setup.publisher().publishTag("main", manifest: manifest, manifestBytes: manifestBytes, smallBlob: { _ in nil })
         }
-        guard case .invalidContent(let message)? = error else {
-            Issue.record("expected .invalidContent, got \(String(describing: error))")
-            return
-        }
-        #expect(message.contains(lie))
-        #expect(message.contains(manifest.digest.description))
+        #expect(kind(error) == "invalidContent")
+        #expect(error.description.contains(lie))
+        #expect(error.description.contains(manifest.digest.description))
         #expect(setup.methods == ["PUT"])
     }
 
@@ -389,25 +356,19 @@ struct RegistryPublisherTagTests {
 
     @Test func bytesThatAreNotTheManifestsAreNeverSent() throws {
         let setup = PushSetup()
-        let error = publishError {
+        let error = try #require(throws: RemoteStoreError.self) {
             try setup.publisher().publishTag("main", manifest: manifest, manifestBytes: manifestBytes + [0x0A], smallBlob: { _ in nil })
         }
-        guard case .invalidContent? = error else {
-            Issue.record("expected .invalidContent, got \(String(describing: error))")
-            return
-        }
+        #expect(kind(error) == "invalidContent")
         #expect(setup.methods.isEmpty)
     }
 
     @Test func invalidTagIsRefusedBeforeAnyRequest() throws {
         let setup = PushSetup()
-        let error = publishError {
+        let error = try #require(throws: RemoteStoreError.self) {
             try setup.publisher().publishTag("../main", manifest: manifest, manifestBytes: manifestBytes, smallBlob: { _ in nil })
         }
-        guard case .configuration? = error else {
-            Issue.record("expected .configuration, got \(String(describing: error))")
-            return
-        }
+        #expect(kind(error) == "configuration")
         #expect(setup.methods.isEmpty)
     }
 
