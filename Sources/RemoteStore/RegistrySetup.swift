@@ -12,8 +12,11 @@ public struct RegistrySetup: Sendable {
     /// Asked again when the registry refuses `credential`.
     public let credentialSource: RegistryCredentialSource
 
-    /// - Parameter helperTimeout: the bound on a credential helper's run.
-    public init(spec: SourceSpec, helperTimeout: Duration) throws(RemoteStoreError) {
+    /// - Parameters:
+    ///   - helperTimeout: the bound on a credential helper's run.
+    ///   - environment: where `DOCKER_CONFIG` and `HOME` say the Docker config is.
+    public init(spec: SourceSpec, helperTimeout: Duration,
+                environment: [String: String] = ProcessInfo.processInfo.environment) throws(RemoteStoreError) {
         guard spec.type == "registry", let ref = spec.attributes["ref"] else {
             throw .configuration("type=registry needs ref=HOST/REPO:TAG")
         }
@@ -24,10 +27,10 @@ public struct RegistrySetup: Sendable {
         reference = try RegistryReference(parsing: ref)
         insecure = try spec.flag("registry.insecure")
         // Asked again during the mount, after the daemon has left its starting directory.
-        var store = DockerCredentialStore(helperTimeout: helperTimeout)
+        var store = DockerCredentialStore(environment: environment, helperTimeout: helperTimeout)
         if let directory = store.configDirectory, !directory.hasPrefix("/") {
             store = DockerCredentialStore(configDirectory: FileManager.default.currentDirectoryPath + "/" + directory,
-                                          helperTimeout: helperTimeout)
+                                          environment: environment, helperTimeout: helperTimeout)
         }
         do {
             credential = try store.credential(forHost: reference.host)
