@@ -39,10 +39,10 @@ private struct PushSetup {
 
     init() { network = FaultInjectingTransport(wrapping: registry) }
 
-    func publisher(monolithicLimit: Int64 = 4096, chunkSize: Int64 = 1000, mountFrom: [String] = [],
+    func publisher(insecure: Bool = false, monolithicLimit: Int64 = 4096, chunkSize: Int64 = 1000, mountFrom: [String] = [],
                    credential: RegistryCredential? = nil, credentialSource: RegistryCredentialSource? = nil,
                    timeout: Duration = .seconds(5), transport: (any HTTPTransport)? = nil) throws -> RegistryPublisher {
-        RegistryPublisher(reference: try RegistryReference(parsing: "registry.test/team/cache:buildcache"), insecure: false,
+        RegistryPublisher(reference: try RegistryReference(parsing: "registry.test/team/cache:buildcache"), insecure: insecure,
                           credential: credential, credentialSource: credentialSource, mountFrom: mountFrom,
                           monolithicLimit: monolithicLimit, chunkSize: chunkSize,
                           transport: transport ?? network, timeout: timeout, logger: quietLogger)
@@ -237,6 +237,20 @@ struct RegistryPublisherBlobTests {
         }
         #expect(kind(error) == "timedOut")
         #expect(setup.methods.filter { $0 == "PUT" }.count == RegistryPublisher.attempts)
+    }
+
+    @Test func insecureRegistryIsProbedOnceThenSpokenToOverHTTP() throws {
+        let setup = PushSetup()
+        setup.registry.setRefusesHTTPS(true)
+        let publisher = try setup.publisher(insecure: true)
+        for seed in [24, 25] {
+            let blob = try BlobFile(count: 100, seed: seed)
+            #expect(try publisher.publishBlob(blob.digest, size: blob.size, contentsAt: blob.path) == .uploaded(bytes: 100))
+        }
+        let urls = setup.network.requests.map(\.url)
+        #expect(urls.first == "https://registry.test/v2/")
+        #expect(urls.dropFirst().allSatisfy { $0.hasPrefix("http://registry.test/v2/team/cache/") }, "\(urls)")
+        #expect(urls.count == 7)
     }
 
     @Test func refusedCredentialIsAskedForAgain() throws {
