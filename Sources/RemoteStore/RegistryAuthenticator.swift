@@ -199,7 +199,9 @@ final class RegistryAuthenticator: Sendable {
         case nil:
             var items = components.queryItems ?? []
             if let service { items.append(URLQueryItem(name: "service", value: service)) }
-            items.append(URLQueryItem(name: "scope", value: scope))
+            // A challenge names several scopes apart by spaces (a cross-repository mount needs
+            // two repositories); the token endpoint takes one scope parameter for each.
+            for single in scope.split(separator: " ") { items.append(URLQueryItem(name: "scope", value: String(single))) }
             components.queryItems = items
             request.url = components.string ?? realm
         }

@@ -2,26 +2,20 @@ import FoundationEssentials
 import HTTPClient
 import Logging
 import OCI
-import Synchronization
 import SystemSupport
 
 /// A repository in an OCI registry, read through the distribution API.
 public final class RegistrySource: RemoteCacheSource {
     /// Manifests and configs are read whole into memory at mount; anything bigger is refused.
     public static let maxSmallBlobSize = SmallDocument.maxSize
-    private static let maxRedirects = 5
     /// Child manifests of an index fetched at once.
     static let parallelManifestFetches = 4
 
     public let reference: RegistryReference
-    private let insecure: Bool
-    /// For an insecure registry, HTTPS without verification until a probe shows only HTTP works.
-    private let resolvedBaseURL: Mutex<URL>
-    private var baseURL: URL { resolvedBaseURL.withLock { $0 } }
-    private let transport: any HTTPTransport
-    private let authenticator: RegistryAuthenticator
-    private let timeout: Duration
-    private let logger: Logger
+    private let connection: RegistryConnection
+    private var insecure: Bool { connection.insecure }
+    private var timeout: Duration { connection.timeout }
+    private var logger: Logger { connection.logger }
 
     public var displayName: String { reference.description }
 
@@ -33,21 +27,10 @@ public final class RegistrySource: RemoteCacheSource {
                 credentialSource: RegistryCredentialSource? = nil,
                 transport: any HTTPTransport, timeout: Duration, logger: Logger) {
         self.reference = reference
-        self.insecure = insecure && !reference.isLoopback
-        let scheme = reference.isLoopback ? "http" : "https"
-        // RegistryReference accepts only hosts that make a URL.
-        self.resolvedBaseURL = Mutex(URL(string: "\(scheme)://\(reference.apiHost)")!)
-        self.transport = transport
-        self.timeout = timeout
-        self.logger = logger
-        self.authenticator = RegistryAuthenticator(host: reference.host, credential: credential,
-                                                   credentialSource: credentialSource,
-                                                   transport: transport, timeout: timeout,
-                                                   unverifiedTLSHost: self.insecure ? reference.apiHost : nil,
-                                                   logger: logger)
+        self.connection = RegistryConnection(reference: reference, insecure: insecure, credential: credential,
+                                             credentialSource: credentialSource, transport: transport,
+                                             timeout: timeout, logger: logger)
     }
-
-    private var pullScope: String { "repository:\(reference.repository):pull" }
 
     // MARK: Snapshot
 
@@ -181,85 +164,17 @@ public final class RegistrySource: RemoteCacheSource {
 
     static func contentRangeStart(_ value: String?) -> Int64? { ByteRange.contentRangeStart(value) }
 
-    /// BuildKit's `registry.insecure`: HTTPS without certificate checks, else plain HTTP.
-    private func chooseInsecureScheme() {
-        var probe = HTTPRequest(url: baseURL.appendingPathComponent("v2/").absoluteString,
-                                stallTimeout: timeout, totalTimeout: timeout)
-        probe.verifiesTLSPeer = false
-        do {
-            _ = try transport.fetch(probe, maxBodyBytes: 64 << 10)
-        } catch {
-            let http = URL(string: "http://\(reference.apiHost)")!
-            logger.info("registry is insecure and does not answer HTTPS; using HTTP", metadata: ["host": "\(reference.host)"])
-            resolvedBaseURL.withLock { $0 = http }
-        }
-    }
+    private func chooseInsecureScheme() { connection.chooseInsecureScheme() }
 
-    // MARK: HTTP with auth and redirects
+    // MARK: HTTP
 
-    private func apiURL(_ path: String) -> URL {
-        baseURL.appendingPathComponent("v2/\(reference.repository)/\(path)")
-    }
+    private func apiURL(_ path: String) -> URL { connection.apiURL(path) }
 
-    /// One registry exchange: answers auth challenges (a second time only with credentials
-    /// asked for again), follows redirects (never carrying credentials to another origin), and
-    /// hands only a successful body to the caller.
     private func perform(_ url: URL, headers: HTTPHeaders, totalTimeout: Duration?,
                          onResponse: (HTTPResponseHead) throws -> Void,
                          onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead {
-        var url = url
-        var redirects = 0
-        var authentication = AuthenticationRound()
-        while true {
-            var request = HTTPRequest(url: url.absoluteString, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
-            let sameOrigin = Self.origin(of: url) == Self.origin(of: baseURL)
-            request.verifiesTLSPeer = !(insecure && sameOrigin)
-            let sentAuthorization = sameOrigin ? authenticator.currentAuthorization() : nil
-            if let sentAuthorization { request.headers.set("Authorization", sentAuthorization) }
-            authentication.sending(sentAuthorization)
-            let head: HTTPResponseHead
-            let errorBody: [UInt8]
-            do {
-                (head, errorBody) = try transport.executeExpectingSuccess(request, onSuccess: onResponse, onBody: onBody)
-            } catch let error as HTTPTransportError {
-                // A URL the transport cannot fetch came from the registry (a redirect): a refusal,
-                // not an outage, so neither retried nor answered from a saved resolution.
-                if case .invalidRequest = error {
-                    throw RemoteStoreError.invalidContent("\(reference.host): \(error)")
-                }
-                throw RemoteStoreError(error, context: reference.host)
-            }
-            switch head.status {
-            case 200..<300:
-                return head
-            case 301, 302, 303, 307, 308:
-                guard redirects < Self.maxRedirects, let location = head.headers["Location"],
-                      let next = URL(string: location, relativeTo: url)?.absoluteURL else {
-                    throw RemoteStoreError.invalidContent("\(reference.host): too many or unusable redirects for \(url.path)")
-                }
-                guard let scheme = next.scheme?.lowercased(), scheme == "http" || scheme == "https" else {
-                    throw RemoteStoreError.invalidContent(
-                        "\(reference.host): redirect for \(url.path) to a \(next.scheme ?? "relative") URL refused (only http and https are followed)")
-                }
-                redirects += 1
-                url = next
-            case 401 where sameOrigin && authenticator.mayAnswerAgain(authentication):
-                try authenticator.answer(challenges: head.headers.values("WWW-Authenticate"), scope: pullScope,
-                                         round: &authentication)
-            case 401, 403:
-                throw RemoteStoreError.unauthorized("\(reference.host) refused access to \(reference.repository) (HTTP \(head.status)\(Self.registryErrorSummary(errorBody)))")
-            case 404:
-                throw RemoteStoreError.notFound("\(url.path): HTTP 404\(Self.registryErrorSummary(errorBody))")
-            case 429, 500...599:
-                throw RemoteStoreError.server("\(reference.host): HTTP \(head.status) for \(url.path)\(Self.registryErrorSummary(errorBody))")
-            default:
-                throw RemoteStoreError.server("\(reference.host): unexpected HTTP \(head.status) for \(url.path)\(Self.registryErrorSummary(errorBody))")
-            }
-        }
-    }
-
-    private static func origin(of url: URL) -> String {
-        "\(url.scheme ?? "")://\(url.host ?? ""):\(url.port ?? (url.scheme == "https" ? 443 : 80))"
+        try connection.perform(url, headers: headers, scope: connection.pullScope, totalTimeout: totalTimeout,
+                               onResponse: onResponse, onBody: onBody)
     }
 
     /// `{"errors":[{"code":"MANIFEST_UNKNOWN","message":"..."}]}` → `: MANIFEST_UNKNOWN manifest unknown`.

@@ -7,7 +7,9 @@ import Synchronization
 /// without a network. It serves `/v2/<repo>/manifests/<ref>` and `/v2/<repo>/blobs/<digest>`
 /// for any host except the two helper hosts below, honours `Range: bytes=N-`, can demand Basic
 /// or Bearer auth (with a token endpoint at `tokenHost`), can redirect blob GETs (to `cdnHost`
-/// or to another path on its own host), and records every request it sees.
+/// or to another path on its own host), and records every request it sees. It takes pushes as
+/// the distribution spec describes them: upload sessions (monolithic or chunked, resumable),
+/// cross-repository mounts from `otherRepositoryBlobs`, and manifest PUTs.
 final class FakeRegistry: HTTPTransport {
     static let tokenHost = "auth.test"
     static let tokenRealm = "http://auth.test/token"
@@ -44,7 +46,17 @@ final class FakeRegistry: HTTPTransport {
     struct TokenRequest: Sendable {
         var service: String?
         var scope: String?
+        /// Every `scope` parameter, in order (a cross-repository mount asks for two).
+        var scopes: [String]
         var authorization: String?
+    }
+
+    /// What happens to an upload session when a PATCH is cut midway.
+    enum CutSession: Sendable {
+        /// The registry keeps the bytes that arrived and the session (the OCI spec's resume).
+        case keepsWhatArrived
+        /// The session is gone (distribution 2.8 answers a later GET of it 404).
+        case isLost
     }
 
     private struct State {
@@ -61,6 +73,14 @@ final class FakeRegistry: HTTPTransport {
         var tokenRealm = FakeRegistry.tokenRealm
         var chunkSize = 4096
         var requests: [HTTPRequest] = []
+        var uploads: [String: [UInt8]] = [:]
+        var uploadsOpened = 0
+        var otherRepositoryBlobs: [String: Set<Digest>] = [:]
+        /// The next this-many PATCHes store only `cutAfter` bytes, then the connection drops.
+        var patchCuts = 0
+        var cutAfter = 0
+        var cutSession = CutSession.keepsWhatArrived
+        var manifestDigestAnswer: String?
     }
 
     let repository: String
@@ -101,6 +121,26 @@ final class FakeRegistry: HTTPTransport {
         state.withLock { $0.blobs[digest] = bytes }
     }
 
+    /// Another repository of the registry holds this blob (it may be mounted from there).
+    func putBlob(_ bytes: [UInt8], inRepository other: String) {
+        state.withLock { state in
+            state.blobs[Digest.sha256(of: bytes)] = bytes
+            state.otherRepositoryBlobs[other, default: []].insert(Digest.sha256(of: bytes))
+        }
+    }
+
+    /// The next `times` PATCHes keep `afterBytes` bytes of their body, then the connection drops.
+    func cutPatches(afterBytes: Int, times: Int = 1, session: CutSession) {
+        state.withLock { state in
+            state.patchCuts = times
+            state.cutAfter = afterBytes
+            state.cutSession = session
+        }
+    }
+
+    /// Manifest PUTs are answered with this Docker-Content-Digest whatever they stored.
+    func setManifestDigestAnswer(_ digest: String?) { state.withLock { $0.manifestDigestAnswer = digest } }
+
     func setAuth(_ auth: Auth) { state.withLock { $0.auth = auth } }
     func setRedirect(_ redirect: BlobRedirect) { state.withLock { $0.redirect = redirect } }
     func setIgnoreRange(_ ignore: Bool) { state.withLock { $0.ignoreRange = ignore } }
@@ -117,6 +157,9 @@ final class FakeRegistry: HTTPTransport {
     // MARK: Observation
 
     var requests: [HTTPRequest] { state.withLock { $0.requests } }
+    func blob(_ digest: Digest) -> [UInt8]? { state.withLock { $0.blobs[digest] } }
+    func manifest(_ reference: String) -> StoredManifest? { state.withLock { $0.manifests[reference] } }
+    var uploadsOpened: Int { state.withLock { $0.uploadsOpened } }
     var tokenRequests: [TokenRequest] { state.withLock { $0.tokenRequests } }
     var tokensIssued: Int { state.withLock { $0.tokensIssued } }
     var issuedTokenValues: [String] { state.withLock { s in (0..<s.tokensIssued).map { Self.tokenValue($0 + 1) } } }
@@ -135,14 +178,20 @@ final class FakeRegistry: HTTPTransport {
 
     func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
                  onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
-        let answer: (HTTPResponseHead, [UInt8], Int)? = state.withLock { state in
+        let requestBody = try Self.bytes(of: request.body)
+        let answer: (HTTPResponseHead, [UInt8], Int)?? = state.withLock { state in
             state.requests.append(request)
             if state.refusesHTTPS, request.url.hasPrefix("https://"),
                let host = URLComponents(string: request.url)?.host, host != Self.tokenHost, host != Self.cdnHost {
+                return .some(nil)
+            }
+            guard let (head, body) = Self.respond(to: request, body: requestBody, repository: repository, state: &state) else {
                 return nil
             }
-            let (head, body) = Self.respond(to: request, repository: repository, state: &state)
             return (head, body, state.chunkSize)
+        }
+        guard let answer else {
+            throw HTTPTransportError.protocolError("fake: \(request.url): connection dropped while the body was sent")
         }
         guard let (head, body, chunkSize) = answer else {
             throw HTTPTransportError.connectionFailed("fake: \(request.url): connection refused")
@@ -162,7 +211,22 @@ final class FakeRegistry: HTTPTransport {
 
     // MARK: Responses
 
-    private static func respond(to request: HTTPRequest, repository: String, state: inout State) -> (HTTPResponseHead, [UInt8]) {
+    /// A request body's bytes, read from its file range as a transport would send them.
+    private static func bytes(of body: HTTPRequestBody?) throws -> [UInt8] {
+        switch body {
+        case nil: return []
+        case .bytes(let bytes): return bytes
+        case .fileRange(let descriptor, let offset, let length):
+            var bytes = [UInt8](repeating: 0, count: Int(length))
+            let read = bytes.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, Int(length), off_t(offset)) }
+            guard read == Int(length) else { throw HTTPTransportError.aborted("fake: short request body file") }
+            return bytes
+        }
+    }
+
+    /// nil: the connection dropped before an answer.
+    private static func respond(to request: HTTPRequest, body: [UInt8], repository: String,
+                                state: inout State) -> (HTTPResponseHead, [UInt8])? {
         guard let components = URLComponents(string: request.url), let host = components.host else {
             return status(400, "BAD_REQUEST", "unparseable URL \(request.url)")
         }
@@ -181,12 +245,12 @@ final class FakeRegistry: HTTPTransport {
             }
             return serveBlob(bytes, request: request, state: state)
         default:
-            return respondRegistry(request, path: path, repository: repository, state: &state)
+            return respondRegistry(request, components: components, path: path, body: body, repository: repository, state: &state)
         }
     }
 
-    private static func respondRegistry(_ request: HTTPRequest, path: String, repository: String,
-                                        state: inout State) -> (HTTPResponseHead, [UInt8]) {
+    private static func respondRegistry(_ request: HTTPRequest, components: URLComponents, path: String, body: [UInt8],
+                                        repository: String, state: inout State) -> (HTTPResponseHead, [UInt8])? {
         if let challenge = missingAuthChallenge(request, state: state) {
             var (head, body) = status(401, "UNAUTHORIZED", "authentication required")
             head.headers.add("WWW-Authenticate", challenge)
@@ -195,6 +259,22 @@ final class FakeRegistry: HTTPTransport {
         let prefix = "/v2/\(repository)/"
         guard path.hasPrefix(prefix) else { return status(404, "NAME_UNKNOWN", "repository name not known to registry") }
         let rest = path.dropFirst(prefix.count)
+        if rest.hasPrefix("blobs/uploads/") {
+            return respondUpload(request, components: components, uuid: String(rest.dropFirst("blobs/uploads/".count)),
+                                 body: body, repository: repository, state: &state)
+        }
+        if request.method == "PUT", rest.hasPrefix("manifests/") {
+            let reference = String(rest.dropFirst("manifests/".count))
+            let digest = Digest.sha256(of: body)
+            let stored = StoredManifest(bytes: body, contentType: request.headers["Content-Type"], digestHeader: nil)
+            state.manifests[reference] = stored
+            state.manifests[digest.description] = stored
+            return (HTTPResponseHead(status: 201, headers: HTTPHeaders([
+                ("Location", "/v2/\(repository)/manifests/\(digest)"),
+                ("Docker-Content-Digest", state.manifestDigestAnswer ?? digest.description),
+                ("Content-Length", "0"),
+            ])), [])
+        }
         guard request.method == "GET" || request.method == "HEAD" else { return status(405, "UNSUPPORTED", "method") }
         if rest.hasPrefix("manifests/") {
             let reference = String(rest.dropFirst("manifests/".count))
@@ -246,6 +326,75 @@ final class FakeRegistry: HTTPTransport {
         return status(404, "NOT_FOUND", "no such endpoint")
     }
 
+    /// `POST blobs/uploads/[?mount=&from=]` opens a session (its Location relative, as the spec
+    /// allows); `PATCH`, `GET`, `PUT ?digest=` and `DELETE` act on one (their Locations absolute).
+    private static func respondUpload(_ request: HTTPRequest, components: URLComponents, uuid: String, body: [UInt8],
+                                      repository: String, state: inout State) -> (HTTPResponseHead, [UInt8])? {
+        let query = Dictionary((components.queryItems ?? []).map { ($0.name, $0.value ?? "") }, uniquingKeysWith: { $1 })
+        let base = "\(components.scheme ?? "http")://\(components.host ?? "")\(components.port.map { ":\($0)" } ?? "")"
+        func session(_ status: Int, _ uuid: String, relative: Bool = false) -> (HTTPResponseHead, [UInt8]) {
+            let held = state.uploads[uuid]?.count ?? 0
+            let path = "/v2/\(repository)/blobs/uploads/\(uuid)?_state=\(uuid)-\(held)"
+            return (HTTPResponseHead(status: status, headers: HTTPHeaders([
+                ("Location", relative ? path : base + path),
+                // As distribution: `0-0` for an empty session too.
+                ("Range", "0-\(max(held - 1, 0))"),
+                ("Docker-Upload-UUID", uuid),
+                ("Content-Length", "0"),
+            ])), [])
+        }
+        if uuid.isEmpty {
+            guard request.method == "POST" else { return status(405, "UNSUPPORTED", "method") }
+            if let mount = query["mount"].flatMap({ Digest($0) }), let from = query["from"],
+               state.otherRepositoryBlobs[from]?.contains(mount) == true {
+                return (HTTPResponseHead(status: 201, headers: HTTPHeaders([
+                    ("Location", "/v2/\(repository)/blobs/\(mount)"), ("Docker-Content-Digest", mount.description),
+                    ("Content-Length", "0"),
+                ])), [])
+            }
+            state.uploadsOpened += 1
+            let opened = "upload-\(state.uploadsOpened)"
+            state.uploads[opened] = []
+            return session(202, opened, relative: true)
+        }
+        guard let held = state.uploads[uuid] else { return status(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry") }
+        switch request.method {
+        case "GET":
+            return session(204, uuid)
+        case "DELETE":
+            state.uploads[uuid] = nil
+            return (HTTPResponseHead(status: 204, headers: HTTPHeaders([("Content-Length", "0")])), [])
+        case "PATCH":
+            guard let range = request.headers["Content-Range"], let start = range.split(separator: "-").first.flatMap({ Int($0) }),
+                  start == held.count else {
+                return status(416, "RANGE_INVALID", "invalid content range")
+            }
+            if state.patchCuts > 0 {
+                state.patchCuts -= 1
+                switch state.cutSession {
+                case .keepsWhatArrived: state.uploads[uuid]!.append(contentsOf: body.prefix(state.cutAfter))
+                case .isLost: state.uploads[uuid] = nil
+                }
+                return nil
+            }
+            state.uploads[uuid]!.append(contentsOf: body)
+            return session(202, uuid)
+        case "PUT":
+            let bytes = held + body
+            state.uploads[uuid] = nil
+            guard let digest = query["digest"].flatMap({ Digest($0) }), Digest.sha256(of: bytes) == digest else {
+                return status(400, "DIGEST_INVALID", "provided digest did not match uploaded content")
+            }
+            state.blobs[digest] = bytes
+            return (HTTPResponseHead(status: 201, headers: HTTPHeaders([
+                ("Location", "\(base)/v2/\(repository)/blobs/\(digest)"), ("Docker-Content-Digest", digest.description),
+                ("Content-Length", "0"),
+            ])), [])
+        default:
+            return status(405, "UNSUPPORTED", "method")
+        }
+    }
+
     /// The challenge to answer with when the request lacks valid credentials.
     private static func missingAuthChallenge(_ request: HTTPRequest, state: State) -> String? {
         let authorization = request.headers["Authorization"]
@@ -269,14 +418,15 @@ final class FakeRegistry: HTTPTransport {
                                      state: inout State) -> (HTTPResponseHead, [UInt8]) {
         guard path == "/token" else { return status(404, "NOT_FOUND", "no such endpoint") }
         var query: [String: String] = [:]
+        var items = components.queryItems ?? []
         if request.method == "POST" {
             var form = URLComponents()
             form.percentEncodedQuery = String(decoding: request.body?.bytes ?? [], as: UTF8.self)
-            for item in form.queryItems ?? [] { query[item.name] = item.value ?? "" }
-        } else {
-            for item in components.queryItems ?? [] { query[item.name] = item.value ?? "" }
+            items = form.queryItems ?? []
         }
+        for item in items { query[item.name] = item.value ?? "" }
         state.tokenRequests.append(TokenRequest(service: query["service"], scope: query["scope"],
+                                                scopes: items.filter { $0.name == "scope" }.compactMap(\.value),
                                                 authorization: request.headers["Authorization"]))
         guard case .bearer(let service, _, let username, let password, let expiresIn) = state.auth else {
             return status(404, "NOT_FOUND", "no token service")
