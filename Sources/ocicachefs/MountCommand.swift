@@ -368,29 +368,8 @@ enum SourceFactory {
     static func make(_ spec: SourceSpec, timeout: Duration, logger: Logger) throws -> any RemoteCacheSource {
         switch spec.type {
         case "registry":
-            guard let ref = spec.attributes["ref"] else {
-                throw RemoteStoreError.configuration("type=registry needs ref=HOST/REPO:TAG")
-            }
-            let unknown = Set(spec.attributes.keys).subtracting(["ref", "registry.insecure"])
-            if let first = unknown.sorted().first {
-                throw RemoteStoreError.configuration("type=registry does not know the attribute '\(first)'")
-            }
-            let reference = try RegistryReference(parsing: ref)
-            // Asked again during the mount, after the daemon has left its starting directory.
-            var store = DockerCredentialStore(helperTimeout: timeout)
-            if let directory = store.configDirectory, !directory.hasPrefix("/") {
-                store = DockerCredentialStore(configDirectory: FileManager.default.currentDirectoryPath + "/" + directory,
-                                              helperTimeout: timeout)
-            }
-            let credential: RegistryCredential?
-            do {
-                credential = try store.credential(forHost: reference.host)
-            } catch {
-                throw RemoteStoreError.configuration("\(error)")
-            }
-            return RegistrySource(reference: reference, insecure: try spec.flag("registry.insecure"), credential: credential,
-                                  credentialSource: store.source(forHost: reference.host),
-                                  transport: CurlTransport(), timeout: timeout, logger: logger)
+            return try RegistrySetup(spec: spec, helperTimeout: timeout)
+                .makeSource(transport: CurlTransport(), timeout: timeout, logger: logger)
         case "s3":
             let location = try S3Location(spec: spec, environment: ProcessInfo.processInfo.environment)
             var explicit: AWSCredentials?
