@@ -97,14 +97,14 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         }
         guard let synthesized else { return }
         check(Digest.sha256(of: synthesized.bytes) == synthesized.digest, "synthesized manifest digest")
-        // The mount serves these bytes as an image manifest; its own parser must read them back.
-        let reread: ManifestContent
+        // The mount serves these bytes as BuildKit's index variant; its own parser must read them back.
+        let config: Descriptor, layers: [Descriptor]
         do {
-            reread = try ManifestContent.parse(synthesized.bytes)
+            (layers, config) = try BuildKitS3Cache.parts(of: ManifestContent.parse(synthesized.bytes))
         } catch {
-            fail("synthesized manifest does not parse: \(error)")
+            fail("synthesized manifest does not parse as a BuildKit cache manifest: \(error)")
         }
-        guard case .image(_, let config, let layers) = reread else { fail("synthesized manifest is not an image manifest") }
+        guard case .index = try? ManifestContent.parse(synthesized.bytes) else { fail("synthesized manifest is not an index") }
         check(config.digest == Digest.sha256(of: bytes) && config.size == Int64(bytes.count), "config descriptor")
         check(layers == synthesized.layers, "layers do not survive serialization")
     }

@@ -56,6 +56,12 @@ public struct S3Location: Sendable, Equatable {
         self.names = names
     }
 
+    /// For logs and error messages. Names the endpoint too: the same bucket name at two
+    /// endpoints is two caches.
+    public var displayName: String {
+        "s3://\(bucket)/\(prefix)\(manifestsPrefix){\(names.joined(separator: ";"))} at \(endpoint)"
+    }
+
     public func blobKey(_ digestDescription: String) -> String { prefix + blobsPrefix + digestDescription }
     public func manifestKey(_ name: String) -> String { prefix + manifestsPrefix + name }
 }

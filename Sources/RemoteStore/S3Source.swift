@@ -5,25 +5,23 @@ import OCI
 import SystemSupport
 
 /// BuildKit's `type=s3` cache in any S3-compatible store. Each manifest object (a BuildKit
-/// cache config with per-layer annotations) is presented as a synthesized OCI image manifest,
-/// the same bytes for the same object, so `type=local` imports find the cache they expect.
+/// cache config with per-layer annotations) is presented as BuildKit's index variant of a cache
+/// manifest, the same bytes for the same object, so `type=local` imports find the cache they
+/// expect: every BuildKit reads that variant, while v0.11 and earlier refuse the image-manifest
+/// variant ("invalid image with mismatching manifest and config") and import nothing.
 public final class S3Source: RemoteCacheSource {
     public let location: S3Location
-    private let credentials: any AWSCredentialProvider
-    private let transport: any HTTPTransport
+    private let client: S3Client
     private let timeout: Duration
     private let logger: Logger
 
     /// Names the endpoint too: the same bucket name at two endpoints is two caches.
-    public var displayName: String {
-        "s3://\(location.bucket)/\(location.prefix)\(location.manifestsPrefix){\(location.names.joined(separator: ";"))} at \(location.endpoint)"
-    }
+    public var displayName: String { location.displayName }
 
     public init(location: S3Location, credentials: any AWSCredentialProvider, transport: any HTTPTransport,
                 timeout: Duration, logger: Logger) {
         self.location = location
-        self.credentials = credentials
-        self.transport = transport
+        self.client = S3Client(location: location, credentials: credentials, transport: transport, timeout: timeout)
         self.timeout = timeout
         self.logger = logger
     }
@@ -46,7 +44,7 @@ public final class S3Source: RemoteCacheSource {
             snapshot.addSmallBlob(Digest.sha256(of: config), config)
             snapshot.addSmallBlob(manifest.digest, manifest.bytes)
             for layer in manifest.layers { snapshot.addLazyBlob(layer) }
-            snapshot.tags.append(.init(tag: name, manifest: Descriptor(mediaType: MediaType.ociManifest, digest: manifest.digest,
+            snapshot.tags.append(.init(tag: name, manifest: Descriptor(mediaType: MediaType.ociIndex, digest: manifest.digest,
                                                                       size: Int64(manifest.bytes.count))))
         }
         // BuildKit's first export has not run yet, or a name is misspelt: the mount works, but
@@ -73,14 +71,8 @@ public final class S3Source: RemoteCacheSource {
         var layers: [Layer]?
     }
 
-    private struct SynthesizedManifest: Encodable {
-        var schemaVersion = 2
-        var mediaType = MediaType.ociManifest
-        var config: Descriptor
-        var layers: [Descriptor]
-    }
-
-    /// The image manifest BuildKit's own S3 importer builds in memory, serialized canonically.
+    /// BuildKit's index variant of the cache this object holds: its layers as BuildKit's own S3
+    /// importer describes them, then the object itself as the cache config.
     func synthesizeManifest(fromCacheConfig config: [UInt8], name: String) throws(RemoteStoreError)
         -> (bytes: [UInt8], digest: Digest, layers: [Descriptor]) {
         try Self.synthesizeManifest(fromCacheConfig: config, name: name, source: displayName,
@@ -117,14 +109,22 @@ public final class S3Source: RemoteCacheSource {
                 throw .invalidContent("\(source): \(key): \(problem)")
             }
             var layerAnnotations = [Annotation.uncompressed: diffID]
-            if let createdAt = annotations?.createdAt { layerAnnotations[Annotation.buildkitCreatedAt] = createdAt }
-            layers.append(Descriptor(mediaType: annotations?.mediaType ?? "application/vnd.oci.image.layer.v1.tar+gzip",
+            // Go's zero time is what BuildKit writes for a layer it knew no creation time of,
+            // and what its importer leaves out again.
+            if let createdAt = annotations?.createdAt, createdAt != "0001-01-01T00:00:00Z" {
+                layerAnnotations[Annotation.buildkitCreatedAt] = createdAt
+            }
+            let mediaType = annotations?.mediaType.flatMap { $0.isEmpty ? nil : $0 } ?? "application/vnd.oci.image.layer.v1.tar+gzip"
+            // In the index it would pass for the cache config.
+            guard mediaType != MediaType.buildkitCacheConfig else {
+                throw .invalidContent("\(source): layer \(layer.blob) in \(name) claims the cache config's media type")
+            }
+            layers.append(Descriptor(mediaType: mediaType,
                                      digest: layer.blob, size: size, annotations: layerAnnotations))
         }
-        let manifest = SynthesizedManifest(
-            config: Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: Digest.sha256(of: config), size: Int64(config.count)),
-            layers: layers)
-        let bytes = OCILayout.canonicalJSON(manifest)
+        let bytes = BuildKitS3Cache.indexManifest(
+            layers: layers,
+            cacheConfig: Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: Digest.sha256(of: config), size: Int64(config.count)))
         return (bytes, Digest.sha256(of: bytes), layers)
     }
 
@@ -161,69 +161,11 @@ public final class S3Source: RemoteCacheSource {
         }.body
     }
 
-    /// One signed exchange; only a successful body reaches the caller, errors become one line.
+    /// Reads are signed without a payload hash: they have no body.
     private func perform(_ method: String, key: String, headers: HTTPHeaders, totalTimeout: Duration?,
                          onResponse: (HTTPResponseHead) throws -> Void,
                          onBody: (UnsafeRawBufferPointer) throws -> Void) throws -> HTTPResponseHead {
-        let url = SigV4.s3ObjectURL(endpoint: location.endpoint, bucket: location.bucket, key: key, pathStyle: location.pathStyle)
-        var request = HTTPRequest(method: method, url: url, headers: headers, stallTimeout: timeout, totalTimeout: totalTimeout)
-        SigV4.sign(&request, credentials: try credentials.credentials(), region: location.region, service: "s3",
-                   date: Date(), payloadHash: SigV4.unsignedPayload)
-        let head: HTTPResponseHead
-        let errorBody: [UInt8]
-        do {
-            (head, errorBody) = try transport.executeExpectingSuccess(request, onSuccess: onResponse, onBody: onBody)
-        } catch let error as HTTPTransportError {
-            // The URL is built from endpoint_url and the keys: no retry can make it fetchable.
-            if case .invalidRequest = error {
-                throw RemoteStoreError.configuration("\(displayName): \(method) \(key): \(error)")
-            }
-            throw RemoteStoreError(error, context: "\(displayName): \(method) \(key)")
-        }
-        if (200..<300).contains(head.status) { return head }
-        throw S3ErrorResponse(status: head.status, headers: head.headers, body: errorBody)
-            .remoteStoreError(context: "\(location.bucket)/\(key)", region: location.region)
-    }
-}
-
-/// S3's XML error document, turned into one line.
-package struct S3ErrorResponse {
-    var status: Int
-    var headers: HTTPHeaders
-    var body: [UInt8]
-
-    package init(status: Int, headers: HTTPHeaders, body: [UInt8]) {
-        self.status = status
-        self.headers = headers
-        self.body = body
-    }
-
-    var code: String? { element("Code") }
-    var message: String? { element("Message") }
-
-    package func remoteStoreError(context: String, region: String) -> RemoteStoreError {
-        let summary = [code, message].compactMap { $0 }.joined(separator: ": ")
-        let detail = summary.isEmpty ? "HTTP \(status)" : "HTTP \(status) \(summary)"
-        if status == 301 || code == "PermanentRedirect" || code == "AuthorizationHeaderMalformed",
-           let actual = headers["x-amz-bucket-region"] ?? element("Region"), actual != region {
-            return .configuration("\(context): the bucket is in region \(actual), not \(region); set region=\(actual)")
-        }
-        switch (status, code) {
-        case (404, "NoSuchBucket"?): return .configuration("\(context): \(detail)")
-        case (404, _): return .notFound("\(context): \(detail)")
-        case (401, _), (403, _): return .unauthorized("\(context): \(detail)")
-        case (429, _), (500...599, _): return .server("\(context): \(detail)")
-        default: return .invalidContent("\(context): \(detail)")
-        }
-    }
-
-    /// The text of the first `<name>` element; the error documents are flat and small.
-    private func element(_ name: String) -> String? {
-        let text = String(decoding: body, as: UTF8.self)
-        guard let open = text.firstRange(of: "<\(name)>"), let close = text[open.upperBound...].firstRange(of: "</\(name)>") else {
-            return nil
-        }
-        let value = text[open.upperBound..<close.lowerBound].map { $0.isNewline ? " " : $0 }
-        return String(String(value).prefix(300)).escapingControlCharacters
+        try client.perform(method, key: key, headers: headers, payloadHash: SigV4.unsignedPayload, totalTimeout: totalTimeout,
+                           onResponse: onResponse, onBody: onBody)
     }
 }

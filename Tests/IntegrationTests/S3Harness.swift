@@ -312,14 +312,15 @@ func withS3Workspace<T>(_ name: String, _ body: (Workspace) async throws -> T) a
 // MARK: - A SigV4-verifying proxy in front of moto
 
 /// A reverse proxy that checks every request's SigV4 signature with botocore's own signer
-/// (over the path exactly as sent, `%3A` included, as S3 does) for ONE access key, then
-/// forwards it to moto (whose checking stays off) and relays the answer. Refused requests get
+/// (over the path exactly as sent, `%3A` included, as S3 does) for ONE access key, and that a
+/// body matches the `x-amz-content-sha256` it was signed with (as S3 does unless it says
+/// UNSIGNED-PAYLOAD), then forwards it to moto (whose checking stays off) and relays the answer. Refused requests get
 /// S3's 403 XML error (`SignatureDoesNotMatch`, `InvalidAccessKeyId`, ...). Exists because
 /// moto's own checker rejects correctly signed requests for keys holding `:`, which every
 /// BuildKit blob key (`blobs/sha256:<hex>`) does. Exits when its stdin closes.
 final class VerifyingProxy: Sendable {
     static let script = #"""
-    import http.client, os, sys, threading
+    import hashlib, http.client, os, sys, threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
@@ -342,7 +343,7 @@ final class VerifyingProxy: Sendable {
         def log_message(self, *args):
             pass
 
-        def verdict(self):
+        def verdict(self, body):
             auth = self.headers.get("Authorization", "")
             if not auth.startswith("AWS4-HMAC-SHA256 "):
                 return "MissingAuthenticationToken", ""
@@ -373,6 +374,9 @@ final class VerifyingProxy: Sendable {
             expected = signer.signature(signer.string_to_sign(request, canonical), request)
             if expected != fields.get("Signature"):
                 return "SignatureDoesNotMatch", canonical
+            payload = self.headers.get("x-amz-content-sha256")
+            if payload != "UNSIGNED-PAYLOAD" and payload != hashlib.sha256(body).hexdigest():
+                return "XAmzContentSHA256Mismatch", canonical
             return "OK", canonical
 
         def error(self, code, send_body):
@@ -386,7 +390,8 @@ final class VerifyingProxy: Sendable {
                 self.wfile.write(body)
 
         def relay(self, send_body):
-            verdict, canonical = self.verdict()
+            body_in = self.rfile.read(int(self.headers.get("Content-Length", "0") or "0"))
+            verdict, canonical = self.verdict(body_in)
             cut = 0
             if verdict == "OK" and CUT and self.command == "GET" and "/blobs/" in self.path:
                 with lock:
@@ -400,7 +405,7 @@ final class VerifyingProxy: Sendable {
                 return self.error(verdict.split(":")[0], send_body)
             upstream = http.client.HTTPConnection("127.0.0.1", UPSTREAM, timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-            upstream.request(self.command, self.path, headers=headers)
+            upstream.request(self.command, self.path, body=body_in if body_in else None, headers=headers)
             answer = upstream.getresponse()
             body = answer.read()
             self.send_response(answer.status)
@@ -423,6 +428,15 @@ final class VerifyingProxy: Sendable {
 
         def do_HEAD(self):
             self.relay(False)
+
+        def do_PUT(self):
+            self.relay(True)
+
+        def do_POST(self):
+            self.relay(True)
+
+        def do_DELETE(self):
+            self.relay(True)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -505,6 +519,49 @@ extension MotoS3 {
         let result = try await Processes.run(try Harness.python(), ["-c", script, endpoint, bucket] + moves.flatMap { [$0.from, $0.to] },
                                              environment: S3Environment.pythonEnvironment, timeout: 30, in: ws)
         guard result.status == 0, result.stdout.hasPrefix("moved \(moves.count)") else { throw HarnessError("moving objects failed: \(result)") }
+    }
+}
+
+extension MotoS3 {
+    /// Runs a boto3 snippet against this server (path style, moto's usual test keys; signature
+    /// checking must be off) with `s3`, `bucket` and `argv` (the extra arguments) defined.
+    private func boto3(_ snippet: String, bucket: String, _ arguments: [String] = [], in ws: Workspace) async throws -> String {
+        let script = """
+            import sys, boto3
+            from botocore.config import Config
+            s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing", config=Config(s3={"addressing_style": "path"}))
+            bucket, argv = sys.argv[2], sys.argv[3:]
+
+            """ + snippet
+        let result = try await Processes.run(try Harness.python(), ["-c", script, endpoint, bucket] + arguments,
+                                             environment: S3Environment.pythonEnvironment, timeout: 30, in: ws)
+        guard result.status == 0 else { throw HarnessError("boto3 against moto failed: \(result)") }
+        return result.stdout
+    }
+
+    func createBucket(_ bucket: String, in ws: Workspace) async throws {
+        _ = try await boto3("s3.create_bucket(Bucket=bucket)", bucket: bucket, in: ws)
+    }
+
+    /// The keys with a multipart upload in progress (ListMultipartUploads).
+    func multipartUploads(bucket: String, in ws: Workspace) async throws -> [String] {
+        let output = try await boto3("""
+            for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+                print(upload["Key"])
+            """, bucket: bucket, in: ws)
+        return output.split(separator: "\n").map(String.init)
+    }
+
+    /// Whether `key` exists (HeadObject), and its Last-Modified as S3 sends it.
+    func lastModified(bucket: String, key: String, in ws: Workspace) async throws -> String? {
+        let output = try await boto3("""
+            try:
+                print(s3.head_object(Bucket=bucket, Key=argv[0])["ResponseMetadata"]["HTTPHeaders"]["last-modified"])
+            except s3.exceptions.ClientError as error:
+                print("absent" if error.response["Error"]["Code"] in ("404", "NoSuchKey") else error)
+            """, bucket: bucket, [key], in: ws).trimmingCharacters(in: .whitespacesAndNewlines)
+        return output == "absent" ? nil : output
     }
 }
 

@@ -14,16 +14,16 @@ import Glibc
 
 enum S3Check {
     static let ociIndex = "application/vnd.oci.image.index.v1+json"
-    static let ociManifest = "application/vnd.oci.image.manifest.v1+json"
     static let cacheConfig = "application/vnd.buildkit.cacheconfig.v0"
     static let gzipLayer = "application/vnd.oci.image.layer.v1.tar+gzip"
 
     /// index.json lists exactly `names` (one entry each, in order); each entry's manifest blob
-    /// hashes to its digest and is an OCI image manifest whose config is the manifest object's
-    /// exact bytes (`application/vnd.buildkit.cacheconfig.v0`, their sha256 and size) and whose
-    /// layers are the seeded blobs in order, with their sizes, the gzip media type,
-    /// `containerd.io/uncompressed` = diffID and `buildkit/createdat`; blobs/sha256 lists
-    /// exactly those blobs. Returns name -> manifest digest. Reads no layer.
+    /// hashes to its digest and is BuildKit's index variant: an OCI image index listing the
+    /// seeded blobs in order (with their sizes, the gzip media type,
+    /// `containerd.io/uncompressed` = diffID and `buildkit/createdat`), then the cache config,
+    /// which is the manifest object's exact bytes (`application/vnd.buildkit.cacheconfig.v0`,
+    /// their sha256 and size); blobs/sha256 lists exactly those blobs. Returns name -> manifest
+    /// digest. Reads no layer.
     @discardableResult
     static func layout(_ mount: MountHandle, _ seed: S3SeedSummary, names: [String],
                        sourceLocation: SourceLocation = #_sourceLocation) throws -> [String: String] {
@@ -42,7 +42,7 @@ enum S3Check {
                 continue
             }
             let digest = entry["digest"] as? String ?? ""
-            #expect(entry["mediaType"] as? String == ociManifest, sourceLocation: sourceLocation)
+            #expect(entry["mediaType"] as? String == ociIndex, sourceLocation: sourceLocation)
             let bytes = try FileIO.readAll(mount.blobPath(digest))
             #expect(Digest.sha256(of: bytes).description == digest, "manifest of \(name) must hash to its digest", sourceLocation: sourceLocation)
             #expect((entry["size"] as? NSNumber)?.int64Value == Int64(bytes.count), sourceLocation: sourceLocation)
@@ -51,17 +51,19 @@ enum S3Check {
                 continue
             }
             #expect(manifest["schemaVersion"] as? Int == 2, sourceLocation: sourceLocation)
-            #expect(manifest["mediaType"] as? String == ociManifest, sourceLocation: sourceLocation)
+            #expect(manifest["mediaType"] as? String == ociIndex, sourceLocation: sourceLocation)
+            #expect(manifest["config"] == nil && manifest["layers"] == nil, "an index, not an image manifest", sourceLocation: sourceLocation)
 
-            let config = manifest["config"] as? [String: Any] ?? [:]
+            var layers = manifest["manifests"] as? [[String: Any]] ?? []
+            let config = layers.popLast() ?? [:]
             #expect(config["mediaType"] as? String == cacheConfig, "\(config)", sourceLocation: sourceLocation)
             #expect(config["digest"] as? String == object.digest, "config digest = sha256 of the manifest object's bytes", sourceLocation: sourceLocation)
             #expect((config["size"] as? NSNumber)?.int64Value == object.size, sourceLocation: sourceLocation)
+            #expect(config["annotations"] == nil, sourceLocation: sourceLocation)
             let configBytes = try FileIO.readAll(mount.blobPath(object.digest))
             #expect(Digest.sha256(of: configBytes).description == object.digest && Int64(configBytes.count) == object.size,
                     "the config blob is the manifest object, byte for byte", sourceLocation: sourceLocation)
 
-            let layers = manifest["layers"] as? [[String: Any]] ?? []
             #expect(layers.count == seed.layers.count, "\(layers)", sourceLocation: sourceLocation)
             for (descriptor, layer) in zip(layers, seed.layers) {
                 #expect(descriptor["digest"] as? String == layer.digest, sourceLocation: sourceLocation)
@@ -98,7 +100,7 @@ enum S3Check {
     static func smallBlobs(_ seed: S3SeedSummary, manifests: [String: String], manifestSize: (String) -> Int64) -> [SeedSummary.Blob] {
         var blobs: [String: SeedSummary.Blob] = [:]
         for (name, digest) in manifests {
-            blobs[digest] = .init(mediaType: ociManifest, digest: digest, size: manifestSize(digest), role: "manifest")
+            blobs[digest] = .init(mediaType: ociIndex, digest: digest, size: manifestSize(digest), role: "manifest")
             if let object = seed.manifestObjects[name] {
                 blobs[object.digest] = .init(mediaType: cacheConfig, digest: object.digest, size: object.size, role: "cacheconfig")
             }
@@ -309,6 +311,29 @@ struct S3Tests {
             #expect(again.layers.map { Digest.sha256(of: $0.bytes).description } == seed.layers.map(\.digest))
             #expect(seed.layers.map { moto.transfers(bucket: bucket, key: $0.key) } == transfers)
 
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted)")
+        }
+    }
+
+    /// The mount finds the cache config in the index variant it shows, so reading a layer
+    /// fetches the start of the next layer of its chain ahead of its reader (CacheFilesystem's
+    /// chain prefetch), and nothing of the layer after.
+    @Test("reading a layer fetches the start of the next one in its chain: the config is found in the index")
+    func chainPrefetch() async throws {
+        try await withS3Workspace("s3-chain") { ws in
+            let moto = try await ws.startMoto()
+            let bucket = "bk-chain"
+            let seed = try await ws.seedS3(moto, bucket: bucket, names: "main", layers: 3, layerSize: 600_000, seed: 33)
+            let mount = try await ws.mountS3ExpectingSuccess(moto.source(bucket: bucket, names: "main", extra: Self.attributeKeys))
+            try S3Check.layout(mount, seed, names: ["main"])
+            #expect(try FileIO.readAll(mount.blobPath(seed.layers[0].digest)).count == Int(seed.layers[0].size))
+            let deadline = Date().addingTimeInterval(20)
+            while moto.transfers(bucket: bucket, key: seed.layers[1].key) == 0, Date() < deadline {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(moto.transfers(bucket: bucket, key: seed.layers[1].key) == 1, "layer 1 fetched ahead: \(moto.requests(bucket: bucket, under: "blobs/"))")
+            #expect(moto.transfers(bucket: bucket, key: seed.layers[2].key) == 0, "layer 2 waits until layer 1 is read")
             let unmounted = try await mount.unmount(in: ws)
             #expect(unmounted.status == 0, "\(unmounted)")
         }

@@ -133,18 +133,25 @@ func makeS3Source(_ attributes: String, transport: any HTTPTransport, environmen
 @Suite struct S3SourceTests {
     let cache = S3Cache()
 
-    @Test func manifestObjectsBecomeDeterministicImageManifests() throws {
+    @Test func manifestObjectsBecomeDeterministicIndexManifests() throws {
         let fake = FakeS3(bucket: "cache", objects: cache.objects())
         let source = try makeS3Source("bucket=cache,region=us-east-1,name=main,endpoint_url=http://127.0.0.1:9,use_path_style=true", transport: fake)
         let snapshot = try source.loadSnapshot()
         #expect(snapshot.tags.map(\.tag) == ["main"])
+        #expect(snapshot.tags[0].manifest.mediaType == MediaType.ociIndex)
         let manifestDigest = snapshot.tags[0].manifest.digest
         let manifestBytes = try #require(snapshot.smallBlobs[manifestDigest])
-        guard case .image(let type, let config, let layers) = try ManifestContent.parse(manifestBytes) else {
-            Issue.record("not an image manifest")
+        #expect(snapshot.tags[0].manifest.size == Int64(manifestBytes.count))
+        let content = try ManifestContent.parse(manifestBytes)
+        guard case .index(let type, let manifests) = content else {
+            Issue.record("not BuildKit's index variant: \(content)")
             return
         }
-        #expect(type == MediaType.ociManifest)
+        #expect(type == MediaType.ociIndex)
+        // The layers, then the cache config, as BuildKit's index variant lists them.
+        let config = try #require(manifests.last)
+        let layers = Array(manifests.dropLast())
+        #expect(content.buildkitCacheConfig == config)
         #expect(config == Descriptor(mediaType: MediaType.buildkitCacheConfig, digest: Digest.sha256(of: cache.config), size: Int64(cache.config.count)))
         #expect(snapshot.smallBlobs[config.digest] == cache.config)
         #expect(layers.map(\.digest) == cache.layers.map { Digest.sha256(of: $0) })
