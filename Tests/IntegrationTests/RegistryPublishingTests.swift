@@ -12,40 +12,6 @@ import Testing
 
 private let quietLogger = Logger(label: "RegistryPublishingTests") { _ in SwiftLogNoOpLogHandler() }
 
-/// Passes every exchange on and notes what went out and how it was answered.
-private final class RecordingTransport: HTTPTransport {
-    struct Exchange: Sendable {
-        var method: String
-        var url: String
-        var bodyBytes: Int64
-        var contentRange: String?
-        var status: Int?
-    }
-
-    private let inner: any HTTPTransport
-    private let log = Mutex<[Exchange]>([])
-
-    init(wrapping inner: any HTTPTransport) { self.inner = inner }
-
-    var exchanges: [Exchange] { log.withLock { $0 } }
-    var bodyBytes: Int64 { exchanges.reduce(0) { $0 + $1.bodyBytes } }
-    func count(_ method: String) -> Int { exchanges.count { $0.method == method } }
-    func forget() { log.withLock { $0.removeAll() } }
-
-    func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
-                 onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
-        let index = log.withLock { log in
-            log.append(Exchange(method: request.method, url: request.url, bodyBytes: request.body?.count ?? 0,
-                                contentRange: request.headers["Content-Range"]))
-            return log.count - 1
-        }
-        try inner.execute(request, onResponse: { head in
-            log.withLock { $0[index].status = head.status }
-            try onResponse(head)
-        }, onBody: onBody)
-    }
-}
-
 /// A cache as a writable mount holds it before publishing: every blob in a file of its own,
 /// and the tag's manifest.
 private struct ExportedCache {
@@ -146,7 +112,7 @@ struct RegistryPublishingTests {
             try cache.expectPublished(registry, "published")
 
             // Published again: HEADs only, not one byte sent.
-            network.forget()
+            network.reset()
             #expect(try cache.publishBlobs(publisher) == cache.blobs.map { _ in .alreadyPresent })
             #expect(network.exchanges.map(\.method) == cache.blobs.map { _ in "HEAD" })
             #expect(network.bodyBytes == 0)

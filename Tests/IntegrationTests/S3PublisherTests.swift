@@ -10,44 +10,6 @@ import Testing
 // what lands in the bucket (read back with S3Source, and through a mount), and how it fails
 // (FaultInjectingTransport, moto's signature checking).
 
-/// Counts what a publisher sends: every request, the bytes of its body, and how many were in
-/// flight at once.
-final class RecordingTransport: HTTPTransport {
-    struct Sent: Sendable {
-        var method: String
-        var url: String
-        var headers: HTTPHeaders
-        var bodyBytes: Int64
-    }
-
-    private struct State {
-        var sent: [Sent] = []
-        var inFlight = 0
-        var mostInFlight = 0
-    }
-
-    let inner: any HTTPTransport
-    private let state = Mutex(State())
-
-    init(wrapping inner: any HTTPTransport) { self.inner = inner }
-
-    var sent: [Sent] { state.withLock { $0.sent } }
-    var mostInFlight: Int { state.withLock { $0.mostInFlight } }
-    func reset() { state.withLock { $0 = State() } }
-
-    func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
-                 onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
-        state.withLock { state in
-            state.sent.append(Sent(method: request.method, url: request.url, headers: request.headers,
-                                   bodyBytes: request.body?.count ?? 0))
-            state.inFlight += 1
-            state.mostInFlight = max(state.mostInFlight, state.inFlight)
-        }
-        defer { state.withLock { $0.inFlight -= 1 } }
-        try inner.execute(request, onResponse: onResponse, onBody: onBody)
-    }
-}
-
 private struct FixedCredentials: AWSCredentialProvider {
     var value: AWSCredentials
     func credentials() throws(RemoteStoreError) -> AWSCredentials { value }
@@ -138,13 +100,13 @@ struct S3PublisherTests {
             // First publish: a PutObject signed with the digest, and a multipart upload of 3 parts.
             let first = publisher(place, recorder)
             #expect(try first.publishBlob(small.digest, size: small.size, contentsAt: small.path) == .uploaded(bytes: small.size))
-            let smallRequests = recorder.sent
+            let smallRequests = recorder.exchanges
             #expect(smallRequests.map(\.method) == ["HEAD", "PUT"], "\(smallRequests.map(\.url))")
             #expect(smallRequests.last?.bodyBytes == small.size)
             #expect(smallRequests.last?.headers["x-amz-content-sha256"] == small.digest.hex, "the whole blob is signed with its digest")
             recorder.reset()
             #expect(try first.publishBlob(large.digest, size: large.size, contentsAt: large.path) == .uploaded(bytes: large.size))
-            let largeRequests = recorder.sent
+            let largeRequests = recorder.exchanges
             #expect(largeRequests.map(\.method) == ["HEAD", "POST", "PUT", "PUT", "PUT", "POST"], "\(largeRequests.map(\.url))")
             #expect(query(largeRequests[1].url) == ["uploads="])
             let parts = largeRequests.filter { $0.method == "PUT" }
@@ -176,8 +138,8 @@ struct S3PublisherTests {
             for blob in [small, large] {
                 #expect(try publisher(place, recorder).publishBlob(blob.digest, size: blob.size, contentsAt: blob.path) == .alreadyPresent)
             }
-            #expect(recorder.sent.map(\.method) == ["HEAD", "HEAD"], "\(recorder.sent.map(\.url))")
-            #expect(recorder.sent.reduce(0) { $0 + $1.bodyBytes } == 0)
+            #expect(recorder.exchanges.map(\.method) == ["HEAD", "HEAD"], "\(recorder.exchanges.map(\.url))")
+            #expect(recorder.exchanges.reduce(0) { $0 + $1.bodyBytes } == 0)
 
             // touchRefresh 0: every blob is old enough; one CopyObject onto itself each, which
             // S3 dates anew (Last-Modified counts whole seconds).
@@ -191,7 +153,7 @@ struct S3PublisherTests {
             }
             let redated = try await moto.lastModified(bucket: bucket, key: smallKey, in: ws)
             #expect(dated != nil && redated != nil && redated != dated, "Last-Modified \(dated ?? "-") → \(redated ?? "-")")
-            let copies = recorder.sent
+            let copies = recorder.exchanges
             #expect(copies.map(\.method) == ["HEAD", "PUT", "HEAD", "PUT"], "\(copies.map(\.url))")
             for (copy, blob) in zip(copies.filter { $0.method == "PUT" }, [small, large]) {
                 #expect(copy.headers["x-amz-copy-source"] == "\(bucket)/blobs/sha256%3A\(blob.digest.hex)")
@@ -205,7 +167,7 @@ struct S3PublisherTests {
             recorder.reset()
             let partwise = publisher(place, recorder, touchRefresh: .zero, largestCopy: Int64(5 * mebibyte))
             #expect(try partwise.publishBlob(large.digest, size: large.size, contentsAt: large.path) == .alreadyPresent)
-            let partCopies = recorder.sent
+            let partCopies = recorder.exchanges
             #expect(partCopies.map(\.method) == ["HEAD", "POST", "PUT", "PUT", "PUT", "POST"], "\(partCopies.map(\.url))")
             let ranges = Set(partCopies.compactMap { $0.headers["x-amz-copy-source-range"] })
             #expect(ranges == ["bytes=0-5242879", "bytes=5242880-10485759", "bytes=10485760-\(large.size - 1)"])
@@ -355,13 +317,13 @@ struct S3PublisherTests {
                 guard case .unauthorized(let message) = error as? RemoteStoreError else { return false }
                 return message.contains("403") && !message.contains("\n") && !message.contains("not-the-secret")
             }
-            #expect(recorder.sent.map(\.method) == ["HEAD"], "refused at once, not retried: \(recorder.sent.map(\.url))")
+            #expect(recorder.exchanges.map(\.method) == ["HEAD"], "refused at once, not retried: \(recorder.exchanges.map(\.url))")
             recorder.reset()
             #expect { try publishTag(wrong) } throws: { error in
                 guard case .unauthorized(let message) = error as? RemoteStoreError else { return false }
                 return message.contains("SignatureDoesNotMatch") && !message.contains("\n") && !message.contains("not-the-secret")
             }
-            #expect(recorder.sent.map(\.method) == ["PUT"], "\(recorder.sent.map(\.url))")
+            #expect(recorder.exchanges.map(\.method) == ["PUT"], "\(recorder.exchanges.map(\.url))")
             #expect(moto.requests("PUT", bucket: bucket, key: "manifests/main").map(\.status) == [403])
 
             // The right key: moto checks the signature (over the body's SHA-256) and stores the object.
