@@ -133,12 +133,14 @@ public final class StagedFile: Sendable {
     public var size: Int64 { byteCount.load(ordering: .acquiring) }
 
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
+        // As pwrite: nothing written, nothing extended.
+        guard !bytes.isEmpty else { return }
         try hashing.withLock { hashing throws(CacheError) in
             try file.write(bytes, at: offset)
             let size = byteCount.load(ordering: .relaxed)
             if hashing.verifier != nil, offset == size {
                 hashing.verifier!.update(bytes)
-            } else if !bytes.isEmpty {
+            } else {
                 hashing.verifier = nil
             }
             byteCount.store(max(size, offset + Int64(bytes.count)), ordering: .releasing)
