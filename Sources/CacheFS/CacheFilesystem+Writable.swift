@@ -53,7 +53,8 @@ struct WritableLayout {
 /// - The close (`flush`) of `index.json` after it changed commits its tags (`flush`).
 extension CacheFilesystem {
     /// A writable mount of `snapshot`, showing also what its upload queue still has to
-    /// publish: blobs committed before a crash, tags not yet published.
+    /// publish (blobs committed before a crash, tags not yet published), and starting that
+    /// queue.
     public convenience init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
                             writable: WritableMount) throws(CacheError) {
         let pending = writable.uploads.pendingTags
@@ -70,6 +71,7 @@ extension CacheFilesystem {
         self.init(state: state, blobsInode: blobsInode, snapshot: snapshot, fetcher: fetcher, logger: logger,
                   scratchCapacity: Self.defaultScratchCapacity, writable: writable)
         writable.uploads.noteRemoteTags(snapshot.tags)
+        writable.uploads.start()
     }
 
     /// The errno for a failed operation on the staging area or the content store.

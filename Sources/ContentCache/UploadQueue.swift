@@ -100,6 +100,7 @@ public final class UploadQueue: Sendable {
     private let available = DispatchSemaphore(value: 0)
     /// Signalled when something was published or failed, for `drain`.
     private let changed = DispatchSemaphore(value: 0)
+    private let started = Atomic<Bool>(false)
 
     /// - Parameter remoteName: names the remote in the journal; by default the publisher's
     ///   display name.
@@ -115,6 +116,12 @@ public final class UploadQueue: Sendable {
         self.workerCount = max(workers, 1)
         journal = try UploadJournal(store: store, remoteName: remoteName ?? publisher.displayName)
         resume(journal.load())
+    }
+
+    /// Starts publishing. What an earlier mount left is published from here on: a mount reads
+    /// `pendingBlobs` and `pendingTags` to show them before it starts its queue.
+    public func start() {
+        guard !started.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for _ in 0..<workerCount {
             SystemThread.start(named: "ocicachefs-upload") { [self] in work() }
         }
@@ -274,6 +281,7 @@ public final class UploadQueue: Sendable {
     /// and returns what could not be published. Failed items stay in the journal: the next
     /// mount of the remote from this cache directory tries them again.
     public func drain(progressInterval: Duration = .seconds(1), progress: (UploadProgress) -> Void = { _ in }) -> [UnpublishedItem] {
+        start()
         var reported: UploadProgress?
         var lastReport = ContinuousClock.now
         while true {
