@@ -197,85 +197,22 @@ extension CacheFilesystem {
 
     // MARK: Names
 
-    func removeWritable(parent: UInt64, name: String, directory: Bool, in writable: WritableMount) -> Result<Void, FSError> {
-        let removed = state.withLock { state -> Result<Digest?, FSError> in
-            guard let inode = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
-            let node = state.nodes[inode]!
-            if directory {
-                guard let children = node.children else { return .failure(.notDirectory) }
-                guard node.isScratch else { return .failure(refusal) }
-                guard children.isEmpty else { return .failure(.directoryNotEmpty) }
-            } else if node.children != nil {
-                return .failure(.isDirectory)
-            }
-            Self.detach(inode, in: &state)
-            if case .lazyBlob(let digest, _) = node.content { return .success(digest) }
-            if case .bytes = node.content, let digest = Digest(hex: name), parent == blobsInode { return .success(digest) }
-            return .success(nil)
-        }
-        // A blob leaves the local cache too (BuildKit's `reset=true` prunes unreferenced blobs),
-        // once uploaded if its upload is pending. The remote keeps it.
-        if case .success(let digest?) = removed, !writable.uploads.discardWhenPublished(digest) {
-            writable.uploads.store.discardComplete(digest)
-        }
-        return removed.map { _ in () }
+    /// A blob unlinked from the mount leaves the local cache too, once uploaded if its upload
+    /// is pending. The remote keeps it.
+    func forgetBlob(_ digest: Digest, in writable: WritableMount) {
+        if !writable.uploads.discardWhenPublished(digest) { writable.uploads.store.discardComplete(digest) }
     }
 
-    func renameWritable(parent: UInt64, name: String, newParent: UInt64, newName: String,
-                        in writable: WritableMount) -> Result<Void, FSError> {
-        if newParent == blobsInode {
-            let staged = state.withLock { state -> StagedFile? in
-                guard let source = state.nodes[parent]?.children?[name], case .stagedFile(let file) = state.nodes[source]!.content else {
-                    return nil
-                }
-                return file
-            }
-            if let staged { return commitBlob(staged, from: parent, name: name, as: newName, in: writable) }
+    /// The staged file `name` in `parent`, if that is what it is.
+    func stagedFile(named name: String, in parent: UInt64) -> StagedFile? {
+        state.withLock { state in
+            guard let inode = state.nodes[parent]?.children?[name], case .stagedFile(let file) = state.nodes[inode]!.content else { return nil }
+            return file
         }
-        return state.withLock { state in
-            guard let source = state.nodes[parent]?.children?[name], state.nodes[newParent]?.unlinked == false else {
-                return .failure(.noSuchFileOrDirectory)
-            }
-            let target = state.nodes[newParent]!.children?[newName]
-            if target == source { return .success(()) }
-            guard state.nodes[source]!.isScratch, state.nodes[newParent]!.acceptsNewEntries else { return .failure(refusal) }
-            guard Self.isValidName(newName) else { return .failure(.nameTooLong) }
-            // A directory may not move below itself. The new parent is attached, so every
-            // ancestor up to the root is too.
-            var ancestor = newParent
-            var belowItself = false
-            while ancestor != Self.rootInode {
-                if ancestor == source { belowItself = true }
-                ancestor = state.nodes[ancestor]!.parent
-            }
-            if let target {
-                let targetNode = state.nodes[target]!
-                guard targetNode.isScratch else { return .failure(refusal) }
-                let sourceIsDirectory = state.nodes[source]!.children != nil
-                if let children = targetNode.children {
-                    guard sourceIsDirectory else { return .failure(.isDirectory) }
-                    guard children.isEmpty else { return .failure(.directoryNotEmpty) }
-                } else if sourceIsDirectory {
-                    return .failure(.notDirectory)
-                }
-            }
-            if belowItself { return .failure(.invalidArgument) }
-            if let target { Self.detach(target, in: &state) }
-            move(source, from: parent, name, to: newParent, newName, in: &state)
-            return .success(())
-        }
-    }
-
-    private func move(_ inode: UInt64, from parent: UInt64, _ name: String, to newParent: UInt64, _ newName: String,
-                      in state: inout State) {
-        Self.setChild(parent, name, nil, in: &state)
-        Self.setChild(newParent, newName, inode, in: &state)
-        state.nodes[inode]!.parent = newParent
-        state.nodes[inode]!.name = newName
     }
 
     /// The commit point of a blob: `rename(<staged file>, blobs/sha256/<hex>)`.
-    private func commitBlob(_ file: StagedFile, from parent: UInt64, name: String, as hex: String,
+    func commitBlob(_ file: StagedFile, from parent: UInt64, name: String, as hex: String,
                             in writable: WritableMount) -> Result<Void, FSError> {
         guard let digest = Digest(hex: hex) else {
             logger.error("a file renamed into blobs/sha256 must be named by the sha256 of its content; rename refused",
@@ -306,7 +243,7 @@ extension CacheFilesystem {
                         return .failure(.ioError)
                     }
                     if let target = state.nodes[blobsInode]!.children![hex] { Self.detach(target, in: &state) }
-                    move(source, from: parent, name, to: blobsInode, hex, in: &state)
+                    Self.move(source, from: parent, name, to: blobsInode, hex, in: &state)
                     state.nodes[source]!.content = .lazyBlob(digest, size: size)
                     state.nodes[source]!.changed = false
                     return .success(())

@@ -487,13 +487,18 @@ public final class CacheFilesystem: Sendable {
     }
 
     public func rename(parent: UInt64, name: String, newParent: UInt64, newName: String) -> Result<Void, FSError> {
-        if let writable { return renameWritable(parent: parent, name: name, newParent: newParent, newName: newName, in: writable) }
+        if let writable, newParent == blobsInode, let file = stagedFile(named: name, in: parent) {
+            return commitBlob(file, from: parent, name: name, as: newName, in: writable)
+        }
         return state.withLock { state in
             guard let source = state.nodes[parent]?.children?[name], state.nodes[newParent]?.unlinked == false else {
                 return .failure(.noSuchFileOrDirectory)
             }
+            // A name renamed onto itself changes nothing, as on any filesystem, blobs included;
+            // a read-only mount refuses to rename its own entries at all.
+            if writable != nil && state.nodes[newParent]!.children?[newName] == source { return .success(()) }
             guard state.nodes[source]!.isScratch, state.nodes[newParent]!.acceptsNewEntries else {
-                return .failure(.readOnlyFileSystem)
+                return .failure(refusal)
             }
             guard Self.isValidName(newName) else { return .failure(.nameTooLong) }
             // A directory may not move below itself. The new parent is attached, so every
@@ -507,7 +512,7 @@ public final class CacheFilesystem: Sendable {
             if let target = state.nodes[newParent]?.children?[newName] {
                 if target == source { return .success(()) }
                 let targetNode = state.nodes[target]!
-                guard targetNode.isScratch else { return .failure(.readOnlyFileSystem) }
+                guard targetNode.isScratch else { return .failure(refusal) }
                 let sourceIsDirectory = state.nodes[source]!.children != nil
                 if let children = targetNode.children {
                     guard sourceIsDirectory else { return .failure(.isDirectory) }
@@ -519,10 +524,7 @@ public final class CacheFilesystem: Sendable {
             // Only once nothing can fail does anything change.
             if belowItself { return .failure(.invalidArgument) }
             if let target = state.nodes[newParent]!.children?[newName] { Self.detach(target, in: &state) }
-            Self.setChild(parent, name, nil, in: &state)
-            Self.setChild(newParent, newName, source, in: &state)
-            state.nodes[source]!.parent = newParent
-            state.nodes[source]!.name = newName
+            Self.move(source, from: parent, name, to: newParent, newName, in: &state)
             return .success(())
         }
     }
@@ -550,20 +552,27 @@ public final class CacheFilesystem: Sendable {
     }
 
     private func remove(parent: UInt64, name: String, directory: Bool) -> Result<Void, FSError> {
-        if let writable { return removeWritable(parent: parent, name: name, directory: directory, in: writable) }
-        return state.withLock { state in
+        let removed = state.withLock { state -> Result<Digest?, FSError> in
             guard let inode = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
             let node = state.nodes[inode]!
-            guard node.isScratch else { return .failure(.readOnlyFileSystem) }
+            // A writable mount's blobs may go too (BuildKit's `reset=true` prunes them).
+            guard node.isScratch || writable != nil else { return .failure(refusal) }
             if directory {
                 guard let children = node.children else { return .failure(.notDirectory) }
+                guard node.isScratch else { return .failure(refusal) }
                 guard children.isEmpty else { return .failure(.directoryNotEmpty) }
             } else if node.children != nil {
                 return .failure(.isDirectory)
             }
             Self.detach(inode, in: &state)
-            return .success(())
+            switch node.content {
+            case .lazyBlob(let digest, _): return .success(digest)
+            case .bytes: return .success(Digest(hex: name))
+            default: return .success(nil)
+            }
         }
+        if let writable, case .success(let digest?) = removed { forgetBlob(digest, in: writable) }
+        return removed.map { _ in () }
     }
 
     /// `refusal` answers a directory that takes no new names.
@@ -580,6 +589,14 @@ public final class CacheFilesystem: Sendable {
         state.nodes[inode] = Node(parent: parent, name: name, content: content, permissions: permissions & 0o7777, modified: .now())
         setChild(parent, name, inode, in: &state)
         return .success(inode)
+    }
+
+    static func move(_ inode: UInt64, from parent: UInt64, _ name: String, to newParent: UInt64, _ newName: String,
+                     in state: inout State) {
+        setChild(parent, name, nil, in: &state)
+        setChild(newParent, newName, inode, in: &state)
+        state.nodes[inode]!.parent = newParent
+        state.nodes[inode]!.name = newName
     }
 
     static func setChild(_ parent: UInt64, _ name: String, _ child: UInt64?, in state: inout State) {
