@@ -213,7 +213,7 @@ extension CacheFilesystem {
 
     /// The commit point of a blob: `rename(<staged file>, blobs/sha256/<hex>)`.
     func commitBlob(_ file: StagedFile, from parent: UInt64, name: String, as hex: String,
-                            in writable: WritableMount) -> Result<Void, FSError> {
+                    in writable: WritableMount) -> Result<Void, FSError> {
         guard let digest = Digest(hex: hex) else {
             logger.error("a file renamed into blobs/sha256 must be named by the sha256 of its content; rename refused",
                          metadata: ["name": "\(hex)"])

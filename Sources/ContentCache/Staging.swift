@@ -104,18 +104,14 @@ public final class StagingArea: Sendable {
 
 /// A file a client writes in a writable mount, kept on disk in the staging area. Its sha256 is
 /// computed as the bytes arrive while they arrive in order from offset 0 (BuildKit writes a
-/// blob that way, in 1 MiB pieces); any other write or truncation makes the commit read the
-/// file again instead.
+/// blob that way, in 1 MiB pieces, and truncates to 0 to start again); any other write or
+/// truncation makes the commit read the file again instead.
 public final class StagedFile: Sendable {
-    private struct Hashing {
-        /// The digest of the file's bytes so far, while every byte arrived in order; nil once
-        /// one did not.
-        var verifier: DigestVerifier? = DigestVerifier()
-    }
-
     let path: String
     let file: OpenFile
-    private let hashing = Mutex(Hashing())
+    /// The digest of the file's bytes so far, while every byte arrived in order; nil once one
+    /// did not. Held while the file changes, so that size and digest always agree.
+    private let hashing = Mutex<DigestVerifier?>(DigestVerifier())
     private let byteCount = Atomic<Int64>(0)
     /// The file still has its name in the staging area: it was neither moved nor removed.
     private let named = Atomic<Bool>(true)
@@ -135,26 +131,26 @@ public final class StagedFile: Sendable {
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
         // As pwrite: nothing written, nothing extended.
         guard !bytes.isEmpty else { return }
-        try hashing.withLock { hashing throws(CacheError) in
+        try hashing.withLock { verifier throws(CacheError) in
             try file.write(bytes, at: offset)
             let size = byteCount.load(ordering: .relaxed)
-            if hashing.verifier != nil, offset == size {
-                hashing.verifier!.update(bytes)
+            if verifier != nil, offset == size {
+                verifier!.update(bytes)
             } else {
-                hashing.verifier = nil
+                verifier = nil
             }
             byteCount.store(max(size, offset + Int64(bytes.count)), ordering: .releasing)
         }
     }
 
     public func truncate(to newSize: Int64) throws(CacheError) {
-        try hashing.withLock { hashing throws(CacheError) in
+        try hashing.withLock { verifier throws(CacheError) in
             guard ftruncate(file.fd, off_t(newSize)) == 0 else { throw CacheError.system("cannot truncate \(path)") }
             let size = byteCount.load(ordering: .relaxed)
             if newSize == 0 {
-                hashing.verifier = DigestVerifier()
+                verifier = DigestVerifier()
             } else if newSize != size {
-                hashing.verifier = nil
+                verifier = nil
             }
             byteCount.store(newSize, ordering: .releasing)
         }
@@ -179,10 +175,10 @@ public final class StagedFile: Sendable {
     /// Runs `body` while no write or truncation can change the file, with its digest and
     /// size: a commit happens inside, so that what was verified is what is committed.
     public func whileUnchanging<T>(_ body: (_ digest: Digest, _ size: Int64) throws(CacheError) -> T) throws(CacheError) -> T {
-        try hashing.withLock { hashing throws(CacheError) in
+        try hashing.withLock { verifier throws(CacheError) in
             let size = byteCount.load(ordering: .relaxed)
             let digest: Digest
-            if let verifier = hashing.verifier { digest = verifier.finalize() } else { digest = try hashWhole(size: size) }
+            if let verifier { digest = verifier.finalize() } else { digest = try hashWhole(size: size) }
             return try body(digest, size)
         }
     }

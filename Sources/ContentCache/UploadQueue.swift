@@ -176,11 +176,6 @@ public final class UploadQueue: Sendable {
         state.withLock { state in state.tags.values.map { $0.newer ?? $0.publication }.sorted { $0.tag < $1.tag } }
     }
 
-    /// Whether the blob is still to be uploaded.
-    public func isPending(_ digest: Digest) -> Bool {
-        state.withLock { $0.blobs[digest] != nil }
-    }
-
     /// The tags among `tags` that point somewhere other than the remote does or is about to.
     public func changedTags(_ tags: [String: Digest]) -> Set<String> {
         state.withLock { state in
@@ -295,8 +290,7 @@ public final class UploadQueue: Sendable {
                 reported = left
                 lastReport = .now
             }
-            let (seconds, attoseconds) = progressInterval.components
-            _ = changed.wait(timeout: .now() + .nanoseconds(Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000)))
+            _ = changed.wait(timeout: Self.deadline(after: progressInterval))
         }
     }
 
@@ -331,6 +325,11 @@ public final class UploadQueue: Sendable {
             + state.tags.filter { !$0.value.phase.isFailed }.keys.sorted().map { .tag($0, reason: reason) }
     }
 
+    private static func deadline(after duration: Duration) -> DispatchTime {
+        let (seconds, attoseconds) = duration.components
+        return .now() + .nanoseconds(Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
+    }
+
     // MARK: - Workers
 
     private enum Job {
@@ -349,8 +348,7 @@ public final class UploadQueue: Sendable {
                 continue
             }
             guard let wait = next.wait else { return }
-            let (seconds, attoseconds) = wait.components
-            _ = available.wait(timeout: .now() + .nanoseconds(Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000)))
+            _ = available.wait(timeout: Self.deadline(after: wait))
         }
     }
 
