@@ -11,6 +11,10 @@ import Synchronization
 /// the small writes that clients make even when they only import (lock files, probe
 /// directories, `ingest/`). It knows nothing of libfuse; the binding forwards kernel requests
 /// to these methods and tests call them directly.
+///
+/// A writable mount (`WritableMount`, see CacheFilesystem+Writable.swift) also takes exports:
+/// what clients write is staged on disk, a rename into `blobs/sha256` commits a blob and the
+/// close of a changed `index.json` commits its tags, both published by an upload queue.
 public final class CacheFilesystem: Sendable {
     public static let rootInode: UInt64 = 1
     /// Immutable content: the kernel may cache names and attributes for a long time.
@@ -29,6 +33,8 @@ public final class CacheFilesystem: Sendable {
         case lazyBlob(Digest, size: Int64)
         case scratchFile([UInt8])
         case scratchDirectory(children: DirectoryEntries)
+        /// A regular file of a writable mount: its bytes are on disk, in the staging area.
+        case stagedFile(StagedFile)
     }
 
     struct Node {
@@ -40,10 +46,13 @@ public final class CacheFilesystem: Sendable {
         var lookups = 0
         var opens = 0
         var unlinked = false
+        /// Written or truncated since its last flush (the commit point of `index.json`).
+        var changed = false
 
+        /// Made by clients: they may change and remove it.
         var isScratch: Bool {
             switch content {
-            case .scratchFile, .scratchDirectory: return true
+            case .scratchFile, .scratchDirectory, .stagedFile: return true
             default: return false
             }
         }
@@ -71,30 +80,49 @@ public final class CacheFilesystem: Sendable {
         var scratchBytes = 0
     }
 
-    private let state: Mutex<State>
-    private let fetcher: BlobFetcher
+    let state: Mutex<State>
+    let fetcher: BlobFetcher
     /// Drops what the kernel cached of an inode's content; set by the binding.
     private let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
-    private let logger: Logger
+    let logger: Logger
     private let uid: UInt32
     private let gid: UInt32
 
     /// The layer built directly on each layer of the cache's chains, with its size. BuildKit
     /// imports a chain by reading its layers whole, one after another, base first.
     private let nextLayers: [Digest: (digest: Digest, size: Int64)]
+    /// Set when the mount takes exports.
+    let writable: WritableMount?
+    /// What refuses a change the mount does not allow: the whole filesystem is read-only
+    /// without `writable`; with it, only the content-addressed blobs and the fixed directories
+    /// holding them are immutable.
+    let refusal: FSError
+    /// `blobs/sha256`, where a rename commits a blob.
+    let blobsInode: UInt64
     /// How close to a layer's end a read starts the next layer's fetch: about one chunk, so
     /// that its first bytes arrive while the reader finishes this one.
     static let nextLayerLead: Int64 = 8 << 20
 
-    public init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
-                scratchCapacity: Int = CacheFilesystem.defaultScratchCapacity) {
+    /// A read-only mount.
+    public convenience init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
+                            scratchCapacity: Int = CacheFilesystem.defaultScratchCapacity) {
+        let (state, blobsInode) = Self.layout(snapshot)
+        self.init(state: state, blobsInode: blobsInode, snapshot: snapshot, fetcher: fetcher, logger: logger,
+                  scratchCapacity: scratchCapacity, writable: nil)
+    }
+
+    init(state: sending State, blobsInode: UInt64, snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
+         scratchCapacity: Int, writable: WritableMount?) {
         self.scratchCapacity = scratchCapacity
         self.fetcher = fetcher
         self.logger = logger
         self.nextLayers = Self.nextLayers(snapshot)
         self.uid = getuid()
         self.gid = getgid()
-        self.state = Mutex(Self.layout(snapshot))
+        self.state = Mutex(state)
+        self.blobsInode = blobsInode
+        self.writable = writable
+        self.refusal = writable == nil ? .readOnlyFileSystem : .notPermitted
         fetcher.onWithdrawnContent { [weak self] digest, spared in self?.withdraw(digest, sparing: spared) }
     }
 
@@ -118,7 +146,10 @@ public final class CacheFilesystem: Sendable {
 
     // MARK: Layout
 
-    private static func layout(_ snapshot: CacheSnapshot) -> State {
+    /// The layout and the inode of `blobs/sha256`. A writable mount's `staged` gives the files
+    /// clients may rewrite (`index.json`, `oci-layout`) and the blobs and tags it still has to
+    /// publish.
+    static func layout(_ snapshot: CacheSnapshot, staged: WritableLayout? = nil) -> (State, UInt64) {
         var state = State()
         let now = Timestamp.now()
         func add(_ parent: UInt64, _ name: String, _ content: Content, permissions: UInt32) -> UInt64 {
@@ -131,10 +162,16 @@ public final class CacheFilesystem: Sendable {
         let root = rootInode
         state.nodes[root] = Node(parent: root, name: "", content: .directory(children: DirectoryEntries(), creatable: true),
                                  permissions: 0o755, modified: now)
-        _ = add(root, "oci-layout", .bytes(OCILayout.ociLayoutFile), permissions: 0o444)
-        _ = add(root, "index.json", .bytes(OCILayout.indexFile(snapshot.tags)), permissions: 0o444)
-        // containerd 1.x clients MkdirAll ingest/ on every open; it is scratch space.
-        _ = add(root, "ingest", .directory(children: DirectoryEntries(), creatable: true), permissions: 0o755)
+        if let staged {
+            _ = add(root, "oci-layout", .stagedFile(staged.ociLayout), permissions: 0o644)
+            _ = add(root, "index.json", .stagedFile(staged.index), permissions: 0o644)
+            _ = add(root, "ingest", .scratchDirectory(children: DirectoryEntries()), permissions: 0o755)
+        } else {
+            _ = add(root, "oci-layout", .bytes(OCILayout.ociLayoutFile), permissions: 0o444)
+            _ = add(root, "index.json", .bytes(OCILayout.indexFile(snapshot.tags)), permissions: 0o444)
+            // containerd 1.x clients MkdirAll ingest/ on every open; it is scratch space.
+            _ = add(root, "ingest", .directory(children: DirectoryEntries(), creatable: true), permissions: 0o755)
+        }
         let blobs = add(root, "blobs", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o755)
         let sha256 = add(blobs, "sha256", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o755)
         // In no particular order: listings sort names themselves, and sorting 100,000 digests
@@ -146,7 +183,10 @@ public final class CacheFilesystem: Sendable {
         for (digest, size) in snapshot.lazyBlobs {
             _ = add(sha256, digest.hex, .lazyBlob(digest, size: size), permissions: 0o444)
         }
-        return state
+        for (digest, size) in staged?.unpublishedBlobs ?? [:] where state.nodes[sha256]!.children![digest.hex] == nil {
+            _ = add(sha256, digest.hex, .lazyBlob(digest, size: size), permissions: 0o444)
+        }
+        return (state, sha256)
     }
 
     /// Successors from every tag's cache config; a layer that two configs continue differently
@@ -249,10 +289,20 @@ public final class CacheFilesystem: Sendable {
     /// be given is verified: until then a download that fails its digest must take back what
     /// it answered.
     public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
-        openNode(inode, flags: flags).map { opened, lazyBlob in
-            guard let lazyBlob else { return opened }
-            let opened = fetcher.openReader(lazyBlob)
-            return OpenedFile(keepCache: opened.verified, handle: opened.reader.rawValue)
+        openNode(inode, flags: flags).flatMap { opened, then in
+            switch then {
+            case .nothing:
+                return .success(opened)
+            case .openReader(let lazyBlob):
+                let opened = fetcher.openReader(lazyBlob)
+                return .success(OpenedFile(keepCache: opened.verified, handle: opened.reader.rawValue))
+            case .truncate(let file):
+                if case .failure(let error) = truncate(file, to: 0) {
+                    release(inode)
+                    return .failure(error)
+                }
+                return .success(opened)
+            }
         }
     }
 
@@ -263,19 +313,36 @@ public final class CacheFilesystem: Sendable {
         }
     }
 
-    /// The opened file, and the blob to keep out of eviction while it is open.
-    private func openNode(_ inode: UInt64, flags: OpenFlags) -> Result<(OpenedFile, Digest?), FSError> {
+    /// What an open has still to do once the state is unlocked.
+    private enum AfterOpen {
+        case nothing
+        /// Keep the blob out of eviction while it is open.
+        case openReader(Digest)
+        /// O_TRUNC of a staged file.
+        case truncate(StagedFile)
+    }
+
+    private func openNode(_ inode: UInt64, flags: OpenFlags) -> Result<(OpenedFile, AfterOpen), FSError> {
         state.withLock { state in
             guard var node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
             switch node.content {
             case .directory, .scratchDirectory:
                 return .failure(.isDirectory)
             case .bytes, .lazyBlob:
-                if flags.wantsWrite || flags.truncates { return .failure(.readOnlyFileSystem) }
+                if flags.wantsWrite || flags.truncates { return .failure(refusal) }
                 node.opens += 1
                 state.nodes[inode] = node
-                if case .lazyBlob(let digest, _) = node.content { return .success((OpenedFile(keepCache: true), digest)) }
-                return .success((OpenedFile(keepCache: true), nil))
+                if case .lazyBlob(let digest, _) = node.content { return .success((OpenedFile(keepCache: true), .openReader(digest))) }
+                return .success((OpenedFile(keepCache: true), .nothing))
+            case .stagedFile(let file):
+                node.opens += 1
+                let truncates = flags.truncates && flags.wantsWrite
+                if truncates {
+                    node.changed = true
+                    node.modified = .now()
+                }
+                state.nodes[inode] = node
+                return .success((OpenedFile(keepCache: false), truncates ? .truncate(file) : .nothing))
             case .scratchFile(let bytes):
                 if flags.truncates && flags.wantsWrite {
                     state.scratchBytes -= bytes.count
@@ -284,7 +351,7 @@ public final class CacheFilesystem: Sendable {
                 }
                 node.opens += 1
                 state.nodes[inode] = node
-                return .success((OpenedFile(keepCache: false), nil))
+                return .success((OpenedFile(keepCache: false), .nothing))
             }
         }
     }
@@ -318,6 +385,8 @@ public final class CacheFilesystem: Sendable {
                 let start = (0..<Int64(all.count)).contains(offset) ? Int(offset) : all.count
                 reply(.success(UnsafeRawBufferPointer(rebasing: all[start..<min(all.count, start + count)])))
             }
+        case .stagedFile(let file)?:
+            readStaged(file, offset: offset, count: count, reply: reply)
         case .lazyBlob(let digest, let size)?:
             if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers[digest] {
                 fetcher.prefetch(next.digest, size: next.size)
@@ -338,8 +407,9 @@ public final class CacheFilesystem: Sendable {
     // MARK: Scratch writes
 
     public func create(parent: UInt64, name: String, permissions: UInt32, flags: OpenFlags) -> Result<(Entry, OpenedFile), FSError> {
-        state.withLock { state in
-            switch Self.insert(parent: parent, name: name, content: .scratchFile([]), permissions: permissions, in: &state) {
+        if let writable { return createStaged(parent: parent, name: name, permissions: permissions, flags: flags, in: writable) }
+        return state.withLock { state in
+            switch Self.insert(parent: parent, name: name, content: .scratchFile([]), permissions: permissions, refusal: refusal, in: &state) {
             case .success(let inode):
                 state.nodes[inode]!.lookups += 1
                 state.nodes[inode]!.opens += 1
@@ -352,7 +422,8 @@ public final class CacheFilesystem: Sendable {
 
     public func mkdir(parent: UInt64, name: String, permissions: UInt32) -> Result<Entry, FSError> {
         state.withLock { state in
-            Self.insert(parent: parent, name: name, content: .scratchDirectory(children: DirectoryEntries()), permissions: permissions, in: &state)
+            Self.insert(parent: parent, name: name, content: .scratchDirectory(children: DirectoryEntries()), permissions: permissions,
+                        refusal: refusal, in: &state)
                 .map { inode in
                     state.nodes[inode]!.lookups += 1
                     return entry(inode, state.nodes[inode]!)
@@ -361,7 +432,8 @@ public final class CacheFilesystem: Sendable {
     }
 
     public func write(_ inode: UInt64, offset: Int64, data: UnsafeRawBufferPointer) -> Result<Int, FSError> {
-        state.withLock { state in
+        if writable != nil { return writeStaged(inode, offset: offset, data: data) }
+        return state.withLock { state in
             guard var node = state.nodes[inode] else { return .failure(.badFileDescriptor) }
             guard case .scratchFile(var bytes) = node.content else {
                 return .failure(node.children == nil ? .readOnlyFileSystem : .isDirectory)
@@ -381,7 +453,8 @@ public final class CacheFilesystem: Sendable {
     }
 
     public func setattr(_ inode: UInt64, _ changes: AttributeChanges) -> Result<Entry, FSError> {
-        state.withLock { state in
+        if writable != nil { return setattrWritable(inode, changes) }
+        return state.withLock { state in
             guard var node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
             guard node.isScratch || changes.isEmpty else { return .failure(.readOnlyFileSystem) }
             if let size = changes.size {
@@ -414,12 +487,18 @@ public final class CacheFilesystem: Sendable {
     }
 
     public func rename(parent: UInt64, name: String, newParent: UInt64, newName: String) -> Result<Void, FSError> {
-        state.withLock { state in
+        if let writable, newParent == blobsInode, let file = stagedFile(named: name, in: parent) {
+            return commitBlob(file, from: parent, name: name, as: newName, in: writable)
+        }
+        return state.withLock { state in
             guard let source = state.nodes[parent]?.children?[name], state.nodes[newParent]?.unlinked == false else {
                 return .failure(.noSuchFileOrDirectory)
             }
+            // A name renamed onto itself changes nothing, as on any filesystem, blobs included;
+            // a read-only mount refuses to rename its own entries at all.
+            if writable != nil && state.nodes[newParent]!.children?[newName] == source { return .success(()) }
             guard state.nodes[source]!.isScratch, state.nodes[newParent]!.acceptsNewEntries else {
-                return .failure(.readOnlyFileSystem)
+                return .failure(refusal)
             }
             guard Self.isValidName(newName) else { return .failure(.nameTooLong) }
             // A directory may not move below itself. The new parent is attached, so every
@@ -433,7 +512,7 @@ public final class CacheFilesystem: Sendable {
             if let target = state.nodes[newParent]?.children?[newName] {
                 if target == source { return .success(()) }
                 let targetNode = state.nodes[target]!
-                guard targetNode.isScratch else { return .failure(.readOnlyFileSystem) }
+                guard targetNode.isScratch else { return .failure(refusal) }
                 let sourceIsDirectory = state.nodes[source]!.children != nil
                 if let children = targetNode.children {
                     guard sourceIsDirectory else { return .failure(.isDirectory) }
@@ -445,10 +524,7 @@ public final class CacheFilesystem: Sendable {
             // Only once nothing can fail does anything change.
             if belowItself { return .failure(.invalidArgument) }
             if let target = state.nodes[newParent]!.children?[newName] { Self.detach(target, in: &state) }
-            Self.setChild(parent, name, nil, in: &state)
-            Self.setChild(newParent, newName, source, in: &state)
-            state.nodes[source]!.parent = newParent
-            state.nodes[source]!.name = newName
+            Self.move(source, from: parent, name, to: newParent, newName, in: &state)
             return .success(())
         }
     }
@@ -460,11 +536,12 @@ public final class CacheFilesystem: Sendable {
 
     // MARK: Helpers
 
-    private func entry(_ inode: UInt64, _ node: Node) -> Entry {
+    func entry(_ inode: UInt64, _ node: Node) -> Entry {
         let type: FileType = node.children == nil ? .regular : .directory
         let size: Int64
         switch node.content {
         case .bytes(let bytes), .scratchFile(let bytes): size = Int64(bytes.count)
+        case .stagedFile(let file): size = file.size
         case .lazyBlob(_, let blobSize): size = blobSize
         case .directory, .scratchDirectory: size = 4096
         }
@@ -475,28 +552,37 @@ public final class CacheFilesystem: Sendable {
     }
 
     private func remove(parent: UInt64, name: String, directory: Bool) -> Result<Void, FSError> {
-        state.withLock { state in
+        let removed = state.withLock { state -> Result<Digest?, FSError> in
             guard let inode = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
             let node = state.nodes[inode]!
-            guard node.isScratch else { return .failure(.readOnlyFileSystem) }
+            // A writable mount's blobs may go too (BuildKit's `reset=true` prunes them).
+            guard node.isScratch || writable != nil else { return .failure(refusal) }
             if directory {
                 guard let children = node.children else { return .failure(.notDirectory) }
+                guard node.isScratch else { return .failure(refusal) }
                 guard children.isEmpty else { return .failure(.directoryNotEmpty) }
             } else if node.children != nil {
                 return .failure(.isDirectory)
             }
             Self.detach(inode, in: &state)
-            return .success(())
+            switch node.content {
+            case .lazyBlob(let digest, _): return .success(digest)
+            case .bytes: return .success(Digest(hex: name))
+            default: return .success(nil)
+            }
         }
+        if let writable, case .success(let digest?) = removed { forgetBlob(digest, in: writable) }
+        return removed.map { _ in () }
     }
 
-    private static func insert(parent: UInt64, name: String, content: Content, permissions: UInt32,
-                               in state: inout State) -> Result<UInt64, FSError> {
+    /// `refusal` answers a directory that takes no new names.
+    static func insert(parent: UInt64, name: String, content: Content, permissions: UInt32, refusal: FSError,
+                       in state: inout State) -> Result<UInt64, FSError> {
         // A removed directory the kernel still references takes no new names.
         guard let directory = state.nodes[parent], !directory.unlinked else { return .failure(.noSuchFileOrDirectory) }
         guard let children = directory.children else { return .failure(.notDirectory) }
         guard children[name] == nil else { return .failure(.fileExists) }
-        guard directory.acceptsNewEntries else { return .failure(.readOnlyFileSystem) }
+        guard directory.acceptsNewEntries else { return .failure(refusal) }
         guard isValidName(name) else { return .failure(.nameTooLong) }
         let inode = state.nextInode
         state.nextInode += 1
@@ -505,24 +591,34 @@ public final class CacheFilesystem: Sendable {
         return .success(inode)
     }
 
-    private static func setChild(_ parent: UInt64, _ name: String, _ child: UInt64?, in state: inout State) {
+    static func move(_ inode: UInt64, from parent: UInt64, _ name: String, to newParent: UInt64, _ newName: String,
+                     in state: inout State) {
+        setChild(parent, name, nil, in: &state)
+        setChild(newParent, newName, inode, in: &state)
+        state.nodes[inode]!.parent = newParent
+        state.nodes[inode]!.name = newName
+    }
+
+    static func setChild(_ parent: UInt64, _ name: String, _ child: UInt64?, in state: inout State) {
         state.nodes[parent]!.children?[name] = child
     }
 
-    private static func detach(_ inode: UInt64, in state: inout State) {
+    static func detach(_ inode: UInt64, in state: inout State) {
         let node = state.nodes[inode]!
         setChild(node.parent, node.name, nil, in: &state)
+        // Its bytes live on in the open file while the kernel still references the inode.
+        if case .stagedFile(let file) = node.content { file.removeName() }
         state.nodes[inode]!.unlinked = true
         dropIfUnreferenced(inode, in: &state)
     }
 
-    private static func dropIfUnreferenced(_ inode: UInt64, in state: inout State) {
+    static func dropIfUnreferenced(_ inode: UInt64, in state: inout State) {
         guard let node = state.nodes[inode], node.unlinked, node.lookups == 0, node.opens == 0 else { return }
         if case .scratchFile(let bytes) = node.content { state.scratchBytes -= bytes.count }
         state.nodes[inode] = nil
     }
 
-    private static func isValidName(_ name: String) -> Bool { !name.isEmpty && name.utf8.count <= 255 }
+    static func isValidName(_ name: String) -> Bool { !name.isEmpty && name.utf8.count <= 255 }
 }
 
 /// A directory's names and their inodes. A class, changed in place: adding the 100,000th blob

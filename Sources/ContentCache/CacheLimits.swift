@@ -106,7 +106,8 @@ extension ContentStore {
 
     /// Removes least recently used blobs, complete or partial, until they take at most
     /// `maxBytes` and at least `minFreeBytes` are free, sparing `protected` blobs and any a
-    /// reader holds (a shared flock, in this or another process). Returns what was removed.
+    /// reader holds (a shared flock, in this or another process) and any a writable mount has
+    /// still to upload. Returns what was removed.
     @discardableResult
     public func evict(toFit limits: CacheLimits, making room: Int64 = 0,
                       protected: (Digest) -> Bool = { _ in false }) -> [CachedBlob] {
@@ -124,14 +125,24 @@ extension ContentStore {
         var total = candidates.reduce(0) { $0 + $1.0.size } + room
         var free = freeBytes() - room
         var removed: [CachedBlob] = []
+        let awaitingUpload = awaitingUploadCheck()
         for (blob, isPartial) in candidates {
             guard total > limits.maxBytes || free < limits.minFreeBytes else { break }
-            guard !protected(blob.digest), removeUnlessInUse(blob.digest, partial: isPartial) else { continue }
+            guard !protected(blob.digest), !awaitingUpload(blob.digest),
+                  removeUnlessInUse(blob.digest, partial: isPartial) else { continue }
             total -= blob.size
             free += blob.size
             removed.append(blob)
         }
         return (removed, min(limits.maxBytes - total, free - limits.minFreeBytes))
+    }
+
+    /// Removes a complete blob from the cache unless some reader holds it or a writable mount
+    /// still has to upload it; true when it is gone.
+    @discardableResult
+    public func discardComplete(_ digest: Digest) -> Bool {
+        guard !isAwaitingUpload(digest) else { return false }
+        return removeUnlessInUse(digest, partial: false)
     }
 
     /// Removes a blob unless some reader holds it: the exclusive lock fails while any shared

@@ -1,0 +1,226 @@
+import FoundationEssentials
+import SystemSupport
+import OCI
+import Synchronization
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+/// Where a writable mount keeps the bytes of the files clients write, until a blob's rename
+/// moves them into the content store: `staging/<id>/` inside the cache directory, on the same
+/// filesystem, so that the commit is a rename and never a copy.
+///
+/// Each live area holds an exclusive flock on `staging/<id>.lock`; an area whose lock nobody
+/// holds belongs to a mount that died, and the next area made in the cache directory removes it.
+public final class StagingArea: Sendable {
+    public let directory: String
+    private let lockPath: String
+    private let lock: OpenFile
+    private let nextName = Atomic<UInt64>(0)
+
+    public init(cacheDirectory: String) throws(CacheError) {
+        let root = cacheDirectory + "/staging"
+        guard mkdir(cacheDirectory, 0o700) == 0 || errno == EEXIST, mkdir(root, 0o700) == 0 || errno == EEXIST else {
+            throw CacheError.system("cannot create \(root)")
+        }
+        Self.removeAbandonedAreas(in: root)
+        let id = "\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+        directory = root + "/" + id
+        lockPath = directory + ".lock"
+        // Locked under a name the cleanup ignores, then renamed: a lock file another start can
+        // see is always already held.
+        let temporary = root + "/." + id + ".lock.new"
+        let fd = open(temporary, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw CacheError.system("cannot create \(temporary)") }
+        lock = OpenFile(fd: fd)
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0, rename(temporary, lockPath) == 0 else {
+            let error = CacheError.system("cannot lock \(temporary)")
+            unlink(temporary)
+            throw error
+        }
+        guard mkdir(directory, 0o700) == 0 else {
+            let error = CacheError.system("cannot create \(directory)")
+            unlink(lockPath)
+            throw error
+        }
+    }
+
+    deinit {
+        Self.removeTree(directory)
+        unlink(lockPath)
+    }
+
+    /// A new empty file in the area, or one holding `initialBytes`.
+    public func newFile(holding initialBytes: [UInt8] = []) throws(CacheError) -> StagedFile {
+        let path = directory + "/" + String(nextName.add(1, ordering: .relaxed).newValue)
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw CacheError.system("cannot create \(path)") }
+        let file = StagedFile(path: path, file: OpenFile(fd: fd))
+        if !initialBytes.isEmpty {
+            let failure = initialBytes.withUnsafeBytes { bytes -> CacheError? in
+                do throws(CacheError) {
+                    try file.write(bytes, at: 0)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            if let failure { throw failure }
+        }
+        return file
+    }
+
+    /// Removes the areas of dead mounts: those whose lock file nobody holds.
+    static func removeAbandonedAreas(in root: String) {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: root) else { return }
+        let lockNames = Set(names.filter { $0.hasSuffix(".lock") })
+        for name in names {
+            let path = root + "/" + name
+            if name.hasSuffix(".lock.new") {
+                // Not yet locked by its owner: only a dead owner's is debris.
+                let pid = name.dropFirst().split(separator: "-").first.flatMap { Int32($0) }
+                if let pid, kill(pid, 0) != 0, errno == ESRCH { unlink(path) }
+            } else if lockNames.contains(name) {
+                let fd = open(path, O_RDWR | O_CLOEXEC)
+                guard fd >= 0 else { continue }
+                defer { close(fd) }
+                guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { continue }
+                // Its owner is gone. The directory goes first, so that none is ever left
+                // without its lock while the owner might live.
+                removeTree(root + "/" + name.dropLast(".lock".count))
+                unlink(path)
+            } else if !lockNames.contains(name + ".lock") {
+                // A directory whose lock is gone: its owner died while removing it.
+                removeTree(path)
+            }
+        }
+    }
+
+    private static func removeTree(_ path: String) {
+        try? FileManager.default.removeItem(atPath: path)
+    }
+}
+
+/// A file a client writes in a writable mount, kept on disk in the staging area. Its sha256 is
+/// computed as the bytes arrive while they arrive in order from offset 0 (BuildKit writes a
+/// blob that way, in 1 MiB pieces, and truncates to 0 to start again); any other write or
+/// truncation makes the commit read the file again instead.
+public final class StagedFile: Sendable {
+    let path: String
+    let file: OpenFile
+    /// The digest of the file's bytes so far, while every byte arrived in order; nil once one
+    /// did not. Held while the file changes, so that size and digest always agree.
+    private let hashing = Mutex<DigestVerifier?>(DigestVerifier())
+    private let byteCount = Atomic<Int64>(0)
+    /// The file still has its name in the staging area: it was neither moved nor removed.
+    private let named = Atomic<Bool>(true)
+
+    init(path: String, file: OpenFile) {
+        self.path = path
+        self.file = file
+    }
+
+    deinit {
+        if named.load(ordering: .acquiring) { unlink(path) }
+    }
+
+    /// Its size in bytes, read without waiting for a write in progress.
+    public var size: Int64 { byteCount.load(ordering: .acquiring) }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
+        // As pwrite: nothing written, nothing extended.
+        guard !bytes.isEmpty else { return }
+        try hashing.withLock { verifier throws(CacheError) in
+            try file.write(bytes, at: offset)
+            let size = byteCount.load(ordering: .relaxed)
+            if verifier != nil, offset == size {
+                verifier!.update(bytes)
+            } else {
+                verifier = nil
+            }
+            byteCount.store(max(size, offset + Int64(bytes.count)), ordering: .releasing)
+        }
+    }
+
+    public func truncate(to newSize: Int64) throws(CacheError) {
+        try hashing.withLock { verifier throws(CacheError) in
+            guard ftruncate(file.fd, off_t(newSize)) == 0 else { throw CacheError.system("cannot truncate \(path)") }
+            let size = byteCount.load(ordering: .relaxed)
+            if newSize == 0 {
+                verifier = DigestVerifier()
+            } else if newSize != size {
+                verifier = nil
+            }
+            byteCount.store(newSize, ordering: .releasing)
+        }
+    }
+
+    /// Fills `buffer` from `offset`; fewer bytes only where the file ends.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws(CacheError) -> Int {
+        try file.read(into: buffer, offset: offset)
+    }
+
+    /// All its bytes, when it holds at most `limit`; nil when it holds more.
+    public func contents(limit: Int) throws(CacheError) -> [UInt8]? {
+        let size = self.size
+        guard size <= Int64(limit) else { return nil }
+        return try file.read(offset: 0, count: Int(size))
+    }
+
+    public func sync(dataOnly: Bool) throws(CacheError) {
+        guard (dataOnly ? fdatasync(file.fd) : fsync(file.fd)) == 0 else { throw CacheError.system("fsync of \(path) failed") }
+    }
+
+    /// Runs `body` while no write or truncation can change the file, with its digest and
+    /// size: a commit happens inside, so that what was verified is what is committed.
+    public func whileUnchanging<T>(_ body: (_ digest: Digest, _ size: Int64) throws(CacheError) -> T) throws(CacheError) -> T {
+        try hashing.withLock { verifier throws(CacheError) in
+            let size = byteCount.load(ordering: .relaxed)
+            let digest: Digest
+            if let verifier { digest = verifier.finalize() } else { digest = try hashWhole(size: size) }
+            return try body(digest, size)
+        }
+    }
+
+    private func hashWhole(size: Int64) throws(CacheError) -> Digest {
+        var verifier = DigestVerifier()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+        defer { buffer.deallocate() }
+        var offset: Int64 = 0
+        while offset < size {
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[..<min(buffer.count, Int(size - offset))])
+            let filled = try file.read(into: piece, offset: offset)
+            guard filled > 0 else { break }
+            verifier.update(UnsafeRawBufferPointer(rebasing: piece[..<filled]))
+            offset += Int64(filled)
+        }
+        return verifier.finalize()
+    }
+
+    /// Moves the file, verified as `digest` and synced, into the content store as a complete
+    /// blob. Called inside `whileUnchanging`.
+    public func moveIntoStore(_ store: ContentStore, as digest: Digest) throws(CacheError) {
+        // Complete blobs are immutable; the mode says so to anyone looking at the cache.
+        fchmod(file.fd, 0o444)
+        guard rename(path, store.completePath(digest)) == 0 else {
+            throw CacheError.system("cannot move \(path) into the cache as \(digest)")
+        }
+        named.store(false, ordering: .releasing)
+    }
+
+    /// The file lost its last name in the mount: its bytes live on while it is open.
+    public func removeName() {
+        if named.exchange(false, ordering: .acquiringAndReleasing) { unlink(path) }
+    }
+}
+
+extension ContentStore {
+    /// Makes the renames into `blobs/sha256` durable.
+    public func syncBlobsDirectory() {
+        let fd = open(blobsDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        fsync(fd)
+        close(fd)
+    }
+}
