@@ -13,6 +13,9 @@ import Synchronization
 public struct WritableMount: Sendable {
     public var staging: StagingArea
     public var uploads: UploadQueue
+    /// Tags the last close of `index.json` did not queue, and why. BuildKit ignores the error
+    /// that close returns, so they are reported again when the mount ends.
+    let refusals = Refusals()
 
     public init(staging: StagingArea, uploads: UploadQueue) {
         self.staging = staging
@@ -25,6 +28,14 @@ public struct WritableMount: Sendable {
         self.init(staging: try StagingArea(cacheDirectory: store.directory),
                   uploads: try UploadQueue(store: store, publisher: publisher, logger: logger))
     }
+}
+
+/// What the commit of `index.json` refused, as of its last close.
+final class Refusals: Sendable {
+    private let items = Mutex<[UnpublishedItem]>([])
+
+    func replace(with refused: [UnpublishedItem]) { items.withLock { $0 = refused } }
+    var all: [UnpublishedItem] { items.withLock { $0 } }
 }
 
 /// The files a writable layout starts with besides the snapshot's.
@@ -282,7 +293,7 @@ extension CacheFilesystem {
             return file
         }
         guard let index else { return .success(()) }
-        return publishTags(in: index, to: writable.uploads)
+        return publishTags(in: index, to: writable)
     }
 
     /// fsync of a staged file syncs it; everything else is already as durable as it gets (the
@@ -301,10 +312,12 @@ extension CacheFilesystem {
     /// Directories live in memory; blob renames are synced as they commit.
     public func fsyncdir(_ inode: UInt64, dataOnly: Bool) -> Result<Void, FSError> { .success(()) }
 
-    /// Waits for the upload queue to publish what it can (see `UploadQueue.drain`); nothing
+    /// Waits for the upload queue to publish what it can (see `UploadQueue.drain`), and
+    /// returns what it could not, with what the last close of `index.json` refused; nothing
     /// in a read-only mount.
     public func drainUploads(progress: (UploadProgress) -> Void = { _ in }) -> [UnpublishedItem] {
-        writable?.uploads.drain(progress: progress) ?? []
+        guard let writable else { return [] }
+        return writable.refusals.all + writable.uploads.drain(progress: progress)
     }
 
     // MARK: Tags
@@ -316,24 +329,29 @@ extension CacheFilesystem {
     /// Cache configs larger than BuildKit reads (1 MiB) are still published whole.
     static let configLimit = 64 << 20
 
-    private func publishTags(in index: StagedFile, to uploads: UploadQueue) -> Result<Void, FSError> {
+    private func publishTags(in index: StagedFile, to writable: WritableMount) -> Result<Void, FSError> {
+        let uploads = writable.uploads
+        func refuseIndex(_ reason: String) -> Result<Void, FSError> {
+            writable.refusals.replace(with: [.index(reason: reason)])
+            return .failure(.ioError)
+        }
         let manifests: [Descriptor]
         do {
             guard let bytes = try index.contents(limit: Self.indexLimit) else {
                 logger.error("index.json is larger than \(Self.indexLimit) bytes; no tag published")
-                return .failure(.ioError)
+                return refuseIndex("larger than \(Self.indexLimit) bytes")
             }
             guard case .index(_, let entries) = try ManifestContent.parse(bytes) else {
                 logger.error("index.json is an image manifest, not an OCI index; no tag published")
-                return .failure(.ioError)
+                return refuseIndex("an image manifest, not an OCI index")
             }
             manifests = entries
         } catch let error as ManifestError {
             logger.error("index.json is not a valid OCI index; no tag published", metadata: ["error": "\(error)"])
-            return .failure(.ioError)
+            return refuseIndex("not a valid OCI index: \(error)")
         } catch {
             logger.error("cannot read index.json", metadata: ["error": "\(error)"])
-            return .failure(.ioError)
+            return refuseIndex("cannot be read: \(error)")
         }
         // BuildKit's importer takes the first entry of a name.
         var tags: [String: Descriptor] = [:]
@@ -341,7 +359,7 @@ extension CacheFilesystem {
             guard let tag = entry.annotations?[Annotation.refName], tags[tag] == nil else { continue }
             tags[tag] = Descriptor(mediaType: entry.mediaType, digest: entry.digest, size: entry.size)
         }
-        var failed = false
+        var refused: [UnpublishedItem] = []
         for tag in uploads.changedTags(tags.mapValues(\.digest)).sorted() {
             switch publication(of: tag, manifest: tags[tag]!) {
             case .success(let publication):
@@ -349,14 +367,15 @@ extension CacheFilesystem {
                     try uploads.enqueueTag(publication)
                 } catch {
                     logger.error("cannot queue the publication of a tag", metadata: ["tag": "\(tag)", "error": "\(error)"])
-                    failed = true
+                    refused.append(.tag(tag, reason: "cannot be queued: \(error)"))
                 }
             case .failure(let problem):
                 logger.error("tag not published: \(problem.message)", metadata: ["tag": "\(tag)"])
-                failed = true
+                refused.append(.tag(tag, reason: problem.message))
             }
         }
-        return failed ? .failure(.ioError) : .success(())
+        writable.refusals.replace(with: refused)
+        return refused.isEmpty ? .success(()) : .failure(.ioError)
     }
 
     private struct TagProblem: Error {

@@ -24,11 +24,14 @@ public struct UploadProgress: Sendable, Equatable, CustomStringConvertible {
 public enum UnpublishedItem: Sendable, Equatable, CustomStringConvertible {
     case blob(Digest, reason: String)
     case tag(String, reason: String)
+    /// The last `index.json` a client wrote could not be read, so none of its tags was published.
+    case index(reason: String)
 
     public var description: String {
         switch self {
         case .blob(let digest, let reason): return "blob \(digest): \(reason)"
         case .tag(let tag, let reason): return "tag \(tag): \(reason)"
+        case .index(let reason): return "index.json: \(reason)"
         }
     }
 }
