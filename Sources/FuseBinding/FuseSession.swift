@@ -340,13 +340,21 @@ private func makeOperations() -> fuse_lowlevel_ops {
     // to link: answer both as a local filesystem without links does.
     ops.symlink = { req, _, _, _ in FuseRequest(raw: req!).fail(.notPermitted) }
     ops.link = { req, _, _, _ in FuseRequest(raw: req!).fail(.notPermitted) }
-    ops.flush = { req, _, _ in FuseRequest(raw: req!).ok() }
+    // close() returns flush's answer (release's is lost): the close of index.json is where a
+    // writable mount commits its tags.
+    ops.flush = { req, inode, info in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.flush(inode, handle: info?.pointee.fh ?? 0)) { request.ok() }
+    }
     ops.release = { req, inode, info in
         let request = FuseRequest(raw: req!)
         request.filesystem.release(inode, handle: info?.pointee.fh ?? 0)
         request.ok()
     }
-    ops.fsync = { req, _, _, _ in FuseRequest(raw: req!).ok() }
+    ops.fsync = { req, inode, dataOnly, _ in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.fsync(inode, dataOnly: dataOnly != 0)) { request.ok() }
+    }
     ops.opendir = { req, inode, info in
         let request = FuseRequest(raw: req!)
         request.reply(request.filesystem.isDirectory(inode)) { _ in fuse_reply_open(req, info) }
@@ -403,7 +411,10 @@ private func makeOperations() -> fuse_lowlevel_ops {
         }
     }
     ops.releasedir = { req, _, _ in FuseRequest(raw: req!).ok() }
-    ops.fsyncdir = { req, _, _, _ in FuseRequest(raw: req!).ok() }
+    ops.fsyncdir = { req, inode, dataOnly, _ in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.fsyncdir(inode, dataOnly: dataOnly != 0)) { request.ok() }
+    }
     ops.statfs = { req, _ in
         let request = FuseRequest(raw: req!)
         let statistics = request.filesystem.statfs()

@@ -243,7 +243,19 @@ enum RuntimeFiles {
         directory + "/" + String(Digest.sha256(of: Array(mountpoint.utf8)).hex.prefix(32)) + ".pid"
     }
 
+    /// What a writable mount's daemon reports while it finishes its uploads after the unmount,
+    /// and at the end what it could not publish.
+    static func statusFile(forPIDFile pidFile: String) -> String {
+        String(pidFile.dropLast(".pid".count)) + ".status"
+    }
+
+    static func writeStatus(_ text: String, to path: String) {
+        try? (text + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+    }
+
     static func write(pid: pid_t, to path: String) {
+        // What an earlier daemon of this mount point reported is not this one's.
+        unlink(statusFile(forPIDFile: path))
         try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                  attributes: [.posixPermissions: 0o700])
         try? "\(pid)\n".write(toFile: path, atomically: true, encoding: .utf8)

@@ -90,6 +90,10 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Let users other than the one mounting read the mount (FUSE allow_other).")
     var allowOther = false
 
+    @Flag(help: ArgumentHelp("Publish what clients export into the mount (--export-cache type=local,dest=MOUNTPOINT) to the source.",
+                             discussion: "A blob is published once it is renamed into blobs/sha256, a tag once index.json is closed after it changed; unmount waits for the uploads."))
+    var writable = false
+
     @Option(help: .hidden)
     var readyFD: Int32?
 
@@ -165,6 +169,7 @@ struct MountCommand: ParsableCommand {
         if let cacheSize { arguments += ["--cache-size", String(cacheSize.bytes)] }
         if let minFree { arguments += ["--min-free", String(minFree.bytes)] }
         if allowOther { arguments.append("--allow-other") }
+        if writable { arguments.append("--writable") }
         return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
                             "--", shownSource, mountpoint]
     }
@@ -201,7 +206,7 @@ struct MountCommand: ParsableCommand {
         let bound = Duration.milliseconds(Int64(timeout * 1000))
 
         let spec = try SourceSpec(parsing: source)
-        let remote = try SourceFactory.make(spec, timeout: bound, logger: logger)
+        let (remote, publisher) = try SourceFactory.make(spec, writable: writable, timeout: bound, logger: logger)
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
         // Saving the resolution for offline mounts cost a third of a 100,000-blob mount's CPU:
@@ -218,7 +223,13 @@ struct MountCommand: ParsableCommand {
         if let cacheSize { limits.maxBytes = cacheSize.bytes }
         if let minFree { limits.minFreeBytes = minFree.bytes }
         let fetcher = BlobFetcher(store: store, source: remote, logger: logger, otherProcessStall: bound, limits: limits)
-        let filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
+        let filesystem: CacheFilesystem
+        if let publisher {
+            let uploads = try WritableMount(store: store, publisher: publisher, logger: logger)
+            filesystem = try CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger, writable: uploads)
+        } else {
+            filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
+        }
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
         if allowOther { options.append("allow_other") }
         let session = try FuseSession(filesystem: filesystem, mountpoint: mountpoint, options: options, logger: logger)
@@ -259,6 +270,40 @@ struct MountCommand: ParsableCommand {
         let status = session.run()
         while saving.load(ordering: .acquiring) { SystemThread.sleep(for: .milliseconds(5)) }
         logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(status)"])
+        if writable {
+            let unpublished = Self.finishUploads(filesystem, statusFile: RuntimeFiles.statusFile(forPIDFile: pidFile), logger: logger)
+            guard unpublished.isEmpty else {
+                throw CommandError("\(unpublished.count) item(s) not published: "
+                                   + unpublished.map(\.description).joined(separator: "; "))
+            }
+        }
+    }
+
+    /// Waits for the uploads a writable mount still owes, logging their progress and keeping
+    /// it in `statusFile` for `ocicachefs unmount`, which is waiting for this daemon; returns
+    /// what could not be published.
+    static func finishUploads(_ filesystem: CacheFilesystem, statusFile: String, logger: Logger) -> [UnpublishedItem] {
+        let started = ContinuousClock.now
+        var firstBytesLeft: Int64?
+        var lastLogged = ContinuousClock.now - .seconds(10)
+        let unpublished = filesystem.drainUploads { progress in
+            firstBytesLeft = firstBytesLeft ?? progress.bytesLeft
+            let elapsed = (ContinuousClock.now - started).components
+            let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) * 1e-18
+            let sent = max(0, (firstBytesLeft ?? 0) - progress.bytesLeft)
+            let rate = seconds > 0 ? Double(sent) / seconds / 1_048_576 : 0
+            let line = "uploading: \(progress.blobsLeft) blob(s) (\(progress.bytesLeft) bytes) and \(progress.tagsLeft) tag(s) left, "
+                + "\(sent) bytes sent at \(rate.withOneDecimal) MiB/s"
+            RuntimeFiles.writeStatus(line, to: statusFile)
+            if ContinuousClock.now - lastLogged >= .seconds(5) {
+                logger.info("\(line)")
+                lastLogged = .now
+            }
+        }
+        for item in unpublished { logger.error("not published: \(item)") }
+        RuntimeFiles.writeStatus(unpublished.isEmpty ? "published" : unpublished.map { "not published: \($0)" }.joined(separator: "\n"),
+                                 to: statusFile)
+        return unpublished
     }
 
     /// Every download holds a descriptor and the kernel may have many requests in flight.
@@ -365,11 +410,15 @@ func printError(_ line: String) {
 }
 
 enum SourceFactory {
-    static func make(_ spec: SourceSpec, timeout: Duration, logger: Logger) throws -> any RemoteCacheSource {
+    /// The source to read, and with `writable` the publisher that writes to the same place.
+    static func make(_ spec: SourceSpec, writable: Bool = false, timeout: Duration,
+                     logger: Logger) throws -> (any RemoteCacheSource, (any CachePublisher)?) {
         switch spec.type {
         case "registry":
-            return try RegistrySetup(spec: spec, helperTimeout: timeout)
-                .makeSource(transport: CurlTransport(), timeout: timeout, logger: logger)
+            let setup = try RegistrySetup(spec: spec, helperTimeout: timeout)
+            let transport = CurlTransport()
+            return (setup.makeSource(transport: transport, timeout: timeout, logger: logger),
+                    writable ? setup.makePublisher(transport: transport, timeout: timeout, logger: logger) : nil)
         case "s3":
             let location = try S3Location(spec: spec, environment: ProcessInfo.processInfo.environment)
             var explicit: AWSCredentials?
@@ -378,7 +427,9 @@ enum SourceFactory {
             }
             let transport = CurlTransport()
             let credentials = AWSCredentialChain(explicit: explicit, transport: transport)
-            return S3Source(location: location, credentials: credentials, transport: transport, timeout: timeout, logger: logger)
+            return (S3Source(location: location, credentials: credentials, transport: transport, timeout: timeout, logger: logger),
+                    writable ? S3Publisher(location: location, credentials: credentials, transport: transport, timeout: timeout,
+                                           logger: logger) : nil)
         default:
             throw RemoteStoreError.configuration("source type '\(spec.type)' is not supported (supported: registry, s3)")
         }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import FuseBinding
+import SystemSupport
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
@@ -12,6 +13,8 @@ struct UnmountCommand: ParsableCommand {
         abstract: "Unmount MOUNTPOINT and wait for its daemon to exit.",
         discussion: """
         Acts only on an ocicachefs mount: any other filesystem at MOUNTPOINT is left alone. \
+        For a --writable mount it waits while the daemon publishes what clients exported, \
+        printing its progress, and fails naming every blob or tag it could not publish. \
         Fails with EBUSY's message while a process still has a file open in the mount. \
         Sending SIGTERM or SIGINT to the daemon also unmounts cleanly.
 
@@ -42,18 +45,36 @@ struct UnmountCommand: ParsableCommand {
             printError(error.description)
             throw ExitCode.failure
         }
+        let statusFile = RuntimeFiles.statusFile(forPIDFile: pidFile)
         guard let pid, RuntimeFiles.isMountDaemon(pid) else {
             unlink(pidFile)
             return
         }
-        let deadline = Date().addingTimeInterval(timeout)
+        // A writable mount's daemon finishes its uploads first: wait as long as it reports
+        // progress, and at most --timeout without any.
+        var deadline = Date().addingTimeInterval(timeout)
+        var lastStatus: String?
         // The daemon removes its PID file as it exits.
         while kill(pid, 0) == 0 && FileManager.default.fileExists(atPath: pidFile) {
+            let status = try? String(contentsOfFile: statusFile, encoding: .utf8)
+            if let status, status != lastStatus {
+                lastStatus = status
+                deadline = Date().addingTimeInterval(timeout)
+                if status.hasPrefix("uploading") { printError(status.trimmingWhitespace()) }
+            }
             guard Date() < deadline else {
-                printError("unmounted \(path), but its daemon (pid \(pid)) is still running after \(Int(timeout)) s")
+                printError("unmounted \(path), but its daemon (pid \(pid)) is still running after \(Int(timeout)) s"
+                           + (lastStatus == nil ? "" : " without progress"))
                 throw ExitCode.failure
             }
             usleep(20_000)
+        }
+        guard let final = try? String(contentsOfFile: statusFile, encoding: .utf8) else { return }
+        unlink(statusFile)
+        let unpublished = final.split(separator: "\n").filter { $0.hasPrefix("not published") }
+        guard unpublished.isEmpty else {
+            for line in unpublished { printError(String(line)) }
+            throw ExitCode.failure
         }
     }
 
