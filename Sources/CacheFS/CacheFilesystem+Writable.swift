@@ -176,6 +176,7 @@ extension CacheFilesystem {
     func readStaged(_ file: StagedFile, offset: Int64, count: Int,
                     reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
         guard offset >= 0, count >= 0 else { return reply(.failure(.invalidArgument)) }
+        // SAFETY: freed when this call returns; `reply` must not keep the bytes (its contract).
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
         defer { buffer.deallocate() }
         do throws(CacheError) {

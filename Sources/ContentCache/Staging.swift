@@ -185,6 +185,7 @@ public final class StagedFile: Sendable {
 
     private func hashWhole(size: Int64) throws(CacheError) -> Digest {
         var verifier = DigestVerifier()
+        // SAFETY: used only within this call and freed when it returns.
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var offset: Int64 = 0
