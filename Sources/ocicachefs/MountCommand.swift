@@ -292,8 +292,10 @@ struct MountCommand: ParsableCommand {
             let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) * 1e-18
             let sent = max(0, (firstBytesLeft ?? 0) - progress.bytesLeft)
             let rate = seconds > 0 ? Double(sent) / seconds / 1_048_576 : 0
-            let line = "uploading: \(progress.blobsLeft) blob(s) (\(progress.bytesLeft) bytes) and \(progress.tagsLeft) tag(s) left, "
-                + "\(sent) bytes sent at \(rate.withOneDecimal) MiB/s"
+            // The elapsed time changes the line every second: `ocicachefs unmount` waits as long
+            // as it changes (each upload has its own bounds), even through one long blob.
+            let line = "uploading for \(Int(seconds)) s: \(progress.blobsLeft) blob(s) (\(progress.bytesLeft) bytes) and "
+                + "\(progress.tagsLeft) tag(s) left, \(sent) bytes sent at \(rate.withOneDecimal) MiB/s"
             RuntimeFiles.writeStatus(line, to: statusFile)
             if ContinuousClock.now - lastLogged >= .seconds(5) {
                 logger.info("\(line)")
