@@ -131,19 +131,40 @@ class WidePart:
             raise self.b.error(f"stat {path}: size {p.stdout.strip()}, expected {expect}")
         return t
 
-    def fetch_documents(self, n):
-        """Seconds `curl` takes to GET, one after another, what mounting the cache fetches: the
-        tag's manifest (or index), each image manifest under an index, and each config."""
+    def documents(self, n):
+        """(URL, size, headers) of what mounting the cache fetches: the tag's manifest (or
+        index), each image manifest under an index, and each config."""
         info = self.caches[n]
         base = f"http://{self.b.registry}/v2/bench/wide-{n}"
         accept = "Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
-        start = time.perf_counter()
-        self.b.curl(f"{base}/manifests/bench", info["manifest"]["size"], headers=[accept])
+        docs = [(f"{base}/manifests/bench", info["manifest"]["size"], [accept])]
         if n > PER_MANIFEST:
-            for m in info["manifests"]:
-                self.b.curl(f"{base}/manifests/{m['digest']}", m["size"], headers=[accept])
-        for c in info["configs"]:
-            self.b.curl(f"{base}/blobs/{c['digest']}", c["size"])
+            docs += [(f"{base}/manifests/{m['digest']}", m["size"], [accept]) for m in info["manifests"]]
+        docs += [(f"{base}/blobs/{c['digest']}", c["size"], []) for c in info["configs"]]
+        return docs
+
+    def fetch_documents(self, n):
+        """Seconds `curl` takes to GET, one after another, what mounting the cache fetches."""
+        start = time.perf_counter()
+        for url, size, headers in self.documents(n):
+            self.b.curl(url, size, headers=headers)
+        return time.perf_counter() - start
+
+    def fetch_documents_parallel(self, n):
+        """The same as the mount fetches it: the tag's document first, then the rest four at
+        a time (one curl process each), as the mount fetches an index's manifests."""
+        docs = self.documents(n)
+        start = time.perf_counter()
+        self.b.curl(docs[0][0], docs[0][1], headers=docs[0][2])
+        rest = docs[1:]
+        for i in range(0, len(rest), 4):
+            batch = [subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                                       *sum((["-H", h] for h in headers), []), url], stdout=subprocess.PIPE, text=True)
+                     for url, _, headers in rest[i:i + 4]]
+            for (url, size, _), p in zip(rest[i:i + 4], batch):
+                out, _ = p.communicate()
+                if out.split() != ["200", str(size)]:
+                    raise self.b.error(f"curl {url}: {out}")
         return time.perf_counter() - start
 
     def mount_and_list(self, n, key):
@@ -194,6 +215,7 @@ class WidePart:
                 self.b.sample(f"wide_tmpfs_ls_{n}", self.ls(d, n))
                 self.b.sample(f"wide_tmpfs_stat_{n}", self.stat_size(os.path.join(d, os.listdir(d)[0]), 0))
                 self.b.sample(f"wide_curl_docs_{n}", self.fetch_documents(n))
+                self.b.sample(f"wide_curl_docs_parallel_{n}", self.fetch_documents_parallel(n))
             self.log(f"wide run {run + 1}: mount 1 {fmt_s(self.b.s('wide_mount_1')[-1])}, "
                      + ", ".join(f"{n}: mount {fmt_s(self.b.s(f'wide_mount_{n}')[-1])}, ls -l {fmt_s(self.b.s(f'wide_ls_{n}')[-1])} "
                                  f"(tmpfs {fmt_s(self.b.s(f'wide_tmpfs_ls_{n}')[-1])})" for n in SIZES))
@@ -225,6 +247,10 @@ class WideReport:
             docs = self.m(f"wide_curl_docs_{n}")
             self.row("same mount", fmt_s(mount), "`curl` GETs, one after another, of the manifests and configs it fetches",
                      fmt_s(docs), f"{mount / docs:.1f}× the time")
+            if n > PER_MANIFEST:
+                parallel = self.m(f"wide_curl_docs_parallel_{n}")
+                self.row("same mount", fmt_s(mount), "the same `curl` GETs, the index first, then four at a time",
+                         fmt_s(parallel), f"{mount / parallel:.1f}× the time")
             readdir, tmpfs_readdir = self.m(f"wide_readdir_{n}"), self.m(f"wide_tmpfs_readdir_{n}")
             self.row(f"`ls -f MNT/blobs/sha256 \\| wc -l` (readdir only), {n:,} blobs, first listing after mounting",
                      fmt_s(readdir), f"`ls -f` of a tmpfs directory of {n:,} empty files", fmt_s(tmpfs_readdir),
@@ -296,7 +322,8 @@ class WideReport:
                 "the daemon after the listings. Baselines in the same run: the same mount of a 1-layer cache; "
                 "`ls -f` and `ls -l` of a tmpfs directory holding one empty file per layer, named by its digest; `curl` "
                 "(one process per request, one after another) of the manifest or index, each image manifest under "
-                "it and each config: what the mount itself fetches.")
+                "it and each config: what the mount itself fetches; and the same with the index first, then the "
+                "rest four at a time, as the mount fetches them.")
 
     def not_measured(self):
         return "" if self.W else "- 13.4: mount and listing of 20,000 and 100,000 blobs (part `wide`)."
