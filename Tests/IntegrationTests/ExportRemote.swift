@@ -136,8 +136,11 @@ final class ExportRemote: Sendable {
                         .first(where: { $0.hasPrefix("digest=") })?.dropFirst("digest=".count) else { return nil }
                 return String(digest)
             case .s3:
-                guard request.method == "PUT", request.status == 200, !request.path.contains("?") else { return nil }
-                return String(request.path.dropFirst(blobArea.count))
+                // PutObject, or CompleteMultipartUpload (POST ?uploadId=…).
+                let key = request.path.split(separator: "?", maxSplits: 1)
+                let completes = request.method == "POST" && key.count == 2 && key[1].hasPrefix("uploadId=")
+                guard request.status == 200, (request.method == "PUT" && key.count == 1) || completes else { return nil }
+                return String(key[0].dropFirst(blobArea.count))
             }
         }
     }
@@ -230,6 +233,11 @@ final class ExportRemote: Sendable {
     /// names; returns the document.
     @discardableResult
     func expectComplete(tag: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> [UInt8] {
+        try await expectCompleteFetching(tag: tag, sourceLocation: sourceLocation).document
+    }
+
+    /// `expectComplete`, also returning the blobs it fetched.
+    private func expectCompleteFetching(tag: String, sourceLocation: SourceLocation) async throws -> (document: [UInt8], blobs: [Digest: [UInt8]]) {
         let document = try #require(try await tagDocument(tag), "no tag \(tag) on the \(kind)", sourceLocation: sourceLocation)
         let reached = try reachedBlobs(fromTagDocument: document)
         #expect(!reached.isEmpty, "tag \(tag) reaches no blob", sourceLocation: sourceLocation)
@@ -242,14 +250,14 @@ final class ExportRemote: Sendable {
             #expect(Digest.sha256(of: bytes) == digest, "blob \(digest) on the \(kind) holds other bytes", sourceLocation: sourceLocation)
             if let size { #expect(Int64(bytes.count) == size, "blob \(digest) size", sourceLocation: sourceLocation) }
         }
-        return document
+        return (document, present)
     }
 
     /// The remote holds `cache` under `tag` as BuildKit's exporter of its kind would have put
     /// it: a registry the manifest's exact bytes, S3 its own manifest object; and every layer
     /// (registry: every blob) byte for byte.
     func expectPublished(_ cache: BuildCache, tag: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
-        let document = try await expectComplete(tag: tag, sourceLocation: sourceLocation)
+        let (document, fetched) = try await expectCompleteFetching(tag: tag, sourceLocation: sourceLocation)
         let expectedBlobs: [BuildCache.Blob]
         switch kind {
         case .registry:
@@ -259,14 +267,14 @@ final class ExportRemote: Sendable {
             try Self.expectS3ManifestObject(document, describes: cache, sourceLocation: sourceLocation)
             expectedBlobs = cache.layers
         }
-        let present = try await blobs(expectedBlobs.map(\.digest))
+        let present = fetched.merging(try await blobs(expectedBlobs.map(\.digest).filter { fetched[$0] == nil })) { old, _ in old }
         for blob in expectedBlobs {
             guard let bytes = present[blob.digest] else {
                 Issue.record("\(blob) of tag \(tag) is not on the \(kind)", sourceLocation: sourceLocation)
                 continue
             }
             if let exported = blob.bytes {
-                #expect(bytes == exported, "\(blob) differs on the \(kind)", sourceLocation: sourceLocation)
+                #expect(sameBytes(bytes, exported), "\(blob) differs on the \(kind)", sourceLocation: sourceLocation)
             }
         }
     }
@@ -323,7 +331,7 @@ final class ExportRemote: Sendable {
                 for layer in outcome.layers {
                     let exported = cache.listed.first { $0.digest.description == layer.digest }?.bytes
                     #expect(Digest.sha256(of: layer.bytes).description == layer.digest, sourceLocation: sourceLocation)
-                    if let exported { #expect(layer.bytes == exported, "layer \(layer.digest) read back", sourceLocation: sourceLocation) }
+                    if let exported { #expect(sameBytes(layer.bytes, exported), "layer \(layer.digest) read back", sourceLocation: sourceLocation) }
                 }
                 switch kind {
                 case .registry:
@@ -338,6 +346,13 @@ final class ExportRemote: Sendable {
             #expect(unmounted.status == 0, "\(unmounted)", sourceLocation: sourceLocation)
         }
     }
+}
+
+/// Byte-for-byte equality with memcmp (Array's == goes element by element in debug builds).
+func sameBytes(_ lhs: [UInt8], _ rhs: [UInt8]) -> Bool {
+    guard lhs.count == rhs.count else { return false }
+    guard !lhs.isEmpty else { return true }
+    return lhs.withUnsafeBytes { left in rhs.withUnsafeBytes { right in memcmp(left.baseAddress!, right.baseAddress!, left.count) == 0 } }
 }
 
 /// Runs an export replay on a thread of its own (it blocks, and starts threads).

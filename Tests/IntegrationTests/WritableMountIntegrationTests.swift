@@ -373,6 +373,95 @@ struct WritableMountIntegrationTests {
         }
     }
 
+    @Test("a layer too large for one request goes up in chunks (registry) or parts (S3) and reads back byte for byte",
+          arguments: RemoteKind.allCases)
+    func aLargeLayerIsSentInPieces(_ kind: RemoteKind) async throws {
+        try await withWorkspace("wlarge-\(kind)") { ws in
+            let remote = try await ExportRemote.start(kind, in: ws)
+            // Above both single-request limits (registry 32 MiB, S3 64 MiB); a random MiB
+            // repeated, and a tail that is not a whole MiB.
+            let block = try #require(BuildCache.Layer.random(seed: 91, size: 1 << 20).bytes)
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(71 << 20)
+            for _ in 0..<70 { bytes += block }
+            bytes += [UInt8](repeating: 0x5A, count: 123_457)
+            let digest = Digest.sha256(of: bytes)
+            let large = BuildCache.Layer(digest: digest, size: Int64(bytes.count),
+                                         diffID: Digest.sha256(of: Array("uncompressed \(digest)".utf8)).description,
+                                         createdAt: "2026-12-02T12:25:33.613844879Z", bytes: bytes)
+            let cache = BuildCache(chain: [Layers.base, large], variant: .imageManifest, salt: "large")
+            let mark = remote.requests().count
+            let mount = try await remote.mount(["main"], writable: true)
+            #expect(try await replayExport(cache, into: mount, tag: "main", version: .v0_32_2).indexCloseErrno == 0)
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
+
+            let requests = remote.requests()[mark...]
+            #expect(remote.uploadedBlobs(requests).sorted() == cache.blobs.map(\.digest.description).sorted())
+            let pieces = remote.blobWrites(requests).filter { request in
+                kind == .registry ? request.method == "PATCH" : request.method == "PUT" && request.path.contains("partNumber=")
+            }
+            #expect(pieces.count >= 4, "\(Int64(bytes.count) >> 20) MiB in pieces: \(remote.blobWrites(requests))")
+            try await remote.expectPublished(cache, tag: "main")
+            try await remote.expectReadBack([("main", cache)])
+        }
+    }
+
+    /// containerd resumes an ingest it finds (the client died mid-write): `data` is read whole to
+    /// hash what is there, reopened without O_TRUNC and continued at its end; or, on a restart,
+    /// truncated to 0 and written again (buildkit-cache.md section 3, steps 2 and 5).
+    @Test("a blob write a client left half done is resumed, or truncated and restarted, by the next export in the same ingest directory")
+    func anInterruptedBlobWriteIsResumed() async throws {
+        try await withWorkspace("wresume") { ws in
+            let remote = try await ExportRemote.start(.registry, in: ws)
+            let mount = try await remote.mount(["main"], writable: true)
+            let root = mount.mountpoint
+            let cache = BuildCache(chain: [.random(seed: 81, size: 3_000_000), .random(seed: 82, size: 1_500_000)],
+                                   variant: .imageManifest, salt: "resumed")
+            let (continued, restarted) = (try #require(cache.chain[0].bytes), try #require(cache.chain[1].bytes))
+            func ingest(_ bytes: [UInt8]) -> String { root + "/ingest/" + Digest.sha256(of: Array("layer-\(Digest.sha256(of: bytes))".utf8)).hex }
+
+            // The first client dies: half of one layer written, garbage in the other.
+            for (bytes, written) in [(continued, Array(continued[..<1_200_000])), (restarted, [UInt8](repeating: 0xAB, count: 700_000))] {
+                let directory = ingest(bytes)
+                try BuildctlExport.mkdirAll(directory, 0o755)
+                try BuildctlExport.writeFile(directory + "/ref", Array("layer-\(Digest.sha256(of: bytes))".utf8), flags: O_WRONLY | O_CREAT | O_TRUNC)
+                try BuildctlExport.writeFile(directory + "/total", Array(String(bytes.count).utf8), flags: O_WRONLY | O_CREAT | O_TRUNC)
+                try BuildctlExport.writeTimestamp(directory, "startedat")
+                try BuildctlExport.writeTimestamp(directory, "updatedat")
+                try BuildctlExport.writeFile(directory + "/data", written, flags: O_WRONLY | O_CREAT)
+            }
+
+            // The next client resumes the first: data read whole, then continued where it ends.
+            let first = ingest(continued)
+            #expect(FileIO.errnoOf { mkdir(first, 0o755) } == EEXIST)
+            let partial = try FileIO.readAll(first + "/data")
+            #expect(partial == Array(continued[..<partial.count]), "the staged half reads back as written")
+            let writer = try BuildctlExport.openFile(first + "/data", O_WRONLY | O_CREAT, 0o666)
+            #expect(lseek(writer, off_t(partial.count), SEEK_SET) == off_t(partial.count))
+            try BuildctlExport.writeAll(writer, continued[partial.count...], first + "/data")
+            #expect(fsync(writer) == 0 && close(writer) == 0)
+            // ...and restarts the second: truncated to nothing, written from the start.
+            let second = ingest(restarted)
+            let rewriter = try BuildctlExport.openFile(second + "/data", O_WRONLY | O_CREAT, 0o666)
+            #expect(ftruncate(rewriter, 0) == 0 && lseek(rewriter, 0, SEEK_SET) == 0)
+            try BuildctlExport.writeAll(rewriter, restarted[...], second + "/data")
+            #expect(fsync(rewriter) == 0 && close(rewriter) == 0)
+            for (bytes, directory) in [(continued, first), (restarted, second)] {
+                let target = root + "/blobs/sha256/" + Digest.sha256(of: bytes).hex
+                #expect(FileIO.errnoOf { rename(directory + "/data", target) } == 0, "the completed blob commits")
+                try BuildctlExport.removeAll(directory, expecting: ["ref", "startedat", "total", "updatedat"])
+            }
+            // The rest of the export finds both layers and writes the config, manifest and tag.
+            let outcome = try await replayExport(cache, into: mount, tag: "main", version: .v0_32_2)
+            #expect(outcome.written(cache) == [cache.config.digest, cache.manifest.digest])
+            #expect(outcome.indexCloseErrno == 0)
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
+            try await remote.expectPublished(cache, tag: "main")
+        }
+    }
+
     @Test("index.json.lock in a writable mount: BuildKit's import creates and unlinks it, exclusive locks exclude, and no lock file is ever published")
     func lockFilesInAWritableMount() async throws {
         try await withWorkspace("wlock") { ws in
