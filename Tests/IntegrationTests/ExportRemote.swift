@@ -112,9 +112,11 @@ final class ExportRemote: Sendable {
         }
     }
 
-    private var blobArea: String {
-        kind == .registry ? "/v2/\(Self.repository)/blobs/uploads/" : "/\(Self.bucket)/blobs/"
-    }
+    /// Where blobs are, as the server logs their paths.
+    private var blobsPath: String { kind == .registry ? "/v2/\(Self.repository)/blobs/" : "/\(Self.bucket)/blobs/" }
+
+    /// Where blob bytes are sent: a registry's upload sessions, S3's blob keys themselves.
+    private var uploadsPath: String { kind == .registry ? blobsPath + "uploads/" : blobsPath }
 
     private var tagArea: String {
         kind == .registry ? "/v2/\(Self.repository)/manifests/" : "/\(Self.bucket)/manifests/"
@@ -123,7 +125,7 @@ final class ExportRemote: Sendable {
     /// Requests that send a blob or start sending one (registry: POST, PATCH, PUT of
     /// `blobs/uploads/`; S3: PUT or POST of `blobs/`).
     func blobWrites(_ requests: ArraySlice<Request>) -> [Request] {
-        requests.filter { ["POST", "PUT", "PATCH"].contains($0.method) && $0.path.hasPrefix(blobArea) }
+        requests.filter { ["POST", "PUT", "PATCH"].contains($0.method) && $0.path.hasPrefix(uploadsPath) }
     }
 
     /// The blobs whose upload completed, one entry per completed upload.
@@ -140,7 +142,7 @@ final class ExportRemote: Sendable {
                 let key = request.path.split(separator: "?", maxSplits: 1)
                 let completes = request.method == "POST" && key.count == 2 && key[1].hasPrefix("uploadId=")
                 guard request.status == 200, (request.method == "PUT" && key.count == 1) || completes else { return nil }
-                return String(key[0].dropFirst(blobArea.count))
+                return String(key[0].dropFirst(uploadsPath.count))
             }
         }
     }
@@ -151,14 +153,11 @@ final class ExportRemote: Sendable {
     }
 
     /// The path of a blob in the server's log.
-    func blobPath(_ digest: Digest) -> String {
-        (kind == .registry ? "/v2/\(Self.repository)/blobs/" : "/\(Self.bucket)/blobs/") + digest.description
-    }
+    func blobPath(_ digest: Digest) -> String { blobsPath + digest.description }
 
     /// Existence checks of blobs (HEAD), whatever they answered.
     func blobChecks(_ requests: ArraySlice<Request>) -> [Request] {
-        let area = blobPath(Digest.sha256(of: [])).dropLast(64)
-        return requests.filter { $0.method == "HEAD" && $0.path.hasPrefix(area) }
+        requests.filter { $0.method == "HEAD" && $0.path.hasPrefix(blobsPath + "sha256:") }
     }
 
     /// Completed downloads of the bytes of `digests` (registry blob GETs, S3 GETs of blob objects).
