@@ -742,9 +742,10 @@ extension Workspace {
     /// Runs `ocicachefs mount` (backgrounding, as users do) into a fresh mountpoint, and
     /// registers an unmount for the end of the test whatever happens.
     /// `dockerConfig` defaults to an empty config so that the machine's ~/.docker never leaks in;
-    /// `environment` is added to the daemon's (e.g. a PATH with a credential helper on it).
+    /// `environment` is added to the daemon's (e.g. a PATH with a credential helper on it);
+    /// `writable` adds `--writable`.
     func mount(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil, environment: [String: String] = [:],
-               timeout: Double = 10, label: String = "mnt") async throws -> MountHandle {
+               timeout: Double = 10, writable: Bool = false, label: String = "mnt") async throws -> MountHandle {
         try Harness.requireFuse()
         let binary = try Harness.binary()
         let mountpoint = try makeDirectory("\(label)-\(nextID())")
@@ -753,7 +754,8 @@ extension Workspace {
         let config = try dockerConfig ?? self.dockerConfig()
         onCleanup("unmount \(mountpoint)") { [self] in forceUnmount(mountpoint) }
         let result = try await Processes.run(binary, ["mount", "--cache-dir", cache, "--timeout", String(timeout),
-                                                      "--log-level", "debug", "--log-file", logFile, source, mountpoint],
+                                                      "--log-level", "debug", "--log-file", logFile]
+                                                 + (writable ? ["--writable"] : []) + [source, mountpoint],
                                              environment: environment.merging(["DOCKER_CONFIG": config]) { _, config in config },
                                              timeout: timeout * 4 + 40, in: self)
         return MountHandle(mountpoint: mountpoint, cacheDir: cache, logFile: logFile, result: result)
@@ -761,9 +763,10 @@ extension Workspace {
 
     /// `mount` that must succeed (exit 0, mounted); throws with the daemon log otherwise.
     func mountExpectingSuccess(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil,
-                               environment: [String: String] = [:], timeout: Double = 10) async throws -> MountHandle {
+                               environment: [String: String] = [:], timeout: Double = 10,
+                               writable: Bool = false) async throws -> MountHandle {
         let handle = try await mount(source, cacheDir: cacheDir, dockerConfig: dockerConfig, environment: environment,
-                                     timeout: timeout)
+                                     timeout: timeout, writable: writable)
         guard handle.result.status == 0, handle.isMounted else {
             throw HarnessError("mount failed: \(handle.result); mounted: \(handle.isMounted); daemon log: \(handle.log.suffix(3000))")
         }
@@ -895,15 +898,16 @@ enum RawHTTP {
     }
 
     /// One HTTP/1.0 exchange on 127.0.0.1 with a 2 s receive timeout; nil when nothing answers.
-    static func get(port: Int, path: String) -> Answer? {
-        exchange(port: port, method: "GET", path: path)
+    static func get(port: Int, path: String, headers: [String: String] = [:]) -> Answer? {
+        exchange(port: port, method: "GET", path: path, headers: headers)
     }
 
     static func post(port: Int, path: String, json: String) -> Answer? {
         exchange(port: port, method: "POST", path: path, body: Array(json.utf8), contentType: "application/json")
     }
 
-    private static func exchange(port: Int, method: String, path: String, body: [UInt8] = [], contentType: String? = nil) -> Answer? {
+    private static func exchange(port: Int, method: String, path: String, body: [UInt8] = [], contentType: String? = nil,
+                                 headers: [String: String] = [:]) -> Answer? {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
@@ -920,6 +924,7 @@ enum RawHTTP {
         guard connected == 0 else { return nil }
         var head = "\(method) \(path) HTTP/1.0\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"
         if let contentType { head += "Content-Type: \(contentType)\r\n" }
+        for (name, value) in headers.sorted(by: { $0.key < $1.key }) { head += "\(name): \(value)\r\n" }
         if !body.isEmpty || method == "POST" { head += "Content-Length: \(body.count)\r\n" }
         let request = Array((head + "\r\n").utf8) + body
         let sent = request.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }

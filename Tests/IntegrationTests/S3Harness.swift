@@ -254,7 +254,7 @@ extension Workspace {
     /// `environment` says so), instance metadata disabled; `environment` added on top.
     /// Registers the unmount for the end of the test, like `mount`.
     func mountS3(_ source: String, cacheDir: String? = nil, environment: [String: String] = [:], timeout: Double = 10,
-                 label: String = "s3mnt") async throws -> MountHandle {
+                 writable: Bool = false, label: String = "s3mnt") async throws -> MountHandle {
         try Harness.requireFuse()
         let binary = try Harness.binary()
         let mountpoint = try makeDirectory("\(label)-\(nextID())")
@@ -266,16 +266,16 @@ extension Workspace {
         settings.merge(environment) { _, new in new }
         onCleanup("unmount \(mountpoint)") { [self] in forceUnmount(mountpoint) }
         let arguments = S3Environment.envArguments(settings)
-            + [binary, "mount", "--cache-dir", cache, "--timeout", String(timeout), "--log-level", "debug", "--log-file", logFile,
-               source, mountpoint]
+            + [binary, "mount", "--cache-dir", cache, "--timeout", String(timeout), "--log-level", "debug", "--log-file", logFile]
+            + (writable ? ["--writable"] : []) + [source, mountpoint]
         var result = try await Processes.run("/usr/bin/env", arguments, timeout: timeout * 4 + 40, in: self)
         result.command = "ocicachefs mount … \(source) \(mountpoint)"  // without the long env prefix
         return MountHandle(mountpoint: mountpoint, cacheDir: cache, logFile: logFile, result: result)
     }
 
     func mountS3ExpectingSuccess(_ source: String, cacheDir: String? = nil, environment: [String: String] = [:],
-                                 timeout: Double = 10) async throws -> MountHandle {
-        let handle = try await mountS3(source, cacheDir: cacheDir, environment: environment, timeout: timeout)
+                                 timeout: Double = 10, writable: Bool = false) async throws -> MountHandle {
+        let handle = try await mountS3(source, cacheDir: cacheDir, environment: environment, timeout: timeout, writable: writable)
         guard handle.result.status == 0, handle.isMounted else {
             throw HarnessError("mount failed: \(handle.result); mounted: \(handle.isMounted); daemon log: \(handle.log.suffix(3000))")
         }
@@ -542,6 +542,30 @@ extension MotoS3 {
 
     func createBucket(_ bucket: String, in ws: Workspace) async throws {
         _ = try await boto3("s3.create_bucket(Bucket=bucket)", bucket: bucket, in: ws)
+    }
+
+    /// Each object's bytes (GetObject); a key with no object is left out.
+    func objects(bucket: String, keys: [String], in ws: Workspace) async throws -> [String: [UInt8]] {
+        let directory = try ws.makeDirectory("objects-\(ws.nextID())")
+        let output = try await boto3("""
+            for number, key in enumerate(argv[1:]):
+                try:
+                    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                except s3.exceptions.NoSuchKey:
+                    print("absent")
+                    continue
+                path = "%s/%d" % (argv[0], number)
+                with open(path, "wb") as out:
+                    out.write(body)
+                print(path)
+            """, bucket: bucket, [directory] + keys, in: ws)
+        let lines = output.split(separator: "\n").map(String.init)
+        guard lines.count == keys.count else { throw HarnessError("GetObject of \(keys) printed \(lines)") }
+        var objects: [String: [UInt8]] = [:]
+        for (key, line) in zip(keys, lines) where line != "absent" {
+            objects[key] = Array(try Data(contentsOf: URL(fileURLWithPath: line)))
+        }
+        return objects
     }
 
     /// The keys with a multipart upload in progress (ListMultipartUploads).
