@@ -93,7 +93,16 @@ import Testing
         #expect(fixture.source.streamsStarted.count <= 4 + 4 * 3, "requests: \(fixture.source.streamsStarted)")
         // Reads of the part that arrived are answered; nothing loops in the background.
         #expect(try fixture.read(inode, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
-        let requests = fixture.source.streamsStarted.count
+        // A job already under way when the read ended may still start its last attempt (on a
+        // loaded machine, late): let the count settle, boundedly, then check that it stays.
+        var requests = fixture.source.streamsStarted.count
+        for _ in 0..<20 {
+            Thread.sleep(forTimeInterval: 0.25)
+            let now = fixture.source.streamsStarted.count
+            if now == requests { break }
+            requests = now
+        }
+        #expect(requests <= 4 + 4 * 3)
         Thread.sleep(forTimeInterval: 1)
         #expect(fixture.source.streamsStarted.count == requests)
     }
