@@ -1122,7 +1122,8 @@ the blob from the page cache in every case: before each cold read and each curl 
 dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the registry's stored blob is read once, so only
 the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes per second.""")
         else:
-            intro.append(f"""Medians of {self.a.runs} runs ({self.a.ci_runs} for the CI job on loopback). Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
+            ci_runs = f" ({self.a.ci_runs} for the CI job on loopback)" if "ci" in self.parts else ""
+            intro.append(f"""Medians of {self.a.runs} runs{ci_runs}. Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
 faster); for times of a whole job, bytes and memory, ocicachefs ÷ baseline (below 1 = less). Before each cold
 read the page cache is dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the server's stored copy is read
 once, so only the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes
