@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+import bench_export
 import bench_s3
 import bench_wide
 
@@ -109,6 +110,7 @@ class Bench:
         self.R = {"seed": {}, "samples": {}, "parts": self.parts}
         self.part2 = None
         self.wide = None
+        self.export = None
 
     # ---- small helpers
     def sample(self, key, value):
@@ -375,6 +377,8 @@ class Bench:
             self.part2.cleanup()
         if self.wide:
             self.wide.cleanup()
+        if self.export:
+            self.export.cleanup()
         for m in list(self.mounted):
             subprocess.run([self.a.binary, "unmount", m], capture_output=True)
             self.mounted.discard(m)
@@ -706,6 +710,9 @@ class Bench:
         if set(self.parts) & {"s3", "shaped", "peers", "ci"}:
             self.part2 = bench_s3.S3Parts(self, self.a)
             self.part2.go()
+        if "export" in self.parts:
+            self.export = bench_export.ExportPart(self, self.a)
+            self.export.go()
         self.R["load_after"] = open("/proc/loadavg").read().split()[:3]
         self.R["finished"] = datetime.datetime.now(datetime.timezone.utc)
 
@@ -746,6 +753,7 @@ class Report:
         self.reg = "registry" in self.parts
         self.p2 = bench_s3.S3Report(bench, args)
         self.wide = bench_wide.WideReport(bench, args)
+        self.export = bench_export.ExportReport(bench, args)
 
     def m(self, key):
         return med(self.b.s(key))
@@ -767,6 +775,8 @@ class Report:
         self.rows += self.wide.rows
         self.p2.build()
         self.rows += self.p2.rows
+        self.export.build()
+        self.rows += self.export.rows
 
     def build_registry(self):
         R, b = self.R, self.b
@@ -881,7 +891,8 @@ class Report:
         return f
 
     def targets(self):
-        return "\n".join(t for t in ((self.targets_registry() if self.reg else ""), self.wide.targets(), self.p2.targets()) if t)
+        return "\n".join(t for t in ((self.targets_registry() if self.reg else ""), self.wide.targets(), self.p2.targets(),
+                                     self.export.targets()) if t)
 
     def targets_registry(self):
         R, ra = self.R, self.ratio
@@ -984,7 +995,7 @@ class Report:
 
     def where_time(self):
         return "\n".join(t for t in ((self.where_time_registry() if self.reg else ""), self.wide.where_time(),
-                                     self.p2.where_time()) if t)
+                                     self.p2.where_time(), self.export.where_time()) if t)
 
     def where_time_registry(self):
         R, ra = self.R, self.ratio
@@ -1069,15 +1080,17 @@ class Report:
             seed += (", " if seed else "") + f"S3 object of {fmt_size_name(self.size)} + nginx warm-up in {p2['seed_big_seconds']} s"
         if "seed_ci_seconds" in p2:
             seed += (", " if seed else "") + f"CI caches (S3 and registry) in {p2['seed_ci_seconds']} s"
+        if self.export.E and "ci_seconds" in self.export.E.get("seed", {}):
+            seed += (", " if seed else "") + f"the export part's CI caches in {self.export.E['seed']['ci_seconds']} s"
         dirty = ("with uncommitted changes in Sources/ or Package.swift when the build started"
                  if mach["dirty"] else "clean")
         started = R["started"].strftime("%Y-%m-%d %H:%M UTC")
         minutes = (R["finished"] - R["started"]).total_seconds() / 60
         mode = "quick mode (not the reference figures)" if self.a.quick else "full mode"
         tools = f"{mach['swift']}; libfuse {mach['libfuse']}; {mach['curl']}"
-        if self.reg or "ci" in self.parts or "wide" in self.parts:
+        if self.reg or "ci" in self.parts or "wide" in self.parts or "export" in self.parts:
             tools += f"; docker-registry {mach['registry']}"
-        if p2:
+        if p2 or "export" in self.parts:
             tools += f"; nginx {mach['nginx']}; moto {mach['moto']}"
         if "peers" in self.parts:
             tools += f"; s3fs {mach['s3fs']}; rclone {mach['rclone']}"
@@ -1109,7 +1122,8 @@ the blob from the page cache in every case: before each cold read and each curl 
 dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the registry's stored blob is read once, so only
 the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes per second.""")
         else:
-            intro.append(f"""Medians of {self.a.runs} runs ({self.a.ci_runs} for the CI job on loopback). Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
+            ci_runs = f" ({self.a.ci_runs} for the CI job on loopback)" if "ci" in self.parts else ""
+            intro.append(f"""Medians of {self.a.runs} runs{ci_runs}. Ratios: for reads, ocicachefs's throughput ÷ the baseline's (above 1 =
 faster); for times of a whole job, bytes and memory, ocicachefs ÷ baseline (below 1 = less). Before each cold
 read the page cache is dropped (`echo 3 > /proc/sys/vm/drop_caches`) and the server's stored copy is read
 once, so only the client side is cold. Every cold read uses a fresh `--cache-dir`. "GB/s" is 10⁹ bytes
@@ -1142,7 +1156,9 @@ per second, "MB/s" 10⁶.""")
             how.append(self.wide.how())
         if p2:
             how.append(self.p2.how())
-        missing = "\n".join(t for t in (self.wide.not_measured(), self.p2.not_measured()) if t)
+        if self.export.E:
+            how.append(self.export.how())
+        missing = "\n".join(t for t in (self.wide.not_measured(), self.p2.not_measured(), self.export.not_measured()) if t)
         return head + f"""
 ## Results
 
@@ -1190,7 +1206,7 @@ One-off measurements that decided how the code works; the code cites this sectio
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--parts", default="registry,s3,shaped,peers,ci,wide")
+    ap.add_argument("--parts", default="registry,s3,shaped,peers,ci,wide,export")
     ap.add_argument("--registry-dir")
     ap.add_argument("--registry-port", type=int)
     ap.add_argument("--registry-pid", type=int, help="for its CPU time")
@@ -1239,6 +1255,8 @@ def main():
     if report.wide.W:
         # The part on its own, dated, for adding to docs/performance.md without a full run.
         print(report.wide.section(args.command, bench.R["started"].strftime("%Y-%m-%d %H:%M UTC")))
+    if report.export.E:
+        print(report.export.section(args.command, bench.R["started"].strftime("%Y-%m-%d %H:%M UTC")))
     if args.doc:
         with open(args.doc, "w") as f:
             f.write(text)

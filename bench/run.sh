@@ -12,6 +12,10 @@
 #   ci        item 9: a 2 GiB cache, a job reading one tag's chain (10%), vs downloading the whole cache first
 #   wide      issue 13 item 4: mount and `ls -l` of caches of 20,000 and 100,000 blobs, vs a 1-blob mount
 #             and `ls -l` of as many empty files on tmpfs (seeding 100,000 blobs takes a minute or two)
+#   export    issue 14: a buildctl-style export of a 1 GiB cache (8 layers) through a --writable mount
+#             to the registry and to S3 until `ocicachefs unmount` returns, vs curl uploads of the same
+#             blobs 8 at once; its re-export through a fresh mount (requests, bytes); the CI job with
+#             its export vs restoring and saving the whole cache directory
 #
 #   bench/run.sh                 full mode, every part: 1 GiB blob, the 4 GiB peak-RSS case; writes docs/performance.md
 #   bench/run.sh --quick         256 MiB blob, 256 MiB CI cache, no 4 GiB case; writes no doc unless --doc
@@ -33,7 +37,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-all_parts="registry,s3,shaped,peers,ci,wide"
+all_parts="registry,s3,shaped,peers,ci,wide,export"
 quick=0 keep=0 doc="" parts="$all_parts" only=0
 args_text=""
 while [ $# -gt 0 ]; do
@@ -54,8 +58,8 @@ for p in ${parts//,/ }; do
     [[ ",$all_parts," == *",$p,"* ]] || die "unknown part '$p' in --only (parts: $all_parts)"
 done
 need_registry=0 need_s3=0
-{ has registry || has ci || has wide; } && need_registry=1
-{ has s3 || has shaped || has peers || has ci; } && need_s3=1
+{ has registry || has ci || has wide || has export; } && need_registry=1
+{ has s3 || has shaped || has peers || has ci || has export; } && need_s3=1
 
 [ "$(id -u)" -eq 0 ] || die "needs root (drop_caches, read_ahead_kb, FUSE mounts, network namespaces)"
 [ -c /dev/fuse ] || die "/dev/fuse is missing"
@@ -108,6 +112,9 @@ rate=${BENCH_RATE:-25m}
 tmp_base=${BENCH_TMPDIR:-/tmp}
 avail_gib=$(df -P -BG "$tmp_base" | awk 'NR==2{sub("G","",$4); print $4}')
 has wide && need_gib=$((need_gib + 2))   # 120,000 small blobs in the registry's storage
+# export: two caches' worth of layers at a time (sources, registry, moto, the mount's cache) and
+# the CI caches in both stores
+has export && need_gib=$((need_gib + (quick ? 3 : 10)))
 [ "$avail_gib" -ge "$need_gib" ] || die "$tmp_base has ${avail_gib} GiB free, this mode needs about $need_gib GiB (set BENCH_TMPDIR)"
 
 # What the binary is built from, recorded now (other commits may land while the bench runs).
@@ -213,6 +220,12 @@ events { worker_connections 1024; }
 http {
     log_format bench '\$request_method \$uri \$status \$body_bytes_sent "\$http_range" \$upstream_cache_status \$request_time \$msec \$connection';
     access_log $work/nginx/cache.access.log bench;
+    # What uploads send (request line, headers and body), for the export part.
+    log_format upload '\$request_method \$uri "\$args" \$status \$request_length \$body_bytes_sent \$request_time \$msec';
+    access_log $work/nginx/cache.upload.log upload;
+    # Uploads (the export part) pass through as they arrive, whatever their size.
+    client_max_body_size 0;
+    proxy_request_buffering off;
     $temp_paths
     proxy_cache_path $work/nginx/cache levels=1:2 keys_zone=s3:10m max_size=16g inactive=1d use_temp_path=off;
     upstream moto { server 127.0.0.1:$moto_port; keepalive 16; }
