@@ -293,9 +293,10 @@ struct MountCommand: ParsableCommand {
             let sent = max(0, (firstBytesLeft ?? 0) - progress.bytesLeft)
             let rate = seconds > 0 ? Double(sent) / seconds / 1_048_576 : 0
             // The elapsed time changes the line every second: `ocicachefs unmount` waits as long
-            // as it changes (each upload has its own bounds), even through one long blob.
+            // as it changes (each upload has its own bounds), even through one long blob. Bytes
+            // count once their blob is published: the queue knows no finer progress.
             let line = "uploading for \(Int(seconds)) s: \(progress.blobsLeft) blob(s) (\(progress.bytesLeft) bytes) and "
-                + "\(progress.tagsLeft) tag(s) left, \(sent) bytes sent at \(rate.withOneDecimal) MiB/s"
+                + "\(progress.tagsLeft) tag(s) left; \(sent) bytes of blobs published so far (\(rate.withOneDecimal) MiB/s)"
             RuntimeFiles.writeStatus(line, to: statusFile)
             if ContinuousClock.now - lastLogged >= .seconds(5) {
                 logger.info("\(line)")
