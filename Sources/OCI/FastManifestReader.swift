@@ -234,8 +234,11 @@ private struct JSONReader {
         }
         let digits = position - start
         guard digits > 0, !(digits > 1 && buffer[start] == UInt8(ascii: "0")), !(negative && value == 0) else { return nil }
-        if position < buffer.count, [UInt8(ascii: "."), UInt8(ascii: "e"), UInt8(ascii: "E")].contains(buffer[position]) {
-            return nil
+        if position < buffer.count {
+            switch buffer[position] {
+            case UInt8(ascii: "."), UInt8(ascii: "e"), UInt8(ascii: "E"): return nil
+            default: break
+            }
         }
         return value
     }
