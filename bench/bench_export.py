@@ -65,10 +65,10 @@ LOGRUS_FIELD = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S+)')
 GO_DURATION = re.compile(r'([\d.]+)(ns|µs|us|ms|s|m|h)')
 GO_UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 TARGETS = ("registry", "s3")
-# The publishers' defaults: the upload queue's 4 workers; RegistryPublisher sends blobs above
-# 32 MiB in 16 MiB PATCHes; S3Publisher blobs above 64 MiB in 16 MiB parts, 4 at once.
+# The publishers' defaults: the upload queue's 4 workers; blobs above `--upload-cutoff` (256 MiB)
+# go in 16 MiB pieces: RegistryPublisher's PATCHes, S3Publisher's parts, 4 at once.
 UPLOADS_AT_ONCE, PIECE = 4, 16 * MiB
-PIECES_ABOVE = {"registry": 32 * MiB, "s3": 64 * MiB}
+PIECES_ABOVE = {"registry": 256 * MiB, "s3": 256 * MiB}
 MULTIPART_PARTS = 4
 TARGET_RATIO = 0.8
 
@@ -1236,7 +1236,7 @@ class ExportReport:
             f"the digest, for each layer and the config, then `PUT /manifests/TAG`; S3: `PUT -T FILE` of "
             f"`blobs/sha256:HEX` with `--aws-sigv4` and an unsigned payload, then `manifests/<name>`), `Expect:` "
             f"disabled. Where the layers are larger than what a publisher sends in one request "
-            f"(registry 32 MiB, S3 64 MiB), a third fresh set goes up by `curl` making the publisher's own requests "
+            f"(`--upload-cutoff`, 256 MiB), a third fresh set goes up by `curl` making the publisher's own requests "
             f"from files of the layers' 16 MiB pieces, 4 layers at once (registry: POST, PATCHes with "
             f"`Content-Range` one after another, the closing PUT, then the config and the manifest PUT; S3: "
             f"CreateMultipartUpload, UploadParts 4 at once, CompleteMultipartUpload, then `manifests/<name>`). "

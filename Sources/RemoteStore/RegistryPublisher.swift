@@ -18,7 +18,7 @@ import Darwin
 /// the registry says it stopped); a tag is a PUT of the manifest's exact bytes.
 public final class RegistryPublisher: CachePublisher {
     /// Blobs up to this size go up in one request; a failure costs the whole of such a blob.
-    public static let defaultMonolithicLimit: Int64 = 32 << 20
+    public static let defaultMonolithicLimit: Int64 = defaultSingleRequestUploadLimit
     /// Bigger blobs go up in chunks of this size; a failure costs at most one of them.
     public static let defaultChunkSize: Int64 = 16 << 20
     /// Failed exchanges one publication meets before it gives up, as reads of manifests do:

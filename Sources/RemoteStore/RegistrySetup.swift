@@ -1,5 +1,6 @@
 import FoundationEssentials
 import HTTPClient
+import OCI
 import Logging
 
 /// What `type=registry,ref=HOST/REPO[:TAG],registry.insecure=BOOL` names, with the login for
@@ -45,10 +46,13 @@ public struct RegistrySetup: Sendable {
                        transport: transport, timeout: timeout, logger: logger)
     }
 
-    /// - Parameter mountFrom: repositories of the same registry that may hold the blobs.
-    public func makePublisher(mountFrom: [String] = [], transport: any HTTPTransport, timeout: Duration,
-                              logger: Logger) -> RegistryPublisher {
+    /// - Parameters:
+    ///   - mountFrom: repositories of the same registry that may hold the blobs.
+    ///   - singleRequestLimit: larger blobs go up in chunks.
+    public func makePublisher(mountFrom: [String] = [], singleRequestLimit: Int64 = defaultSingleRequestUploadLimit,
+                              transport: any HTTPTransport, timeout: Duration, logger: Logger) -> RegistryPublisher {
         RegistryPublisher(reference: reference, insecure: insecure, credential: credential, credentialSource: credentialSource,
-                          mountFrom: mountFrom, transport: transport, timeout: timeout, logger: logger)
+                          mountFrom: mountFrom, monolithicLimit: singleRequestLimit, transport: transport, timeout: timeout,
+                          logger: logger)
     }
 }

@@ -48,7 +48,7 @@ public final class S3Publisher: CachePublisher {
     ///     `upload_parallelism`, 4).
     public convenience init(location: S3Location, credentials: any AWSCredentialProvider, transport: any HTTPTransport,
                             timeout: Duration, logger: Logger, touchRefresh: Duration = .seconds(24 * 60 * 60),
-                            multipartThreshold: Int64 = 64 << 20, partSize: Int64 = 16 << 20, partParallelism: Int = 4) {
+                            multipartThreshold: Int64 = defaultSingleRequestUploadLimit, partSize: Int64 = 16 << 20, partParallelism: Int = 4) {
         self.init(location: location, credentials: credentials, transport: transport, timeout: timeout, logger: logger,
                   touchRefresh: touchRefresh, multipartThreshold: multipartThreshold, partSize: partSize,
                   partParallelism: partParallelism, largestCopy: Self.largestSingleCopy)

@@ -94,6 +94,12 @@ struct MountCommand: ParsableCommand {
                              discussion: "A blob is published once it is renamed into blobs/sha256, a tag once index.json is closed after it changed; unmount waits for the uploads."))
     var writable = false
 
+    @Option(parsing: .unconditional,
+            help: ArgumentHelp("With --writable: blobs up to SIZE are published in one request, larger ones in 16 MiB pieces (registry chunks, S3 parts) retried one by one (default: 256M).",
+                               valueName: "SIZE"),
+            transform: ByteSize.parse)
+    var uploadCutoff: ByteSize?
+
     @Option(help: .hidden)
     var readyFD: Int32?
 
@@ -170,6 +176,7 @@ struct MountCommand: ParsableCommand {
         if let minFree { arguments += ["--min-free", String(minFree.bytes)] }
         if allowOther { arguments.append("--allow-other") }
         if writable { arguments.append("--writable") }
+        if let uploadCutoff { arguments += ["--upload-cutoff", String(uploadCutoff.bytes)] }
         return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
                             "--", shownSource, mountpoint]
     }
@@ -206,7 +213,9 @@ struct MountCommand: ParsableCommand {
         let bound = Duration.milliseconds(Int64(timeout * 1000))
 
         let spec = try SourceSpec(parsing: source)
-        let (remote, publisher) = try SourceFactory.make(spec, writable: writable, timeout: bound, logger: logger)
+        let (remote, publisher) = try SourceFactory.make(spec, writable: writable,
+                                                           uploadCutoff: uploadCutoff?.bytes ?? defaultSingleRequestUploadLimit,
+                                                           timeout: bound, logger: logger)
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
         // Saving the resolution for offline mounts cost a third of a 100,000-blob mount's CPU:
@@ -414,14 +423,16 @@ func printError(_ line: String) {
 
 enum SourceFactory {
     /// The source to read, and with `writable` the publisher that writes to the same place.
-    static func make(_ spec: SourceSpec, writable: Bool = false, timeout: Duration,
-                     logger: Logger) throws -> (any RemoteCacheSource, (any CachePublisher)?) {
+    /// `uploadCutoff`: the largest blob the publisher sends in one request.
+    static func make(_ spec: SourceSpec, writable: Bool = false, uploadCutoff: Int64 = defaultSingleRequestUploadLimit,
+                     timeout: Duration, logger: Logger) throws -> (any RemoteCacheSource, (any CachePublisher)?) {
         switch spec.type {
         case "registry":
             let setup = try RegistrySetup(spec: spec, helperTimeout: timeout)
             let transport = CurlTransport()
             return (setup.makeSource(transport: transport, timeout: timeout, logger: logger),
-                    writable ? setup.makePublisher(transport: transport, timeout: timeout, logger: logger) : nil)
+                    writable ? setup.makePublisher(singleRequestLimit: uploadCutoff, transport: transport, timeout: timeout,
+                                                   logger: logger) : nil)
         case "s3":
             let location = try S3Location(spec: spec, environment: ProcessInfo.processInfo.environment)
             var explicit: AWSCredentials?
@@ -432,7 +443,7 @@ enum SourceFactory {
             let credentials = AWSCredentialChain(explicit: explicit, transport: transport)
             return (S3Source(location: location, credentials: credentials, transport: transport, timeout: timeout, logger: logger),
                     writable ? S3Publisher(location: location, credentials: credentials, transport: transport, timeout: timeout,
-                                           logger: logger) : nil)
+                                           logger: logger, multipartThreshold: uploadCutoff) : nil)
         default:
             throw RemoteStoreError.configuration("source type '\(spec.type)' is not supported (supported: registry, s3)")
         }

@@ -55,6 +55,7 @@ struct CommandLineTests {
         ["cache", "prune", "--max-size", "-1"],
         ["mount", "--cache-size", "-1", "type=registry,ref=127.0.0.1:9/cache:main", "/nonexistent"],
         ["mount", "--min-free", "-5G", "type=registry,ref=127.0.0.1:9/cache:main", "/nonexistent"],
+        ["mount", "--writable", "--upload-cutoff", "-64M", "type=registry,ref=127.0.0.1:9/cache:main", "/nonexistent"],
     ])
     func negativeSize(_ arguments: [String]) async throws {
         try await withWorkspace("negative-size") { ws in

@@ -77,16 +77,18 @@ final class ExportRemote: Sendable {
         }
     }
 
-    /// `ocicachefs mount` that must succeed; a fresh, empty cache directory unless `cacheDir`.
-    func mount(_ tags: [String], writable: Bool, cacheDir: String? = nil, via proxy: UploadHoldingProxy? = nil) async throws -> MountHandle {
+    /// `ocicachefs mount` that must succeed; a fresh, empty cache directory unless `cacheDir`;
+    /// `options` are added to its command line.
+    func mount(_ tags: [String], writable: Bool, cacheDir: String? = nil, via proxy: UploadHoldingProxy? = nil,
+               options: [String] = []) async throws -> MountHandle {
         switch kind {
         case .registry:
-            return try await ws.mountExpectingSuccess(source(tags, via: proxy), cacheDir: cacheDir, writable: writable)
+            return try await ws.mountExpectingSuccess(source(tags, via: proxy), cacheDir: cacheDir, writable: writable, options: options)
         case .s3:
             // moto takes any key (its signature checks are off).
             return try await ws.mountS3ExpectingSuccess(source(tags, via: proxy), cacheDir: cacheDir,
                                                         environment: ["AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"],
-                                                        writable: writable)
+                                                        writable: writable, options: options)
         }
     }
 

@@ -743,9 +743,9 @@ extension Workspace {
     /// registers an unmount for the end of the test whatever happens.
     /// `dockerConfig` defaults to an empty config so that the machine's ~/.docker never leaks in;
     /// `environment` is added to the daemon's (e.g. a PATH with a credential helper on it);
-    /// `writable` adds `--writable`.
+    /// `writable` adds `--writable`, and `options` are added as they are.
     func mount(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil, environment: [String: String] = [:],
-               timeout: Double = 10, writable: Bool = false, label: String = "mnt") async throws -> MountHandle {
+               timeout: Double = 10, writable: Bool = false, options: [String] = [], label: String = "mnt") async throws -> MountHandle {
         try Harness.requireFuse()
         let binary = try Harness.binary()
         let mountpoint = try makeDirectory("\(label)-\(nextID())")
@@ -755,7 +755,7 @@ extension Workspace {
         onCleanup("unmount \(mountpoint)") { [self] in forceUnmount(mountpoint) }
         let result = try await Processes.run(binary, ["mount", "--cache-dir", cache, "--timeout", String(timeout),
                                                       "--log-level", "debug", "--log-file", logFile]
-                                                 + (writable ? ["--writable"] : []) + [source, mountpoint],
+                                                 + (writable ? ["--writable"] : []) + options + [source, mountpoint],
                                              environment: environment.merging(["DOCKER_CONFIG": config]) { _, config in config },
                                              timeout: timeout * 4 + 40, in: self)
         return MountHandle(mountpoint: mountpoint, cacheDir: cache, logFile: logFile, result: result)
@@ -764,9 +764,9 @@ extension Workspace {
     /// `mount` that must succeed (exit 0, mounted); throws with the daemon log otherwise.
     func mountExpectingSuccess(_ source: String, cacheDir: String? = nil, dockerConfig: String? = nil,
                                environment: [String: String] = [:], timeout: Double = 10,
-                               writable: Bool = false) async throws -> MountHandle {
+                               writable: Bool = false, options: [String] = []) async throws -> MountHandle {
         let handle = try await mount(source, cacheDir: cacheDir, dockerConfig: dockerConfig, environment: environment,
-                                     timeout: timeout, writable: writable)
+                                     timeout: timeout, writable: writable, options: options)
         guard handle.result.status == 0, handle.isMounted else {
             throw HarnessError("mount failed: \(handle.result); mounted: \(handle.isMounted); daemon log: \(handle.log.suffix(3000))")
         }

@@ -254,7 +254,7 @@ extension Workspace {
     /// `environment` says so), instance metadata disabled; `environment` added on top.
     /// Registers the unmount for the end of the test, like `mount`.
     func mountS3(_ source: String, cacheDir: String? = nil, environment: [String: String] = [:], timeout: Double = 10,
-                 writable: Bool = false, label: String = "s3mnt") async throws -> MountHandle {
+                 writable: Bool = false, options: [String] = [], label: String = "s3mnt") async throws -> MountHandle {
         try Harness.requireFuse()
         let binary = try Harness.binary()
         let mountpoint = try makeDirectory("\(label)-\(nextID())")
@@ -267,15 +267,16 @@ extension Workspace {
         onCleanup("unmount \(mountpoint)") { [self] in forceUnmount(mountpoint) }
         let arguments = S3Environment.envArguments(settings)
             + [binary, "mount", "--cache-dir", cache, "--timeout", String(timeout), "--log-level", "debug", "--log-file", logFile]
-            + (writable ? ["--writable"] : []) + [source, mountpoint]
+            + (writable ? ["--writable"] : []) + options + [source, mountpoint]
         var result = try await Processes.run("/usr/bin/env", arguments, timeout: timeout * 4 + 40, in: self)
         result.command = "ocicachefs mount … \(source) \(mountpoint)"  // without the long env prefix
         return MountHandle(mountpoint: mountpoint, cacheDir: cache, logFile: logFile, result: result)
     }
 
     func mountS3ExpectingSuccess(_ source: String, cacheDir: String? = nil, environment: [String: String] = [:],
-                                 timeout: Double = 10, writable: Bool = false) async throws -> MountHandle {
-        let handle = try await mountS3(source, cacheDir: cacheDir, environment: environment, timeout: timeout, writable: writable)
+                                 timeout: Double = 10, writable: Bool = false, options: [String] = []) async throws -> MountHandle {
+        let handle = try await mountS3(source, cacheDir: cacheDir, environment: environment, timeout: timeout, writable: writable,
+                                       options: options)
         guard handle.result.status == 0, handle.isMounted else {
             throw HarnessError("mount failed: \(handle.result); mounted: \(handle.isMounted); daemon log: \(handle.log.suffix(3000))")
         }

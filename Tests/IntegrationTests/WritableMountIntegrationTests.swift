@@ -373,13 +373,13 @@ struct WritableMountIntegrationTests {
         }
     }
 
-    @Test("a layer too large for one request goes up in chunks (registry) or parts (S3) and reads back byte for byte",
+    @Test("a layer larger than --upload-cutoff goes up in chunks (registry) or parts (S3) and reads back byte for byte",
           arguments: RemoteKind.allCases)
     func aLargeLayerIsSentInPieces(_ kind: RemoteKind) async throws {
         try await withWorkspace("wlarge-\(kind)") { ws in
             let remote = try await ExportRemote.start(kind, in: ws)
-            // Above both single-request limits (registry 32 MiB, S3 64 MiB); a random MiB
-            // repeated, and a tail that is not a whole MiB.
+            // Above the cutoff the mount is given, below the default; a random MiB repeated, and
+            // a tail that is not a whole MiB.
             let block = try #require(BuildCache.Layer.random(seed: 91, size: 1 << 20).bytes)
             var bytes: [UInt8] = []
             bytes.reserveCapacity(71 << 20)
@@ -391,7 +391,7 @@ struct WritableMountIntegrationTests {
                                          createdAt: "2026-12-02T12:25:33.613844879Z", bytes: bytes)
             let cache = BuildCache(chain: [Layers.base, large], variant: .imageManifest, salt: "large")
             let mark = remote.requests().count
-            let mount = try await remote.mount(["main"], writable: true)
+            let mount = try await remote.mount(["main"], writable: true, options: ["--upload-cutoff", "64M"])
             #expect(try await replayExport(cache, into: mount, tag: "main", version: .v0_32_2).indexCloseErrno == 0)
             let unmounted = try await mount.unmount(in: ws)
             #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
