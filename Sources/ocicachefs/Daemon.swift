@@ -77,7 +77,12 @@ enum Daemon {
             printError(warning)
             message = readLine(from: readEnd, until: deadline)
         }
-        if message == "ready" { return 0 }
+        if message == "ready" {
+            // A service manager that started this command (`Type=notify`) hears that the mount
+            // is ready and that the daemon, not this command, is now the service's process.
+            ServiceNotifier(environment: ProcessInfo.processInfo.environment).notify(["MAINPID=\(pid)", "READY=1"])
+            return 0
+        }
         if let message, message.hasPrefix("error: ") {
             printError(String(message.dropFirst("error: ".count)))
         } else if message == nil {

@@ -256,6 +256,7 @@ struct MountCommand: ParsableCommand {
             logger.info("signal received; unmounting", metadata: ["signal": "\(signal)"])
             session.requestUnmount()
         }
+        let notifier = ServiceNotifier(environment: ProcessInfo.processInfo.environment)
         let saving = Atomic<Bool>(true)
         SystemThread.start(named: "ocicachefs-ready") {
             defer { saving.store(false, ordering: .releasing) }
@@ -269,6 +270,10 @@ struct MountCommand: ParsableCommand {
                 logger.debug("kernel readahead left at its default (not root, or no bdi entry)")
             }
             reporter.ready()
+            // In the background the command that started this daemon tells the service manager.
+            if readyFD == nil {
+                notifier.notify(["READY=1", "STATUS=mounted \(remote.displayName) at \(mountpoint)"])
+            }
             guard let snapshot = resolved.withLock({ $0 }) else { return }
             do {
                 try store.save(snapshot, for: remote.displayName)
@@ -279,8 +284,10 @@ struct MountCommand: ParsableCommand {
         let status = session.run()
         while saving.load(ordering: .acquiring) { SystemThread.sleep(for: .milliseconds(5)) }
         logger.info("unmounted", metadata: ["mountpoint": "\(mountpoint)", "status": "\(status)"])
+        notifier.notify(["STOPPING=1", "STATUS=unmounted" + (writable ? "; publishing what clients exported" : "")])
         if writable {
-            let unpublished = Self.finishUploads(filesystem, statusFile: RuntimeFiles.statusFile(forPIDFile: pidFile), logger: logger)
+            let unpublished = Self.finishUploads(filesystem, statusFile: RuntimeFiles.statusFile(forPIDFile: pidFile),
+                                                 notifier: notifier, stallBound: bound, logger: logger)
             guard unpublished.isEmpty else {
                 throw CommandError("\(unpublished.count) item(s) not published: "
                                    + unpublished.map(\.description).joined(separator: "; "))
@@ -289,12 +296,16 @@ struct MountCommand: ParsableCommand {
     }
 
     /// Waits for the uploads a writable mount still owes, logging their progress and keeping
-    /// it in `statusFile` for `ocicachefs unmount`, which is waiting for this daemon; returns
-    /// what could not be published.
-    static func finishUploads(_ filesystem: CacheFilesystem, statusFile: String, logger: Logger) -> [UnpublishedItem] {
+    /// it in `statusFile` for `ocicachefs unmount`, which is waiting for this daemon, and in the
+    /// service manager's status, whose stop timeout it extends by `stallBound` at each report;
+    /// returns what could not be published.
+    static func finishUploads(_ filesystem: CacheFilesystem, statusFile: String, notifier: ServiceNotifier,
+                              stallBound: Duration, logger: Logger) -> [UnpublishedItem] {
         let started = ContinuousClock.now
         var firstBytesLeft: Int64?
         var lastLogged = ContinuousClock.now - .seconds(10)
+        // Each report allows another stall bound and a margin (systemd counts microseconds).
+        let stopTimeoutExtension = (stallBound + .seconds(30)).components.seconds * 1_000_000
         let unpublished = filesystem.drainUploads { progress in
             firstBytesLeft = firstBytesLeft ?? progress.bytesLeft
             let elapsed = (ContinuousClock.now - started).components
@@ -307,6 +318,7 @@ struct MountCommand: ParsableCommand {
             let line = "uploading for \(Int(seconds)) s: \(progress.blobsLeft) blob(s) (\(progress.bytesLeft) bytes) and "
                 + "\(progress.tagsLeft) tag(s) left; \(sent) bytes of blobs published so far (\(rate.withOneDecimal) MiB/s)"
             RuntimeFiles.writeStatus(line, to: statusFile)
+            notifier.notify(["STATUS=" + line, "EXTEND_TIMEOUT_USEC=\(stopTimeoutExtension)"])
             if ContinuousClock.now - lastLogged >= .seconds(5) {
                 logger.info("\(line)")
                 lastLogged = .now

@@ -78,16 +78,17 @@ final class ExportRemote: Sendable {
     }
 
     /// `ocicachefs mount` that must succeed; a fresh, empty cache directory unless `cacheDir`;
-    /// `options` are added to its command line.
+    /// `options` are added to its command line and `environment` to its environment.
     func mount(_ tags: [String], writable: Bool, cacheDir: String? = nil, via proxy: UploadHoldingProxy? = nil,
-               options: [String] = []) async throws -> MountHandle {
+               options: [String] = [], environment: [String: String] = [:]) async throws -> MountHandle {
         switch kind {
         case .registry:
-            return try await ws.mountExpectingSuccess(source(tags, via: proxy), cacheDir: cacheDir, writable: writable, options: options)
+            return try await ws.mountExpectingSuccess(source(tags, via: proxy), cacheDir: cacheDir, environment: environment,
+                                                      writable: writable, options: options)
         case .s3:
             // moto takes any key (its signature checks are off).
             return try await ws.mountS3ExpectingSuccess(source(tags, via: proxy), cacheDir: cacheDir,
-                                                        environment: ["AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"],
+                                                        environment: environment.merging(["AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"]) { $1 },
                                                         writable: writable, options: options)
         }
     }

@@ -409,10 +409,12 @@ final class BackgroundServer: Sendable {
     var pid: pid_t { child.pid }
     var isRunning: Bool { child.isRunning }
 
-    init(_ executable: String, _ arguments: [String], in ws: Workspace, label: String, keepStdinOpen: Bool = false) throws {
+    init(_ executable: String, _ arguments: [String], in ws: Workspace, label: String, keepStdinOpen: Bool = false,
+         environment: [String: String] = [:]) throws {
         stdoutPath = ws.path("\(label).out")
         stderrPath = ws.path("\(label).err")
-        child = try ChildProcess(executable, arguments, stdoutPath: stdoutPath, stderrPath: stderrPath, keepStdinOpen: keepStdinOpen)
+        child = try ChildProcess(executable, arguments, environment: environment, stdoutPath: stdoutPath, stderrPath: stderrPath,
+                                 keepStdinOpen: keepStdinOpen)
         ws.onCleanup("stop \(label)") { [child] in child.stop() }
     }
 
