@@ -27,3 +27,22 @@ public enum CacheChains {
         return children.compactMapValues { $0.count == 1 ? $0.first : nil }
     }
 }
+
+extension CacheChains {
+    /// The layers from the base of `layer`'s chain up to `layer` itself, base first; nil when the
+    /// config does not list it or is not a cache config. Where BuildKit recorded a layer more
+    /// than once, the first entry's ancestry is taken; a parent loop ends the walk.
+    public static func chain(endingAt layer: Digest, inConfig bytes: [UInt8]) -> [Digest]? {
+        guard let config = try? JSONDecoder().decode(Config.self, from: Data(bytes)),
+              var index = config.layers.firstIndex(where: { Digest($0.blob) == layer }) else { return nil }
+        var chain: [Digest] = []
+        var visited: Set<Int> = []
+        while visited.insert(index).inserted, let digest = Digest(config.layers[index].blob) {
+            chain.append(digest)
+            let parent = config.layers[index].parent ?? 0
+            guard parent != index, config.layers.indices.contains(parent) else { break }
+            index = parent
+        }
+        return chain.reversed()
+    }
+}
