@@ -56,7 +56,7 @@ let package = Package(
         ], swiftSettings: sourceSettings),
         // Thin libfuse low-level binding over CacheFS.
         .target(name: "FuseBinding", dependencies: [
-            "CFuse3", "CacheFS", "SystemSupport",
+            "CFuse3", "CacheFS", "ContentCache", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
         .executableTarget(name: "ocicachefs", dependencies: [

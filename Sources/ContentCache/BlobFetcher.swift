@@ -186,6 +186,8 @@ public final class BlobFetcher: Sendable {
     /// Told when a download that already answered reads failed its digest, so that the kernel
     /// drops the pages it cached from it.
     let withdrawnHandler = Mutex<(@Sendable (Digest, _ spared: [Range<Int64>]) -> Void)?>(nil)
+    /// Where reads are counted as cache hits or misses.
+    let statistics: MountStatistics?
 
     /// - Parameter otherProcessStall: how long a block that another mount of the same cache
     ///   directory claimed may take to land before this one fetches it regardless: a stopped
@@ -199,7 +201,8 @@ public final class BlobFetcher: Sendable {
                 otherProcessStall: Duration = .seconds(60), readStallLimit: Duration? = nil,
                 unwatchedFetchLimit: Duration = .seconds(10),
                 commitTiming: CommitTiming = CommitTiming(), limits: CacheLimits? = nil, tuning: FetchTuning = FetchTuning(),
-                memoryLimit: Int64 = BlobFetcher.defaultMemoryLimit) {
+                memoryLimit: Int64 = BlobFetcher.defaultMemoryLimit, statistics: MountStatistics? = nil) {
+        self.statistics = statistics
         self.store = store
         self.source = source
         self.logger = logger
@@ -263,9 +266,11 @@ public final class BlobFetcher: Sendable {
         }
         switch next {
         case .outcome(.serve(let actions), let transfer):
+            statistics?.blobRead(digest, bytes: read.range.upperBound - read.range.lowerBound, hit: true)
             perform(actions, for: digest, on: transfer)
             serve(read, reply, from: transfer.data)
         case .outcome(.waiting(let actions), let transfer):
+            statistics?.blobRead(digest, bytes: read.range.upperBound - read.range.lowerBound, hit: false)
             perform(actions, for: digest, on: transfer)
         case .outcome(.check(let recorded), let transfer):
             guard onWorker else { return readOnWorker(read, of: digest, size: size, reply: reply, attempts: attempts) }
@@ -275,11 +280,15 @@ public final class BlobFetcher: Sendable {
             reply(.failure(error))
         case .open:
             // A complete blob is served at once: it only ever appears by a rename, whole.
-            if let complete = try? store.openComplete(digest) { return serve(read, reply, from: complete) }
+            if let complete = try? store.openComplete(digest) {
+                statistics?.blobRead(digest, bytes: read.range.upperBound - read.range.lowerBound, hit: true)
+                return serve(read, reply, from: complete)
+            }
             guard onWorker else { return readOnWorker(read, of: digest, size: size, reply: reply, attempts: attempts) }
             guard attempts > 0 else { return reply(.failure(.local("blob \(digest): cannot open it in the cache"))) }
             switch openTransfer(digest, size: size) {
             case .success(let complete?):
+                statistics?.blobRead(digest, bytes: read.range.upperBound - read.range.lowerBound, hit: true)
                 serve(read, reply, from: complete)
             case .success(nil):
                 self.read(read, of: digest, size: size, reply: reply, attempts: attempts - 1, onWorker: true)

@@ -1,5 +1,6 @@
 internal import CFuse3
 import CacheFS
+import ContentCache
 import Logging
 import Synchronization
 import SystemSupport
@@ -25,9 +26,11 @@ public final class FuseSession: Sendable {
     /// check it, under this lock, before they touch the session.
     private let alive = Mutex(true)
 
-    public init(filesystem: CacheFilesystem, mountpoint: String, options: [String], logger: Logger) throws {
+    /// - Parameter statistics: where the answers to reads are counted.
+    public init(filesystem: CacheFilesystem, mountpoint: String, options: [String], logger: Logger,
+                statistics: MountStatistics? = nil) throws {
         self.mountpoint = mountpoint
-        let context = Unmanaged.passRetained(FuseContext(filesystem: filesystem, logger: logger))
+        let context = Unmanaged.passRetained(FuseContext(filesystem: filesystem, logger: logger, statistics: statistics))
         var arguments = ["ocicachefs"]
         for option in options { arguments += ["-o", option] }
         var cStrings = arguments.map { strdup($0) }
@@ -136,11 +139,21 @@ final class FuseContext: Sendable {
     let logger: Logger
     /// Read replies created and not yet sent.
     let owedReplies = Atomic<Int>(0)
+    let statistics: MountStatistics?
 
-    init(filesystem: CacheFilesystem, logger: Logger) {
+    init(filesystem: CacheFilesystem, logger: Logger, statistics: MountStatistics?) {
         self.filesystem = filesystem
         self.logger = logger
+        self.statistics = statistics
     }
+}
+
+/// The symbolic name of an errno a read is answered with, as people search for it.
+func errnoName(_ code: Int32) -> String {
+    let names: [Int32: String] = [EIO: "EIO", ENOENT: "ENOENT", EACCES: "EACCES", EPERM: "EPERM", ENOSPC: "ENOSPC",
+                                  EINTR: "EINTR", EBADF: "EBADF", EINVAL: "EINVAL", ENOMEM: "ENOMEM", ETIMEDOUT: "ETIMEDOUT",
+                                  ECANCELED: "ECANCELED", EISDIR: "EISDIR", ENOTCONN: "ENOTCONN"]
+    return names[code] ?? "errno \(code)"
 }
 
 /// The answer to a read that may come later, from another thread: sent exactly once. One that
@@ -151,6 +164,7 @@ final class ReadReply: Sendable {
     private nonisolated(unsafe) let raw: fuse_req_t
     private let context: FuseContext
     private let sent = Atomic<Bool>(false)
+    private let received = ContinuousClock.now
 
     init(_ raw: fuse_req_t, context: FuseContext) {
         self.raw = raw
@@ -161,8 +175,12 @@ final class ReadReply: Sendable {
     func send(_ result: Result<UnsafeRawBufferPointer, FSError>) {
         guard !sent.exchange(true, ordering: .acquiringAndReleasing) else { return }
         switch result {
-        case .success(let bytes): _ = CFuse3_replyBuffer(raw, bytes.baseAddress, bytes.count)
-        case .failure(let error): fuse_reply_err(raw, error.code)
+        case .success(let bytes):
+            _ = CFuse3_replyBuffer(raw, bytes.baseAddress, bytes.count)
+            context.statistics?.answeredRead(bytes: bytes.count, after: .now - received, errorName: nil)
+        case .failure(let error):
+            fuse_reply_err(raw, error.code)
+            context.statistics?.answeredRead(bytes: 0, after: .now - received, errorName: errnoName(error.code))
         }
         context.owedReplies.subtract(1, ordering: .releasing)
     }

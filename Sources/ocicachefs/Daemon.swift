@@ -254,6 +254,11 @@ enum RuntimeFiles {
         String(pidFile.dropLast(".pid".count)) + ".status"
     }
 
+    /// The unix socket where the daemon answers `ocicachefs stats`.
+    static func controlSocket(forPIDFile pidFile: String) -> String {
+        String(pidFile.dropLast(".pid".count)) + ".sock"
+    }
+
     static func writeStatus(_ text: String, to path: String) {
         try? (text + "\n").write(toFile: path, atomically: true, encoding: .utf8)
     }
@@ -273,6 +278,7 @@ enum RuntimeFiles {
         for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".pid") {
             let path = directory + "/" + name
             guard path != kept, let pid = readPID(path), !isMountDaemon(pid) else { continue }
+            unlink(controlSocket(forPIDFile: path))
             unlink(path)
         }
     }

@@ -100,6 +100,14 @@ struct MountCommand: ParsableCommand {
             transform: ByteSize.parse)
     var uploadCutoff: ByteSize?
 
+    @Option(help: ArgumentHelp("Also write the mount's statistics in Prometheus' text format to FILE every few seconds (for node_exporter's textfile collector).",
+                               valueName: "FILE"))
+    var metricsFile: String?
+
+    @Option(help: ArgumentHelp("Also serve them at http://ADDRESS:PORT/metrics (e.g. 127.0.0.1:9742).", valueName: "ADDRESS:PORT"),
+            transform: MetricsAddress.parse)
+    var metricsListen: MetricsAddress?
+
     @Option(help: .hidden)
     var readyFD: Int32?
 
@@ -177,6 +185,8 @@ struct MountCommand: ParsableCommand {
         if allowOther { arguments.append("--allow-other") }
         if writable { arguments.append("--writable") }
         if let uploadCutoff { arguments += ["--upload-cutoff", String(uploadCutoff.bytes)] }
+        if let metricsFile { arguments += ["--metrics-file", UnmountCommand.lexicallyAbsolute(metricsFile)] }
+        if let metricsListen { arguments += ["--metrics-listen", metricsListen.description] }
         return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
                             "--", shownSource, mountpoint]
     }
@@ -231,17 +241,20 @@ struct MountCommand: ParsableCommand {
         var limits = CacheLimits.defaults(forDirectory: cacheDirectory)
         if let cacheSize { limits.maxBytes = cacheSize.bytes }
         if let minFree { limits.minFreeBytes = minFree.bytes }
-        let fetcher = BlobFetcher(store: store, source: remote, logger: logger, otherProcessStall: bound, limits: limits)
+        let statistics = MountStatistics()
+        let fetcher = BlobFetcher(store: store, source: CountedBlobSource(remote, statistics: statistics), logger: logger,
+                                  otherProcessStall: bound, limits: limits, statistics: statistics)
         let filesystem: CacheFilesystem
         if let publisher {
-            let uploads = try WritableMount(store: store, publisher: publisher, logger: logger)
+            let uploads = try WritableMount(store: store, publisher: CountedPublisher(publisher, statistics: statistics), logger: logger)
             filesystem = try CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger, writable: uploads)
         } else {
             filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
         }
         var options = ["fsname=ocicachefs", "subtype=ocicachefs", "default_permissions"]
         if allowOther { options.append("allow_other") }
-        let session = try FuseSession(filesystem: filesystem, mountpoint: mountpoint, options: options, logger: logger)
+        let session = try FuseSession(filesystem: filesystem, mountpoint: mountpoint, options: options, logger: logger,
+                                      statistics: statistics)
         // A background daemon must not keep its caller's directory busy (it could not be
         // unmounted or removed). Only now: the configuration and credential files it read may
         // have been named relative to it.
@@ -249,6 +262,16 @@ struct MountCommand: ParsableCommand {
         let pidFile = RuntimeFiles.pidFile(forMountpoint: mountpoint)
         RuntimeFiles.write(pid: getpid(), to: pidFile)
         defer { unlink(pidFile) }
+        let endpoints = StatisticsEndpoints(statistics: statistics, mountpoint: mountpoint, cacheDirectory: cacheDirectory,
+                                            limits: limits, logger: logger)
+        let controlSocket = RuntimeFiles.controlSocket(forPIDFile: pidFile)
+        try endpoints.serveControlSocket(at: controlSocket)
+        if let metricsListen { try endpoints.serveMetrics(host: metricsListen.host, port: metricsListen.port) }
+        if let metricsFile { endpoints.writeMetricsFile(to: metricsFile) }
+        defer {
+            endpoints.stop(metricsFile: metricsFile != nil)
+            unlink(controlSocket)
+        }
         logger.info("mounted", metadata: ["mountpoint": "\(mountpoint)", "tags": "\(snapshot.tags.count)",
                                           "blobs": "\(snapshot.smallBlobs.count + snapshot.lazyBlobs.count)"])
 
@@ -460,4 +483,20 @@ enum SourceFactory {
             throw RemoteStoreError.configuration("source type '\(spec.type)' is not supported (supported: registry, s3)")
         }
     }
+}
+
+/// `--metrics-listen`'s IPv4 address and port.
+struct MetricsAddress: CustomStringConvertible {
+    var host: String
+    var port: UInt16
+
+    static func parse(_ text: String) throws -> MetricsAddress {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]), port > 0,
+              !text[..<colon].isEmpty else {
+            throw ValidationError("--metrics-listen takes ADDRESS:PORT, e.g. 127.0.0.1:9742")
+        }
+        return MetricsAddress(host: String(text[..<colon]), port: port)
+    }
+
+    var description: String { "\(host):\(port)" }
 }
