@@ -240,6 +240,24 @@ struct PrivateCATests {
         }
     }
 
+    /// The fstab helper turns `ca-file=FILE` into `--ca-file FILE` (an `ocicachefs` stand-in on
+    /// OCICACHEFS prints the arguments it was given).
+    @Test func mountHelperPassesCAFile() async throws {
+        try await withWorkspace("private-ca-helper") { ws in
+            let standIn = ws.path("ocicachefs-stand-in")
+            try "#!/bin/sh\nfor argument in \"$@\"; do echo \"$argument\"; done\n".write(toFile: standIn, atomically: true, encoding: .utf8)
+            chmod(standIn, 0o755)
+            let result = try await Processes.run(
+                "/bin/sh", [Harness.packageRoot + "/mount-helpers/mount.fuse.ocicachefs", "type=registry,ref=r.example/a:b", "/mnt/x",
+                            "-o", "rw,_netdev,ca-file=/etc/company/ca.pem,cache-dir=/var/cache/c"],
+                environment: ["OCICACHEFS": standIn], timeout: 30, in: ws)
+            #expect(result.status == 0, "\(result)")
+            #expect(result.stdout.split(separator: "\n").map(String.init)
+                    == ["mount", "--ca-file", "/etc/company/ca.pem", "--cache-dir", "/var/cache/c", "type=registry,ref=r.example/a:b", "/mnt/x"],
+                    "\(result)")
+        }
+    }
+
     /// moto's S3 over TLS with the same kind of CA: SSL_CERT_FILE lets the S3 source verify it;
     /// without, the mount fails with a certificate error.
     @Test func s3EndpointOverTLSWithAPrivateCA() async throws {
