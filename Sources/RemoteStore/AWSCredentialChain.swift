@@ -91,6 +91,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     let serviceTimeout: Duration
     /// The region of the bucket: STS's region when neither the environment nor the profile names one.
     let defaultRegion: String?
+    let workingDirectory: String
     let now: @Sendable () -> Date
     private let state = Mutex(CacheState())
     /// Held for the whole of a refresh, so concurrent callers do not fetch twice.
@@ -104,16 +105,19 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     ///   - timeout: the bound on each container or instance metadata request.
     ///   - serviceTimeout: the bound on each STS or SSO request and on a `credential_process` run.
     ///   - region: the bucket's region, for STS when nothing else names one.
+    ///   - workingDirectory: what relative file names in the environment and profiles mean.
     ///   - now: the clock deciding when temporary credentials are refreshed.
     public init(explicit: AWSCredentials?, environment: [String: String] = ProcessInfo.processInfo.environment,
                 transport: any HTTPTransport, timeout: Duration = .seconds(2), serviceTimeout: Duration = .seconds(30),
-                region: String? = nil, now: @escaping @Sendable () -> Date = Date.init) {
+                region: String? = nil, workingDirectory: String = FileManager.default.currentDirectoryPath,
+                now: @escaping @Sendable () -> Date = Date.init) {
         self.explicit = explicit
         self.environment = environment
         self.transport = transport
         self.timeout = timeout
         self.serviceTimeout = serviceTimeout
         self.defaultRegion = region
+        self.workingDirectory = workingDirectory
         self.now = now
     }
 
@@ -214,16 +218,18 @@ public final class AWSCredentialChain: AWSCredentialProvider {
 
     // MARK: 3. Shared config and credentials files
 
-    func expandingHome(_ path: String) -> String? {
+    /// `~` expanded, and a relative path taken from `workingDirectory`: the files are read
+    /// again at each renewal, after a background daemon has moved to `/`.
+    func localPath(_ path: String) -> String? {
         if path == "~" || path.hasPrefix("~/") {
             guard let home = env("HOME") else { return nil }
-            return joinedPath(home, String(path.dropFirst(path == "~" ? 1 : 2)))
+            return localPath(joinedPath(home, String(path.dropFirst(path == "~" ? 1 : 2))))
         }
-        return path
+        return path.hasPrefix("/") ? path : joinedPath(workingDirectory, path)
     }
 
     private func sharedFilePath(variable: String, defaultName: String) -> String? {
-        if let path = env(variable) { return expandingHome(path) }
+        if let path = env(variable) { return localPath(path) }
         guard let home = env("HOME") else { return nil }
         return joinedPath(joinedPath(home, ".aws"), defaultName)
     }

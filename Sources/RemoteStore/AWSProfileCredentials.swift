@@ -184,7 +184,7 @@ extension AWSCredentialChain {
     /// The token file is read at every call: the platform replaces it before it expires.
     func webIdentityCredentials(roleARN: String, tokenFile: String, sessionName: String?, durationSeconds: Int?,
                                 region: String, context: String) throws(RemoteStoreError) -> AWSCredentials {
-        let path = expandingHome(tokenFile) ?? tokenFile
+        let path = localPath(tokenFile) ?? tokenFile
         let token: String
         switch readSmallFile(path) {
         case .success(let bytes): token = String(decoding: bytes, as: UTF8.self).trimmingWhitespace()

@@ -75,3 +75,45 @@ struct AWSSecurityTokenServiceTests {
         #expect(AWSXML.text(of: "Code", in: "<Error><Code>unterminated") == nil)
     }
 }
+
+/// Never sends anything: the tests below must not reach the network.
+private struct NoNetwork: HTTPTransport {
+    func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
+                 onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        Issue.record("unexpected request to \(request.url)")
+        throw HTTPTransportError.connectionFailed("no network in this test")
+    }
+}
+
+@Suite("AWSCredentialChain: relative file names keep their meaning")
+struct AWSCredentialChainRelativePathTests {
+    /// A daemon renews credentials after it has moved to `/`: relative names in the
+    /// environment and profiles mean what they meant where the mount was started.
+    @Test func relativeNamesAreTakenFromTheWorkingDirectory() throws {
+        let directory = FileManager.default.temporaryDirectory.path + "/ocicachefs-relative-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory + "/aws", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try """
+            [default]
+            credential_process = printf '{"Version": 1, "AccessKeyId": "AKIARELATIVE", "SecretAccessKey": "s"}'
+
+            [profile wi]
+            role_arn = arn:aws:iam::1:role/r
+            web_identity_token_file = tokens/absent
+            """.write(toFile: directory + "/aws/config", atomically: true, encoding: .utf8)
+        let environment = ["HOME": "/nonexistent-home", "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "aws/config",
+                           "PATH": "/usr/bin:/bin"]
+        let chain = AWSCredentialChain(explicit: nil, environment: environment, transport: NoNetwork(), workingDirectory: directory)
+        #expect(try chain.credentials().accessKeyID == "AKIARELATIVE")
+
+        var profiled = environment
+        profiled["AWS_PROFILE"] = "wi"
+        let webIdentity = AWSCredentialChain(explicit: nil, environment: profiled, transport: NoNetwork(), workingDirectory: directory)
+        do {
+            _ = try webIdentity.credentials()
+            Issue.record("a missing token file must fail")
+        } catch {
+            #expect(error.description.contains("cannot read the token file \(directory)/tokens/absent"), "\(error)")
+        }
+    }
+}
