@@ -21,16 +21,21 @@ public final class CurlTransport: HTTPTransport {
     private let idleHandles = Mutex<[EasyHandle]>([])
     private let maxIdleHandles: Int
     private let receiveBufferSize: Int
+    private let certificateAuthorities: String?
 
     /// - Parameters:
     ///   - maxIdleHandles: easy handles (each with its own connection cache) kept for reuse.
     ///   - receiveBufferSize: libcurl's receive buffer, the largest chunk `onBody` gets. Each
     ///     handle in use holds one: 64 KiB read a 1 GiB blob as fast as 256 KiB did on loopback,
     ///     with 3 MiB less peak RSS over 16 connections.
-    public init(maxIdleHandles: Int = 8, receiveBufferSize: Int = 64 * 1024) {
+    ///   - certificateAuthorities: a PEM file of the certificate authorities that HTTPS peers
+    ///     are verified against, in place of libcurl's default bundle (curl's CAINFO); check it
+    ///     first with `checkCertificateFile`, since libcurl reads it only at a TLS handshake.
+    public init(maxIdleHandles: Int = 8, receiveBufferSize: Int = 64 * 1024, certificateAuthorities: String? = nil) {
         _ = Self.globalInitResult
         self.maxIdleHandles = max(0, maxIdleHandles)
         self.receiveBufferSize = min(max(receiveBufferSize, 1024), 10 * 1024 * 1024)
+        self.certificateAuthorities = certificateAuthorities
     }
 
     public func execute(
@@ -107,6 +112,8 @@ public final class CurlTransport: HTTPTransport {
         if !request.verifiesTLSPeer {
             try check(CCurl_easy_setopt_long(curl, CURLOPT_SSL_VERIFYPEER, 0), "SSL_VERIFYPEER")
             try check(CCurl_easy_setopt_long(curl, CURLOPT_SSL_VERIFYHOST, 0), "SSL_VERIFYHOST")
+        } else if let certificateAuthorities {
+            try check(CCurl_easy_setopt_string(curl, CURLOPT_CAINFO, certificateAuthorities), "CAINFO")
         }
         // Best effort: a libcurl built without HTTP/2 keeps speaking HTTP/1.1.
         _ = CCurl_easy_setopt_long(curl, CURLOPT_HTTP_VERSION, CCurl_HTTP_VERSION_2TLS())
@@ -216,6 +223,82 @@ public final class CurlTransport: HTTPTransport {
 
     // MARK: - Helpers
 
+    /// Refuses a certificate authority file that libcurl could not use, with the reason, so a
+    /// mount fails at once rather than at its first HTTPS handshake (or never, when its remote
+    /// is plain HTTP): it must be a readable file holding at least one PEM certificate, and
+    /// every certificate block in it must be valid base64 of a DER sequence.
+    public static func checkCertificateFile(_ path: String) throws(CertificateFileProblem) {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else {
+            throw CertificateFileProblem("certificate file \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(descriptor) }
+        var info = stat()
+        guard fstat(descriptor, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+            throw CertificateFileProblem("certificate file \(path) is not a regular file")
+        }
+        let limit = 16 << 20
+        guard info.st_size <= limit else { throw CertificateFileProblem("certificate file \(path) is larger than 16 MiB") }
+        var bytes = [UInt8](repeating: 0, count: Int(info.st_size))
+        var filled = 0
+        while filled < bytes.count {
+            let count = bytes.withUnsafeMutableBytes { read(descriptor, $0.baseAddress! + filled, $0.count - filled) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { break }
+            filled += count
+        }
+        let text = String(decoding: bytes[..<filled], as: UTF8.self)
+        let begin = "-----BEGIN CERTIFICATE-----", end = "-----END CERTIFICATE-----"
+        var rest = Substring(text)
+        var certificates = 0
+        while let start = rest.firstRange(of: begin) {
+            guard let stop = rest[start.upperBound...].firstRange(of: end) else {
+                throw CertificateFileProblem("certificate file \(path): certificate \(certificates + 1) has no END CERTIFICATE line")
+            }
+            let body = rest[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace }
+            guard let der = decodeBase64(body), der.first == 0x30 else {
+                throw CertificateFileProblem("certificate file \(path): certificate \(certificates + 1) is not valid PEM")
+            }
+            certificates += 1
+            rest = rest[stop.upperBound...]
+        }
+        guard certificates > 0 else {
+            throw CertificateFileProblem("certificate file \(path) holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        }
+    }
+
+    /// Standard base64 with padding; nil for anything else.
+    static func decodeBase64(_ text: String) -> [UInt8]? {
+        let bytes = Array(text.utf8)
+        guard !bytes.isEmpty, bytes.count % 4 == 0 else { return nil }
+        func value(_ byte: UInt8) -> UInt8? {
+            switch byte {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"): return byte - UInt8(ascii: "A")
+            case UInt8(ascii: "a")...UInt8(ascii: "z"): return byte - UInt8(ascii: "a") + 26
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0") + 52
+            case UInt8(ascii: "+"): return 62
+            case UInt8(ascii: "/"): return 63
+            default: return nil
+            }
+        }
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count / 4 * 3)
+        for start in stride(from: 0, to: bytes.count, by: 4) {
+            let quad = bytes[start..<start + 4]
+            let padding = quad.reversed().prefix { $0 == UInt8(ascii: "=") }.count
+            guard padding <= 2, start + 4 == bytes.count || padding == 0 else { return nil }
+            var group: UInt32 = 0
+            for (index, byte) in quad.enumerated() {
+                let sextet: UInt8
+                if index >= 4 - padding { sextet = 0 } else if let decoded = value(byte) { sextet = decoded } else { return nil }
+                group = group << 6 | UInt32(sextet)
+            }
+            let decoded = [UInt8(group >> 16 & 0xFF), UInt8(group >> 8 & 0xFF), UInt8(group & 0xFF)]
+            out += decoded.prefix(3 - padding)
+        }
+        return out
+    }
+
     /// Refuses, with libcurl's own parser, a URL that no retry can fetch: malformed (a port
     /// outside 0-65535, a space) or of a scheme other than http and https (a redirect to
     /// file:// or ftp://). libcurl would refuse it too, but as a failed transfer. The URL itself
@@ -319,6 +402,12 @@ public final class CurlTransport: HTTPTransport {
             return .protocolError(message)
         }
     }
+}
+
+/// Why a certificate authority file is unusable, in one line naming it.
+public struct CertificateFileProblem: Error, CustomStringConvertible {
+    public var description: String
+    init(_ description: String) { self.description = description }
 }
 
 // MARK: - Easy handle

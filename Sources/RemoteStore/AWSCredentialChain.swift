@@ -1,6 +1,7 @@
 // AWS credentials for the S3 source, resolved the way BuildKit (aws-sdk-go-v2's default chain)
-// does: explicit source attributes, the environment, the shared config/credentials files,
-// container credentials, then EC2 instance metadata (IMDSv2). First match wins.
+// does: explicit source attributes, the environment, web identity, the shared config/credentials
+// files (keys, assumed roles, SSO, credential_process), container credentials, then EC2
+// instance metadata (IMDSv2). First match wins.
 
 import FoundationEssentials
 import SystemSupport
@@ -17,22 +18,29 @@ public protocol AWSCredentialProvider: Sendable {
 
 // MARK: - AWSCredentialChain
 
-/// The default AWS credential chain, in BuildKit's order:
+/// The default AWS credential chain, in BuildKit's order (aws-sdk-go-v2):
 ///
 /// 1. `explicit` (the source attributes `access_key_id`, `secret_access_key`, `session_token`);
 /// 2. `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`;
-/// 3. the profile `AWS_PROFILE` (default `default`) from the shared credentials file
-///    (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`) or, failing that, the
-///    config file (`AWS_CONFIG_FILE`, default `~/.aws/config`);
-/// 4. container credentials (`AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or `_FULL_URI`);
+/// 3. web identity: `AWS_WEB_IDENTITY_TOKEN_FILE` with `AWS_ROLE_ARN` (and
+///    `AWS_ROLE_SESSION_NAME`), exchanged with STS `AssumeRoleWithWebIdentity`;
+/// 4. the profile `AWS_PROFILE` (default `default`) of the shared credentials file
+///    (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`) and the config file
+///    (`AWS_CONFIG_FILE`, default `~/.aws/config`), in the SDKs' order within a profile:
+///    `role_arn` with `source_profile` (STS `AssumeRole` signed with the source profile's
+///    credentials, source profiles chained up to `maxProfileChain` deep) or with
+///    `web_identity_token_file`; keys (`aws_access_key_id`…); SSO (`sso_session` or
+///    `sso_start_url`, from the token `aws sso login` caches); `credential_process`;
+/// 5. container credentials (`AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or `_FULL_URI`);
 ///    when these are configured, instance metadata is not tried (as in the AWS SDKs);
-/// 5. EC2 instance metadata, IMDSv2 (unless `AWS_EC2_METADATA_DISABLED=true`).
+/// 6. EC2 instance metadata, IMDSv2 (unless `AWS_EC2_METADATA_DISABLED=true`).
 ///
-/// Every network exchange is bounded by `timeout` (both the stall and the total bound), so a
-/// source that does not answer costs at most `timeout` per request: one request for container
-/// credentials, at most three for instance metadata.
+/// Every network exchange is bounded: container and instance metadata requests by `timeout`
+/// (both the stall and the total bound), so a source that does not answer costs at most
+/// `timeout` per request (one request for container credentials, at most three for instance
+/// metadata); STS and SSO requests, and a `credential_process` run, by `serviceTimeout`.
 ///
-/// Credentials from steps 2–5 are cached. Those without an expiration are kept for the life
+/// Credentials from steps 2–6 are cached. Those without an expiration are kept for the life
 /// of the chain; temporary ones are refreshed once less than five minutes remain. While a
 /// refresh is under way other callers keep getting the old, still valid credentials; if a
 /// refresh fails while the old ones are still valid, those are used and the refresh is retried
@@ -73,11 +81,18 @@ public final class AWSCredentialChain: AWSCredentialProvider {
         }
     }
 
+    /// Source profiles followed from one profile at most (`role_arn` + `source_profile`).
+    static let maxProfileChain = 8
+
     private let explicit: AWSCredentials?
-    private let environment: [String: String]
-    private let transport: any HTTPTransport
+    let environment: [String: String]
+    let transport: any HTTPTransport
     private let timeout: Duration
-    private let now: @Sendable () -> Date
+    let serviceTimeout: Duration
+    /// The region of the bucket: STS's region when neither the environment nor the profile names one.
+    let defaultRegion: String?
+    let workingDirectory: String
+    let now: @Sendable () -> Date
     private let state = Mutex(CacheState())
     /// Held for the whole of a refresh, so concurrent callers do not fetch twice.
     private let refreshLock = Mutex(())
@@ -86,15 +101,23 @@ public final class AWSCredentialChain: AWSCredentialProvider {
     ///   - explicit: credentials from the source attributes; when given, nothing else is tried.
     ///   - environment: the environment for `AWS_*` variables and `HOME`.
     ///   - transport: HTTP for container credentials and instance metadata.
+    ///   - transport: HTTP for container credentials, instance metadata, STS and SSO.
     ///   - timeout: the bound on each container or instance metadata request.
+    ///   - serviceTimeout: the bound on each STS or SSO request and on a `credential_process` run.
+    ///   - region: the bucket's region, for STS when nothing else names one.
+    ///   - workingDirectory: what relative file names in the environment and profiles mean.
     ///   - now: the clock deciding when temporary credentials are refreshed.
     public init(explicit: AWSCredentials?, environment: [String: String] = ProcessInfo.processInfo.environment,
-                transport: any HTTPTransport, timeout: Duration = .seconds(2),
+                transport: any HTTPTransport, timeout: Duration = .seconds(2), serviceTimeout: Duration = .seconds(30),
+                region: String? = nil, workingDirectory: String = FileManager.default.currentDirectoryPath,
                 now: @escaping @Sendable () -> Date = Date.init) {
         self.explicit = explicit
         self.environment = environment
         self.transport = transport
         self.timeout = timeout
+        self.serviceTimeout = serviceTimeout
+        self.defaultRegion = region
+        self.workingDirectory = workingDirectory
         self.now = now
     }
 
@@ -149,10 +172,11 @@ public final class AWSCredentialChain: AWSCredentialProvider {
 
     // MARK: Resolution
 
-    /// Runs links 2–5 of the chain.
+    /// Runs links 2–6 of the chain.
     private func resolve() throws(RemoteStoreError) -> AWSCredentials {
         var notes: [String] = []
         if let credentials = environmentCredentials() { return credentials }
+        if let credentials = try environmentWebIdentityCredentials() { return credentials }
         if let credentials = try profileCredentials(notes: &notes) { return credentials }
 
         if let endpoint = containerEndpoint() {
@@ -177,7 +201,7 @@ public final class AWSCredentialChain: AWSCredentialProvider {
         throw .unauthorized(Self.oneLine(message))
     }
 
-    private func env(_ name: String) -> String? {
+    func env(_ name: String) -> String? {
         guard let value = environment[name], !value.isEmpty else { return nil }
         return value
     }
@@ -194,21 +218,18 @@ public final class AWSCredentialChain: AWSCredentialProvider {
 
     // MARK: 3. Shared config and credentials files
 
-    /// Profile settings that name a credential source this chain does not implement.
-    private static let unsupportedProfileKeys = [
-        "role_arn", "credential_process", "sso_session", "sso_start_url", "web_identity_token_file",
-    ]
-
-    private func expandingHome(_ path: String) -> String? {
+    /// `~` expanded, and a relative path taken from `workingDirectory`: the files are read
+    /// again at each renewal, after a background daemon has moved to `/`.
+    func localPath(_ path: String) -> String? {
         if path == "~" || path.hasPrefix("~/") {
             guard let home = env("HOME") else { return nil }
-            return joinedPath(home, String(path.dropFirst(path == "~" ? 1 : 2)))
+            return localPath(joinedPath(home, String(path.dropFirst(path == "~" ? 1 : 2))))
         }
-        return path
+        return path.hasPrefix("/") ? path : joinedPath(workingDirectory, path)
     }
 
     private func sharedFilePath(variable: String, defaultName: String) -> String? {
-        if let path = env(variable) { return expandingHome(path) }
+        if let path = env(variable) { return localPath(path) }
         guard let home = env("HOME") else { return nil }
         return joinedPath(joinedPath(home, ".aws"), defaultName)
     }
@@ -223,47 +244,30 @@ public final class AWSCredentialChain: AWSCredentialProvider {
         return AWSINIParser.parse(String(decoding: data, as: UTF8.self))
     }
 
-    private func profileCredentials(notes: inout [String]) throws(RemoteStoreError) -> AWSCredentials? {
-        let explicitProfile = env("AWS_PROFILE")
-        let profile = explicitProfile ?? "default"
+    func loadSharedFiles() throws(RemoteStoreError) -> AWSSharedFiles {
         let credentialsPath = sharedFilePath(variable: "AWS_SHARED_CREDENTIALS_FILE", defaultName: "credentials")
         let configPath = sharedFilePath(variable: "AWS_CONFIG_FILE", defaultName: "config")
+        return AWSSharedFiles(credentialsPath: credentialsPath, configPath: configPath,
+                              credentialsSections: try credentialsPath.flatMap { path throws(RemoteStoreError) in try readINI(path) },
+                              configSections: try configPath.flatMap { path throws(RemoteStoreError) in try readINI(path) })
+    }
 
-        let credentialsSection = try credentialsPath.flatMap { path throws(RemoteStoreError) in
-            try readINI(path)?[profile].map { (path, $0) }
-        }
-        let configSection = try configPath.flatMap { path throws(RemoteStoreError) -> (String, [String: String])? in
-            guard let sections = try readINI(path) else { return nil }
-            let section = sections["profile \(profile)"] ?? (profile == "default" ? sections["default"] : nil)
-            return section.map { (path, $0) }
-        }
-
-        // The credentials file wins; its keys are taken as a unit, never mixed with config's.
-        for (path, section) in [credentialsSection, configSection].compactMap({ $0 }) {
-            let keys = ["aws_access_key_id", "aws_secret_access_key", "aws_session_token"]
-            guard keys.contains(where: { section[$0] != nil }) else { continue }
-            guard let accessKey = section["aws_access_key_id"], !accessKey.isEmpty,
-                  let secretKey = section["aws_secret_access_key"], !secretKey.isEmpty else {
-                throw .configuration(Self.oneLine(
-                    "AWS profile \"\(profile)\" in \(path) needs both aws_access_key_id and aws_secret_access_key"))
-            }
-            let token = section["aws_session_token"].flatMap { $0.isEmpty ? nil : $0 }
-            return AWSCredentials(accessKeyID: accessKey, secretAccessKey: secretKey, sessionToken: token)
-        }
-
-        if credentialsSection == nil && configSection == nil {
+    private func profileCredentials(notes: inout [String]) throws(RemoteStoreError) -> AWSCredentials? {
+        let explicitProfile = env("AWS_PROFILE")
+        let files = try loadSharedFiles()
+        guard let profile = files.profile(explicitProfile ?? "default") else {
             if let explicitProfile {
-                let files = [credentialsPath, configPath].compactMap { $0 }.joined(separator: " or ")
+                let paths = [files.credentialsPath, files.configPath].compactMap { $0 }.joined(separator: " or ")
                 throw .configuration(Self.oneLine(
-                    "AWS profile \"\(explicitProfile)\" (AWS_PROFILE) not found in \(files.isEmpty ? "any shared file" : files)"))
+                    "AWS profile \"\(explicitProfile)\" (AWS_PROFILE) not found in \(paths.isEmpty ? "any shared file" : paths)"))
             }
             return nil
         }
-        let sections = [credentialsSection, configSection].compactMap { $0?.1 }
-        if let unsupported = Self.unsupportedProfileKeys.first(where: { key in sections.contains { $0[key] != nil } }) {
-            notes.append("profile \"\(profile)\" uses \(unsupported), which is not supported")
+        let credentials = try credentials(for: profile, in: files, via: [], region: stsRegion(profile: profile))
+        if credentials == nil {
+            notes.append("profile \"\(profile.name)\" names no credentials")
         }
-        return nil
+        return credentials
     }
 
     // MARK: 4. Container credentials

@@ -41,10 +41,16 @@ struct MountCommand: ParsableCommand {
         again (the helper is run again, within --timeout).
 
         For S3, bucket and region fall back to AWS_BUCKET and AWS_REGION and name to \
-        "buildkit"; every name becomes a tag. Credentials: the attributes, then \
-        AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, then AWS_PROFILE in \
-        ~/.aws/credentials and ~/.aws/config, then container credentials, then EC2 instance \
-        metadata.
+        "buildkit"; every name becomes a tag. Credentials, first found wins: the attributes, \
+        AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, web identity \
+        (AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN), the profile AWS_PROFILE in \
+        ~/.aws/credentials and ~/.aws/config (role_arn with source_profile or \
+        web_identity_token_file, keys, SSO, credential_process), container credentials, EC2 \
+        instance metadata. STS is reached at AWS_ENDPOINT_URL_STS or AWS_ENDPOINT_URL when set. \
+        Temporary credentials are renewed five minutes before they expire.
+
+        HTTPS peers are verified against --ca-file (or $SSL_CERT_FILE) when given, else the \
+        system's certificate authorities.
 
         Without --foreground the command returns once the mount is ready, so \
         `ocicachefs mount ... && buildctl ...` needs no sleep; it exits non-zero with one line \
@@ -108,6 +114,9 @@ struct MountCommand: ParsableCommand {
             transform: MetricsAddress.parse)
     var metricsListen: MetricsAddress?
 
+    @Option(help: ArgumentHelp("PEM file of the certificate authorities that HTTPS registries, S3 endpoints and AWS credential services are verified against, in place of the system's bundle (default: $SSL_CERT_FILE).", valueName: "FILE"))
+    var caFile: String?
+
     @Option(help: .hidden)
     var readyFD: Int32?
 
@@ -140,9 +149,11 @@ struct MountCommand: ParsableCommand {
         }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
         let source: String
+        let certificateAuthorities: String?
         do {
             try Self.checkOutsideMountpoint(cacheDirectory, mountpoint: mountpoint)
             try Self.prepareCacheDirectory(cacheDirectory)
+            certificateAuthorities = try certificateAuthorityFile()
             source = try sourceFD.map(Self.readSource) ?? self.source
         } catch {
             printError("\(error)")
@@ -160,13 +171,15 @@ struct MountCommand: ParsableCommand {
                 throw ExitCode.failure
             }
             throw ExitCode(Daemon.spawnAndAwaitReady(arguments: daemonArguments(cacheDirectory: absoluteCacheDirectory,
+                                                                                certificateAuthorities: certificateAuthorities,
                                                                                 shownSource: spec.withoutSecrets,
                                                                                 mountpoint: mountpoint),
                                                      source: source, logPath: logPath, readyTimeout: timeout * 4 + 30))
         }
         let reporter = ReadinessReporter(fd: readyFD)
         do {
-            try serve(source: source, mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory, reporter: reporter)
+            try serve(source: source, mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory,
+                      certificateAuthorities: certificateAuthorities, reporter: reporter)
         } catch {
             let line = "\(error)"
             // Into the daemon's log before its caller hears of it and returns.
@@ -178,8 +191,10 @@ struct MountCommand: ParsableCommand {
 
     /// The daemon's command line: this one's options with absolute paths, and the source
     /// without its secrets (the daemon reads the whole source from its descriptor).
-    private func daemonArguments(cacheDirectory: String, shownSource: String, mountpoint: String) -> [String] {
+    private func daemonArguments(cacheDirectory: String, certificateAuthorities: String?, shownSource: String,
+                                 mountpoint: String) -> [String] {
         var arguments = ["mount", "--cache-dir", cacheDirectory, "--timeout", String(timeout), "--log-level", logLevel]
+        if let certificateAuthorities { arguments += ["--ca-file", certificateAuthorities] }
         if let cacheSize { arguments += ["--cache-size", String(cacheSize.bytes)] }
         if let minFree { arguments += ["--min-free", String(minFree.bytes)] }
         if allowOther { arguments.append("--allow-other") }
@@ -189,6 +204,26 @@ struct MountCommand: ParsableCommand {
         if let metricsListen { arguments += ["--metrics-listen", metricsListen.description] }
         return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
                             "--", shownSource, mountpoint]
+    }
+
+    /// `--ca-file`, else `SSL_CERT_FILE`: absolute (the daemon works in /), and checked here,
+    /// so that a file libcurl could not use fails the mount at once with its reason.
+    private func certificateAuthorityFile() throws -> String? {
+        let path: String, origin: String
+        if let caFile {
+            (path, origin) = (caFile, "--ca-file")
+        } else if let variable = ProcessInfo.processInfo.environment["SSL_CERT_FILE"], !variable.isEmpty {
+            (path, origin) = (variable, "SSL_CERT_FILE")
+        } else {
+            return nil
+        }
+        let absolute = UnmountCommand.lexicallyAbsolute(path)
+        do {
+            try CurlTransport.checkCertificateFile(absolute)
+        } catch {
+            throw CommandError("\(origin): \(error)")
+        }
+        return absolute
     }
 
     private static func readSource(from fd: Int32) throws -> String {
@@ -204,7 +239,8 @@ struct MountCommand: ParsableCommand {
         }
     }
 
-    private func serve(source: String, mountpoint: String, cacheDirectory: String, reporter: ReadinessReporter) throws {
+    private func serve(source: String, mountpoint: String, cacheDirectory: String, certificateAuthorities: String?,
+                       reporter: ReadinessReporter) throws {
         // `pgrep ocicachefs` finds the daemon: exec'd through /proc/self/exe, it would be "exe".
         SystemThread.nameCurrentThread("ocicachefs")
         // Signals go to one waiting thread, not to whichever thread happens to run.
@@ -224,8 +260,9 @@ struct MountCommand: ParsableCommand {
 
         let spec = try SourceSpec(parsing: source)
         let (remote, publisher) = try SourceFactory.make(spec, writable: writable,
-                                                           uploadCutoff: uploadCutoff?.bytes ?? defaultSingleRequestUploadLimit,
-                                                           timeout: bound, logger: logger)
+                                                         uploadCutoff: uploadCutoff?.bytes ?? defaultSingleRequestUploadLimit,
+                                                         timeout: bound, certificateAuthorities: certificateAuthorities,
+                                                         logger: logger)
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
         logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
         // Saving the resolution for offline mounts cost a third of a 100,000-blob mount's CPU:
@@ -458,13 +495,16 @@ func printError(_ line: String) {
 
 enum SourceFactory {
     /// The source to read, and with `writable` the publisher that writes to the same place.
-    /// `uploadCutoff`: the largest blob the publisher sends in one request.
+    /// `uploadCutoff`: the largest blob the publisher sends in one request. Both, and the AWS
+    /// credential chain, share one transport, so `certificateAuthorities` (a PEM file replacing
+    /// the system's bundle) verifies every HTTPS peer of the mount.
     static func make(_ spec: SourceSpec, writable: Bool = false, uploadCutoff: Int64 = defaultSingleRequestUploadLimit,
-                     timeout: Duration, logger: Logger) throws -> (any RemoteCacheSource, (any CachePublisher)?) {
+                     timeout: Duration, certificateAuthorities: String? = nil,
+                     logger: Logger) throws -> (any RemoteCacheSource, (any CachePublisher)?) {
         switch spec.type {
         case "registry":
             let setup = try RegistrySetup(spec: spec, helperTimeout: timeout)
-            let transport = CurlTransport()
+            let transport = CurlTransport(certificateAuthorities: certificateAuthorities)
             return (setup.makeSource(transport: transport, timeout: timeout, logger: logger),
                     writable ? setup.makePublisher(singleRequestLimit: uploadCutoff, transport: transport, timeout: timeout,
                                                    logger: logger) : nil)
@@ -474,8 +514,11 @@ enum SourceFactory {
             if let keyID = spec.attributes["access_key_id"], let secret = spec.attributes["secret_access_key"] {
                 explicit = AWSCredentials(accessKeyID: keyID, secretAccessKey: secret, sessionToken: spec.attributes["session_token"])
             }
-            let transport = CurlTransport()
-            let credentials = AWSCredentialChain(explicit: explicit, transport: transport)
+            let transport = CurlTransport(certificateAuthorities: certificateAuthorities)
+            // STS, SSO and credential_process get the mount's bound; the local metadata
+            // endpoints keep the chain's short one.
+            let credentials = AWSCredentialChain(explicit: explicit, transport: transport, serviceTimeout: timeout,
+                                                 region: location.region)
             return (S3Source(location: location, credentials: credentials, transport: transport, timeout: timeout, logger: logger),
                     writable ? S3Publisher(location: location, credentials: credentials, transport: transport, timeout: timeout,
                                            logger: logger, multipartThreshold: uploadCutoff) : nil)

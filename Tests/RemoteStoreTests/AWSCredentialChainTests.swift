@@ -401,11 +401,11 @@ struct AWSCredentialChainProfileTests {
     @Test func unsupportedProfileSettingIsNamedInTheError() throws {
         let home = try AWSTempDir()
         defer { home.cleanup() }
-        try home.write(".aws/config", "[default]\nrole_arn = arn:aws:iam::123:role/x\nsource_profile = base\n")
+        try home.write(".aws/config", "[default]\nrole_arn = arn:aws:iam::123:role/x\ncredential_source = Ec2InstanceMetadata\n")
         let chain = makeChain(home: home)
         let error = remoteStoreError { () throws(RemoteStoreError) in try chain.credentials() }
-        #expect(isUnauthorized(error))
-        #expect(error?.description.contains("role_arn") == true)
+        #expect(isConfiguration(error))
+        #expect(error?.description.contains("credential_source = Ec2InstanceMetadata is not supported") == true)
     }
 }
 
