@@ -82,21 +82,6 @@ private func loopbackHostName(in ws: Workspace) throws -> String {
                        + "the TLS registry test needs one that is not 'localhost' (e.g. the host name in /etc/hosts)")
 }
 
-/// A free TCP port on 127.0.0.1 (released for the server to bind; the caller retries on a clash).
-private func freeLoopbackPort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw HarnessError("socket: \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let bound = withUnsafeMutablePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-    }
-    guard bound else { throw HarnessError("bind: \(String(cString: strerror(errno)))") }
-    return Int(UInt16(bigEndian: address.sin_port))
-}
 
 /// Waits until something accepts connections on 127.0.0.1:`port`.
 private func awaitListening(_ port: Int, server: BackgroundServer, log: String) async throws {
@@ -124,7 +109,7 @@ extension Workspace {
         let docker = try Harness.tool("docker-registry", neededFor: "the test OCI registry (package docker-registry)")
         var lastError: (any Error)?
         for attempt in 1...3 {
-            let port = try freeLoopbackPort()
+            let port = try closedPort()
             let config = path("tls-registry-\(attempt).yml")
             try """
                 version: 0.1
@@ -161,7 +146,7 @@ extension Workspace {
     fileprivate func startTLSMoto(pki: TestPKI) async throws -> Int {
         var lastError: (any Error)?
         for attempt in 1...3 {
-            let port = try freeLoopbackPort()
+            let port = try closedPort()
             let server = try BackgroundServer(try Harness.python(),
                                               ["-m", "moto.server", "-H", "127.0.0.1", "-p", String(port),
                                                "-c", pki.serverCertificate, "-k", pki.serverKey],

@@ -7,23 +7,6 @@ import Glibc
 
 @Suite("ocicachefs stats and the Prometheus exports, checked against known reads through a real mount")
 struct StatsTests {
-    /// A TCP port on 127.0.0.1 nothing listens on at the moment.
-    static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { generic in
-                bind(fd, generic, length) == 0 && getsockname(fd, generic, &length) == 0
-            }
-        }
-        guard bound else { throw HarnessError("cannot find a free port: \(String(cString: strerror(errno)))") }
-        return Int(UInt16(bigEndian: address.sin_port))
-    }
-
     /// Prometheus text parsed by the `prometheus_client` package's own parser: each sample as
     /// `name{labels}` → value, and each family's type.
     static func parsePrometheus(_ text: String, in ws: Workspace) async throws -> (samples: [String: Double], types: [String: String]) {
@@ -71,7 +54,7 @@ struct StatsTests {
             let bytes = try FileIO.readAll(earlier.path("blobs/sha256/" + good.hex))
             #expect(try await earlier.unmount(in: ws).status == 0)
 
-            let port = try Self.freePort()
+            let port = try closedPort()
             let metricsFile = ws.path("ocicachefs.prom")
             let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), cacheDir: earlier.cacheDir,
                                                            options: ["--metrics-file", metricsFile, "--metrics-listen", "127.0.0.1:\(port)"])
