@@ -24,8 +24,8 @@ final class Fixture: Sendable {
          otherProcessStall: Duration = .seconds(60), readStallLimit: Duration? = nil,
          unwatchedFetchLimit: Duration = .seconds(10), commitTiming: CommitTiming = .init(),
          limits: CacheLimits? = nil, tuning: FetchTuning = .init(), memoryLimit: Int64 = 256 << 20,
-         chained: Bool = false) throws {
-        source = InMemorySource(layers: layers, behaviour: behaviour, chained: chained)
+         chained: Bool = false, layerMediaType: String = "application/vnd.oci.image.layer.v1.tar+gzip") throws {
+        source = InMemorySource(layers: layers, behaviour: behaviour, chained: chained, layerMediaType: layerMediaType)
         self.cacheDirectory = cacheDirectory ?? NSTemporaryDirectory() + "cachefs-test-" + UUID().uuidString
         let store = try ContentStore(directory: self.cacheDirectory)
         fetcher = BlobFetcher(store: store, source: source, logger: Logger(label: "test"), maxAttempts: 3,

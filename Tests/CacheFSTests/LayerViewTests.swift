@@ -1,0 +1,99 @@
+import CacheFS
+import ContentCache
+import Foundation
+import Logging
+import OCI
+import Testing
+
+// The `layers/` view through the core, in process, over the in-memory remote: sizes, reads,
+// the index kept in the cache directory, eviction with the blob, and damaged layers.
+
+/// `tool arguments` over `input` (gzip, zstd); fails the test when the tool fails or is missing.
+private func compress(_ input: [UInt8], with tool: String, _ arguments: [String]) throws -> [UInt8] {
+    let directory = NSTemporaryDirectory() + "layer-input-" + UUID().uuidString
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let inputPath = directory + "/input", outputPath = directory + "/output"
+    try Data(input).write(to: URL(fileURLWithPath: inputPath))
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/sh")
+    process.arguments = ["-c", "\(tool) \(arguments.joined(separator: " ")) < '\(inputPath)' > '\(outputPath)'"]
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw FSError.ioError }
+    return try Array(Data(contentsOf: URL(fileURLWithPath: outputPath)))
+}
+
+/// Compressible and incompressible runs, like a layer's files.
+private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var bytes: [UInt8] = []
+    var part: UInt64 = 0
+    while bytes.count < count {
+        bytes += part % 2 == 0 ? randomBytes(50_000, seed: seed &+ part) : Array(String(repeating: "layer line \(part)\n", count: 5_000).utf8)
+        part += 1
+    }
+    return Array(bytes.prefix(count))
+}
+
+@Suite struct LayerViewTests {
+    @Test func aGzipLayerReadsAsItsTarAndItsIndexGoesWithItsBlob() throws {
+        let tar = tarLikeBytes(6_000_000, seed: 40)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let digest = Digest.sha256(of: layer)
+        let view = try fixture.inode("layers/sha256/" + digest.hex)
+        #expect(try fixture.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        #expect(try fixture.filesystem.readdir(fixture.inode("layers/sha256")).get().map(\.name) == [".", "..", digest.hex])
+        for (offset, count) in [(0, 4096), (3_333_333, 131_072), (Int(tar.count) - 100, 4096), (5_000_000, 1 << 20), (17, 1)] {
+            let expected = Array(tar[offset..<min(tar.count, offset + count)])
+            #expect(try fixture.read(view, offset: Int64(offset), count: count).get() == expected, "at \(offset)")
+        }
+        #expect(try fixture.read(view, offset: Int64(tar.count), count: 10).get().isEmpty)
+
+        let indexPath = fixture.cacheDirectory + "/layers/" + digest.hex + ".index"
+        #expect(FileManager.default.fileExists(atPath: indexPath))
+        fixture.fetcher.waitUntilIdle()
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let blobBytes = try #require(store.completeBlobs().first { $0.digest == digest }).size
+        // The index counts with its blob, and goes with it.
+        let removed = store.evict(toFit: CacheLimits(maxBytes: 0, minFreeBytes: 0))
+        #expect(removed.map(\.digest).contains(digest))
+        #expect(try #require(removed.first { $0.digest == digest }).size > blobBytes)
+        #expect(!FileManager.default.fileExists(atPath: indexPath))
+    }
+
+    @Test func aSingleFrameZstdLayerKeepsItsStreamAsSpans() throws {
+        let tar = tarLikeBytes(9_000_000, seed: 41)
+        let layer = try compress(tar, with: "zstd", ["-q", "-c"])
+        let fixture = try Fixture(layers: [layer], layerMediaType: "application/vnd.oci.image.layer.v1.tar+zstd")
+        defer { fixture.removeCache() }
+        let digest = Digest.sha256(of: layer)
+        let view = try fixture.inode("layers/sha256/" + digest.hex)
+        #expect(try fixture.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        #expect(FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".spans"))
+        for offset in [8_000_000, 0, 4_500_000] {
+            #expect(try fixture.read(view, offset: Int64(offset), count: 65_536).get() == Array(tar[offset..<offset + 65_536]))
+        }
+        // Without its spans (evicted by another process), reads decompress from the frame start.
+        try FileManager.default.removeItem(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".spans")
+        #expect(try fixture.read(view, offset: 7_000_000, count: 65_536).get() == Array(tar[7_000_000..<7_065_536]))
+    }
+
+    @Test func aDamagedLayerIsAnIOErrorAndListsNothingElse() throws {
+        var layer = try compress(tarLikeBytes(1_000_000, seed: 42), with: "gzip", ["-c"])
+        layer[layer.count / 2] ^= 0x40
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let layers = try fixture.inode("layers/sha256")
+        let hex = Digest.sha256(of: layer).hex
+        #expect(fixture.filesystem.lookup(parent: layers, name: hex) == .failure(.ioError))
+        // Tried again on the next use (the remote may be back), refused again.
+        #expect(fixture.filesystem.lookup(parent: layers, name: hex) == .failure(.ioError))
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + hex + ".index"))
+        // Listing with attributes does not make the pass: the kernel looks up what it stats.
+        let listed = try fixture.filesystem.readdirPlus(layers, offset: 0, limit: 10).get()
+        #expect(listed.map(\.entry.name) == [".", "..", hex])
+        #expect(listed.allSatisfy { $0.attributes == nil })
+    }
+}
