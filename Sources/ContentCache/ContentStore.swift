@@ -24,6 +24,7 @@ public final class ContentStore: Sendable {
             try Self.makeDirectory(path)
         }
         removeOrphanedPartials()
+        removeOrphanedLayerFiles()
     }
 
     var blobsDirectory: String { directory + "/blobs/sha256" }

@@ -1,6 +1,7 @@
 import FoundationEssentials
 import LayerView
 import OCI
+import Synchronization
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
@@ -16,40 +17,79 @@ extension ContentStore {
     func layerIndexPath(_ digest: Digest) -> String { layersDirectory + "/" + digest.hex + ".index" }
     func layerSpansPath(_ digest: Digest) -> String { layersDirectory + "/" + digest.hex + ".spans" }
 
-    /// The index a pass over this blob saved, or nil when there is none or it does not parse
-    /// whole (a damaged file is removed, to be computed again).
-    func loadLayerIndex(_ digest: Digest, compressedSize: Int64) -> LayerIndex? {
+    /// The index a pass over this blob saved, with the file it reads windows from, or nil when
+    /// there is none or its table does not parse whole (a damaged file is removed, to be
+    /// computed again).
+    func loadLayerIndex(_ digest: Digest, compressedSize: Int64) -> (index: LayerIndex, windows: OpenFile)? {
         let path = layerIndexPath(digest)
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         let file = OpenFile(fd: fd)
         var info = stat()
-        guard fstat(fd, &info) == 0, info.st_size > 0, info.st_size < 1 << 30,
-              let bytes = try? file.read(offset: 0, count: Int(info.st_size)) else { return nil }
-        guard let index = LayerIndex(serialized: bytes), index.compressedSize == compressedSize else {
+        let footerSize = LayerIndex.footerSize
+        guard fstat(fd, &info) == 0, Int64(info.st_size) >= Int64(LayerIndex.fileHeader.count + footerSize),
+              let header = try? file.read(offset: 0, count: LayerIndex.fileHeader.count), header == LayerIndex.fileHeader,
+              let footer = try? file.read(offset: Int64(info.st_size) - Int64(footerSize), count: footerSize),
+              let tableOffset = LayerIndex.tableOffset(footer: footer, fileSize: Int64(info.st_size)),
+              Int64(info.st_size) - tableOffset < 1 << 30,
+              let trailer = try? file.read(offset: tableOffset, count: Int(Int64(info.st_size) - tableOffset)),
+              let index = LayerIndex(trailer: trailer, tableOffset: tableOffset), index.compressedSize == compressedSize else {
             unlink(path)
             return nil
         }
         // Used: eviction counts the layer files with their blob, by the blob's age.
         markUsed(digest)
-        return index
+        return (index, file)
     }
 
-    /// Saves an index durably, whole or not at all (write, fsync, rename).
-    func saveLayerIndex(_ index: LayerIndex, of digest: Digest) throws(CacheError) {
-        let path = layerIndexPath(digest)
-        let temporary = "\(path).\(getpid()).tmp"
-        let fd = open(temporary, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError.system("cannot create \(temporary)") }
-        let file = OpenFile(fd: fd)
-        do throws(CacheError) {
-            try file.write(index.serialized(), at: 0)
-            guard fsync(fd) == 0 else { throw CacheError.system("fsync of \(temporary) failed") }
-            guard rename(temporary, path) == 0 else { throw CacheError.system("cannot rename \(temporary)") }
-        } catch {
-            unlink(temporary)
-            throw error
+    /// A checkpoint with its window read back from the index file; nil when the bytes there
+    /// are not the ones recorded.
+    func loadWindow(of checkpoint: LayerCheckpoint, from windows: OpenFile?) -> LayerCheckpoint? {
+        guard let location = checkpoint.windowLocation else { return checkpoint }
+        guard let windows, let bytes = try? windows.read(offset: location.offset, count: location.length) else { return nil }
+        return checkpoint.withWindow(bytes)
+    }
+
+    /// An index file being written by a pass: the header now, windows as they are recorded,
+    /// the table at the end (`finish`), then fsync and rename, so it appears whole or not at all.
+    final class LayerIndexFile: Sendable {
+        let file: OpenFile
+        let temporaryPath: String
+        let path: String
+        /// Where the next window goes; only the pass that owns the file moves it.
+        let end: Mutex<Int64>
+
+        init(store: ContentStore, digest: Digest) throws(CacheError) {
+            path = store.layerIndexPath(digest)
+            temporaryPath = "\(path).\(getpid()).tmp"
+            let fd = open(temporaryPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw CacheError.system("cannot create \(temporaryPath)") }
+            file = OpenFile(fd: fd)
+            try file.write(LayerIndex.fileHeader, at: 0)
+            end = Mutex(Int64(LayerIndex.fileHeader.count))
         }
+
+        /// Writes the checkpoint's window to the file and returns the checkpoint pointing there.
+        func place(_ checkpoint: LayerCheckpoint) throws(CacheError) -> LayerCheckpoint {
+            guard checkpoint.kind == .deflateBlock else { return checkpoint }
+            let offset = end.withLock { $0 }
+            try file.write(checkpoint.window, at: offset)
+            end.withLock { $0 += Int64(checkpoint.window.count) }
+            var placed = checkpoint
+            placed.windowLocation = .init(offset: offset, length: checkpoint.window.count,
+                                          crc: LayerCheckpoint.crc32(of: checkpoint.window))
+            placed.window = []
+            return placed
+        }
+
+        func finish(_ index: LayerIndex) throws(CacheError) {
+            let tableOffset = end.withLock { $0 }
+            try file.write(index.trailer(tableOffset: tableOffset), at: tableOffset)
+            guard fsync(file.fd) == 0 else { throw CacheError.system("fsync of \(temporaryPath) failed") }
+            guard rename(temporaryPath, path) == 0 else { throw CacheError.system("cannot rename \(temporaryPath)") }
+        }
+
+        func abandon() { unlink(temporaryPath) }
     }
 
     /// A fresh spans file for a pass to fill.
@@ -71,6 +111,16 @@ extension ContentStore {
     func removeLayerFiles(_ digest: Digest) {
         unlink(layerIndexPath(digest))
         unlink(layerSpansPath(digest))
+    }
+
+    /// Index files a pass was writing when its process died.
+    func removeOrphanedLayerFiles() {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: layersDirectory) else { return }
+        for name in names where name.hasSuffix(".tmp") {
+            let parts = name.split(separator: ".")
+            guard parts.count == 4, let pid = Int32(parts[2]), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            unlink(layersDirectory + "/" + name)
+        }
     }
 
     /// Bytes the layer files of each blob take on disk.

@@ -24,10 +24,16 @@ final class LayerRead: @unchecked Sendable {
 /// The reads of one layer and the decoder serving them: one driver at a time, on a worker.
 // SAFETY: `pending`, `driving` and `idle` are read and changed only under the reader's state lock; a decoder taken out of `idle` belongs to the driver that took it.
 final class LayerSession: @unchecked Sendable {
+    /// The index file, open: checkpoints' windows are read from it (even once evicted).
+    let windows: OpenFile?
     var pending: [LayerRead] = []
     var driving = false
     /// Where the last read left the decoder: a reader going on sequentially continues it.
     var idle: LayerDecoder?
+    /// A window in the index file proved damaged: every decoder starts at the layer's start.
+    var windowsDamaged = false
+
+    init(windows: OpenFile?) { self.windows = windows }
 }
 
 extension LayerReader {
@@ -95,7 +101,7 @@ extension LayerReader {
     /// left, when it stands between that read and the checkpoint before it, else a new one
     /// from that checkpoint.
     private func drive(_ layer: LayerSpec, index: LayerIndex) {
-        let plan = state.withLock { state -> (start: Int64, kept: LayerDecoder?)? in
+        let plan = state.withLock { state -> (start: Int64, kept: LayerDecoder?, windows: OpenFile?, damaged: Bool)? in
             guard let session = session(of: layer, in: state) else { return nil }
             guard let first = session.pending.min(by: { $0.next < $1.next }) else {
                 session.driving = false
@@ -103,15 +109,26 @@ extension LayerReader {
             }
             defer { session.idle = nil }
             state.idleDecoders.removeAll { $0 == layer.digest }
-            return (first.next, session.idle)
+            return (first.next, session.idle, session.windows, session.windowsDamaged)
         }
         guard let plan else { return }
-        let checkpoint = index.checkpoint(before: plan.start)
+        let checkpoint = plan.damaged ? .start : index.checkpoint(before: plan.start)
         if let kept = plan.kept, (checkpoint.uncompressedOffset...plan.start).contains(kept.uncompressedPosition) {
             return decodeStep(layer, index: index, decoder: kept)
         }
+        var restored = checkpoint
+        if let loaded = fetcher.store.loadWindow(of: checkpoint, from: plan.windows) {
+            restored = loaded
+        } else {
+            // The index file was damaged after the pass: the start always serves (slowly), and
+            // the next mount makes the pass again.
+            logger.warning("a layer's index file is damaged; reading from the layer's start", metadata: ["digest": "\(layer.digest)"])
+            fetcher.store.removeLayerFiles(layer.digest)
+            state.withLock { state in session(of: layer, in: state)?.windowsDamaged = true }
+            restored = .start
+        }
         do throws(LayerDecodeError) {
-            decodeStep(layer, index: index, decoder: try LayerDecoder(compression: layer.compression, from: checkpoint))
+            decodeStep(layer, index: index, decoder: try LayerDecoder(compression: layer.compression, from: restored))
         } catch {
             failPending(layer, .undecodable(layer.digest, error.description), stopDriving: false)
             scheduleDrive(layer, index: index)
@@ -138,7 +155,7 @@ extension LayerReader {
             case .success(let bytes):
                 do throws(LayerDecodeError) {
                     try decoder.feed(bytes, ends: offset + Int64(count) == layer.size) { piece in
-                        wanted = deliver(piece, endingAt: decoder.uncompressedPosition, of: layer, answering: &answered)
+                        wanted = deliver(piece, endingAt: decoder.uncompressedPosition, of: layer, index: index, answering: &answered)
                         return wanted
                     }
                 } catch {
@@ -163,8 +180,9 @@ extension LayerReader {
     }
 
     /// Copies a piece of output into the reads it continues; returns whether a waiting read
-    /// starts at most a span past the output, so that continuing beats starting afresh.
-    private func deliver(_ piece: UnsafeRawBufferPointer, endingAt end: Int64, of layer: LayerSpec,
+    /// lies ahead with no checkpoint between the output and it, so that continuing beats
+    /// starting afresh.
+    private func deliver(_ piece: UnsafeRawBufferPointer, endingAt end: Int64, of layer: LayerSpec, index: LayerIndex,
                          answering answered: inout [LayerRead]) -> Bool {
         let start = end - Int64(piece.count)
         return state.withLock { state in
@@ -183,7 +201,10 @@ extension LayerReader {
                 }
             }
             if !done.isEmpty { session.pending.removeAll { done.contains(ObjectIdentifier($0)) } }
-            return session.pending.contains { $0.next >= end && $0.next - end <= spacing }
+            let restarts = !session.windowsDamaged
+            return session.pending.contains { read in
+                read.next >= end && (!restarts || index.checkpoint(before: read.next).uncompressedOffset <= end)
+            }
         }
     }
 

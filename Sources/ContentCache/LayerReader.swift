@@ -115,8 +115,9 @@ public final class LayerReader: Sendable {
         case .wait: break
         case .load:
             let queued = fetcher.localQueue.enqueue(.reader, dropped: { [self] in finishIndexing(layer, .failure(.cancelled)) }) { [self] in
-                if let saved = fetcher.store.loadLayerIndex(layer.digest, compressedSize: layer.size), saved.compression == layer.compression {
-                    finishIndexing(layer, .success(saved))
+                if let saved = fetcher.store.loadLayerIndex(layer.digest, compressedSize: layer.size),
+                   saved.index.compression == layer.compression {
+                    finishIndexing(layer, .success(saved.index), windows: saved.windows)
                 } else {
                     startPass(layer)
                 }
@@ -125,11 +126,12 @@ public final class LayerReader: Sendable {
         }
     }
 
-    private func finishIndexing(_ layer: LayerSpec, _ result: Result<LayerIndex, BlobReadError>) {
+    /// `windows`: the index file the checkpoints' windows are read from.
+    private func finishIndexing(_ layer: LayerSpec, _ result: Result<LayerIndex, BlobReadError>, windows: OpenFile? = nil) {
         let waiters = state.withLock { state -> [@Sendable (Result<LayerIndex, BlobReadError>) -> Void] in
             guard case .indexing(let waiters)? = state.layers[layer.digest] else { return [] }
             switch result {
-            case .success(let index): state.layers[layer.digest] = .indexed(index, LayerSession())
+            case .success(let index): state.layers[layer.digest] = .indexed(index, LayerSession(windows: windows))
             // A failed pass is tried again by the next use: the remote may be back.
             case .failure: state.layers[layer.digest] = nil
             }
@@ -152,12 +154,18 @@ public final class LayerReader: Sendable {
         /// turn out too far apart to start reads from.
         var spans: OpenFile?
         var spansWritten: Int64 = 0
+        /// The index file the windows go to as they are recorded; nil when it could not be
+        /// written (then only checkpoints without a window are kept).
+        var indexFile: ContentStore.LayerIndexFile?
+        var checkpoints: [LayerCheckpoint] = [.start]
         let reader: BlobFetcher.ReaderID
 
-        init(layer: LayerSpec, decoder: LayerDecoder, spans: OpenFile?, reader: BlobFetcher.ReaderID) {
+        init(layer: LayerSpec, decoder: LayerDecoder, spans: OpenFile?, indexFile: ContentStore.LayerIndexFile?,
+             reader: BlobFetcher.ReaderID) {
             self.layer = layer
             self.decoder = decoder
             self.spans = spans
+            self.indexFile = indexFile
             self.reader = reader
         }
     }
@@ -170,9 +178,10 @@ public final class LayerReader: Sendable {
             return finishIndexing(layer, .failure(.undecodable(layer.digest, error.description)))
         }
         let spans = layer.compression == .zstd ? try? fetcher.store.createLayerSpans(layer.digest) : nil
+        let indexFile = try? ContentStore.LayerIndexFile(store: fetcher.store, digest: layer.digest)
         // Held while the pass runs: eviction spares the blob.
         let (reader, _) = fetcher.openReader(layer.digest)
-        passStep(Pass(layer: layer, decoder: decoder, spans: spans, reader: reader))
+        passStep(Pass(layer: layer, decoder: decoder, spans: spans, indexFile: indexFile, reader: reader))
     }
 
     private func passStep(_ pass: Pass) {
@@ -210,6 +219,20 @@ public final class LayerReader: Sendable {
         } catch {
             return .failure(.undecodable(pass.layer.digest, error.description))
         }
+        // Windows go to disk as they come: a 4 GiB layer has 64 MiB of them.
+        for checkpoint in pass.decoder.takeRecorded() {
+            if let indexFile = pass.indexFile {
+                do throws(CacheError) {
+                    pass.checkpoints.append(try indexFile.place(checkpoint))
+                    continue
+                } catch {
+                    indexFile.abandon()
+                    pass.indexFile = nil
+                    pass.checkpoints.removeAll { $0.kind == .deflateBlock }
+                }
+            }
+            if checkpoint.kind == .streamStart { pass.checkpoints.append(checkpoint) }
+        }
         if spansFailed {
             // The cache's disk is full: the layer is read from its checkpoints alone.
             pass.spans = nil
@@ -230,34 +253,33 @@ public final class LayerReader: Sendable {
             }
             let size = pass.decoder.uncompressedPosition
             var index = LayerIndex(compression: layer.compression, compressedSize: layer.size, uncompressedSize: size,
-                                   checkpoints: [.start] + pass.decoder.recorded.filter { $0.uncompressedOffset < size })
+                                   checkpoints: pass.checkpoints.filter { $0.uncompressedOffset < size })
             index.keepsSpans = pass.spans != nil && index.longestSpan > longestSpanWithoutSpans
             return .success(index)
         }
         if case .success(let index) = result {
-            if index.keepsSpans, let spans = pass.spans, fsync(spans.fd) != 0 {
-                var withoutSpans = index
-                withoutSpans.keepsSpans = false
-                fetcher.store.removeLayerSpans(layer.digest)
-                save(withoutSpans, of: layer.digest)
-                return finishIndexing(layer, .success(withoutSpans))
-            }
+            var index = index
+            if index.keepsSpans, let spans = pass.spans, fsync(spans.fd) != 0 { index.keepsSpans = false }
             if !index.keepsSpans { fetcher.store.removeLayerSpans(layer.digest) }
-            save(index, of: layer.digest)
-        } else {
-            fetcher.store.removeLayerSpans(layer.digest)
+            save(index, to: pass.indexFile, of: layer.digest)
+            return finishIndexing(layer, .success(index), windows: pass.indexFile?.file)
         }
+        fetcher.store.removeLayerSpans(layer.digest)
+        pass.indexFile?.abandon()
         if case .failure(let error) = result, error != .cancelled {
             logger.error("layer cannot be presented", metadata: ["digest": "\(layer.digest)", "error": "\(error)"])
         }
-        finishIndexing(layer, result)
+        finishIndexing(layer, result, windows: nil)
     }
 
-    private func save(_ index: LayerIndex, of digest: Digest) {
+    /// Ends the index file; were that impossible, the windows already written still serve this
+    /// mount through the open file, and the next mount makes the pass again.
+    private func save(_ index: LayerIndex, to file: ContentStore.LayerIndexFile?, of digest: Digest) {
+        guard let file else { return }
         do throws(CacheError) {
-            try fetcher.store.saveLayerIndex(index, of: digest)
+            try file.finish(index)
         } catch {
-            // Only the next mount loses: it makes the pass again.
+            file.abandon()
             logger.warning("cannot keep a layer's index", metadata: ["digest": "\(digest)", "error": "\(error)"])
         }
     }

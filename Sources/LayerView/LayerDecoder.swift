@@ -32,8 +32,14 @@ public final class LayerDecoder: @unchecked Sendable {
     public private(set) var compressedPosition: Int64
     /// The offset in the uncompressed stream of the next byte `feed` gives out.
     public private(set) var uncompressedPosition: Int64
-    /// Checkpoints recorded so far, beyond the one the decoder started at.
+    /// Checkpoints recorded since the last `takeRecorded`, beyond the one the decoder started at.
     public private(set) var recorded: [LayerCheckpoint] = []
+
+    /// The checkpoints recorded so far, handed over (with their windows) and forgotten here.
+    public func takeRecorded() -> [LayerCheckpoint] {
+        defer { recorded = [] }
+        return recorded
+    }
 
     private let spacing: Int64?
     private var lastCheckpoint: Int64

@@ -1,6 +1,7 @@
 import CacheFS
 import ContentCache
 import Foundation
+import LayerView
 import Logging
 import OCI
 import Testing
@@ -61,6 +62,40 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(removed.map(\.digest).contains(digest))
         #expect(try #require(removed.first { $0.digest == digest }).size > blobBytes)
         #expect(!FileManager.default.fileExists(atPath: indexPath))
+    }
+
+    @Test func theNextMountReadsTheSavedIndexAndSurvivesADamagedWindow() throws {
+        let tar = tarLikeBytes(5_000_000, seed: 43)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let first = try Fixture(layers: [layer])
+        defer { first.removeCache() }
+        let hex = Digest.sha256(of: layer).hex
+        #expect(try first.filesystem.getattr(first.inode("layers/sha256/" + hex)).get().attributes.size == Int64(tar.count))
+        first.fetcher.waitUntilIdle()
+        let indexPath = first.cacheDirectory + "/layers/" + hex + ".index"
+        let saved = try Array(Data(contentsOf: URL(fileURLWithPath: indexPath)))
+        let index = try #require(LayerIndex(serializedFile: saved))
+        #expect(index.uncompressedSize == Int64(tar.count) && index.checkpoints.count >= 2)
+
+        // Another mount of the same cache directory: no pass (the remote is not asked for the
+        // blob, which is in the cache), reads from checkpoints.
+        let second = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory)
+        let view = try second.inode("layers/sha256/" + hex)
+        #expect(try second.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        #expect(second.source.bytesSent() == 0)
+        let last = try #require(index.checkpoints.last)
+        let at = Int(last.uncompressedOffset) + 10
+        #expect(try second.read(view, offset: Int64(at), count: 4096).get() == Array(tar[at..<at + 4096]))
+
+        // A window damaged on disk: the read still gets the right bytes (from the start).
+        let location = try #require(last.windowLocation)
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: indexPath))
+        try handle.seek(toOffset: UInt64(location.offset + 100))
+        try handle.write(contentsOf: Data([0xAB, 0xCD]))
+        try handle.close()
+        let third = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory)
+        let thirdView = try third.inode("layers/sha256/" + hex)
+        #expect(try third.read(thirdView, offset: Int64(at), count: 4096).get() == Array(tar[at..<at + 4096]))
     }
 
     @Test func aSingleFrameZstdLayerKeepsItsStreamAsSpans() throws {
