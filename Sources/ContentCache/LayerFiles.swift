@@ -92,20 +92,37 @@ extension ContentStore {
         func abandon() { unlink(temporaryPath) }
     }
 
-    /// A fresh spans file for a pass to fill.
-    func createLayerSpans(_ digest: Digest) throws(CacheError) -> OpenFile {
-        let path = layerSpansPath(digest)
-        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CacheError.system("cannot create \(path)") }
-        return OpenFile(fd: fd)
+    /// A spans file a pass fills under a name of its own and renames into place once whole,
+    /// so that a reader (in this or another mount) never sees one being written.
+    final class LayerSpansFile: Sendable {
+        let file: OpenFile
+        let temporaryPath: String
+        let path: String
+
+        init(store: ContentStore, digest: Digest) throws(CacheError) {
+            path = store.layerSpansPath(digest)
+            temporaryPath = "\(path).\(getpid()).tmp"
+            let fd = open(temporaryPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw CacheError.system("cannot create \(temporaryPath)") }
+            file = OpenFile(fd: fd)
+        }
+
+        /// Durable and in place; false when it could not be (it is then removed).
+        func keep() -> Bool {
+            guard fsync(file.fd) == 0, rename(temporaryPath, path) == 0 else {
+                abandon()
+                return false
+            }
+            return true
+        }
+
+        func abandon() { unlink(temporaryPath) }
     }
 
     func openLayerSpans(_ digest: Digest) -> OpenFile? {
         let fd = open(layerSpansPath(digest), O_RDONLY | O_CLOEXEC)
         return fd >= 0 ? OpenFile(fd: fd) : nil
     }
-
-    func removeLayerSpans(_ digest: Digest) { unlink(layerSpansPath(digest)) }
 
     /// Removes what the view computed from a blob: with the blob, when it is evicted.
     func removeLayerFiles(_ digest: Digest) {

@@ -152,7 +152,7 @@ public final class LayerReader: Sendable {
         var position: Int64 = 0
         /// The uncompressed stream, written as it comes, for a zstd layer: kept if its frames
         /// turn out too far apart to start reads from.
-        var spans: OpenFile?
+        var spans: ContentStore.LayerSpansFile?
         var spansWritten: Int64 = 0
         /// The index file the windows go to as they are recorded; nil when it could not be
         /// written (then only checkpoints without a window are kept).
@@ -160,7 +160,7 @@ public final class LayerReader: Sendable {
         var checkpoints: [LayerCheckpoint] = [.start]
         let reader: BlobFetcher.ReaderID
 
-        init(layer: LayerSpec, decoder: LayerDecoder, spans: OpenFile?, indexFile: ContentStore.LayerIndexFile?,
+        init(layer: LayerSpec, decoder: LayerDecoder, spans: ContentStore.LayerSpansFile?, indexFile: ContentStore.LayerIndexFile?,
              reader: BlobFetcher.ReaderID) {
             self.layer = layer
             self.decoder = decoder
@@ -177,7 +177,7 @@ public final class LayerReader: Sendable {
         } catch {
             return finishIndexing(layer, .failure(.undecodable(layer.digest, error.description)))
         }
-        let spans = layer.compression == .zstd ? try? fetcher.store.createLayerSpans(layer.digest) : nil
+        let spans = layer.compression == .zstd ? try? ContentStore.LayerSpansFile(store: fetcher.store, digest: layer.digest) : nil
         let indexFile = try? ContentStore.LayerIndexFile(store: fetcher.store, digest: layer.digest)
         // Held while the pass runs: eviction spares the blob.
         let (reader, _) = fetcher.openReader(layer.digest)
@@ -208,7 +208,7 @@ public final class LayerReader: Sendable {
                 pass.hasher.update(piece)
                 if let spans = pass.spans {
                     do throws(CacheError) {
-                        try spans.write(piece, at: pass.spansWritten)
+                        try spans.file.write(piece, at: pass.spansWritten)
                         pass.spansWritten += Int64(piece.count)
                     } catch {
                         spansFailed = true
@@ -235,8 +235,8 @@ public final class LayerReader: Sendable {
         }
         if spansFailed {
             // The cache's disk is full: the layer is read from its checkpoints alone.
+            pass.spans?.abandon()
             pass.spans = nil
-            fetcher.store.removeLayerSpans(pass.layer.digest)
         } else if pass.spans != nil {
             _ = fetcher.makeRoom(for: pass.layer.digest, bytes: Int64(bytes.count))
         }
@@ -259,12 +259,12 @@ public final class LayerReader: Sendable {
         }
         if case .success(let index) = result {
             var index = index
-            if index.keepsSpans, let spans = pass.spans, fsync(spans.fd) != 0 { index.keepsSpans = false }
-            if !index.keepsSpans { fetcher.store.removeLayerSpans(layer.digest) }
+            if index.keepsSpans, let spans = pass.spans, !spans.keep() { index.keepsSpans = false }
+            if !index.keepsSpans { pass.spans?.abandon() }
             save(index, to: pass.indexFile, of: layer.digest)
             return finishIndexing(layer, .success(index), windows: pass.indexFile?.file)
         }
-        fetcher.store.removeLayerSpans(layer.digest)
+        pass.spans?.abandon()
         pass.indexFile?.abandon()
         if case .failure(let error) = result, error != .cancelled {
             logger.error("layer cannot be presented", metadata: ["digest": "\(layer.digest)", "error": "\(error)"])
