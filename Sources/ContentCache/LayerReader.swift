@@ -203,6 +203,7 @@ public final class LayerReader: Sendable {
 
     private func decodeInPass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) -> Result<Void, BlobReadError> {
         var spansFailed = false
+        let spansBefore = pass.spansWritten
         do throws(LayerDecodeError) {
             try pass.decoder.feed(bytes, ends: ends) { piece in
                 pass.hasher.update(piece)
@@ -238,7 +239,8 @@ public final class LayerReader: Sendable {
             pass.spans?.abandon()
             pass.spans = nil
         } else if pass.spans != nil {
-            _ = fetcher.makeRoom(for: pass.layer.digest, bytes: Int64(bytes.count))
+            // Spans take room as a download does: evicting least recently used blobs.
+            _ = fetcher.makeRoom(for: pass.layer.digest, bytes: pass.spansWritten - spansBefore)
         }
         return .success(())
     }

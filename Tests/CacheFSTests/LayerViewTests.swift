@@ -110,8 +110,14 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         for offset in [8_000_000, 0, 4_500_000] {
             #expect(try fixture.read(view, offset: Int64(offset), count: 65_536).get() == Array(tar[offset..<offset + 65_536]))
         }
-        // Without its spans (evicted by another process), reads decompress from the frame start.
-        try FileManager.default.removeItem(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".spans")
+        // The spans count with their blob and are evicted with it.
+        fixture.fetcher.waitUntilIdle()
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let removed = store.evict(toFit: CacheLimits(maxBytes: 0, minFreeBytes: 0))
+        #expect(try #require(removed.first { $0.digest == digest }).size >= Int64(layer.count + tar.count))
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".spans"))
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".index"))
+        // Without them, reads decompress from the frame start, fetching the blob again.
         #expect(try fixture.read(view, offset: 7_000_000, count: 65_536).get() == Array(tar[7_000_000..<7_065_536]))
     }
 
