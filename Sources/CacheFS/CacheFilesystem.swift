@@ -271,8 +271,10 @@ public final class CacheFilesystem: Sendable {
             Self.listing(inode, offset: offset, limit: limit, in: state).map { entries in
                 entries.map { entry in
                     guard entry.name != "." && entry.name != ".." else { return (entry, nil) }
-                    // A layer's size may need a pass over it: the kernel asks with a lookup,
-                    // only when a tool stats it.
+                    // A layer's size may need a pass over it: without attributes here, the
+                    // kernel asks for them (getattr, lookup) only when a tool stats the file.
+                    // Layer entries are never removed, so the lookup count the kernel keeps
+                    // for them need not be mirrored.
                     if let layer = Self.layerSpec(of: entry.inode, in: state), self.layers.knownSize(of: layer) == nil { return (entry, nil) }
                     state.nodes[entry.inode]!.lookups += 1
                     return (entry, self.entry(entry.inode, state.nodes[entry.inode]!))
