@@ -98,6 +98,40 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(try third.read(thirdView, offset: Int64(at), count: 4096).get() == Array(tar[at..<at + 4096]))
     }
 
+    /// Sequential readers, random readers and reads past the end all at once, as the kernel's
+    /// readahead and several processes send them: every one gets exactly its bytes.
+    @Test func manyReadsAtOnceEachGetTheirBytes() throws {
+        let first = tarLikeBytes(4_000_000, seed: 44), second = tarLikeBytes(4_500_000, seed: 45)
+        let layer = try compress(first, with: "gzip", ["-c", "-1"]) + compress(second, with: "gzip", ["-c", "-9"])
+        let tar = first + second
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        // Found by listing, which makes no pass: the reads below wait for the first pass.
+        let listing = try fixture.filesystem.readdir(fixture.inode("layers/sha256")).get()
+        let view = try #require(listing.first { $0.name == Digest.sha256(of: layer).hex }).inode
+        var ranges: [(offset: Int64, count: Int)] = []
+        for reader in 0..<3 {
+            var offset = Int64(reader) * 2_500_000
+            for _ in 0..<40 {
+                ranges.append((offset, 131_072))
+                offset += 131_072
+            }
+        }
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<150 {
+            ranges.append((Int64.random(in: 0..<Int64(tar.count) + 1000, using: &generator), Int.random(in: 1...(1 << 20), using: &generator)))
+        }
+        ranges.append((Int64(tar.count) - 10, 4096))
+        ranges.shuffle(using: &generator)
+        let reads = ranges.map { fixture.startRead(view, offset: $0.offset, count: $0.count) }
+        for (range, read) in zip(ranges, reads) {
+            read.done.wait()
+            let start = min(Int(range.offset), tar.count)
+            let expected = Array(tar[start..<min(tar.count, start + range.count)])
+            #expect(try read.result?.get() == expected, "read of \(range.count) at \(range.offset)")
+        }
+    }
+
     @Test func aSingleFrameZstdLayerKeepsItsStreamAsSpans() throws {
         let tar = tarLikeBytes(9_000_000, seed: 41)
         let layer = try compress(tar, with: "zstd", ["-q", "-c"])
