@@ -43,15 +43,18 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
+        // The `layers/` view's codecs, with no I/O: compressed bytes in, the uncompressed tar
+        // and checkpoints to resume from out (gzip through zlib, zstd through libzstd).
+        .target(name: "LayerView", dependencies: ["CZlib", "CZstd"], swiftSettings: sourceSettings),
         // On-disk content-addressed cache and single-flight block fetches (zlib for block CRCs).
         .target(name: "ContentCache", dependencies: [
-            "OCI", "CZlib", "SystemSupport",
+            "OCI", "CZlib", "SystemSupport", "LayerView",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
         // The filesystem core: knows nothing of libfuse.
         .target(name: "CacheFS", dependencies: [
-            "OCI", "ContentCache",
+            "OCI", "ContentCache", "LayerView",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
         // Thin libfuse low-level binding over CacheFS.
@@ -78,9 +81,10 @@ let package = Package(
         .testTarget(name: "RemoteStoreTests", dependencies: ["RemoteStore", "HTTPClient", "OCI"]),
         // What the reference-model tests share: a seeded generator and a shrinker.
         .target(name: "ModelTesting", path: "Tests/ModelTesting"),
+        .testTarget(name: "LayerViewTests", dependencies: ["LayerView"]),
         .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI", "ModelTesting"]),
         .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
-        .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),
+        .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "LayerView", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),
         .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient", "SystemSupport"]),
         .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
     ]

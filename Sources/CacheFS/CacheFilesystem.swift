@@ -1,4 +1,5 @@
 import ContentCache
+import LayerView
 import Logging
 import OCI
 import Synchronization
@@ -31,6 +32,8 @@ public final class CacheFilesystem: Sendable {
         case directory(children: DirectoryEntries, creatable: Bool)
         case bytes([UInt8])
         case lazyBlob(Digest, size: Int64)
+        /// `layers/sha256/<hex>`: the uncompressed tar of a layer blob.
+        case layer(LayerSpec)
         case scratchFile([UInt8])
         case scratchDirectory(children: DirectoryEntries)
         /// A regular file of a writable mount: its bytes are on disk, in the staging area.
@@ -82,6 +85,8 @@ public final class CacheFilesystem: Sendable {
 
     let state: Mutex<State>
     let fetcher: BlobFetcher
+    /// The `layers/` view's decompression.
+    let layers: LayerReader
     /// Drops what the kernel cached of an inode's content; set by the binding.
     private let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
     let logger: Logger
@@ -115,6 +120,7 @@ public final class CacheFilesystem: Sendable {
          scratchCapacity: Int, writable: WritableMount?) {
         self.scratchCapacity = scratchCapacity
         self.fetcher = fetcher
+        self.layers = LayerReader(fetcher: fetcher, logger: logger)
         self.logger = logger
         self.nextLayers = Self.nextLayers(snapshot)
         self.uid = getuid()
@@ -187,6 +193,12 @@ public final class CacheFilesystem: Sendable {
         for (digest, size) in staged?.unpublishedBlobs ?? [:] where state.nodes[sha256]!.children![digest.hex] == nil {
             _ = add(sha256, digest.hex, .lazyBlob(digest, size: size), permissions: 0o444)
         }
+        // Beside the layout, never part of it: the uncompressed tar of every layer the tags reach.
+        let layers = add(root, "layers", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
+        let layersSHA256 = add(layers, "sha256", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
+        for spec in layerSpecs(snapshot).values {
+            _ = add(layersSHA256, spec.digest.hex, .layer(spec), permissions: 0o444)
+        }
         return (state, sha256)
     }
 
@@ -213,7 +225,9 @@ public final class CacheFilesystem: Sendable {
     // MARK: Reading the tree
 
     public func lookup(parent: UInt64, name: String) -> Result<Entry, FSError> {
-        state.withLock { state in
+        let layer = state.withLock { state in state.nodes[parent]?.children?[name].flatMap { Self.layerSpec(of: $0, in: state) } }
+        if let layer, case .failure(let error) = indexLayer(layer) { return .failure(error) }
+        return state.withLock { state in
             guard let directory = state.nodes[parent] else { return .failure(.noSuchFileOrDirectory) }
             guard let children = directory.children else { return .failure(.notDirectory) }
             guard let inode = children[name] else { return .failure(.noSuchFileOrDirectory) }
@@ -233,7 +247,10 @@ public final class CacheFilesystem: Sendable {
     }
 
     public func getattr(_ inode: UInt64) -> Result<Entry, FSError> {
-        state.withLock { state in
+        if let layer = state.withLock({ Self.layerSpec(of: inode, in: $0) }), case .failure(let error) = indexLayer(layer) {
+            return .failure(error)
+        }
+        return state.withLock { state in
             guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
             return .success(entry(inode, node))
         }
@@ -254,6 +271,11 @@ public final class CacheFilesystem: Sendable {
             Self.listing(inode, offset: offset, limit: limit, in: state).map { entries in
                 entries.map { entry in
                     guard entry.name != "." && entry.name != ".." else { return (entry, nil) }
+                    // A layer's size may need a pass over it: without attributes here, the
+                    // kernel asks for them (getattr, lookup) only when a tool stats the file.
+                    // Layer entries are never removed, so the lookup count the kernel keeps
+                    // for them need not be mirrored.
+                    if let layer = Self.layerSpec(of: entry.inode, in: state), self.layers.knownSize(of: layer) == nil { return (entry, nil) }
                     state.nodes[entry.inode]!.lookups += 1
                     return (entry, self.entry(entry.inode, state.nodes[entry.inode]!))
                 }
@@ -290,7 +312,11 @@ public final class CacheFilesystem: Sendable {
     /// be given is verified: until then a download that fails its digest must take back what
     /// it answered.
     public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
-        openNode(inode, flags: flags).flatMap { opened, then in
+        if let layer = state.withLock({ Self.layerSpec(of: inode, in: $0) }), !flags.wantsWrite, !flags.truncates,
+           case .failure(let error) = indexLayer(layer) {
+            return .failure(error)
+        }
+        return openNode(inode, flags: flags).flatMap { opened, then in
             switch then {
             case .nothing:
                 return .success(opened)
@@ -309,8 +335,28 @@ public final class CacheFilesystem: Sendable {
 
     private func lazyBlobDigest(_ inode: UInt64) -> Digest? {
         state.withLock { state in
-            guard case .lazyBlob(let digest, _)? = state.nodes[inode]?.content else { return nil }
-            return digest
+            switch state.nodes[inode]?.content {
+            case .lazyBlob(let digest, _)?: return digest
+            case .layer(let spec)?: return spec.digest
+            default: return nil
+            }
+        }
+    }
+
+    static func layerSpec(of inode: UInt64, in state: State) -> LayerSpec? {
+        guard case .layer(let spec)? = state.nodes[inode]?.content else { return nil }
+        return spec
+    }
+
+    /// Makes sure the layer's index exists, making the pass over it on the worker pool when no
+    /// mount of this cache directory made it before; this thread waits for it.
+    private func indexLayer(_ layer: LayerSpec) -> Result<Void, FSError> {
+        guard layers.knownSize(of: layer) == nil else { return .success(()) }
+        return layers.index(of: layer).map { _ in () }.mapError { error in
+            if case .cancelled = error {} else {
+                logger.warning("layer cannot be presented", metadata: ["digest": "\(layer.digest)", "error": "\(error)"])
+            }
+            return .ioError
         }
     }
 
@@ -329,11 +375,12 @@ public final class CacheFilesystem: Sendable {
             switch node.content {
             case .directory, .scratchDirectory:
                 return .failure(.isDirectory)
-            case .bytes, .lazyBlob:
+            case .bytes, .lazyBlob, .layer:
                 if flags.wantsWrite || flags.truncates { return .failure(refusal) }
                 node.opens += 1
                 state.nodes[inode] = node
                 if case .lazyBlob(let digest, _) = node.content { return .success((OpenedFile(keepCache: true), .openReader(digest))) }
+                if case .layer(let spec) = node.content { return .success((OpenedFile(keepCache: true), .openReader(spec.digest))) }
                 return .success((OpenedFile(keepCache: true), .nothing))
             case .stagedFile(let file):
                 node.opens += 1
@@ -388,6 +435,8 @@ public final class CacheFilesystem: Sendable {
             }
         case .stagedFile(let file)?:
             readStaged(file, offset: offset, count: count, reply: reply)
+        case .layer(let layer)?:
+            readLayer(layer, offset: offset, count: count, reply: reply)
         case .lazyBlob(let digest, let size)?:
             if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers[digest] {
                 fetcher.prefetch(next.digest, size: next.size)
@@ -402,6 +451,19 @@ public final class CacheFilesystem: Sendable {
                     return .ioError
                 })
             }
+        }
+    }
+
+    private func readLayer(_ layer: LayerSpec, offset: Int64, count: Int,
+                           reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
+        let logger = self.logger
+        layers.read(layer, offset: offset, count: count) { result in
+            reply(result.mapError { error in
+                if case .cancelled = error {} else {
+                    logger.warning("layer read failed", metadata: ["digest": "\(layer.digest)", "offset": "\(offset)", "error": "\(error)"])
+                }
+                return .ioError
+            })
         }
     }
 
@@ -544,6 +606,7 @@ public final class CacheFilesystem: Sendable {
         case .bytes(let bytes), .scratchFile(let bytes): size = Int64(bytes.count)
         case .stagedFile(let file): size = file.size
         case .lazyBlob(_, let blobSize): size = blobSize
+        case .layer(let layer): size = layers.knownSize(of: layer) ?? 0
         case .directory, .scratchDirectory: size = 4096
         }
         let attributes = FileAttributes(inode: inode, type: type, permissions: node.permissions,
@@ -556,8 +619,10 @@ public final class CacheFilesystem: Sendable {
         let removed = state.withLock { state -> Result<Digest?, FSError> in
             guard let inode = state.nodes[parent]?.children?[name] else { return .failure(.noSuchFileOrDirectory) }
             let node = state.nodes[inode]!
-            // A writable mount's blobs may go too (BuildKit's `reset=true` prunes them).
+            // A writable mount's blobs may go too (BuildKit's `reset=true` prunes them); the
+            // `layers/` view is never changed.
             guard node.isScratch || writable != nil else { return .failure(refusal) }
+            if case .layer = node.content { return .failure(refusal) }
             if directory {
                 guard let children = node.children else { return .failure(.notDirectory) }
                 guard node.isScratch else { return .failure(refusal) }

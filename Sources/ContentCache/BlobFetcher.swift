@@ -13,6 +13,9 @@ public enum BlobReadError: Error, Sendable, Equatable, CustomStringConvertible {
     case local(String)
     /// The mount is shutting down.
     case cancelled
+    /// A layer's verified bytes do not decompress to its tar (corrupt, truncated, or not the
+    /// stream its diffID names): the `layers/` view answers EIO, never other bytes.
+    case undecodable(Digest, String)
 
     public var description: String {
         switch self {
@@ -20,6 +23,7 @@ public enum BlobReadError: Error, Sendable, Equatable, CustomStringConvertible {
         case .digestMismatch(let digest): return "blob \(digest): downloaded content does not match its digest; discarded"
         case .local(let message): return message
         case .cancelled: return "cancelled"
+        case .undecodable(let digest, let why): return "layer \(digest) cannot be decompressed: \(why)"
         }
     }
 }

@@ -120,22 +120,42 @@ extension ContentStore {
                              protected: (Digest) -> Bool) -> (removed: [CachedBlob], slack: Int64) {
         let complete = completeBlobs()
         let partial = partialBlobs()
-        let candidates = (complete.map { ($0, false) } + partial.map { ($0, true) })
-            .sorted { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
+        // The `layers/` view's files count with their blob and go with it; those of a blob not
+        // here (its index outlived it, or was copied in) are a candidate of their own.
+        var layerFiles = layerFileBytes()
+        var candidates: [(CachedBlob, EvictionCandidate)] = (complete.map { ($0, .complete) } + partial.map { ($0, .partial) })
+            .map { blob, kind in
+                var counted = blob
+                counted.size += layerFiles.removeValue(forKey: blob.digest) ?? 0
+                return (counted, kind)
+            }
+        for (digest, bytes) in layerFiles {
+            var info = stat()
+            let lastUsed = stat(layerIndexPath(digest), &info) == 0
+                ? Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec)) : Date(timeIntervalSince1970: 0)
+            candidates.append((CachedBlob(digest: digest, size: bytes, lastUsed: lastUsed), .layerFilesOnly))
+        }
+        candidates.sort { ($0.0.lastUsed, $0.0.digest) < ($1.0.lastUsed, $1.0.digest) }
         var total = candidates.reduce(0) { $0 + $1.0.size } + room
         var free = freeBytes() - room
         var removed: [CachedBlob] = []
         let awaitingUpload = awaitingUploadCheck()
-        for (blob, isPartial) in candidates {
+        for (blob, kind) in candidates {
             guard total > limits.maxBytes || free < limits.minFreeBytes else { break }
-            guard !protected(blob.digest), !awaitingUpload(blob.digest),
-                  removeUnlessInUse(blob.digest, partial: isPartial) else { continue }
+            guard !protected(blob.digest), !awaitingUpload(blob.digest) else { continue }
+            if kind == .layerFilesOnly {
+                removeLayerFiles(blob.digest)
+            } else {
+                guard removeUnlessInUse(blob.digest, partial: kind == .partial) else { continue }
+            }
             total -= blob.size
             free += blob.size
             removed.append(blob)
         }
         return (removed, min(limits.maxBytes - total, free - limits.minFreeBytes))
     }
+
+    private enum EvictionCandidate { case complete, partial, layerFilesOnly }
 
     /// Removes a complete blob from the cache unless some reader holds it or a writable mount
     /// still has to upload it; true when it is gone.
@@ -158,6 +178,7 @@ extension ContentStore {
         defer { close(fd) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0, unlink(path) == 0 else { return false }
         if partial { unlink(journalPath(digest)) }
+        removeLayerFiles(digest)
         return true
     }
 }

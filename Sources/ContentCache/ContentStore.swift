@@ -20,10 +20,11 @@ public final class ContentStore: Sendable {
     public init(directory: String, lockWait: Duration = .seconds(60)) throws(CacheError) {
         self.directory = directory
         self.lockWait = lockWait
-        for path in [directory, blobsDirectory, partialDirectory, locksDirectory] {
+        for path in [directory, blobsDirectory, partialDirectory, locksDirectory, layersDirectory] {
             try Self.makeDirectory(path)
         }
         removeOrphanedPartials()
+        removeOrphanedLayerFiles()
     }
 
     var blobsDirectory: String { directory + "/blobs/sha256" }

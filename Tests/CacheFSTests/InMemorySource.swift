@@ -33,7 +33,10 @@ final class InMemorySource: RemoteCacheSource {
     private let chunkSize: Int
 
     /// - Parameter chained: the cache config chains the layers in order, each on the one before.
-    init(layers: [[UInt8]], behaviour: Behaviour = Behaviour(), chunkSize: Int = 64 << 10, chained: Bool = false) {
+    /// `layerMediaType`: what the descriptors call the layers (the `layers/` view presents them
+    /// as that kind of tar).
+    init(layers: [[UInt8]], behaviour: Behaviour = Behaviour(), chunkSize: Int = 64 << 10, chained: Bool = false,
+         layerMediaType: String = "application/vnd.oci.image.layer.v1.tar+gzip") {
         var blobs: [Digest: [UInt8]] = [:]
         var snapshot = CacheSnapshot()
         // BuildKit's form: `parent` -1 for a base layer, left out (Go's omitempty) for entry 0.
@@ -47,7 +50,7 @@ final class InMemorySource: RemoteCacheSource {
         for layer in layers {
             let digest = Digest.sha256(of: layer)
             blobs[digest] = layer
-            layerDescriptors.append(Descriptor(mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: digest,
+            layerDescriptors.append(Descriptor(mediaType: layerMediaType, digest: digest,
                                                size: behaviour.declaredSizes[digest] ?? Int64(layer.count)))
             snapshot.addLazyBlob(layerDescriptors.last!)
         }

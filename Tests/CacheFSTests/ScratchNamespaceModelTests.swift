@@ -128,8 +128,9 @@ struct NamespaceSimulation {
     /// A broken model for the self-check: unlinked names stay listed in it.
     var forgetUnlinkInModel = false
 
-    /// One remote and fetcher for every run: scratch operations never reach them.
-    static let source = InMemorySource(layers: [[1, 2, 3]])
+    /// One remote and fetcher for every run: scratch operations never reach them. An
+    /// uncompressed layer, so that its `layers/` entry needs no pass over it to be stat'ed.
+    static let source = InMemorySource(layers: [[1, 2, 3]], layerMediaType: "application/vnd.oci.image.layer.v1.tar")
     static let fetcher: BlobFetcher? = {
         let directory = NSTemporaryDirectory() + "scratch-model-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -1,0 +1,289 @@
+import Dispatch
+import FoundationEssentials
+import LayerView
+import Logging
+import OCI
+import Synchronization
+
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+
+/// A layer the `layers/` view presents: its blob, how it is compressed, and the digest its
+/// uncompressed stream must have (its diffID), when the metadata says.
+public struct LayerSpec: Sendable, Hashable {
+    public var digest: Digest
+    /// The compressed blob's size.
+    public var size: Int64
+    public var compression: LayerCompression
+    public var diffID: Digest?
+
+    public init(digest: Digest, size: Int64, compression: LayerCompression, diffID: Digest?) {
+        self.digest = digest
+        self.size = size
+        self.compression = compression
+        self.diffID = diffID
+    }
+}
+
+/// Serves the uncompressed tar of layers, decompressing the blob's verified bytes as they come
+/// through the `BlobFetcher` (the same lazy block path as `blobs/`).
+///
+/// The first use of a layer runs one pass over it (`index(of:)`): it learns the exact size,
+/// hashes the stream against the diffID and records checkpoints (`LayerDecoder`), kept in the
+/// cache directory. Reads then start at the checkpoint before them and decompress at most one
+/// span; a reader going on sequentially continues the decoder the last read left. All the
+/// decompression runs on the fetcher's worker pool, never on the caller's thread.
+public final class LayerReader: Sendable {
+    public typealias Reply = BlobFetcher.Reply
+
+    let fetcher: BlobFetcher
+    let logger: Logger
+    /// Output between checkpoints: the most a read decompresses before its first byte.
+    let spacing: Int64
+    /// A zstd layer whose frames are further apart than this keeps its uncompressed stream.
+    var longestSpanWithoutSpans: Int64 { spacing * 2 }
+    /// Compressed bytes asked of the fetcher at once: at most a read buffer (1 MiB).
+    static let passChunk = 1 << 20
+    static let readChunk = 256 << 10
+    /// Decoders kept between reads for readers that go on where they stopped.
+    static let idleDecodersKept = 8
+
+    enum LayerState {
+        case indexing(waiters: [@Sendable (Result<LayerIndex, BlobReadError>) -> Void])
+        case indexed(LayerIndex, LayerSession)
+    }
+
+    struct State {
+        var layers: [Digest: LayerState] = [:]
+        /// Sessions holding an idle decoder, least recently used first.
+        var idleDecoders: [Digest] = []
+    }
+
+    let state = Mutex(State())
+
+    public init(fetcher: BlobFetcher, logger: Logger, spacing: Int64 = 2 << 20) {
+        self.fetcher = fetcher
+        self.logger = logger
+        self.spacing = max(spacing, 64 << 10)
+    }
+
+    /// The size an uncompressed layer has for sure, or the size a finished pass found; nil when
+    /// only a pass can tell. Never waits.
+    public func knownSize(of layer: LayerSpec) -> Int64? {
+        if layer.compression == .none { return layer.size }
+        return state.withLock { state in
+            if case .indexed(let index, _)? = state.layers[layer.digest] { return index.uncompressedSize }
+            return nil
+        }
+    }
+
+    /// The layer's index: from memory, from the cache directory, or from a pass over the layer
+    /// run now on the worker pool. Blocks the caller until it is there (never call it on a
+    /// fetch worker).
+    public func index(of layer: LayerSpec) -> Result<LayerIndex, BlobReadError> {
+        if layer.compression == .none {
+            return .success(LayerIndex(compression: .none, compressedSize: layer.size, uncompressedSize: layer.size, checkpoints: []))
+        }
+        let answer = Mutex<Result<LayerIndex, BlobReadError>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        withIndex(of: layer) { result in
+            answer.withLock { $0 = result }
+            done.signal()
+        }
+        done.wait()
+        return answer.withLock { $0! }
+    }
+
+    /// Calls `body` with the layer's index once it is there (at once when it is in memory).
+    func withIndex(of layer: LayerSpec, _ body: @escaping @Sendable (Result<LayerIndex, BlobReadError>) -> Void) {
+        enum Next { case ready(LayerIndex), wait, load }
+        let next: Next = state.withLock { state in
+            switch state.layers[layer.digest] {
+            case .indexed(let index, _)?: return .ready(index)
+            case .indexing(var waiters)?:
+                waiters.append(body)
+                state.layers[layer.digest] = .indexing(waiters: waiters)
+                return .wait
+            case nil:
+                state.layers[layer.digest] = .indexing(waiters: [body])
+                return .load
+            }
+        }
+        switch next {
+        case .ready(let index): body(.success(index))
+        case .wait: break
+        case .load:
+            let queued = fetcher.localQueue.enqueue(.reader, dropped: { [self] in finishIndexing(layer, .failure(.cancelled)) }) { [self] in
+                if let saved = fetcher.store.loadLayerIndex(layer.digest, compressedSize: layer.size),
+                   saved.index.compression == layer.compression {
+                    finishIndexing(layer, .success(saved.index), windows: saved.windows)
+                } else {
+                    startPass(layer)
+                }
+            }
+            if !queued { finishIndexing(layer, .failure(.cancelled)) }
+        }
+    }
+
+    /// `windows`: the index file the checkpoints' windows are read from.
+    private func finishIndexing(_ layer: LayerSpec, _ result: Result<LayerIndex, BlobReadError>, windows: OpenFile? = nil) {
+        let waiters = state.withLock { state -> [@Sendable (Result<LayerIndex, BlobReadError>) -> Void] in
+            guard case .indexing(let waiters)? = state.layers[layer.digest] else { return [] }
+            switch result {
+            case .success(let index): state.layers[layer.digest] = .indexed(index, LayerSession(windows: windows))
+            // A failed pass is tried again by the next use: the remote may be back.
+            case .failure: state.layers[layer.digest] = nil
+            }
+            return waiters
+        }
+        for waiter in waiters { waiter(result) }
+    }
+
+    // MARK: - The first pass
+
+    /// One pass over a layer from its start: everything it touches is used by one step at a
+    /// time, each step queued by the one before.
+    // SAFETY: used by one job at a time; each step is queued by the reply of the one before.
+    final class Pass: @unchecked Sendable {
+        let layer: LayerSpec
+        let decoder: LayerDecoder
+        var hasher = DigestVerifier()
+        var position: Int64 = 0
+        /// The uncompressed stream, written as it comes, for a zstd layer: kept if its frames
+        /// turn out too far apart to start reads from.
+        var spans: ContentStore.LayerSpansFile?
+        var spansWritten: Int64 = 0
+        /// The index file the windows go to as they are recorded; nil when it could not be
+        /// written (then only checkpoints without a window are kept).
+        var indexFile: ContentStore.LayerIndexFile?
+        var checkpoints: [LayerCheckpoint] = [.start]
+        let reader: BlobFetcher.ReaderID
+
+        init(layer: LayerSpec, decoder: LayerDecoder, spans: ContentStore.LayerSpansFile?, indexFile: ContentStore.LayerIndexFile?,
+             reader: BlobFetcher.ReaderID) {
+            self.layer = layer
+            self.decoder = decoder
+            self.spans = spans
+            self.indexFile = indexFile
+            self.reader = reader
+        }
+    }
+
+    private func startPass(_ layer: LayerSpec) {
+        let decoder: LayerDecoder
+        do throws(LayerDecodeError) {
+            decoder = try LayerDecoder(compression: layer.compression, recordingEvery: spacing)
+        } catch {
+            return finishIndexing(layer, .failure(.undecodable(layer.digest, error.description)))
+        }
+        let spans = layer.compression == .zstd ? try? ContentStore.LayerSpansFile(store: fetcher.store, digest: layer.digest) : nil
+        let indexFile = try? ContentStore.LayerIndexFile(store: fetcher.store, digest: layer.digest)
+        // Held while the pass runs: eviction spares the blob.
+        let (reader, _) = fetcher.openReader(layer.digest)
+        passStep(Pass(layer: layer, decoder: decoder, spans: spans, indexFile: indexFile, reader: reader))
+    }
+
+    private func passStep(_ pass: Pass) {
+        let layer = pass.layer
+        let count = Int(min(Int64(Self.passChunk), layer.size - pass.position))
+        guard count > 0 else { return endPass(pass, .failure(.undecodable(layer.digest, "the layer is empty"))) }
+        fetcher.read(layer.digest, size: layer.size, offset: pass.position, count: count) { [self] result in
+            let outcome: Result<Void, BlobReadError> = result.flatMap { bytes in
+                guard bytes.count == count else { return .failure(.local("layer \(layer.digest): short read of its blob")) }
+                return decodeInPass(pass, bytes, ends: pass.position + Int64(count) == layer.size)
+            }
+            if case .failure(let error) = outcome { return endPass(pass, .failure(error)) }
+            pass.position += Int64(count)
+            if pass.position == layer.size { return endPass(pass, .success(())) }
+            let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in endPass(pass, .failure(.cancelled)) }) { [self] in passStep(pass) }
+            if !queued { endPass(pass, .failure(.cancelled)) }
+        }
+    }
+
+    private func decodeInPass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) -> Result<Void, BlobReadError> {
+        var spansFailed = false
+        let spansBefore = pass.spansWritten
+        do throws(LayerDecodeError) {
+            try pass.decoder.feed(bytes, ends: ends) { piece in
+                pass.hasher.update(piece)
+                if let spans = pass.spans {
+                    do throws(CacheError) {
+                        try spans.file.write(piece, at: pass.spansWritten)
+                        pass.spansWritten += Int64(piece.count)
+                    } catch {
+                        spansFailed = true
+                    }
+                }
+                return true
+            }
+        } catch {
+            return .failure(.undecodable(pass.layer.digest, error.description))
+        }
+        // Windows go to disk as they come: a 4 GiB layer has 64 MiB of them.
+        for checkpoint in pass.decoder.takeRecorded() {
+            if let indexFile = pass.indexFile {
+                do throws(CacheError) {
+                    pass.checkpoints.append(try indexFile.place(checkpoint))
+                    continue
+                } catch {
+                    indexFile.abandon()
+                    pass.indexFile = nil
+                    pass.checkpoints.removeAll { $0.kind == .deflateBlock }
+                }
+            }
+            if checkpoint.kind == .streamStart { pass.checkpoints.append(checkpoint) }
+        }
+        if spansFailed {
+            // The cache's disk is full: the layer is read from its checkpoints alone.
+            pass.spans?.abandon()
+            pass.spans = nil
+        } else if pass.spans != nil {
+            // Spans take room as a download does: evicting least recently used blobs.
+            _ = fetcher.makeRoom(for: pass.layer.digest, bytes: pass.spansWritten - spansBefore)
+        }
+        return .success(())
+    }
+
+    private func endPass(_ pass: Pass, _ outcome: Result<Void, BlobReadError>) {
+        let layer = pass.layer
+        defer { fetcher.closeReader(pass.reader, of: layer.digest) }
+        let result = outcome.flatMap { () -> Result<LayerIndex, BlobReadError> in
+            let found = pass.hasher.finalize()
+            if let diffID = layer.diffID, found != diffID {
+                return .failure(.undecodable(layer.digest, "its uncompressed stream is \(found), not its diffID \(diffID)"))
+            }
+            let size = pass.decoder.uncompressedPosition
+            var index = LayerIndex(compression: layer.compression, compressedSize: layer.size, uncompressedSize: size,
+                                   checkpoints: pass.checkpoints.filter { $0.uncompressedOffset < size })
+            index.keepsSpans = pass.spans != nil && index.longestSpan > longestSpanWithoutSpans
+            return .success(index)
+        }
+        if case .success(let index) = result {
+            var index = index
+            if index.keepsSpans, let spans = pass.spans, !spans.keep() { index.keepsSpans = false }
+            if !index.keepsSpans { pass.spans?.abandon() }
+            save(index, to: pass.indexFile, of: layer.digest)
+            return finishIndexing(layer, .success(index), windows: pass.indexFile?.file)
+        }
+        pass.spans?.abandon()
+        pass.indexFile?.abandon()
+        if case .failure(let error) = result, error != .cancelled {
+            logger.error("layer cannot be presented", metadata: ["digest": "\(layer.digest)", "error": "\(error)"])
+        }
+        finishIndexing(layer, result, windows: nil)
+    }
+
+    /// Ends the index file; were that impossible, the windows already written still serve this
+    /// mount through the open file, and the next mount makes the pass again.
+    private func save(_ index: LayerIndex, to file: ContentStore.LayerIndexFile?, of digest: Digest) {
+        guard let file else { return }
+        do throws(CacheError) {
+            try file.finish(index)
+        } catch {
+            file.abandon()
+            logger.warning("cannot keep a layer's index", metadata: ["digest": "\(digest)", "error": "\(error)"])
+        }
+    }
+}
+

@@ -1,0 +1,174 @@
+import CacheFS
+import ContentCache
+import Foundation
+import LayerView
+import Logging
+import OCI
+import Testing
+
+// The `layers/` view through the core, in process, over the in-memory remote: sizes, reads,
+// the index kept in the cache directory, eviction with the blob, and damaged layers.
+
+/// `tool arguments` over `input` (gzip, zstd); fails the test when the tool fails or is missing.
+private func compress(_ input: [UInt8], with tool: String, _ arguments: [String]) throws -> [UInt8] {
+    let directory = NSTemporaryDirectory() + "layer-input-" + UUID().uuidString
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let inputPath = directory + "/input", outputPath = directory + "/output"
+    try Data(input).write(to: URL(fileURLWithPath: inputPath))
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/sh")
+    process.arguments = ["-c", "\(tool) \(arguments.joined(separator: " ")) < '\(inputPath)' > '\(outputPath)'"]
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw FSError.ioError }
+    return try Array(Data(contentsOf: URL(fileURLWithPath: outputPath)))
+}
+
+/// Compressible and incompressible runs, like a layer's files.
+private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var bytes: [UInt8] = []
+    var part: UInt64 = 0
+    while bytes.count < count {
+        bytes += part % 2 == 0 ? randomBytes(50_000, seed: seed &+ part) : Array(String(repeating: "layer line \(part)\n", count: 5_000).utf8)
+        part += 1
+    }
+    return Array(bytes.prefix(count))
+}
+
+@Suite struct LayerViewTests {
+    @Test func aGzipLayerReadsAsItsTarAndItsIndexGoesWithItsBlob() throws {
+        let tar = tarLikeBytes(6_000_000, seed: 40)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let digest = Digest.sha256(of: layer)
+        let view = try fixture.inode("layers/sha256/" + digest.hex)
+        #expect(try fixture.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        #expect(try fixture.filesystem.readdir(fixture.inode("layers/sha256")).get().map(\.name) == [".", "..", digest.hex])
+        for (offset, count) in [(0, 4096), (3_333_333, 131_072), (Int(tar.count) - 100, 4096), (5_000_000, 1 << 20), (17, 1)] {
+            let expected = Array(tar[offset..<min(tar.count, offset + count)])
+            #expect(try fixture.read(view, offset: Int64(offset), count: count).get() == expected, "at \(offset)")
+        }
+        #expect(try fixture.read(view, offset: Int64(tar.count), count: 10).get().isEmpty)
+
+        let indexPath = fixture.cacheDirectory + "/layers/" + digest.hex + ".index"
+        #expect(FileManager.default.fileExists(atPath: indexPath))
+        fixture.fetcher.waitUntilIdle()
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let blobBytes = try #require(store.completeBlobs().first { $0.digest == digest }).size
+        // The index counts with its blob, and goes with it.
+        let removed = store.evict(toFit: CacheLimits(maxBytes: 0, minFreeBytes: 0))
+        #expect(removed.map(\.digest).contains(digest))
+        #expect(try #require(removed.first { $0.digest == digest }).size > blobBytes)
+        #expect(!FileManager.default.fileExists(atPath: indexPath))
+    }
+
+    @Test func theNextMountReadsTheSavedIndexAndSurvivesADamagedWindow() throws {
+        let tar = tarLikeBytes(5_000_000, seed: 43)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let first = try Fixture(layers: [layer])
+        defer { first.removeCache() }
+        let hex = Digest.sha256(of: layer).hex
+        #expect(try first.filesystem.getattr(first.inode("layers/sha256/" + hex)).get().attributes.size == Int64(tar.count))
+        first.fetcher.waitUntilIdle()
+        let indexPath = first.cacheDirectory + "/layers/" + hex + ".index"
+        let saved = try Array(Data(contentsOf: URL(fileURLWithPath: indexPath)))
+        let index = try #require(LayerIndex(serializedFile: saved))
+        #expect(index.uncompressedSize == Int64(tar.count) && index.checkpoints.count >= 2)
+
+        // Another mount of the same cache directory: no pass (the remote is not asked for the
+        // blob, which is in the cache), reads from checkpoints.
+        let second = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory)
+        let view = try second.inode("layers/sha256/" + hex)
+        #expect(try second.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        #expect(second.source.bytesSent() == 0)
+        let last = try #require(index.checkpoints.last)
+        let at = Int(last.uncompressedOffset) + 10
+        #expect(try second.read(view, offset: Int64(at), count: 4096).get() == Array(tar[at..<at + 4096]))
+
+        // A window damaged on disk: the read still gets the right bytes (from the start).
+        let location = try #require(last.windowLocation)
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: indexPath))
+        try handle.seek(toOffset: UInt64(location.offset + 100))
+        try handle.write(contentsOf: Data([0xAB, 0xCD]))
+        try handle.close()
+        let third = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory)
+        let thirdView = try third.inode("layers/sha256/" + hex)
+        #expect(try third.read(thirdView, offset: Int64(at), count: 4096).get() == Array(tar[at..<at + 4096]))
+    }
+
+    /// Sequential readers, random readers and reads past the end all at once, as the kernel's
+    /// readahead and several processes send them: every one gets exactly its bytes.
+    @Test func manyReadsAtOnceEachGetTheirBytes() throws {
+        let first = tarLikeBytes(4_000_000, seed: 44), second = tarLikeBytes(4_500_000, seed: 45)
+        let layer = try compress(first, with: "gzip", ["-c", "-1"]) + compress(second, with: "gzip", ["-c", "-9"])
+        let tar = first + second
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        // Found by listing, which makes no pass: the reads below wait for the first pass.
+        let listing = try fixture.filesystem.readdir(fixture.inode("layers/sha256")).get()
+        let view = try #require(listing.first { $0.name == Digest.sha256(of: layer).hex }).inode
+        var ranges: [(offset: Int64, count: Int)] = []
+        for reader in 0..<3 {
+            var offset = Int64(reader) * 2_500_000
+            for _ in 0..<40 {
+                ranges.append((offset, 131_072))
+                offset += 131_072
+            }
+        }
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<150 {
+            ranges.append((Int64.random(in: 0..<Int64(tar.count) + 1000, using: &generator), Int.random(in: 1...(1 << 20), using: &generator)))
+        }
+        ranges.append((Int64(tar.count) - 10, 4096))
+        ranges.shuffle(using: &generator)
+        let reads = ranges.map { fixture.startRead(view, offset: $0.offset, count: $0.count) }
+        for (range, read) in zip(ranges, reads) {
+            read.done.wait()
+            let start = min(Int(range.offset), tar.count)
+            let expected = Array(tar[start..<min(tar.count, start + range.count)])
+            #expect(try read.result?.get() == expected, "read of \(range.count) at \(range.offset)")
+        }
+    }
+
+    @Test func aSingleFrameZstdLayerKeepsItsStreamAsSpans() throws {
+        let tar = tarLikeBytes(9_000_000, seed: 41)
+        let layer = try compress(tar, with: "zstd", ["-q", "-c"])
+        let fixture = try Fixture(layers: [layer], layerMediaType: "application/vnd.oci.image.layer.v1.tar+zstd")
+        defer { fixture.removeCache() }
+        let digest = Digest.sha256(of: layer)
+        let view = try fixture.inode("layers/sha256/" + digest.hex)
+        #expect(try fixture.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        #expect(FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".spans"))
+        for offset in [8_000_000, 0, 4_500_000] {
+            #expect(try fixture.read(view, offset: Int64(offset), count: 65_536).get() == Array(tar[offset..<offset + 65_536]))
+        }
+        // The spans count with their blob and are evicted with it.
+        fixture.fetcher.waitUntilIdle()
+        let store = try ContentStore(directory: fixture.cacheDirectory)
+        let removed = store.evict(toFit: CacheLimits(maxBytes: 0, minFreeBytes: 0))
+        #expect(try #require(removed.first { $0.digest == digest }).size >= Int64(layer.count + tar.count))
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".spans"))
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".index"))
+        // Without them, reads decompress from the frame start, fetching the blob again.
+        #expect(try fixture.read(view, offset: 7_000_000, count: 65_536).get() == Array(tar[7_000_000..<7_065_536]))
+    }
+
+    @Test func aDamagedLayerIsAnIOErrorAndListsNothingElse() throws {
+        var layer = try compress(tarLikeBytes(1_000_000, seed: 42), with: "gzip", ["-c"])
+        layer[layer.count / 2] ^= 0x40
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let layers = try fixture.inode("layers/sha256")
+        let hex = Digest.sha256(of: layer).hex
+        #expect(fixture.filesystem.lookup(parent: layers, name: hex) == .failure(.ioError))
+        // Tried again on the next use (the remote may be back), refused again.
+        #expect(fixture.filesystem.lookup(parent: layers, name: hex) == .failure(.ioError))
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + hex + ".index"))
+        // Listing with attributes does not make the pass: the kernel looks up what it stats.
+        let listed = try fixture.filesystem.readdirPlus(layers, offset: 0, limit: 10).get()
+        #expect(listed.map(\.entry.name) == [".", "..", hex])
+        #expect(listed.allSatisfy { $0.attributes == nil })
+    }
+}
