@@ -201,6 +201,8 @@ final class GzipStream {
             // The start of a member is a checkpoint that needs no window.
             return DecodeStep(consumed: 0, produced: 0, atBoundary: true)
         case .inflating(let raw):
+            // SAFETY: zlib reads next_in and writes next_out only inside the inflate call below,
+            // while `input` and `output` are alive; it never writes through next_in.
             stream.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
             stream.pointee.avail_in = UInt32(min(input.count, Int(UInt32.max)))
             stream.pointee.next_out = output.baseAddress!.assumingMemoryBound(to: Bytef.self)

@@ -17,7 +17,7 @@ struct StatsTests {
         try:
             from prometheus_client.parser import text_string_to_metric_families
         except ImportError:
-            sys.exit("prerequisite missing: the python3 prometheus_client package (Debian: python3-prometheus-client)")
+            sys.exit("prerequisite missing: the python package prometheus_client (scripts/setup.sh installs it with pip)")
         samples, types = {}, {}
         for family in text_string_to_metric_families(open(sys.argv[1]).read()):
             types[family.name] = family.type
