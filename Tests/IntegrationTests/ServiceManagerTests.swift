@@ -179,8 +179,11 @@ struct ServiceManagerTests {
             let cache = try ws.makeDirectory("helper-cache")
             let log = ws.path("helper.log")
             ws.onCleanup("unmount \(mountpoint)") { [ws] in ws.forceUnmount(mountpoint) }
+            let metrics = ws.path("helper.prom")
+            let port = try closedPort()
             let options = ["cache-dir=\(cache)", "cache-size=1G", "min-free=1M", "timeout=10", "log-level=debug",
-                           "log-file=\(log)", "writable", "upload-cutoff=8M", "_netdev", "nofail"]
+                           "log-file=\(log)", "writable", "upload-cutoff=8M", "metrics-file=\(metrics)",
+                           "metrics-listen=127.0.0.1:\(port)", "_netdev", "nofail"]
             let mounted = try await Processes.run(mountCommand, ["-t", "fuse.ocicachefs", "-o", options.joined(separator: ","),
                                                                  registry.source("cache:main"), mountpoint],
                                                   environment: ["OCICACHEFS": try Harness.binary(), "DOCKER_CONFIG": try ws.dockerConfig()],
@@ -202,6 +205,8 @@ struct ServiceManagerTests {
             #expect(value(after: "--log-level") == "debug", "\(arguments)")
             #expect(value(after: "--upload-cutoff") == String(8 << 20), "\(arguments)")
             #expect(arguments.contains("--writable"), "\(arguments)")
+            #expect(value(after: "--metrics-file") == metrics, "\(arguments)")
+            #expect(value(after: "--metrics-listen") == "127.0.0.1:\(port)", "\(arguments)")
             #expect(Processes.readText(log).contains("mounted"), "the daemon logs where log-file= says")
 
             let unmounted = try await Processes.run(umountCommand, [mountpoint], in: ws)
