@@ -281,8 +281,8 @@ struct MountCommand: ParsableCommand {
         let fetcher = BlobFetcher(store: store, source: CountedBlobSource(mountedRefs.blobs, statistics: statistics), logger: logger,
                                   otherProcessStall: bound, limits: limits, statistics: statistics)
         let filesystem: CacheFilesystem
-        if let publisher = mountedRefs.refs[0].publisher {
-            let uploads = try WritableMount(store: store, publisher: CountedPublisher(publisher, statistics: statistics), logger: logger)
+        if writable {
+            let uploads = try mountedRefs.writableMount(store: store, statistics: statistics, logger: logger)
             filesystem = try CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger, writable: uploads)
         } else {
             filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CacheFS
 import ContentCache
 import FoundationEssentials
 import Logging
@@ -14,6 +15,16 @@ struct CacheRef: Sendable {
 
     /// The tags this ref shows in `index.json` and takes from a writable mount.
     let tags: [String]
+
+    /// The name its remote knows the ref by (the registry tag, the S3 cache name), for a ref
+    /// shown under a name of its own.
+    var remoteTags: [String: String] {
+        guard let name else { return [:] }
+        switch spec.type {
+        case "registry": return [name: (try? RegistryReference(parsing: spec.attributes["ref"] ?? ""))?.layoutTag ?? name]
+        default: return [name: spec.attributes["name"] ?? name]
+        }
+    }
 
     init(name: String?, source: String) throws {
         var spec = try SourceSpec(parsing: source)
@@ -151,6 +162,67 @@ final class MountedRefs: Sendable {
         let shown = refs[index].ref.name.map { snapshot.showingTags(as: $0) } ?? snapshot
         blobs.route(shown.lazyBlobs.keys, to: index)
         resolutions.withLock { $0[index] = shown }
+    }
+
+    /// What a writable mount publishes through: with one ref, every tag to its remote; with
+    /// several, each ref's tags to its own remote (refs on one remote, such as two tags of a
+    /// repository, share a queue), a committed blob queued at once for the SOURCE's, and a tag's
+    /// blobs that its remote lacks copied there before the tag.
+    func writableMount(store: ContentStore, statistics: MountStatistics, logger: Logger) throws -> WritableMount {
+        guard refs.count > 1 else {
+            return try WritableMount(store: store, publisher: CountedPublisher(refs[0].publisher!, statistics: statistics), logger: logger)
+        }
+        struct Remote {
+            var publisher: any CachePublisher
+            var remoteTags: [String: String] = [:]
+            var tags: Set<String> = []
+            var shown: [OCILayout.TaggedManifest] = []
+            var blobs: Set<Digest> = []
+        }
+        var remotes: [Remote] = []
+        for (index, mounted) in refs.enumerated() {
+            let publisher = mounted.publisher!
+            var remote = remotes.first { $0.publisher.displayName == publisher.displayName } ?? Remote(publisher: publisher)
+            remote.remoteTags.merge(mounted.ref.remoteTags) { first, _ in first }
+            remote.tags.formUnion(mounted.ref.tags)
+            if let resolution = resolutions.withLock({ $0[index] }) {
+                remote.shown += resolution.tags
+                remote.blobs.formUnion(resolution.smallBlobs.keys)
+                remote.blobs.formUnion(resolution.lazyBlobs.keys)
+            }
+            if let existing = remotes.firstIndex(where: { $0.publisher.displayName == publisher.displayName }) {
+                remotes[existing] = remote
+            } else {
+                remotes.append(remote)
+            }
+        }
+        let staging = try StagingArea(cacheDirectory: store.directory)
+        let copySource = CountedBlobSource(blobs, statistics: statistics)
+        let destinations = try remotes.map { remote in
+            let publisher = TagRenamingPublisher(remote.publisher, remoteTags: remote.remoteTags)
+            let queue = try UploadQueue(store: store, publisher: CountedPublisher(publisher, statistics: statistics), logger: logger)
+            queue.noteRemoteTags(remote.shown)
+            queue.copyMissingBlobs { digest, size in try Self.copy(digest, size: size, from: copySource, into: staging) }
+            return TagDestination(queue: queue, tags: remote.tags, remoteBlobs: remote.blobs)
+        }
+        return WritableMount(staging: staging, uploads: destinations[0].queue, destinations: destinations)
+    }
+
+    /// A blob read from the mount's remotes into a staged file, checked against its digest.
+    private static func copy(_ digest: Digest, size: Int64, from source: some BlobSource, into staging: StagingArea) throws -> StagedFile {
+        let file = try staging.newFile()
+        var written: Int64 = 0
+        try source.streamBlob(digest, from: 0, onStart: { start in
+            guard start == 0 else { throw CommandError("blob \(digest): the remote answered from byte \(start), not 0") }
+        }, onBody: { bytes in
+            guard written + Int64(bytes.count) <= size else { throw CommandError("blob \(digest) is longer than its \(size) bytes") }
+            try file.write(bytes, at: written)
+            written += Int64(bytes.count)
+        })
+        guard try file.whileUnchanging({ actual, length in actual == digest && length == size }) else {
+            throw CommandError("blob \(digest) read from another remote of the mount does not match its digest")
+        }
+        return file
     }
 
     /// One ref's outcome of a refresh.

@@ -115,6 +115,51 @@ struct SeveralRefsTests {
         }
     }
 
+    @Test("writable: import main from a registry, export pr-42 to S3 through one mount; the layers reused from main are copied to S3; a tag no source takes stays local")
+    func importMainExportBranchToAnotherRemote() async throws {
+        try await withWorkspace("ref-writable") { ws in
+            let imports = try await ExportRemote.start(.registry, in: ws)
+            let exports = try await ExportRemote.start(.s3, in: ws)
+            let registry = try #require(imports.registry)
+            let seed = try await ws.seed(registry, repo: ExportRemote.repository, tag: "main", variant: "manifest", layers: 2,
+                                         layerSize: 400_000, seed: 31)
+            let mainBefore = try await imports.tagDocument("main")
+            let mount = try await ws.mountS3ExpectingSuccess(imports.source(["main"]),
+                                                             environment: ["AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"],
+                                                             writable: true, options: ["--tag", "pr-42=" + exports.source(["pr-42"])])
+            #expect(try Self.shownTags(mount) == ["main": seed.manifest.digest], "pr-42 has no cache yet")
+
+            // The job's export goes on from main's layers, which it finds in the mount and never writes.
+            let manifestBytes = try FileIO.readAll(mount.blobPath(seed.manifest.digest))
+            let manifest = try #require(try JSONSerialization.jsonObject(with: Data(manifestBytes)) as? [String: Any])
+            let existing = try (manifest["layers"] as? [[String: Any]] ?? []).map(BuildCache.Layer.init(existing:))
+            let cache = BuildCache(chain: existing + [.random(seed: 41, size: 300_000)], variant: .imageManifest, salt: "pr-42")
+            let outcome = try await replayExport(cache, into: mount, tag: "pr-42", version: .v0_32_2)
+            #expect(outcome.indexCloseErrno == 0)
+            #expect(Set(outcome.written(cache)) == Set(cache.newBlobs.map(\.digest)), "main's layers are found, not written")
+
+            // A tag that neither source takes, written twice.
+            let scratch = BuildCache(chain: [.random(seed: 42, size: 50_000)], variant: .imageManifest, salt: "local")
+            #expect(try await replayExport(scratch, into: mount, tag: "scratch", version: .v0_32_2).indexCloseErrno == 0)
+            let again = BuildCache(chain: [.random(seed: 43, size: 50_000)], variant: .imageManifest, salt: "local 2")
+            #expect(try await replayExport(again, into: mount, tag: "scratch", version: .v0_32_2).indexCloseErrno == 0)
+            #expect(try Self.shownTags(mount)["scratch"] == again.manifest.digest.description, "it stays in the mount")
+
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
+            let localLines = mount.log.split(separator: "\n").filter { $0.contains("tag scratch is taken by none of the mount's sources; it stays local") }
+            #expect(localLines.count == 1, "logged once: \(localLines)")
+
+            // S3 holds pr-42 with every layer, main's two copied from the registry.
+            try await exports.expectPublished(cache, tag: "pr-42")
+            #expect(try await exports.tagDocument("scratch") == nil)
+            // The registry's main is untouched and got no other tag.
+            #expect(try await imports.tagDocument("main") == mainBefore)
+            #expect(try await imports.tagDocument("pr-42") == nil)
+            #expect(try await imports.tagDocument("scratch") == nil)
+        }
+    }
+
     @Test("a tag given twice is one clear error, before anything is resolved")
     func duplicateTagName() async throws {
         try await withWorkspace("ref-duplicate") { ws in
