@@ -52,6 +52,13 @@ struct MountCommand: ParsableCommand {
         HTTPS peers are verified against --ca-file (or $SSL_CERT_FILE) when given, else the \
         system's certificate authorities.
 
+        --tag NAME=SOURCE adds a further remote cache, shown as the tag NAME (an S3 SOURCE's name \
+        defaults to NAME); each ref resolves on its own, and one that fails is left out with a \
+        warning unless it is the mount's SOURCE. A blob several refs reach is fetched once. On a \
+        writable mount each tag is published to the source that shows it (committed blobs go to \
+        SOURCE at once); with --tag, a tag no source shows stays local. `ocicachefs refresh MOUNTPOINT` \
+        resolves them all again.
+
         Without --foreground the command returns once the mount is ready, so \
         `ocicachefs mount ... && buildctl ...` needs no sleep; it exits non-zero with one line \
         saying why when the registry refuses the credentials, serves an invalid manifest, or \
@@ -63,6 +70,8 @@ struct MountCommand: ParsableCommand {
           ocicachefs mount "type=s3,bucket=ci-cache,region=eu-west-1,name=main" /mnt/cache
           ocicachefs mount --cache-dir /var/cache/ci \\
               type=registry,ref=ghcr.io/org/app:cache /mnt/cache
+          ocicachefs mount --writable type=registry,ref=ghcr.io/org/app:pr-42 \\
+              --tag main=type=registry,ref=ghcr.io/org/app:main /mnt/cache
           buildctl build --frontend dockerfile.v0 --local context=. \\
               --local dockerfile=. --import-cache type=local,src=/mnt/cache,tag=cache
         """
