@@ -484,19 +484,25 @@ public final class UploadQueue: Sendable {
         let tag = publication.tag
         switch outcome {
         case .success:
+            // Out of the journal before out of the table, as a blob: `drain` may return as soon
+            // as the table is empty. No newer publication arrives meanwhile: it would need the
+            // journal's lock, held here.
             let recorded = tagJournal.withLock { _ -> Bool in
                 let done = state.withLock { state -> Bool? in
                     guard !state.stopped, let entry = state.tags[tag] else { return nil }
-                    state.remoteTags[tag] = publication.manifest.digest
-                    if let newer = entry.newer {
-                        state.tags[tag] = TagEntry(publication: newer, phase: .queued)
-                        return false
-                    }
-                    state.tags[tag] = nil
-                    return true
+                    return entry.newer == nil
                 }
-                if done == true { journal.removeTag(tag) }
-                return done != nil
+                guard let done else { return false }
+                if done { journal.removeTag(tag) }
+                state.withLock { state in
+                    state.remoteTags[tag] = publication.manifest.digest
+                    if let newer = state.tags[tag]?.newer {
+                        state.tags[tag] = TagEntry(publication: newer, phase: .queued)
+                    } else {
+                        state.tags[tag] = nil
+                    }
+                }
+                return true
             }
             guard recorded else { return }
             logger.notice("tag published", metadata: ["tag": "\(tag)", "manifest": "\(publication.manifest.digest)",

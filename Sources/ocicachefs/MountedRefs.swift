@@ -27,6 +27,8 @@ struct CacheRef: Sendable {
     }
 
     init(name: String?, source: String) throws {
+        // The daemon reads its sources one a line.
+        guard !source.contains(where: \.isNewline) else { throw CommandError("a source holds a line break: \(source.debugDescription)") }
         var spec = try SourceSpec(parsing: source)
         if let name {
             guard !name.isEmpty, !name.contains(where: { $0.isNewline || $0 == "=" }) else {

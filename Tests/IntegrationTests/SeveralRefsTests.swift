@@ -145,6 +145,10 @@ struct SeveralRefsTests {
             #expect(try await replayExport(again, into: mount, tag: "scratch", version: .v0_32_2).indexCloseErrno == 0)
             #expect(try Self.shownTags(mount)["scratch"] == again.manifest.digest.description, "it stays in the mount")
 
+            let refused = try await Processes.run(try Harness.binary(), ["refresh", mount.mountpoint], in: ws)
+            #expect(refused.status != 0 && refused.stderr.contains("refresh: a writable mount's index.json belongs to what clients export into it"),
+                    "\(refused)")
+
             let unmounted = try await mount.unmount(in: ws)
             #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
             let localLines = mount.log.split(separator: "\n").filter { $0.contains("tag scratch is taken by none of the mount's sources; it stays local") }
