@@ -8,18 +8,36 @@ import Synchronization
 @preconcurrency import Glibc
 #endif
 
-/// What makes a mount writable: where client files are staged and the queue that publishes
+/// What makes a mount writable: where client files are staged and the queues that publish
 /// what they commit. Both live in the cache directory of the mount's content store.
 public struct WritableMount: Sendable {
     public var staging: StagingArea
+    /// The queue of the mount's SOURCE: a committed blob is queued here at once.
     public var uploads: UploadQueue
+    /// A mount of several refs: each remote with the tags it takes, the SOURCE's first (its
+    /// queue is `uploads`). nil: a mount of one source, which takes every tag.
+    public var destinations: [TagDestination]?
     /// Tags the last close of `index.json` did not queue, and why. BuildKit ignores the error
     /// that close returns, so they are reported again when the mount ends.
     let refusals = Refusals()
+    /// Tags written that no source takes, each logged once.
+    let localTags = LocalTags()
 
-    public init(staging: StagingArea, uploads: UploadQueue) {
+    public init(staging: StagingArea, uploads: UploadQueue, destinations: [TagDestination]? = nil) {
+        precondition(destinations.map { $0.first?.queue === uploads } ?? true, "the SOURCE's queue comes first")
         self.staging = staging
         self.uploads = uploads
+        self.destinations = destinations
+    }
+
+    /// Every queue of the mount.
+    var queues: [UploadQueue] { destinations?.map(\.queue) ?? [uploads] }
+
+    /// Where `tag` is published, with what its remote is known to hold (nil: everything the
+    /// mount shows, as in a mount of one source); nil when no source takes the tag.
+    func destination(of tag: String) -> (queue: UploadQueue, remoteBlobs: Set<Digest>?)? {
+        guard let destinations else { return (uploads, nil) }
+        return destinations.first { $0.tags.contains(tag) }.map { ($0.queue, $0.remoteBlobs) }
     }
 
     /// A staging area and an upload queue in the cache directory of `store`, the queue
@@ -28,6 +46,31 @@ public struct WritableMount: Sendable {
         self.init(staging: try StagingArea(cacheDirectory: store.directory),
                   uploads: try UploadQueue(store: store, publisher: publisher, logger: logger))
     }
+}
+
+/// One remote of a writable mount of several refs (`--tag NAME=SOURCE`): the tags published
+/// to it and what it holds. A tag it takes is published once every blob the tag reaches is on
+/// this remote: a blob it does not hold is uploaded first, from the local cache or copied from
+/// the remote that has it.
+public struct TagDestination: Sendable {
+    public var queue: UploadQueue
+    public var tags: Set<String>
+    /// The blobs its refs' resolutions listed.
+    public var remoteBlobs: Set<Digest>
+
+    public init(queue: UploadQueue, tags: Set<String>, remoteBlobs: Set<Digest>) {
+        self.queue = queue
+        self.tags = tags
+        self.remoteBlobs = remoteBlobs
+    }
+}
+
+/// Tags written that no source of the mount takes: they stay in the mount, and the log says
+/// so once for each.
+final class LocalTags: Sendable {
+    private let logged = Mutex<Set<String>>([])
+
+    func firstTime(_ tag: String) -> Bool { logged.withLock { $0.insert(tag).inserted } }
 }
 
 /// What the commit of `index.json` refused, as of its last close.
@@ -68,10 +111,12 @@ extension CacheFilesystem {
     /// queue.
     public convenience init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
                             writable: WritableMount) throws(CacheError) {
-        let pending = writable.uploads.pendingTags
+        let queues = writable.queues
+        let pending = queues.flatMap(\.pendingTags)
         var tags = snapshot.tags.filter { tagged in !pending.contains { $0.tag == tagged.tag } }
         tags += pending.map { OCILayout.TaggedManifest(tag: $0.tag, manifest: $0.manifest) }
-        var unpublished = writable.uploads.pendingBlobs
+        var unpublished: [Digest: Int64] = [:]
+        for queue in queues { unpublished.merge(queue.pendingBlobs) { first, _ in first } }
         for publication in pending {
             for blob in publication.blobs { unpublished[blob.digest] = blob.size }
         }
@@ -81,8 +126,9 @@ extension CacheFilesystem {
         let (state, blobsInode) = Self.layout(snapshot, staged: staged)
         self.init(state: state, blobsInode: blobsInode, snapshot: snapshot, fetcher: fetcher, logger: logger,
                   scratchCapacity: Self.defaultScratchCapacity, writable: writable)
-        writable.uploads.noteRemoteTags(snapshot.tags)
-        writable.uploads.start()
+        // A mount of several refs knows each remote's tags from its own refs (`destinations`).
+        if writable.destinations == nil { writable.uploads.noteRemoteTags(snapshot.tags) }
+        for queue in queues { queue.start() }
     }
 
     /// The errno for a failed operation on the staging area or the content store.
@@ -212,7 +258,8 @@ extension CacheFilesystem {
     /// A blob unlinked from the mount leaves the local cache too, once uploaded if its upload
     /// is pending. The remote keeps it.
     func forgetBlob(_ digest: Digest, in writable: WritableMount) {
-        if !writable.uploads.discardWhenPublished(digest) { writable.uploads.store.discardComplete(digest) }
+        let awaitingUpload = writable.queues.filter { $0.discardWhenPublished(digest) }
+        if awaitingUpload.isEmpty { writable.uploads.store.discardComplete(digest) }
     }
 
     /// The staged file `name` in `parent`, if that is what it is.
@@ -318,7 +365,7 @@ extension CacheFilesystem {
     /// in a read-only mount.
     public func drainUploads(progress: (UploadProgress) -> Void = { _ in }) -> [UnpublishedItem] {
         guard let writable else { return [] }
-        return writable.refusals.all + writable.uploads.drain(progress: progress)
+        return writable.refusals.all + writable.queues.flatMap { $0.drain(progress: progress) }
     }
 
     // MARK: Tags
@@ -331,7 +378,6 @@ extension CacheFilesystem {
     static let configLimit = 64 << 20
 
     private func publishTags(in index: StagedFile, to writable: WritableMount) -> Result<Void, FSError> {
-        let uploads = writable.uploads
         func refuseIndex(_ reason: String) -> Result<Void, FSError> {
             writable.refusals.replace(with: [.index(reason: reason)])
             return .failure(.ioError)
@@ -361,11 +407,19 @@ extension CacheFilesystem {
             tags[tag] = Descriptor(mediaType: entry.mediaType, digest: entry.digest, size: entry.size)
         }
         var refused: [UnpublishedItem] = []
-        for tag in uploads.changedTags(tags.mapValues(\.digest)).sorted() {
-            switch publication(of: tag, manifest: tags[tag]!) {
+        for (tag, manifest) in tags.sorted(by: { $0.key < $1.key }) {
+            guard let (uploads, remoteBlobs) = writable.destination(of: tag) else {
+                if writable.localTags.firstTime(tag) {
+                    logger.notice("tag \(tag) is taken by none of the mount's sources; it stays local", metadata: ["tag": "\(tag)"])
+                }
+                continue
+            }
+            guard uploads.changedTags([tag: manifest.digest]).contains(tag) else { continue }
+            switch publication(of: tag, manifest: manifest) {
             case .success(let publication):
                 do {
-                    try uploads.enqueueTag(publication)
+                    let lacking = remoteBlobs.map { held in publication.blobs.filter { !held.contains($0.digest) } } ?? []
+                    try uploads.enqueueTag(publication, uploadingFirst: lacking)
                 } catch {
                     logger.error("cannot queue the publication of a tag", metadata: ["tag": "\(tag)", "error": "\(error)"])
                     refused.append(.tag(tag, reason: "cannot be queued: \(error)"))

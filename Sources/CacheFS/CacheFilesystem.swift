@@ -88,14 +88,14 @@ public final class CacheFilesystem: Sendable {
     /// The `layers/` view's decompression.
     let layers: LayerReader
     /// Drops what the kernel cached of an inode's content; set by the binding.
-    private let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
+    let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
     let logger: Logger
     private let uid: UInt32
     private let gid: UInt32
 
     /// The layer built directly on each layer of the cache's chains, with its size. BuildKit
     /// imports a chain by reading its layers whole, one after another, base first.
-    private let nextLayers: [Digest: (digest: Digest, size: Int64)]
+    let nextLayers: Mutex<[Digest: (digest: Digest, size: Int64)]>
     /// Set when the mount takes exports.
     let writable: WritableMount?
     /// What refuses a change the mount does not allow: the whole filesystem is read-only
@@ -122,7 +122,7 @@ public final class CacheFilesystem: Sendable {
         self.fetcher = fetcher
         self.layers = LayerReader(fetcher: fetcher, logger: logger)
         self.logger = logger
-        self.nextLayers = Self.nextLayers(snapshot)
+        self.nextLayers = Mutex(Self.nextLayers(snapshot))
         self.uid = getuid()
         self.gid = getgid()
         self.state = Mutex(state)
@@ -204,7 +204,7 @@ public final class CacheFilesystem: Sendable {
 
     /// Successors from every tag's cache config; a layer that two configs continue differently
     /// has none.
-    private static func nextLayers(_ snapshot: CacheSnapshot) -> [Digest: (digest: Digest, size: Int64)] {
+    static func nextLayers(_ snapshot: CacheSnapshot) -> [Digest: (digest: Digest, size: Int64)] {
         var successors: [Digest: Digest?] = [:]
         for tag in snapshot.tags {
             guard let bytes = snapshot.smallBlobs[tag.manifest.digest],
@@ -438,7 +438,7 @@ public final class CacheFilesystem: Sendable {
         case .layer(let layer)?:
             readLayer(layer, offset: offset, count: count, reply: reply)
         case .lazyBlob(let digest, let size)?:
-            if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers[digest] {
+            if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers.withLock({ $0[digest] }) {
                 fetcher.prefetch(next.digest, size: next.size)
             }
             let logger = self.logger

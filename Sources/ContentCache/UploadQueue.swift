@@ -84,6 +84,8 @@ public final class UploadQueue: Sendable {
         var tags: [String: TagEntry] = [:]
         /// What each tag points at on the remote, as far as this mount knows.
         var remoteTags: [String: Digest] = [:]
+        /// Blobs this queue published since it started.
+        var published: Set<Digest> = []
         var nextSequence: UInt64 = 0
         var stopped = false
     }
@@ -104,6 +106,11 @@ public final class UploadQueue: Sendable {
     /// Signalled when something was published or failed, for `drain`.
     private let changed = DispatchSemaphore(value: 0)
     private let started = Atomic<Bool>(false)
+    private let copier = Mutex<BlobCopier?>(nil)
+
+    /// Brings a blob that the local cache does not hold (it is on another remote of the mount)
+    /// into a staged file, its bytes checked against the digest, to be published from there.
+    public typealias BlobCopier = @Sendable (_ digest: Digest, _ size: Int64) throws -> StagedFile
 
     /// - Parameter remoteName: names the remote in the journal; by default the publisher's
     ///   display name.
@@ -250,10 +257,24 @@ public final class UploadQueue: Sendable {
         }
     }
 
+    /// How a blob the local cache does not hold is brought here to be published (see
+    /// `enqueueTag(_:uploadingFirst:)`); without one such a blob fails.
+    public func copyMissingBlobs(with copy: @escaping BlobCopier) {
+        copier.withLock { $0 = copy }
+    }
+
     /// Journals a tag's publication and queues it; it runs once every blob it reaches is
     /// uploaded, and fails if one of them failed. It replaces any earlier publication of the
-    /// same tag not yet made.
-    public func enqueueTag(_ publication: TagPublication) throws(CacheError) {
+    /// same tag not yet made. `uploadingFirst` names blobs the tag reaches that this remote
+    /// may lack (the mount shows them from another remote): those not published or queued
+    /// here yet are journaled and queued before the tag, so the tag waits for them.
+    public func enqueueTag(_ publication: TagPublication, uploadingFirst candidates: [Descriptor] = []) throws(CacheError) {
+        let missing = state.withLock { state in
+            candidates.filter { state.blobs[$0.digest] == nil && !state.published.contains($0.digest) }
+        }
+        for blob in missing {
+            if try prepareUpload(blob.digest, size: blob.size) { startUpload(blob.digest) }
+        }
         try tagJournal.withLock { _ throws(CacheError) in
             try journal.recordTag(publication)
             record(publication)
@@ -394,6 +415,11 @@ public final class UploadQueue: Sendable {
             let outcome: Result<BlobPublication, any Error>
             if store.hasComplete(digest) {
                 outcome = Result { try publisher.publishBlob(digest, size: size, contentsAt: store.completePath(digest)) }
+            } else if let copy = copier.withLock({ $0 }) {
+                outcome = Result {
+                    let copied = try copy(digest, size)
+                    return try withExtendedLifetime(copied) { try publisher.publishBlob(digest, size: size, contentsAt: copied.path) }
+                }
             } else {
                 outcome = .failure(CacheError("it is no longer in the local cache \(store.directory)"))
             }
@@ -430,6 +456,7 @@ public final class UploadQueue: Sendable {
             let discard = state.withLock { state -> Bool in
                 let discard = state.blobs[digest]?.discardWhenPublished ?? false
                 state.blobs[digest] = nil
+                state.published.insert(digest)
                 return discard
             }
             if discard { store.discardComplete(digest) }
@@ -457,19 +484,25 @@ public final class UploadQueue: Sendable {
         let tag = publication.tag
         switch outcome {
         case .success:
+            // Out of the journal before out of the table, as a blob: `drain` may return as soon
+            // as the table is empty. No newer publication arrives meanwhile: it would need the
+            // journal's lock, held here.
             let recorded = tagJournal.withLock { _ -> Bool in
                 let done = state.withLock { state -> Bool? in
                     guard !state.stopped, let entry = state.tags[tag] else { return nil }
-                    state.remoteTags[tag] = publication.manifest.digest
-                    if let newer = entry.newer {
-                        state.tags[tag] = TagEntry(publication: newer, phase: .queued)
-                        return false
-                    }
-                    state.tags[tag] = nil
-                    return true
+                    return entry.newer == nil
                 }
-                if done == true { journal.removeTag(tag) }
-                return done != nil
+                guard let done else { return false }
+                if done { journal.removeTag(tag) }
+                state.withLock { state in
+                    state.remoteTags[tag] = publication.manifest.digest
+                    if let newer = state.tags[tag]?.newer {
+                        state.tags[tag] = TagEntry(publication: newer, phase: .queued)
+                    } else {
+                        state.tags[tag] = nil
+                    }
+                }
+                return true
             }
             guard recorded else { return }
             logger.notice("tag published", metadata: ["tag": "\(tag)", "manifest": "\(publication.manifest.digest)",

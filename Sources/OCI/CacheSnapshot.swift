@@ -25,6 +25,19 @@ public struct CacheSnapshot: Sendable {
         for (digest, bytes) in other.smallBlobs { addSmallBlob(digest, bytes) }
         for (digest, size) in other.lazyBlobs where smallBlobs[digest] == nil { lazyBlobs[digest] = size }
     }
+
+    /// The same resolution with every tag shown as `name`: a ref that a mount shows under a
+    /// name of its own (`--tag NAME=SOURCE`).
+    public func showingTags(as name: String) -> CacheSnapshot {
+        var renamed = self
+        renamed.tags = tags.map { OCILayout.TaggedManifest(tag: name, manifest: $0.manifest) }
+        return renamed
+    }
+
+    /// The manifest each tag points at.
+    public var tagDigests: [String: Digest] {
+        Dictionary(tags.map { ($0.tag, $0.manifest.digest) }, uniquingKeysWith: { first, _ in first })
+    }
 }
 
 /// Where blob bytes come from: the one thing the content cache asks of the network. Calls

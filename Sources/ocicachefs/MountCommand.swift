@@ -52,6 +52,13 @@ struct MountCommand: ParsableCommand {
         HTTPS peers are verified against --ca-file (or $SSL_CERT_FILE) when given, else the \
         system's certificate authorities.
 
+        --tag NAME=SOURCE adds a further remote cache, shown as the tag NAME (an S3 SOURCE's name \
+        defaults to NAME); each ref resolves on its own, and one that fails is left out with a \
+        warning unless it is the mount's SOURCE. A blob several refs reach is fetched once. On a \
+        writable mount each tag is published to the source that shows it (committed blobs go to \
+        SOURCE at once); with --tag, a tag no source shows stays local. `ocicachefs refresh MOUNTPOINT` \
+        resolves them all again.
+
         Without --foreground the command returns once the mount is ready, so \
         `ocicachefs mount ... && buildctl ...` needs no sleep; it exits non-zero with one line \
         saying why when the registry refuses the credentials, serves an invalid manifest, or \
@@ -63,6 +70,8 @@ struct MountCommand: ParsableCommand {
           ocicachefs mount "type=s3,bucket=ci-cache,region=eu-west-1,name=main" /mnt/cache
           ocicachefs mount --cache-dir /var/cache/ci \\
               type=registry,ref=ghcr.io/org/app:cache /mnt/cache
+          ocicachefs mount --writable type=registry,ref=ghcr.io/org/app:pr-42 \\
+              --tag main=type=registry,ref=ghcr.io/org/app:main /mnt/cache
           buildctl build --frontend dockerfile.v0 --local context=. \\
               --local dockerfile=. --import-cache type=local,src=/mnt/cache,tag=cache
         """
@@ -117,6 +126,11 @@ struct MountCommand: ParsableCommand {
     @Option(help: ArgumentHelp("PEM file of the certificate authorities that HTTPS registries, S3 endpoints and AWS credential services are verified against, in place of the system's bundle (default: $SSL_CERT_FILE).", valueName: "FILE"))
     var caFile: String?
 
+    @Option(name: .customLong("tag"), parsing: .unconditionalSingleValue,
+            help: ArgumentHelp("Also show the remote cache SOURCE as the tag NAME of the same index.json (repeatable; registry and S3 sources may be mixed). On a writable mount, NAME is published to SOURCE.",
+                               valueName: "NAME=SOURCE"))
+    var tagOptions: [String] = []
+
     @Option(help: .hidden)
     var readyFD: Int32?
 
@@ -148,13 +162,15 @@ struct MountCommand: ParsableCommand {
             throw ExitCode.failure
         }
         let cacheDirectory = cacheDir ?? Self.defaultCacheDirectory()
-        let source: String
+        let refs: [CacheRef]
         let certificateAuthorities: String?
         do {
             try Self.checkOutsideMountpoint(cacheDirectory, mountpoint: mountpoint)
             try Self.prepareCacheDirectory(cacheDirectory)
             certificateAuthorities = try certificateAuthorityFile()
-            source = try sourceFD.map(Self.readSource) ?? self.source
+            // The daemon gets its SOURCE and its --tag sources, secrets included, one a line.
+            let lines = try sourceFD.map { fd in try Self.readSource(from: fd).split(separator: "\n", omittingEmptySubsequences: false).map(String.init) }
+            refs = try CacheRef.refs(source: lines?.first ?? source, tagOptions: lines.map { Array($0.dropFirst()) } ?? tagOptions)
         } catch {
             printError("\(error)")
             throw ExitCode.failure
@@ -163,22 +179,17 @@ struct MountCommand: ParsableCommand {
         let absoluteCacheDirectory = UnmountCommand.lexicallyAbsolute(cacheDirectory)
         if !foreground {
             let logPath = logFile ?? cacheDirectory + "/ocicachefs.log"
-            let spec: SourceSpec
-            do {
-                spec = try SourceSpec(parsing: source)
-            } catch {
-                printError("\(error)")
-                throw ExitCode.failure
-            }
+            let sources = ([source] + tagOptions).joined(separator: "\n")
+            // Each further ref resolves at mount: a daemon with several waits longer to be ready.
             throw ExitCode(Daemon.spawnAndAwaitReady(arguments: daemonArguments(cacheDirectory: absoluteCacheDirectory,
                                                                                 certificateAuthorities: certificateAuthorities,
-                                                                                shownSource: spec.withoutSecrets,
-                                                                                mountpoint: mountpoint),
-                                                     source: source, logPath: logPath, readyTimeout: timeout * 4 + 30))
+                                                                                refs: refs, mountpoint: mountpoint),
+                                                     source: sources, logPath: logPath,
+                                                     readyTimeout: (timeout * 4 + 30) * Double(refs.count)))
         }
         let reporter = ReadinessReporter(fd: readyFD)
         do {
-            try serve(source: source, mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory,
+            try serve(refs: refs, mountpoint: mountpoint, cacheDirectory: absoluteCacheDirectory,
                       certificateAuthorities: certificateAuthorities, reporter: reporter)
         } catch {
             let line = "\(error)"
@@ -191,7 +202,7 @@ struct MountCommand: ParsableCommand {
 
     /// The daemon's command line: this one's options with absolute paths, and the source
     /// without its secrets (the daemon reads the whole source from its descriptor).
-    private func daemonArguments(cacheDirectory: String, certificateAuthorities: String?, shownSource: String,
+    private func daemonArguments(cacheDirectory: String, certificateAuthorities: String?, refs: [CacheRef],
                                  mountpoint: String) -> [String] {
         var arguments = ["mount", "--cache-dir", cacheDirectory, "--timeout", String(timeout), "--log-level", logLevel]
         if let certificateAuthorities { arguments += ["--ca-file", certificateAuthorities] }
@@ -202,8 +213,9 @@ struct MountCommand: ParsableCommand {
         if let uploadCutoff { arguments += ["--upload-cutoff", String(uploadCutoff.bytes)] }
         if let metricsFile { arguments += ["--metrics-file", UnmountCommand.lexicallyAbsolute(metricsFile)] }
         if let metricsListen { arguments += ["--metrics-listen", metricsListen.description] }
+        for ref in refs.dropFirst() { arguments += ["--tag", ref.shownOption] }
         return arguments + ["--foreground", "--ready-fd", String(Daemon.childReadyFD), "--source-fd", String(Daemon.childSourceFD),
-                            "--", shownSource, mountpoint]
+                            "--", refs[0].spec.withoutSecrets, mountpoint]
     }
 
     /// `--ca-file`, else `SSL_CERT_FILE`: absolute (the daemon works in /), and checked here,
@@ -239,7 +251,7 @@ struct MountCommand: ParsableCommand {
         }
     }
 
-    private func serve(source: String, mountpoint: String, cacheDirectory: String, certificateAuthorities: String?,
+    private func serve(refs: [CacheRef], mountpoint: String, cacheDirectory: String, certificateAuthorities: String?,
                        reporter: ReadinessReporter) throws {
         // `pgrep ocicachefs` finds the daemon: exec'd through /proc/self/exe, it would be "exe".
         SystemThread.nameCurrentThread("ocicachefs")
@@ -258,32 +270,28 @@ struct MountCommand: ParsableCommand {
         let logger = Logger(label: "ocicachefs")
         let bound = Duration.milliseconds(Int64(timeout * 1000))
 
-        let spec = try SourceSpec(parsing: source)
-        let (remote, publisher) = try SourceFactory.make(spec, writable: writable,
-                                                         uploadCutoff: uploadCutoff?.bytes ?? defaultSingleRequestUploadLimit,
-                                                         timeout: bound, certificateAuthorities: certificateAuthorities,
-                                                         logger: logger)
+        let mountedRefs = MountedRefs(try refs.map { ref in
+            let (remote, publisher) = try SourceFactory.make(ref.spec, writable: writable,
+                                                             uploadCutoff: uploadCutoff?.bytes ?? defaultSingleRequestUploadLimit,
+                                                             timeout: bound, certificateAuthorities: certificateAuthorities,
+                                                             logger: logger)
+            return MountedRefs.Mounted(ref: ref, remote: remote, publisher: publisher)
+        })
+        let remote = mountedRefs.refs[0].remote
         let store = try ContentStore(directory: cacheDirectory, lockWait: bound)
-        logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)"])
-        // Saving the resolution for offline mounts cost a third of a 100,000-blob mount's CPU:
-        // it is done once the mount is ready, and finished before the daemon exits.
-        let resolved = Mutex<CacheSnapshot?>(nil)
-        let snapshot = try remote.loadSnapshot(remembering: { snapshot in resolved.withLock { $0 = snapshot } },
-                                               recalling: { store.savedResolution(for: remote.displayName) }, logger: logger)
-        for warning in snapshot.warnings {
-            logger.warning("\(warning)")
-            reporter.warn(warning)
-        }
+        logger.info("resolving remote cache", metadata: ["source": "\(remote.displayName)",
+                                                         "tags": "\(mountedRefs.refs.dropFirst().map(\.ref.shownOption))"])
+        let snapshot = try mountedRefs.resolveAtMount(store: store, logger: logger, warn: reporter.warn)
 
         var limits = CacheLimits.defaults(forDirectory: cacheDirectory)
         if let cacheSize { limits.maxBytes = cacheSize.bytes }
         if let minFree { limits.minFreeBytes = minFree.bytes }
         let statistics = MountStatistics()
-        let fetcher = BlobFetcher(store: store, source: CountedBlobSource(remote, statistics: statistics), logger: logger,
+        let fetcher = BlobFetcher(store: store, source: CountedBlobSource(mountedRefs.blobs, statistics: statistics), logger: logger,
                                   otherProcessStall: bound, limits: limits, statistics: statistics)
         let filesystem: CacheFilesystem
-        if let publisher {
-            let uploads = try WritableMount(store: store, publisher: CountedPublisher(publisher, statistics: statistics), logger: logger)
+        if writable {
+            let uploads = try mountedRefs.writableMount(store: store, statistics: statistics, logger: logger)
             filesystem = try CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger, writable: uploads)
         } else {
             filesystem = CacheFilesystem(snapshot: snapshot, fetcher: fetcher, logger: logger)
@@ -302,6 +310,18 @@ struct MountCommand: ParsableCommand {
         let endpoints = StatisticsEndpoints(statistics: statistics, mountpoint: mountpoint, cacheDirectory: cacheDirectory,
                                             limits: limits, logger: logger)
         let controlSocket = RuntimeFiles.controlSocket(forPIDFile: pidFile)
+        endpoints.onRefresh { [writable] in
+            guard !writable else {
+                return "error: a writable mount's index.json belongs to what clients export into it; only read-only mounts are refreshed\n"
+            }
+            let (snapshot, lines) = mountedRefs.refresh(store: store, logger: logger)
+            do {
+                try filesystem.show(snapshot)
+            } catch {
+                return "error: \(error)\n"
+            }
+            return lines.map { ($0.failed ? "failed " : "ok ") + $0.text + "\n" }.joined()
+        }
         try endpoints.serveControlSocket(at: controlSocket)
         if let metricsListen { try endpoints.serveMetrics(host: metricsListen.host, port: metricsListen.port) }
         if let metricsFile { endpoints.writeMetricsFile(to: metricsFile) }
@@ -334,12 +354,9 @@ struct MountCommand: ParsableCommand {
             if readyFD == nil {
                 notifier.notify(["READY=1", "STATUS=mounted \(remote.displayName) at \(mountpoint)"])
             }
-            guard let snapshot = resolved.withLock({ $0 }) else { return }
-            do {
-                try store.save(snapshot, for: remote.displayName)
-            } catch {
-                logger.warning("cannot save the resolution for offline mounts", metadata: ["error": "\(error)"])
-            }
+            // Saving the resolutions for offline mounts cost a third of a 100,000-blob mount's
+            // CPU: it is done once the mount is ready, and finished before the daemon exits.
+            mountedRefs.saveResolutions(in: store, logger: logger)
         }
         let status = session.run()
         while saving.load(ordering: .acquiring) { SystemThread.sleep(for: .milliseconds(5)) }

@@ -16,7 +16,7 @@ struct OCICacheFS: ParsableCommand {
           ocicachefs unmount /mnt/cache
         """,
         version: OCICacheFS.version,
-        subcommands: [MountCommand.self, UnmountCommand.self, PrefetchCommand.self, StatsCommand.self, CacheCommand.self]
+        subcommands: [MountCommand.self, UnmountCommand.self, PrefetchCommand.self, StatsCommand.self, RefreshCommand.self, CacheCommand.self]
     )
 
     static let version = "0.1.0"

@@ -28,6 +28,8 @@ final class StatisticsEndpoints: Sendable {
     private let listeners = Mutex<[Int32]>([])
     private let stopped = Atomic<Bool>(false)
     private let stopSignal = Mutex(false)
+    /// Answers `refresh`: resolves the mount's refs again and says what changed.
+    private let refresher = Mutex<(@Sendable () -> String)?>(nil)
     private let lastScan = Mutex<(at: ContinuousClock.Instant, cache: MountStatisticsSnapshot.Cache)?>(nil)
 
     init(statistics: MountStatistics, mountpoint: String, cacheDirectory: String, limits: CacheLimits, logger: Logger) {
@@ -56,7 +58,13 @@ final class StatisticsEndpoints: Sendable {
 
     // MARK: The control socket
 
-    /// Serves `stats` (JSON) and `metrics` (Prometheus text) requests, one line each, at `path`.
+    /// `ocicachefs refresh`: its answer is what `refresh` returns.
+    func onRefresh(_ refresh: @escaping @Sendable () -> String) {
+        refresher.withLock { $0 = refresh }
+    }
+
+    /// Serves `stats` (JSON), `metrics` (Prometheus text) and `refresh` requests, one line each,
+    /// at `path`.
     func serveControlSocket(at path: String) throws {
         var address = try Self.unixAddress(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -79,6 +87,9 @@ final class StatisticsEndpoints: Sendable {
             switch line.trimmingWhitespace() {
             case "stats": Self.send(client, String(decoding: Self.json(snapshot(scanningCache: true)), as: UTF8.self) + "\n")
             case "metrics": Self.send(client, prometheusText())
+            case "refresh":
+                // Resolving takes network time (bounded by --timeout): stats wait meanwhile.
+                Self.send(client, refresher.withLock { $0 }?() ?? "error: this mount cannot be refreshed\n")
             default: Self.send(client, "error: unknown request\n")
             }
         }
