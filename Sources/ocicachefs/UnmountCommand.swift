@@ -47,7 +47,9 @@ struct UnmountCommand: ParsableCommand {
         }
         let statusFile = RuntimeFiles.statusFile(forPIDFile: pidFile)
         guard let pid, RuntimeFiles.isMountDaemon(pid) else {
+            // A daemon killed outright leaves its files: they describe nothing now.
             unlink(pidFile)
+            unlink(RuntimeFiles.controlSocket(forPIDFile: pidFile))
             return
         }
         // A writable mount's daemon finishes its uploads first: wait as long as it reports

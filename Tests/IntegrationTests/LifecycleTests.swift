@@ -104,6 +104,12 @@ struct LifecycleTests {
             #expect(kill(pid, SIGKILL) == 0)
             #expect(await Self.eventually(5) { !Processes.isAlive(pid) }, "daemon \(pid) survived SIGKILL")
             #expect(FileManager.default.fileExists(atPath: pidFile), "a killed daemon cannot remove its PID file")
+            let socket = String(pidFile.dropLast(".pid".count)) + ".sock"
+            #expect(FileManager.default.fileExists(atPath: socket), "nor its statistics socket")
+            var info = stat()
+            let statErrno = stat(mount.path("index.json"), &info) == -1 ? errno : 0
+            // (Kernels say ENOTCONN, or ECONNABORTED once the connection was aborted.)
+            #expect(statErrno == ENOTCONN || statErrno == ECONNABORTED, "the mount is stale, not \(statErrno)")
 
             let unrelated = try Self.unrelatedProcess(namedIn: pidFile, ws)
             defer { unrelated.stop(grace: 1) }
@@ -112,6 +118,7 @@ struct LifecycleTests {
             #expect(result.status == 0, "\(result)")
             #expect(!Mounts.isMounted(mount.mountpoint), "still in /proc/mounts after unmount")
             #expect(!FileManager.default.fileExists(atPath: pidFile), "stale PID file \(pidFile) left behind")
+            #expect(!FileManager.default.fileExists(atPath: socket), "stale socket \(socket) left behind")
             #expect(Processes.isAlive(unrelated.pid), "unmount touched a process that is not its daemon")
         }
     }
