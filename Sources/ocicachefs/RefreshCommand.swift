@@ -39,7 +39,7 @@ struct RefreshCommand: ParsableCommand {
         do {
             let root = try PrefetchCommand.mountRoot(mountpoint)
             let socket = RuntimeFiles.controlSocket(forPIDFile: RuntimeFiles.pidFile(forMountpoint: root))
-            answer = try Self.ask(socket, "refresh", about: root, waitingAtMost: wait)
+            answer = String(decoding: try StatsCommand.ask(socket, "refresh", about: root, waitingAtMost: wait), as: UTF8.self)
         } catch {
             printError("refresh: \(error)")
             throw ExitCode.failure
@@ -58,40 +58,5 @@ struct RefreshCommand: ParsableCommand {
         }
         if answer.isEmpty { printError("refresh: the daemon gave no answer") }
         if failed { throw ExitCode.failure }
-    }
-
-    /// Sends `request` to the daemon's socket and returns its whole answer, waiting at most
-    /// `seconds` for each part of it.
-    static func ask(_ path: String, _ request: String, about mountpoint: String, waitingAtMost seconds: Int) throws -> String {
-        var address = try StatisticsEndpoints.unixAddress(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw CommandError(String(cString: strerror(errno))) }
-        defer { close(fd) }
-        var bound = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &bound, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &bound, socklen_t(MemoryLayout<timeval>.size))
-        let connected = withUnsafePointer(to: &address) { pointer in
-            // SAFETY: sockaddr_un starts with the generic sockaddr header, as connect expects.
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else {
-            let reason = errno == ENOENT || errno == ECONNREFUSED
-                ? "its daemon does not answer (a mount of an older ocicachefs, or it is exiting)"
-                : String(cString: strerror(errno))
-            throw CommandError("\(mountpoint): \(reason)")
-        }
-        StatisticsEndpoints.send(fd, request + "\n")
-        var answer: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = recv(fd, &buffer, buffer.count, 0)
-            if count < 0 && errno == EINTR { continue }
-            guard count >= 0 else {
-                throw CommandError("\(mountpoint): the daemon's answer: \(String(cString: strerror(errno)))")
-            }
-            if count == 0 { break }
-            answer += buffer[..<count]
-        }
-        return String(decoding: answer, as: UTF8.self)
     }
 }

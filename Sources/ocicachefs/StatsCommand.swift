@@ -52,13 +52,14 @@ struct StatsCommand: ParsableCommand {
         print(Self.describe(snapshot), terminator: "")
     }
 
-    /// Sends `request` to the daemon's socket and returns its whole answer (bounded waits).
-    static func ask(_ path: String, _ request: String, about mountpoint: String) throws -> [UInt8] {
+    /// Sends `request` to the daemon's socket and returns its whole answer, waiting at most
+    /// `seconds` for each part of it.
+    static func ask(_ path: String, _ request: String, about mountpoint: String, waitingAtMost seconds: Int = 10) throws -> [UInt8] {
         var address = try StatisticsEndpoints.unixAddress(path)
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw CommandError(String(cString: strerror(errno))) }
         defer { close(fd) }
-        var bound = timeval(tv_sec: 10, tv_usec: 0)
+        var bound = timeval(tv_sec: seconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &bound, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &bound, socklen_t(MemoryLayout<timeval>.size))
         let connected = withUnsafePointer(to: &address) { pointer in
