@@ -196,11 +196,14 @@ extension CacheFilesystem {
         }
     }
 
-    func writeStaged(_ inode: UInt64, offset: Int64, data: UnsafeRawBufferPointer) -> Result<Int, FSError> {
+    func writeStaged(_ inode: UInt64, offset: Int64, data: UnsafeRawBufferPointer,
+                     in writable: WritableMount) -> Result<Int, FSError> {
         guard offset >= 0 else { return .failure(.invalidArgument) }
         return stagedFileForChange(inode, missing: .badFileDescriptor).flatMap { file in
             do throws(CacheError) {
                 try file.write(data, at: offset)
+                // Most likely a blob on its way to `blobs/sha256`: its upload need not wait for the rename.
+                writable.uploads.beginEarlyUpload(of: file)
                 return .success(data.count)
             } catch {
                 logger.error("write to the staging area failed", metadata: ["error": "\(error)"])
@@ -286,6 +289,7 @@ extension CacheFilesystem {
                 guard actual == digest else {
                     logger.error("a file renamed into blobs/sha256 does not match its name; rename refused, nothing uploaded",
                                  metadata: ["name": "\(digest)", "content": "\(actual)", "size": "\(size)"])
+                    file.giveUpEarlyUpload("its rename into blobs/sha256 was refused")
                     return .failure(.ioError)
                 }
                 try file.sync(dataOnly: false)
@@ -317,9 +321,17 @@ extension CacheFilesystem {
             logger.error("cannot commit a blob", metadata: ["digest": "\(digest)", "error": "\(error)"])
             return .failure(Self.errno(of: error))
         }
-        guard case .success(let prepared) = outcome else { return outcome.map { _ in () } }
+        guard case .success(let prepared) = outcome else {
+            file.giveUpEarlyUpload("its commit failed")
+            return outcome.map { _ in () }
+        }
         store.syncBlobsDirectory()
-        if prepared == true { writable.uploads.startUpload(digest) }
+        let early = file.takeEarlyUpload()
+        if prepared == true {
+            writable.uploads.startUpload(digest, sentEarlyBy: early)
+        } else if let early {
+            writable.uploads.abandonInBackground(early)
+        }
         return .success(())
     }
 

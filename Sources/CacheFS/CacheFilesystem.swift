@@ -495,7 +495,7 @@ public final class CacheFilesystem: Sendable {
     }
 
     public func write(_ inode: UInt64, offset: Int64, data: UnsafeRawBufferPointer) -> Result<Int, FSError> {
-        if writable != nil { return writeStaged(inode, offset: offset, data: data) }
+        if let writable { return writeStaged(inode, offset: offset, data: data, in: writable) }
         return state.withLock { state in
             guard var node = state.nodes[inode] else { return .failure(.badFileDescriptor) }
             guard case .scratchFile(var bytes) = node.content else {

@@ -44,9 +44,18 @@ public struct CountedPublisher: CachePublisher {
     public var displayName: String { publisher.displayName }
 
     public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String) throws -> BlobPublication {
+        try publishBlob(digest, size: size, contentsAt: path, sentEarlyBy: nil)
+    }
+
+    public func beginEarlyUpload(of contents: any GrowingBlobContents) -> (any EarlyBlobUpload)? {
+        publisher.beginEarlyUpload(of: contents)
+    }
+
+    public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
+                            sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication {
         statistics.uploadStarted()
         do {
-            let publication = try publisher.publishBlob(digest, size: size, contentsAt: path)
+            let publication = try publisher.publishBlob(digest, size: size, contentsAt: path, sentEarlyBy: early)
             if case .uploaded(let bytes) = publication {
                 statistics.uploadEnded(sent: bytes, failed: false)
             } else {

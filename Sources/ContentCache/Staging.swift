@@ -2,6 +2,7 @@ import FoundationEssentials
 import SystemSupport
 import OCI
 import Synchronization
+import Dispatch
 
 #if canImport(Glibc)
 @preconcurrency import Glibc
@@ -115,6 +116,10 @@ public final class StagedFile: Sendable {
     private let byteCount = Atomic<Int64>(0)
     /// The file still has its name in the staging area: it was neither moved nor removed.
     private let named = Atomic<Bool>(true)
+    /// Whether an upload of the file before its commit was tried; at most once per file.
+    private let earlyUploadClaimed = Atomic<Bool>(false)
+    /// What an upload started before the commit reads, and the upload itself.
+    private let early = Mutex<(feed: EarlyFeed, upload: any EarlyBlobUpload)?>(nil)
 
     init(path: String, file: OpenFile) {
         self.path = path
@@ -122,6 +127,7 @@ public final class StagedFile: Sendable {
     }
 
     deinit {
+        early.withLock { $0?.feed.giveUp("the file was closed without a commit") }
         if named.load(ordering: .acquiring) { unlink(path) }
     }
 
@@ -139,7 +145,11 @@ public final class StagedFile: Sendable {
             } else {
                 verifier = nil
             }
-            byteCount.store(max(size, offset + Int64(bytes.count)), ordering: .releasing)
+            let newSize = max(size, offset + Int64(bytes.count))
+            byteCount.store(newSize, ordering: .releasing)
+            if let feed = early.withLock({ $0?.feed }) {
+                if verifier != nil { feed.advance(to: newSize) } else { feed.giveUp("the file was written out of order") }
+            }
         }
     }
 
@@ -153,6 +163,7 @@ public final class StagedFile: Sendable {
                 verifier = nil
             }
             byteCount.store(newSize, ordering: .releasing)
+            if newSize != size { early.withLock { $0?.feed.giveUp("the file was truncated") } }
         }
     }
 
@@ -208,11 +219,120 @@ public final class StagedFile: Sendable {
             throw CacheError.system("cannot move \(path) into the cache as \(digest)")
         }
         named.store(false, ordering: .releasing)
+        early.withLock { $0?.feed.seal(at: byteCount.load(ordering: .relaxed)) }
     }
 
     /// The file lost its last name in the mount: its bytes live on while it is open.
     public func removeName() {
         if named.exchange(false, ordering: .acquiringAndReleasing) { unlink(path) }
+        giveUpEarlyUpload("the file was removed")
+    }
+
+    // MARK: Uploads before the commit
+
+    /// Claims the file for an upload before its commit: true once, while its bytes so far
+    /// arrived in order from its start.
+    func claimEarlyUpload() -> Bool {
+        guard !earlyUploadClaimed.load(ordering: .relaxed) else { return false }
+        return hashing.withLock { verifier in
+            verifier != nil && !earlyUploadClaimed.exchange(true, ordering: .acquiringAndReleasing)
+        }
+    }
+
+    /// Whether the file was claimed for an upload before its commit (`claimEarlyUpload`).
+    public var earlyUploadTried: Bool { earlyUploadClaimed.load(ordering: .relaxed) }
+
+    /// Starts `makeUpload`'s upload on a feed of the file's bytes; nil when the file is no
+    /// longer written in order, or the publisher takes no early uploads.
+    func attachEarlyUpload(_ makeUpload: (EarlyFeed) -> (any EarlyBlobUpload)?) -> (feed: EarlyFeed, upload: any EarlyBlobUpload)? {
+        hashing.withLock { verifier -> (feed: EarlyFeed, upload: any EarlyBlobUpload)? in
+            guard verifier != nil else { return nil }
+            let feed = EarlyFeed(file: file, written: byteCount.load(ordering: .relaxed))
+            guard let upload = makeUpload(feed) else { return nil }
+            early.withLock { $0 = (feed, upload) }
+            return (feed, upload)
+        }
+    }
+
+    /// The upload started before the commit, once the commit sealed its feed: the committer
+    /// finishes or abandons it. nil when none was started or it was given up.
+    public func takeEarlyUpload() -> (any EarlyBlobUpload)? {
+        early.withLock { pair in
+            guard let (feed, upload) = pair, feed.isSealed else { return nil }
+            pair = nil
+            return upload
+        }
+    }
+
+    /// The file will not be committed as it is (its rename was refused): an upload started
+    /// before the commit stops, and drops what it sent.
+    public func giveUpEarlyUpload(_ reason: String) {
+        early.withLock { $0?.feed.giveUp(reason) }
+    }
+}
+
+/// A staged file's bytes for an upload that starts before the commit: readable as far as the
+/// client wrote them in order, final once the commit seals them, and failing for good once the
+/// file is rewritten, truncated, removed or no longer written for `stallLimit`.
+final class EarlyFeed: GrowingBlobContents {
+    /// How long a read waits for the client's next write before the early upload gives up (the
+    /// blob is then uploaded after its commit, the ordinary way).
+    static let stallLimit: Duration = .seconds(30)
+
+    private struct State {
+        var written: Int64
+        var sealed = false
+        var givenUp: String?
+        /// A reader sleeps on `wake`.
+        var readerWaiting = false
+    }
+
+    private let file: OpenFile
+    private let state: Mutex<State>
+    private let wake = DispatchSemaphore(value: 0)
+
+    init(file: OpenFile, written: Int64) {
+        self.file = file
+        state = Mutex(State(written: written))
+    }
+
+    var isSealed: Bool { state.withLock { $0.sealed && $0.givenUp == nil } }
+    var wasGivenUp: Bool { state.withLock { $0.givenUp != nil } }
+
+    func advance(to written: Int64) { change { $0.written = written } }
+    func seal(at size: Int64) { change { if $0.givenUp == nil { $0.written = size; $0.sealed = true } } }
+    func giveUp(_ reason: String) { change { if !$0.sealed, $0.givenUp == nil { $0.givenUp = reason } } }
+
+    private func change(_ body: (inout State) -> Void) {
+        let wakeReader = state.withLock { state -> Bool in
+            body(&state)
+            defer { state.readerWaiting = false }
+            return state.readerWaiting
+        }
+        if wakeReader { wake.signal() }
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+        let deadline = ContinuousClock.now + Self.stallLimit
+        while true {
+            let now = state.withLock { state -> State in
+                if state.written <= offset, !state.sealed, state.givenUp == nil { state.readerWaiting = true }
+                return state
+            }
+            if let reason = now.givenUp { throw CacheError("the upload before the commit stopped: \(reason)") }
+            if now.written > offset {
+                let wanted = UnsafeMutableRawBufferPointer(rebasing: buffer[..<Int(min(Int64(buffer.count), now.written - offset))])
+                let got = try file.read(into: wanted, offset: offset)
+                guard got > 0 else { throw CacheError("the staged file ended before its written size") }
+                return got
+            }
+            if now.sealed { return 0 }
+            let left = ContinuousClock.now.duration(to: deadline)
+            guard left > .zero, wake.wait(timeout: UploadQueue.deadline(after: left)) == .success else {
+                giveUp("no byte was written for \(Self.stallLimit)")
+                throw CacheError("the upload before the commit stopped: no byte was written for \(Self.stallLimit)")
+            }
+        }
     }
 }
 

@@ -88,6 +88,10 @@ public final class UploadQueue: Sendable {
         var published: Set<Digest> = []
         var nextSequence: UInt64 = 0
         var stopped = false
+        /// Uploads that began before their blob's commit, waiting for its publication.
+        var earlyUploads: [Digest: any EarlyBlobUpload] = [:]
+        /// Early uploads still sending (at most `workerCount`).
+        var earlySending = 0
     }
 
     public let store: ContentStore
@@ -231,10 +235,17 @@ public final class UploadQueue: Sendable {
         return true
     }
 
-    public func startUpload(_ digest: Digest) {
-        state.withLock { state in
+    /// Queues a prepared blob; `early`, an upload of its bytes begun before the commit, is
+    /// finished by its publication.
+    public func startUpload(_ digest: Digest, sentEarlyBy early: (any EarlyBlobUpload)? = nil) {
+        let replaced = state.withLock { state -> (any EarlyBlobUpload)? in
             if state.blobs[digest]?.phase == .preparing { state.blobs[digest]!.phase = .queued }
+            guard let early else { return nil }
+            guard state.blobs[digest] != nil else { return early }
+            defer { state.earlyUploads[digest] = early }
+            return state.earlyUploads[digest]
         }
+        if let replaced { abandonInBackground(replaced) }
         available.signal()
     }
 
@@ -245,6 +256,41 @@ public final class UploadQueue: Sendable {
             return true
         }
         if cancelled { journal.removeBlob(digest) }
+    }
+
+    /// Files at least this big, written in order from their start, begin their upload before
+    /// their commit, when the remote can take bytes of unknown digest (a registry can): a
+    /// client's rename then waits for nothing, and the upload overlaps the client's writes.
+    public static let earlyUploadThreshold: Int64 = 8 << 20
+
+    /// Starts sending `file` while the client writes it, if it qualifies (see
+    /// `earlyUploadThreshold`) and fewer than `workerCount` such uploads are sending. Its
+    /// commit hands the upload to `startUpload`; a file given up (rewritten, removed, never
+    /// committed) has what it sent dropped.
+    public func beginEarlyUpload(of file: StagedFile) {
+        guard file.size >= Self.earlyUploadThreshold, !file.earlyUploadTried else { return }
+        let admitted = state.withLock { state -> Bool in
+            guard started.load(ordering: .relaxed), !state.stopped, state.earlySending < workerCount else { return false }
+            state.earlySending += 1
+            return true
+        }
+        guard admitted else { return }
+        guard file.claimEarlyUpload(), let (feed, upload) = file.attachEarlyUpload({ publisher.beginEarlyUpload(of: $0) }) else {
+            state.withLock { $0.earlySending -= 1 }
+            return
+        }
+        SystemThread.start(named: "ocicachefs-early-upload") { [self] in
+            upload.run()
+            // A sealed feed belongs to the commit, which finishes or abandons its upload.
+            if feed.wasGivenUp { upload.abandon() }
+            state.withLock { $0.earlySending -= 1 }
+        }
+    }
+
+    /// Drops what an early upload sent, off the caller's thread (it waits for the upload's
+    /// last request).
+    public func abandonInBackground(_ early: any EarlyBlobUpload) {
+        SystemThread.start(named: "ocicachefs-early-upload") { early.abandon() }
     }
 
     /// The mount no longer shows the blob: it leaves the content store once uploaded. False
@@ -349,7 +395,7 @@ public final class UploadQueue: Sendable {
             + state.tags.filter { !$0.value.phase.isFailed }.keys.sorted().map { .tag($0, reason: reason) }
     }
 
-    private static func deadline(after duration: Duration) -> DispatchTime {
+    static func deadline(after duration: Duration) -> DispatchTime {
         let (seconds, attoseconds) = duration.components
         return .now() + .nanoseconds(Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
     }
@@ -413,8 +459,14 @@ public final class UploadQueue: Sendable {
         switch job {
         case .blob(let digest, let size):
             let outcome: Result<BlobPublication, any Error>
+            let early = state.withLock { $0.earlyUploads.removeValue(forKey: digest) }
             if store.hasComplete(digest) {
-                outcome = Result { try publisher.publishBlob(digest, size: size, contentsAt: store.completePath(digest)) }
+                outcome = Result {
+                    try publisher.publishBlob(digest, size: size, contentsAt: store.completePath(digest), sentEarlyBy: early)
+                }
+            } else if let early {
+                abandonInBackground(early)
+                outcome = .failure(CacheError("it is no longer in the local cache \(store.directory)"))
             } else if let copy = copier.withLock({ $0 }) {
                 outcome = Result {
                     let copied = try copy(digest, size)

@@ -179,16 +179,18 @@ public final class CurlTransport: HTTPTransport {
             guard descriptor >= 0, offset >= 0 else {
                 throw HTTPTransportError.invalidRequest("request body from an invalid file range")
             }
-            context.upload = FileRangeReader(descriptor: descriptor, offset: offset, length: length)
+            context.upload = .file(FileRangeReader(descriptor: descriptor, offset: offset, length: length))
             // UPLOAD sends the body through the read callback, as a PUT unless CUSTOMREQUEST
             // named another method; the known size gives a Content-Length, not chunked framing.
             try check(CCurl_easy_setopt_long(curl, CURLOPT_UPLOAD, 1), "UPLOAD")
             try check(CCurl_easy_setopt_off_t(curl, CURLOPT_INFILESIZE_LARGE, curl_off_t(length)), "INFILESIZE_LARGE")
-            try check(CCurl_easy_setopt_read_callback(curl, CURLOPT_READFUNCTION, curlReadCallback), "READFUNCTION")
-            try check(CCurl_easy_setopt_pointer(curl, CURLOPT_READDATA, contextPointer), "READDATA")
-            if method == "POST" {
-                try check(CCurl_easy_setopt_string(curl, CURLOPT_CUSTOMREQUEST, "POST"), "CUSTOMREQUEST")
-            }
+            try readBodyThroughCallback(curl, method: method, context: contextPointer)
+            code = curl_easy_perform(curl)
+        case .stream(let stream)?:
+            context.upload = .stream(stream)
+            // No INFILESIZE: an upload of unknown size goes with chunked framing.
+            try check(CCurl_easy_setopt_long(curl, CURLOPT_UPLOAD, 1), "UPLOAD")
+            try readBodyThroughCallback(curl, method: method, context: contextPointer)
             code = curl_easy_perform(curl)
         default:
             if sendsBody { try check(CCurl_easy_set_empty_postfields(curl), "POSTFIELDS") }
@@ -212,6 +214,15 @@ public final class CurlTransport: HTTPTransport {
                 status = fromCurl
             }
             try context.onResponse(HTTPResponseHead(status: status, headers: context.headParser.headers))
+        }
+    }
+
+    /// The body goes through the read callback; a POST stays a POST (UPLOAD alone makes a PUT).
+    private func readBodyThroughCallback(_ curl: UnsafeMutableRawPointer, method: String, context: UnsafeMutableRawPointer) throws {
+        try check(CCurl_easy_setopt_read_callback(curl, CURLOPT_READFUNCTION, curlReadCallback), "READFUNCTION")
+        try check(CCurl_easy_setopt_pointer(curl, CURLOPT_READDATA, context), "READDATA")
+        if method == "POST" {
+            try check(CCurl_easy_setopt_string(curl, CURLOPT_CUSTOMREQUEST, "POST"), "CUSTOMREQUEST")
         }
     }
 
@@ -450,8 +461,8 @@ private final class TransferContext {
     var lastProgressBytes: Int64 = 0
     /// Set when the progress callback stopped a transfer that moved no byte for `stallTimeout`.
     var stalled = false
-    /// The request body, when it is read from a file as it is sent.
-    var upload: FileRangeReader?
+    /// The request body, when it is read as it is sent.
+    var upload: BodyReader?
 
     init(onResponse: @escaping (HTTPResponseHead) throws -> Void,
          onBody: @escaping (UnsafeRawBufferPointer) throws -> Void,
@@ -521,6 +532,12 @@ private let curlWriteCallback: curl_write_callback = { buffer, size, count, user
     return context.receiveBody(chunk) ? length : 0
 }
 
+/// Where curl's read callback takes a request body from.
+enum BodyReader {
+    case file(FileRangeReader)
+    case stream(any StreamedRequestBody)
+}
+
 /// Reads a request body from a file range for curl's read callback.
 struct FileRangeReader {
     let descriptor: Int32
@@ -549,11 +566,24 @@ private let curlReadCallback: curl_read_callback = { buffer, size, count, userda
     let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
     // SAFETY: curl guarantees `buffer` has room for `size * count` bytes during this call.
     let room = UnsafeMutableRawBufferPointer(start: buffer, count: size * count)
-    guard let got = context.upload?.read(into: room) else {
-        context.handlerError = HTTPTransportError.aborted("the request body's file ended early or could not be read")
+    switch context.upload {
+    case .file(var reader)?:
+        defer { context.upload = .file(reader) }
+        guard let got = reader.read(into: room) else {
+            context.handlerError = HTTPTransportError.aborted("the request body's file ended early or could not be read")
+            return CCurl_READFUNC_ABORT()
+        }
+        return got
+    case .stream(let stream)?:
+        do {
+            return try stream.next(into: room)
+        } catch {
+            context.handlerError = error
+            return CCurl_READFUNC_ABORT()
+        }
+    case nil:
         return CCurl_READFUNC_ABORT()
     }
-    return got
 }
 
 private let curlProgressCallback: curl_xferinfo_callback = { userdata, _, downloaded, _, uploaded in

@@ -43,11 +43,16 @@ public enum HTTPRequestBody: Sendable, Equatable {
     /// holds a blob in memory. The descriptor stays open, and the range unchanged, until the
     /// exchange ends; a file shorter than the range fails the exchange.
     case fileRange(descriptor: Int32, offset: Int64, length: Int64)
+    /// Bytes produced while they are sent, their length unknown until they end: sent with
+    /// chunked framing.
+    case stream(any StreamedRequestBody)
 
-    public var count: Int64 {
+    /// The body's length, when it is known before it is sent.
+    public var count: Int64? {
         switch self {
         case .bytes(let bytes): return Int64(bytes.count)
         case .fileRange(_, _, let length): return length
+        case .stream: return nil
         }
     }
 
@@ -56,6 +61,22 @@ public enum HTTPRequestBody: Sendable, Equatable {
         if case .bytes(let bytes) = self { return bytes }
         return nil
     }
+
+    public static func == (lhs: HTTPRequestBody, rhs: HTTPRequestBody) -> Bool {
+        switch (lhs, rhs) {
+        case (.bytes(let a), .bytes(let b)): return a == b
+        case (.fileRange(let d1, let o1, let l1), .fileRange(let d2, let o2, let l2)): return d1 == d2 && o1 == o2 && l1 == l2
+        case (.stream(let a), .stream(let b)): return a === b
+        default: return false
+        }
+    }
+}
+
+/// A request body made while it is sent (an upload that follows a file still being written).
+public protocol StreamedRequestBody: AnyObject, Sendable {
+    /// Fills the start of `buffer` with the next bytes, waiting for them within the stream's
+    /// own bound; 0 once the body is complete. Throwing stops the exchange with that error.
+    func next(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
 }
 
 public struct HTTPRequest: Sendable {

@@ -17,6 +17,47 @@ public protocol CachePublisher: Sendable {
     /// their own (S3). The remote's previous tag stays intact and valid until this succeeds.
     func publishTag(_ tag: String, manifest: Descriptor, manifestBytes: [UInt8],
                     smallBlob: (Digest) -> [UInt8]?) throws
+
+    /// Starts sending the bytes of a file a client is still writing, before anyone knows
+    /// whether they will become a blob: what the remote receives stays invisible until a
+    /// publication finishes it, so a large blob is mostly sent by the time it is committed.
+    /// nil when this remote cannot take bytes of unknown digest.
+    func beginEarlyUpload(of contents: any GrowingBlobContents) -> (any EarlyBlobUpload)?
+
+    /// As `publishBlob`, finishing `early` when it sent exactly these bytes, and publishing the
+    /// ordinary way (after giving up `early`) when it did not.
+    func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
+                     sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication
+}
+
+extension CachePublisher {
+    public func beginEarlyUpload(of contents: any GrowingBlobContents) -> (any EarlyBlobUpload)? { nil }
+
+    public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
+                            sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication {
+        early?.abandon()
+        return try publishBlob(digest, size: size, contentsAt: path)
+    }
+}
+
+/// The bytes of a file still being written in order from offset 0, read while they arrive.
+public protocol GrowingBlobContents: AnyObject, Sendable {
+    /// Fills the start of `buffer` with bytes from `offset`, waiting a bounded time for them
+    /// to be written; 0 when the contents are final and end at `offset`. Throws when they will
+    /// not become a blob as they are (rewritten, truncated, removed, or no longer written).
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int
+}
+
+/// Bytes a publisher is sending before their digest is known (`beginEarlyUpload`).
+public protocol EarlyBlobUpload: AnyObject, Sendable {
+    /// Sends the contents as they are written, until they are final or given up; blocks the
+    /// calling thread meanwhile, every wait bounded. Called once.
+    func run()
+    /// Makes what `run` sent the blob `digest`: throws when it did not send exactly `size`
+    /// bytes or the remote refuses them. Waits for `run` to end.
+    func finish(as digest: Digest, size: Int64) throws -> BlobPublication
+    /// Drops what the remote received. Waits for `run` to end.
+    func abandon()
 }
 
 /// Blobs up to this size are sent in one request, larger ones in pieces (registry chunks, S3

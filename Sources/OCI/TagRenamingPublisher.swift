@@ -17,6 +17,15 @@ public struct TagRenamingPublisher: CachePublisher {
         try publisher.publishBlob(digest, size: size, contentsAt: path)
     }
 
+    public func beginEarlyUpload(of contents: any GrowingBlobContents) -> (any EarlyBlobUpload)? {
+        publisher.beginEarlyUpload(of: contents)
+    }
+
+    public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
+                            sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication {
+        try publisher.publishBlob(digest, size: size, contentsAt: path, sentEarlyBy: early)
+    }
+
     public func publishTag(_ tag: String, manifest: Descriptor, manifestBytes: [UInt8],
                            smallBlob: (Digest) -> [UInt8]?) throws {
         try publisher.publishTag(remoteTags[tag] ?? tag, manifest: manifest, manifestBytes: manifestBytes, smallBlob: smallBlob)

@@ -3,6 +3,7 @@ import HTTPClient
 import Logging
 import OCI
 import Synchronization
+import Dispatch
 import SystemSupport
 #if canImport(Glibc)
 import Glibc
@@ -243,6 +244,69 @@ public final class RegistryPublisher: CachePublisher {
         return url
     }
 
+    // MARK: Early uploads
+
+    public func beginEarlyUpload(of contents: any GrowingBlobContents) -> (any EarlyBlobUpload)? {
+        RegistryEarlyUpload(publisher: self, contents: contents)
+    }
+
+    public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
+                            sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication {
+        if let early {
+            do {
+                return try early.finish(as: digest, size: size)
+            } catch {
+                // Sent to no avail (cut, refused, or other bytes): the ordinary way starts over
+                // and finds the blob if the closing request did arrive.
+                logger.info("an upload started before the commit did not finish; uploading the blob again",
+                            metadata: ["blob": "\(digest)", "error": "\(error)"])
+                early.abandon()
+            }
+        }
+        return try publishBlob(digest, size: size, contentsAt: path)
+    }
+
+    /// One upload session fed while the file is written: a POST, PATCHes whose chunked bodies
+    /// follow the file, each ending after at most `monolithicLimit` bytes (what a cut connection
+    /// may cost, as for ordinary uploads), and, once the blob is committed and its digest known,
+    /// the closing PUT (`finishEarly`).
+    fileprivate func sendEarly(_ contents: any GrowingBlobContents) throws(RemoteStoreError) -> UploadSession {
+        chooseSchemeOnce()
+        let opened = try send("POST", connection.apiURL("blobs/uploads/"))
+        guard opened.status == 202 else { throw refusal(opened, of: "POST") }
+        var session = try openedSession(opened)
+        do throws(RemoteStoreError) {
+            while true {
+                let body = GrowingContentsBody(contents, from: session.offset, limit: max(monolithicLimit, chunkSize))
+                let answer = try send("PATCH", session.location,
+                                      headers: HTTPHeaders([("Content-Type", "application/octet-stream")]), body: .stream(body))
+                guard (200..<300).contains(answer.status) else { throw sessionRefusal(answer, of: "PATCH") }
+                let end = session.offset + body.sent
+                // distribution answers `0-0` for an empty upload as well as for one byte.
+                guard let held = Self.heldLength(answer.head.headers["Range"]), held == end || (held == 1 && end == 0) else {
+                    throw .invalidContent("\(reference.host) holds another count of bytes than the \(end) sent")
+                }
+                session.offset = end
+                session.location = try location(in: answer) ?? session.location
+                if let reason = body.givenUp {
+                    // Deleted with the answer's Location: distribution refuses a session's older
+                    // ones once it holds more bytes than they say.
+                    throw .invalidContent("the bytes will not be a blob: \(reason)")
+                }
+                if body.reachedEnd { return session }
+            }
+        } catch {
+            abandon(session)
+            throw error
+        }
+    }
+
+    fileprivate func finishEarly(_ session: UploadSession, as digest: Digest) throws(RemoteStoreError) {
+        try finish(session, of: digest, body: nil)
+    }
+
+    fileprivate func abandonEarly(_ session: UploadSession) { abandon(session) }
+
     /// `0-<last>` (or with a `bytes=` prefix) → last + 1.
     static func heldLength(_ range: String?) -> Int64? {
         guard var text = range?.trimmingWhitespace() else { return nil }
@@ -291,7 +355,7 @@ public final class RegistryPublisher: CachePublisher {
                       scope: String? = nil) throws(RemoteStoreError) -> RegistryConnection.Answer {
         // A body read from the blob's file may take long while it moves: the stall bound holds it.
         let totalTimeout: Duration? = switch body {
-        case .fileRange?: nil
+        case .fileRange?, .stream?: nil
         default: connection.timeout
         }
         do {
@@ -345,6 +409,97 @@ public final class RegistryPublisher: CachePublisher {
                 afterFailure()
             }
         }
+    }
+}
+
+/// An upload that starts while the client still writes the blob (`beginEarlyUpload`).
+private final class RegistryEarlyUpload: EarlyBlobUpload {
+    let publisher: RegistryPublisher
+    let contents: any GrowingBlobContents
+    /// The session `run` filled, or why it could not; nil while it runs.
+    private let outcome = Mutex<Result<UploadSession, RemoteStoreError>?>(nil)
+    private let ended = DispatchSemaphore(value: 0)
+    /// Finished or abandoned: the session is no one's any more.
+    private let settled = Atomic<Bool>(false)
+
+    init(publisher: RegistryPublisher, contents: any GrowingBlobContents) {
+        self.publisher = publisher
+        self.contents = contents
+    }
+
+    func run() {
+        let result: Result<UploadSession, RemoteStoreError>
+        do throws(RemoteStoreError) {
+            result = .success(try publisher.sendEarly(contents))
+        } catch {
+            result = .failure(error)
+        }
+        outcome.withLock { $0 = result }
+        ended.signal()
+    }
+
+    /// What `run` left, once it ended.
+    private func waitForRun() -> Result<UploadSession, RemoteStoreError> {
+        ended.wait()
+        ended.signal()  // for any later caller
+        return outcome.withLock { $0! }
+    }
+
+    func finish(as digest: Digest, size: Int64) throws -> BlobPublication {
+        let session = try waitForRun().get()
+        guard session.offset == size else {
+            throw RemoteStoreError.invalidContent("\(session.offset) bytes were sent before the commit, the blob has \(size)")
+        }
+        guard !settled.exchange(true, ordering: .acquiringAndReleasing) else {
+            throw RemoteStoreError.invalidContent("the early upload was already finished or abandoned")
+        }
+        try publisher.finishEarly(session, as: digest)
+        return .uploaded(bytes: size)
+    }
+
+    func abandon() {
+        guard case .success(let session) = waitForRun(), !settled.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        publisher.abandonEarly(session)
+    }
+}
+
+/// The request body of one PATCH of an early upload: the contents from `start` as they are
+/// written, up to `limit` bytes.
+private final class GrowingContentsBody: StreamedRequestBody {
+    let contents: any GrowingBlobContents
+    let start: Int64
+    let limit: Int64
+    private let count = Atomic<Int64>(0)
+    private let ended = Atomic<Bool>(false)
+
+    init(_ contents: any GrowingBlobContents, from start: Int64, limit: Int64) {
+        self.contents = contents
+        self.start = start
+        self.limit = limit
+    }
+
+    /// Bytes handed to the transport so far.
+    var sent: Int64 { count.load(ordering: .acquiring) }
+    /// Whether the contents ended (they are final) within this body.
+    var reachedEnd: Bool { ended.load(ordering: .acquiring) }
+    /// Why the contents were given up, when they were: the body then ended early, but cleanly,
+    /// so that the answer's Location can delete the session.
+    var givenUp: String? { failure.withLock { $0 } }
+    private let failure = Mutex<String?>(nil)
+
+    func next(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let room = Int(min(Int64(buffer.count), limit - sent))
+        guard room > 0, givenUp == nil else { return 0 }
+        let got: Int
+        do {
+            got = try contents.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<room]), at: start + sent)
+        } catch {
+            failure.withLock { $0 = "\(error)" }
+            return 0
+        }
+        if got == 0 { ended.store(true, ordering: .releasing) }
+        count.add(Int64(got), ordering: .releasing)
+        return got
     }
 }
 

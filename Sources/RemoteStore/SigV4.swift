@@ -85,7 +85,7 @@ public enum SigV4 {
         let hash: String
         switch (payloadHash, request.body) {
         case (let given?, _): hash = given
-        case (nil, .fileRange?): hash = unsignedPayload
+        case (nil, .fileRange?), (nil, .stream?): hash = unsignedPayload
         case (nil, let body): hash = SHA256.hash(data: body?.bytes ?? []).lowercaseHex
         }
         for name in ["Authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"] {

@@ -160,6 +160,8 @@ final class FakeRegistry: HTTPTransport {
     func blob(_ digest: Digest) -> [UInt8]? { state.withLock { $0.blobs[digest] } }
     func manifest(_ reference: String) -> StoredManifest? { state.withLock { $0.manifests[reference] } }
     var uploadsOpened: Int { state.withLock { $0.uploadsOpened } }
+    /// Upload sessions neither closed nor deleted.
+    var uploadsOpen: Int { state.withLock { $0.uploads.count } }
     var tokenRequests: [TokenRequest] { state.withLock { $0.tokenRequests } }
     var tokensIssued: Int { state.withLock { $0.tokensIssued } }
     var issuedTokenValues: [String] { state.withLock { s in (0..<s.tokensIssued).map { Self.tokenValue($0 + 1) } } }
@@ -221,6 +223,14 @@ final class FakeRegistry: HTTPTransport {
             let read = bytes.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, Int(length), off_t(offset)) }
             guard read == Int(length) else { throw HTTPTransportError.aborted("fake: short request body file") }
             return bytes
+        case .stream(let stream):
+            var bytes: [UInt8] = []
+            var piece = [UInt8](repeating: 0, count: 64 << 10)
+            while true {
+                let got = try piece.withUnsafeMutableBytes { try stream.next(into: $0) }
+                if got == 0 { return bytes }
+                bytes += piece[..<got]
+            }
         }
     }
 
@@ -365,9 +375,11 @@ final class FakeRegistry: HTTPTransport {
             state.uploads[uuid] = nil
             return (HTTPResponseHead(status: 204, headers: HTTPHeaders([("Content-Length", "0")])), [])
         case "PATCH":
-            guard let range = request.headers["Content-Range"], let start = range.split(separator: "-").first.flatMap({ Int($0) }),
-                  start == held.count else {
-                return status(416, "RANGE_INVALID", "invalid content range")
+            // Without Content-Range the body is appended, as distribution does for a streamed upload.
+            if let range = request.headers["Content-Range"] {
+                guard let start = range.split(separator: "-").first.flatMap({ Int($0) }), start == held.count else {
+                    return status(416, "RANGE_INVALID", "invalid content range")
+                }
             }
             if state.patchCuts > 0 {
                 state.patchCuts -= 1

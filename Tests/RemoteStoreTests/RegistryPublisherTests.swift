@@ -3,6 +3,7 @@ import HTTPClient
 import Logging
 import OCI
 import Synchronization
+import Dispatch
 import Testing
 @testable import RemoteStore
 
@@ -394,5 +395,144 @@ struct RegistryPublisherTagTests {
         #expect(RegistryPublisher.heldLength("0-") == nil)
         #expect(RegistryPublisher.heldLength("0-9223372036854775807") == nil)
         #expect(RegistryPublisher.heldLength(nil) == nil)
+    }
+}
+
+/// Bytes a test writes while an early upload reads them, as a staged file feeds one.
+private final class TestGrowingContents: GrowingBlobContents {
+    private struct State {
+        var bytes: [UInt8] = []
+        var sealed = false
+        var failure: String?
+    }
+    private let state = Mutex(State())
+    private let wake = DispatchSemaphore(value: 0)
+
+    func append(_ more: [UInt8]) { change { $0.bytes += more } }
+    func seal() { change { $0.sealed = true } }
+    func fail(_ reason: String) { change { $0.failure = reason } }
+
+    private func change(_ body: (inout State) -> Void) {
+        state.withLock { body(&$0) }
+        wake.signal()
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+        while true {
+            let now = state.withLock { $0 }
+            if let failure = now.failure { throw HTTPTransportError.aborted(failure) }
+            if now.bytes.count > Int(offset) {
+                let piece = now.bytes[Int(offset)...].prefix(buffer.count)
+                piece.withUnsafeBytes { buffer.copyMemory(from: $0) }
+                return piece.count
+            }
+            if now.sealed { return 0 }
+            guard wake.wait(timeout: .now() + .seconds(10)) == .success else { throw HTTPTransportError.timedOut("test contents stalled") }
+        }
+    }
+}
+
+/// An early upload run on a thread of its own, as the upload queue runs it.
+private func runInBackground(_ upload: any EarlyBlobUpload) -> DispatchSemaphore {
+    let ran = DispatchSemaphore(value: 0)
+    Thread.detachNewThread {
+        upload.run()
+        ran.signal()
+    }
+    return ran
+}
+
+@Suite("RegistryPublisher uploads begun before the commit")
+struct RegistryPublisherEarlyUploadTests {
+    @Test func bytesGoUpWhileWrittenAndTheCommitSendsOnlyTheClosingPut() throws {
+        let setup = PushSetup()
+        let blob = try BlobFile(count: 3000, seed: 21)
+        let publisher = try setup.publisher(monolithicLimit: 4096)
+        let contents = TestGrowingContents()
+        let upload = try #require(publisher.beginEarlyUpload(of: contents))
+        let ran = runInBackground(upload)
+        contents.append(Array(blob.bytes[..<1000]))
+        contents.append(Array(blob.bytes[1000...]))
+        contents.seal()
+        #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
+        #expect(setup.methods == ["POST", "PATCH"], "nothing but the stream before the commit")
+        let patch = try #require(setup.registry.requests.last)
+        #expect(patch.headers["Content-Range"] == nil, "a streamed PATCH")
+        let publication = try publisher.publishBlob(blob.digest, size: blob.size, contentsAt: "/nonexistent/blob", sentEarlyBy: upload)
+        #expect(publication == .uploaded(bytes: 3000))
+        #expect(setup.methods == ["POST", "PATCH", "PUT"])
+        #expect(setup.registry.requests.last?.body == nil)
+        #expect(setup.registry.blob(blob.digest) == blob.bytes)
+        #expect(setup.registry.uploadsOpen == 0)
+    }
+
+    @Test func aBlobOverTheCutoffStreamsInSeveralPatches() throws {
+        let setup = PushSetup()
+        let blob = try BlobFile(count: 2500, seed: 22)
+        let publisher = try setup.publisher(monolithicLimit: 1000, chunkSize: 500)
+        let contents = TestGrowingContents()
+        let upload = try #require(publisher.beginEarlyUpload(of: contents))
+        let ran = runInBackground(upload)
+        contents.append(blob.bytes)
+        contents.seal()
+        #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
+        #expect(try publisher.publishBlob(blob.digest, size: blob.size, contentsAt: "/nonexistent/blob", sentEarlyBy: upload)
+                == .uploaded(bytes: 2500))
+        #expect(setup.methods == ["POST", "PATCH", "PATCH", "PATCH", "PUT"], "at most the cutoff per request")
+        #expect(setup.registry.blob(blob.digest) == blob.bytes)
+    }
+
+    @Test func aCutStreamFallsBackToAnOrdinaryUploadAtTheCommit() throws {
+        let setup = PushSetup()
+        let blob = try BlobFile(count: 3000, seed: 23)
+        let publisher = try setup.publisher(monolithicLimit: 4096)
+        setup.registry.cutPatches(afterBytes: 700, session: .keepsWhatArrived)
+        let contents = TestGrowingContents()
+        let upload = try #require(publisher.beginEarlyUpload(of: contents))
+        let ran = runInBackground(upload)
+        contents.append(blob.bytes)
+        contents.seal()
+        #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
+        let publication = try publisher.publishBlob(blob.digest, size: blob.size, contentsAt: blob.path, sentEarlyBy: upload)
+        #expect(publication == .uploaded(bytes: 3000))
+        #expect(setup.methods == ["POST", "PATCH", "DELETE", "HEAD", "POST", "PUT"],
+                "the cut session is deleted, and the blob goes up the ordinary way")
+        #expect(setup.registry.blob(blob.digest) == blob.bytes)
+        #expect(setup.registry.uploadsOpen == 0)
+    }
+
+    @Test func otherBytesThanTheCommittedBlobAreDroppedAndTheBlobSentAgain() throws {
+        let setup = PushSetup()
+        let blob = try BlobFile(count: 3000, seed: 24)
+        let publisher = try setup.publisher(monolithicLimit: 4096)
+        let contents = TestGrowingContents()
+        let upload = try #require(publisher.beginEarlyUpload(of: contents))
+        let ran = runInBackground(upload)
+        contents.append(Array(blob.bytes[..<2000]))  // the commit says 3000
+        contents.seal()
+        #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
+        #expect(try publisher.publishBlob(blob.digest, size: blob.size, contentsAt: blob.path, sentEarlyBy: upload)
+                == .uploaded(bytes: 3000))
+        #expect(setup.methods == ["POST", "PATCH", "DELETE", "HEAD", "POST", "PUT"])
+        #expect(setup.registry.blob(blob.digest) == blob.bytes)
+        #expect(setup.registry.uploadsOpen == 0)
+    }
+
+    @Test func contentsGivenUpEndTheStreamAndAbandonDeletesTheSession() throws {
+        let setup = PushSetup()
+        let publisher = try setup.publisher(monolithicLimit: 4096)
+        let contents = TestGrowingContents()
+        let upload = try #require(publisher.beginEarlyUpload(of: contents))
+        let ran = runInBackground(upload)
+        contents.append([UInt8](repeating: 7, count: 1500))
+        contents.fail("the file was removed")
+        #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
+        upload.abandon()
+        upload.abandon()  // once is enough: the second does nothing
+        #expect(setup.methods == ["POST", "PATCH", "DELETE"])
+        #expect(setup.registry.uploadsOpen == 0)
+        #expect(throws: (any Error).self) {
+            try upload.finish(as: Digest.sha256(of: [UInt8](repeating: 7, count: 1500)), size: 1500)
+        }
     }
 }
