@@ -10,6 +10,7 @@
 
 // fuse_file_info's flags are bitfields, which Swift cannot set.
 static inline void CFuse3_setKeepCache(struct fuse_file_info *fi, int on) { fi->keep_cache = on ? 1 : 0; }
+static inline void CFuse3_setNoFlush(struct fuse_file_info *fi, int on) { fi->noflush = on ? 1 : 0; }
 static inline void CFuse3_setDirectIO(struct fuse_file_info *fi, int on) { fi->direct_io = on ? 1 : 0; }
 
 // fuse_reply_buf takes const char *; a const void * wrapper avoids casts on the Swift side.

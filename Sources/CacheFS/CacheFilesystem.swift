@@ -321,8 +321,8 @@ public final class CacheFilesystem: Sendable {
             case .nothing:
                 return .success(opened)
             case .openReader(let lazyBlob):
-                let opened = fetcher.openReader(lazyBlob)
-                return .success(OpenedFile(keepCache: opened.verified, handle: opened.reader.rawValue))
+                let reader = fetcher.openReader(lazyBlob)
+                return .success(OpenedFile(keepCache: reader.verified, handle: reader.reader.rawValue, needsFlush: opened.needsFlush))
             case .truncate(let file):
                 if case .failure(let error) = truncate(file, to: 0) {
                     release(inode)
@@ -379,9 +379,10 @@ public final class CacheFilesystem: Sendable {
                 if flags.wantsWrite || flags.truncates { return .failure(refusal) }
                 node.opens += 1
                 state.nodes[inode] = node
-                if case .lazyBlob(let digest, _) = node.content { return .success((OpenedFile(keepCache: true), .openReader(digest))) }
-                if case .layer(let spec) = node.content { return .success((OpenedFile(keepCache: true), .openReader(spec.digest))) }
-                return .success((OpenedFile(keepCache: true), .nothing))
+                let opened = OpenedFile(keepCache: true, needsFlush: false)
+                if case .lazyBlob(let digest, _) = node.content { return .success((opened, .openReader(digest))) }
+                if case .layer(let spec) = node.content { return .success((opened, .openReader(spec.digest))) }
+                return .success((opened, .nothing))
             case .stagedFile(let file):
                 node.opens += 1
                 let truncates = flags.truncates && flags.wantsWrite
@@ -721,6 +722,9 @@ public struct OpenedFile: Sendable, Equatable {
     public var keepCache: Bool
     /// Given back with every read and the release of this open.
     public var handle: UInt64 = 0
+    /// Whether its close must reach the filesystem (`flush`): only files a client may write
+    /// need it, and a close the kernel keeps to itself saves every 1 MiB chunk a round trip.
+    public var needsFlush = true
 }
 
 public struct FilesystemStatistics: Sendable {

@@ -17,6 +17,9 @@ public final class MountStatistics: Sendable {
     private let servedBytes = Atomic<Int64>(0)
     private let hitBytes = Atomic<Int64>(0)
     private let missBytes = Atomic<Int64>(0)
+    private let opens = Atomic<Int64>(0)
+    private let flushes = Atomic<Int64>(0)
+    private let releases = Atomic<Int64>(0)
 
     private struct Tallies {
         var latencyCounts = [Int64](repeating: 0, count: MountStatistics.latencyBuckets.count + 1)
@@ -72,6 +75,17 @@ public final class MountStatistics: Sendable {
         }
     }
 
+    /// A file request the kernel sent: each is a round trip a client's open or close may wait for.
+    public enum FileRequest: String { case open, flush, release }
+
+    public func kernelSent(_ request: FileRequest) {
+        switch request {
+        case .open: opens.add(1, ordering: .relaxed)
+        case .flush: flushes.add(1, ordering: .relaxed)
+        case .release: releases.add(1, ordering: .relaxed)
+        }
+    }
+
     public func count(error kind: String) {
         tallies.withLock { $0.errors[kind, default: 0] += 1 }
     }
@@ -103,6 +117,9 @@ public final class MountStatistics: Sendable {
                 p50Seconds: Self.quantile(0.5, tallies.latencyCounts), p90Seconds: Self.quantile(0.9, tallies.latencyCounts),
                 p99Seconds: Self.quantile(0.99, tallies.latencyCounts)),
             errors: tallies.errors,
+            fileRequests: [FileRequest.open.rawValue: opens.load(ordering: .relaxed),
+                           FileRequest.flush.rawValue: flushes.load(ordering: .relaxed),
+                           FileRequest.release.rawValue: releases.load(ordering: .relaxed)],
             cache: cache)
     }
 
@@ -171,6 +188,8 @@ public struct MountStatisticsSnapshot: Codable, Sendable, Equatable {
     public var reads: Int64
     public var readLatency: Latency
     public var errors: [String: Int64]
+    /// Opens, flushes and releases of files the kernel sent, by name.
+    public var fileRequests: [String: Int64]
     public var cache: Cache
 }
 
@@ -207,6 +226,8 @@ extension MountStatisticsSnapshot {
         text += "ocicachefs_read_duration_seconds_count{\(mount)} \(readLatency.count)\n"
         metric("errors_total", "counter", "Failures by kind: reads by errno, downloads, uploads.",
                errors.sorted { $0.key < $1.key }.map { (labels: "kind=\"\(Self.escapeLabel($0.key))\"", value: String($0.value)) })
+        metric("file_requests_total", "counter", "Opens, flushes and releases of files the kernel sent.",
+               fileRequests.sorted { $0.key < $1.key }.map { (labels: "request=\"\($0.key)\"", value: String($0.value)) })
         one("cache_bytes", "gauge", "Bytes of blobs in the cache directory.", cache.bytes)
         one("cache_blobs", "gauge", "Complete blobs in the cache directory.", Int64(cache.blobs))
         if let limit = cache.limitBytes { one("cache_limit_bytes", "gauge", "The cache directory's size cap.", limit) }

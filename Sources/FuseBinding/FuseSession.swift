@@ -320,9 +320,11 @@ private func makeOperations() -> fuse_lowlevel_ops {
     }
     ops.open = { req, inode, info in
         let request = FuseRequest(raw: req!)
+        request.context.statistics?.kernelSent(.open)
         guard let info else { return request.fail(.invalidArgument) }
         request.reply(request.filesystem.open(inode, flags: OpenFlags(info.pointee.flags))) { opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
+            CFuse3_setNoFlush(info, opened.needsFlush ? 0 : 1)
             info.pointee.fh = opened.handle
             fuse_reply_open(req, info)
         }
@@ -334,6 +336,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
                                                flags: OpenFlags(info.pointee.flags))
         request.reply(result) { entry, opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
+            CFuse3_setNoFlush(info, opened.needsFlush ? 0 : 1)
             info.pointee.fh = opened.handle
             var param = FuseRequest.entryParameters(entry)
             fuse_reply_create(req, &param, info)
@@ -362,10 +365,12 @@ private func makeOperations() -> fuse_lowlevel_ops {
     // writable mount commits its tags.
     ops.flush = { req, inode, info in
         let request = FuseRequest(raw: req!)
+        request.context.statistics?.kernelSent(.flush)
         request.reply(request.filesystem.flush(inode, handle: info?.pointee.fh ?? 0)) { request.ok() }
     }
     ops.release = { req, inode, info in
         let request = FuseRequest(raw: req!)
+        request.context.statistics?.kernelSent(.release)
         request.filesystem.release(inode, handle: info?.pointee.fh ?? 0)
         request.ok()
     }

@@ -1,4 +1,5 @@
 import Foundation
+import OCI
 import Testing
 
 #if canImport(Glibc)
@@ -123,6 +124,47 @@ struct StatsTests {
             #expect(final.samples["ocicachefs_served_bytes_total{}"] == Double(served), "\(final.samples)")
             #expect(final.samples["ocicachefs_cache_hit_blobs_total{}"] == 1)
             #expect(!FileManager.default.fileExists(atPath: metricsFile + ".tmp-\(mount.daemonPIDs.first ?? 0)"))
+        }
+    }
+
+    @Test("buildctl's per-chunk opens of a blob cost the daemon an open and a release each, never a flush; the close of a written index.json still reaches it")
+    func readOnlyClosesAreKeptByTheKernel() async throws {
+        try await withWorkspace("stats-opens") { ws in
+            let registry = try await ws.startRegistry()
+            let seeded = try await ws.seed(registry, variant: "manifest", layers: 1, layerSize: 3 << 20)
+            let layer = seeded.layers[0]
+            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), writable: true)
+            let before = try #require(try await Self.stats(mount.mountpoint, in: ws)["fileRequests"] as? [String: Int])
+            // buildctl's import: per 1 MiB chunk open, pread, close.
+            let path = mount.path("blobs/sha256/" + layer.hex)
+            var chunk = [UInt8](repeating: 0, count: 1 << 20)
+            var read: [UInt8] = []
+            for offset in stride(from: 0, to: Int(layer.size), by: chunk.count) {
+                let fd = open(path, O_RDONLY | O_CLOEXEC)
+                #expect(fd >= 0)
+                let got = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
+                read += chunk[..<max(got, 0)]
+                #expect(close(fd) == 0)
+            }
+            #expect(Digest.sha256(of: read).description == layer.digest)
+            let chunks = (Int(layer.size) + chunk.count - 1) / chunk.count
+            // Releases arrive after close returns: wait for them, within a bound.
+            var after: [String: Int] = [:]
+            for _ in 0..<200 {
+                after = try #require(try await Self.stats(mount.mountpoint, in: ws)["fileRequests"] as? [String: Int])
+                if (after["release"] ?? 0) - (before["release"] ?? 0) >= chunks { break }
+                try await Task.sleep(for: .milliseconds(25))
+            }
+            #expect((after["open"] ?? 0) - (before["open"] ?? 0) == chunks, "\(before) → \(after)")
+            #expect((after["release"] ?? 0) - (before["release"] ?? 0) == chunks, "\(before) → \(after)")
+            #expect(after["flush"] == before["flush"], "no close of a blob waits for the daemon: \(before) → \(after)")
+
+            // A file a client writes keeps its flush: the close of index.json commits tags.
+            let index = open(mount.path("index.json"), O_RDWR | O_CLOEXEC)
+            #expect(index >= 0 && close(index) == 0)
+            let last = try #require(try await Self.stats(mount.mountpoint, in: ws)["fileRequests"] as? [String: Int])
+            #expect((last["flush"] ?? 0) > (after["flush"] ?? 0), "\(after) → \(last)")
+            #expect(try await mount.unmount(in: ws).status == 0)
         }
     }
 
