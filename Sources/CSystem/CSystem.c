@@ -19,6 +19,10 @@ int CSystem_memoryFile(const char *name) {
     return memfd_create(name, MFD_CLOEXEC);
 }
 
+int CSystem_startWriteBack(int fd, long long offset, long long count) {
+    return sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE);
+}
+
 const int CSystem_F_OFD_SETLK = F_OFD_SETLK;
 const int CSystem_POSIX_SPAWN_SETSID = POSIX_SPAWN_SETSID;
 const int CSystem_O_DIRECT = O_DIRECT;

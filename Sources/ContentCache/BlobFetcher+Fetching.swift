@@ -144,6 +144,7 @@ extension BlobFetcher {
                         if position == blockEnd {
                             if ours.contains(index) {
                                 try writer.flush()
+                                data.startWriteBack(journal.range(ofBlock: index))
                                 try journal.record(block: index, checksum: blockChecksum)
                                 self.blockLanded(digest, index, by: job, on: transfer)
                             }

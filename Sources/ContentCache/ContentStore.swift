@@ -252,6 +252,12 @@ final class OpenFile: Sendable {
         return filled
     }
 
+    /// Starts writing the range's dirty pages to disk without waiting for it: a long download
+    /// then never piles up dirty pages until the kernel throttles every writer.
+    func startWriteBack(_ range: Range<Int64>) {
+        SystemSupport.startWriteBack(fd: fd, range)
+    }
+
     func write(_ bytes: [UInt8], at offset: Int64) throws(CacheError) {
         let failure = bytes.withUnsafeBytes { raw -> CacheError? in
             do throws(CacheError) {

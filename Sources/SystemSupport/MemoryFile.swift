@@ -11,6 +11,12 @@ public func createMemoryFile(named name: String) -> Result<Int32, Errno> {
     return fd >= 0 ? .success(fd) : .failure(Errno(rawValue: errno))
 }
 
+/// Starts writing the dirty pages of `range` of the file to disk without waiting for them
+/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`). Advisory: a failure changes nothing.
+public func startWriteBack(fd: Int32, _ range: Range<Int64>) {
+    _ = CSystem_startWriteBack(fd, range.lowerBound, Int64(range.count))
+}
+
 /// An errno value, for results that carry a system call's failure.
 public struct Errno: Error, Sendable, Equatable {
     public let rawValue: Int32

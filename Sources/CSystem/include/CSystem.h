@@ -16,6 +16,10 @@ int CSystem_nameThisThread(const char *name);
 /// open and count as the process's memory.
 int CSystem_memoryFile(const char *name);
 
+/// Starts writing a file range's dirty pages to disk, without waiting (sync_file_range with
+/// SYNC_FILE_RANGE_WRITE).
+int CSystem_startWriteBack(int fd, long long offset, long long count);
+
 /// F_OFD_SETLK: a record lock owned by the open file description, not the process.
 extern const int CSystem_F_OFD_SETLK;
 /// POSIX_SPAWN_SETSID: the child starts a new session.
