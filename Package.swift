@@ -28,6 +28,7 @@ let package = Package(
 
         // glibc's GNU extensions and Linux constants, compiled with _GNU_SOURCE.
         .target(name: "CSystem"),
+        .target(name: "CChecksum"),
         // Threads, child processes and text helpers that would otherwise come from corelibs
         // Foundation, which links 34 MB of ICU data that every cold start reads.
         .target(name: "SystemSupport", dependencies: ["CSystem"], swiftSettings: sourceSettings),
@@ -48,7 +49,7 @@ let package = Package(
         .target(name: "LayerView", dependencies: ["CZlib", "CZstd"], swiftSettings: sourceSettings),
         // On-disk content-addressed cache and single-flight block fetches (zlib for block CRCs).
         .target(name: "ContentCache", dependencies: [
-            "OCI", "CZlib", "SystemSupport", "LayerView",
+            "OCI", "CZlib", "CChecksum", "SystemSupport", "LayerView",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: sourceSettings),
@@ -82,7 +83,7 @@ let package = Package(
         // What the reference-model tests share: a seeded generator and a shrinker.
         .target(name: "ModelTesting", path: "Tests/ModelTesting"),
         .testTarget(name: "LayerViewTests", dependencies: ["LayerView"]),
-        .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "OCI", "ModelTesting"]),
+        .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "CChecksum", "OCI", "ModelTesting"]),
         .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
         .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "LayerView", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),
         .testTarget(name: "IntegrationTests", dependencies: ["OCI", "RemoteStore", "HTTPClient", "SystemSupport"]),

@@ -137,7 +137,7 @@ extension BlobFetcher {
                         let piece = UnsafeRawBufferPointer(rebasing: chunk[consumed..<(consumed + length)])
                         if ours.contains(index) {
                             try writer.write(piece, at: position)
-                            blockChecksum = crc32(blockChecksum, piece)
+                            blockChecksum = crc32c(blockChecksum, piece)
                         }
                         position += Int64(length)
                         consumed += length
@@ -241,7 +241,7 @@ extension BlobFetcher {
         for (index, crc) in recorded {
             let range = journal.range(ofBlock: index)
             let matches = buffers.withBuffer(count: range.count) { buffer in
-                (try? data.read(into: buffer, offset: range.lowerBound)) == range.count && crc32(0, UnsafeRawBufferPointer(buffer)) == crc
+                (try? data.read(into: buffer, offset: range.lowerBound)) == range.count && crc32c(0, UnsafeRawBufferPointer(buffer)) == crc
             }
             if matches == true {
                 intact.insert(index)
@@ -381,7 +381,7 @@ extension BlobFetcher {
                 let intact = buffers.withBuffer(count: range.count) { buffer -> Bool in
                     guard (try? data.read(into: buffer, offset: range.lowerBound)) == range.count else { return false }
                     let block = UnsafeRawBufferPointer(buffer)
-                    if let expectedCRC, crc32(0, block) != expectedCRC { return false }
+                    if let expectedCRC, crc32c(0, block) != expectedCRC { return false }
                     verifier.update(block)
                     return true
                 }

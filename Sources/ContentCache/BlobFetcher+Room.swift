@@ -187,7 +187,7 @@ extension BlobFetcher {
                 let range = disk.journal.range(ofBlock: index)
                 let intact = buffers.withBuffer(count: range.count) { buffer -> Bool in
                     guard (try? disk.data.read(into: buffer, offset: range.lowerBound)) == range.count,
-                          crc32(0, UnsafeRawBufferPointer(buffer)) == crc else { return false }
+                          crc32c(0, UnsafeRawBufferPointer(buffer)) == crc else { return false }
                     return (try? memory.data.write(UnsafeRawBufferPointer(buffer), at: range.lowerBound)) != nil
                         && (try? memory.journal.record(block: index, checksum: crc)) != nil
                 }
