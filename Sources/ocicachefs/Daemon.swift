@@ -273,12 +273,25 @@ enum RuntimeFiles {
     }
 
     /// Daemons killed outright leave their PID files; each new mount clears those whose process
-    /// is no longer a mount daemon, so they do not pile up until a reboot.
+    /// is no longer a mount daemon, so they do not pile up until a reboot. A socket or status
+    /// file whose PID file is gone is cleared too, once it is a minute old: a daemon unmounted
+    /// by other means than `ocicachefs unmount` leaves its last status, which `ocicachefs
+    /// unmount` reads just after the daemon exits.
     private static func removeStale(except kept: String) {
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".pid") {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        for name in names where name.hasSuffix(".pid") {
             let path = directory + "/" + name
             guard path != kept, let pid = readPID(path), !isMountDaemon(pid) else { continue }
             unlink(controlSocket(forPIDFile: path))
+            unlink(path)
+        }
+        let now = time(nil)
+        for name in names where name.hasSuffix(".sock") || name.hasSuffix(".status") {
+            let path = directory + "/" + name
+            let pidFile = String(path[..<path.lastIndex(of: ".")!]) + ".pid"
+            var info = stat()
+            guard !FileManager.default.fileExists(atPath: pidFile), lstat(path, &info) == 0,
+                  now - info.st_mtim.tv_sec > 60 else { continue }
             unlink(path)
         }
     }

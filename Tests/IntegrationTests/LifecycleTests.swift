@@ -134,10 +134,23 @@ struct LifecycleTests {
             let unrelated = try Self.unrelatedProcess(namedIn: stale, ws)
             defer { unrelated.stop(grace: 1) }
             defer { unlink(stale) }
+            // A socket and a status file without a PID file: debris of daemons that ended
+            // without `ocicachefs unmount`, once a minute old; a recent one may still be read.
+            let directory = (firstPIDFile as NSString).deletingLastPathComponent
+            let orphans = ["orphan-\(UUID().uuidString).sock", "orphan-\(UUID().uuidString).status"].map { directory + "/" + $0 }
+            let recent = directory + "/orphan-\(UUID().uuidString).status"
+            for path in orphans + [recent] { #expect(FileManager.default.createFile(atPath: path, contents: Data("published\n".utf8))) }
+            defer { for path in orphans + [recent] { unlink(path) } }
+            for path in orphans {
+                var times = [timespec(tv_sec: time(nil) - 120, tv_nsec: 0), timespec(tv_sec: time(nil) - 120, tv_nsec: 0)]
+                #expect(utimensat(AT_FDCWD, path, &times, 0) == 0)
+            }
 
             let second = try await ws.mountExpectingSuccess(registry.source("cache:main"))
             Check.blobsVerify(second, seed.blobs)
             #expect(!FileManager.default.fileExists(atPath: stale), "the stale PID file \(stale) is still there")
+            for path in orphans { #expect(!FileManager.default.fileExists(atPath: path), "\(path) is still there") }
+            #expect(FileManager.default.fileExists(atPath: recent), "a status file a minute old or less is kept")
             #expect(FileManager.default.fileExists(atPath: firstPIDFile), "the live first daemon's PID file was removed")
             #expect(Processes.isAlive(unrelated.pid), "a process that is not a daemon was touched")
         }
