@@ -1066,9 +1066,10 @@ class Report:
         chunks = -(-self.size // MiB)
         out.append(
             f"- buildctl's pattern with a warm page cache costs {(pw - dw) / chunks * 1e6:.0f} µs per 1 MiB chunk more "
-            f"than `dd` through the mount: each chunk's `open` and `close` are FUSE requests (OPEN, FLUSH, RELEASE) "
-            f"answered by the daemon, while the two `stat`s are served from the kernel's attribute cache (day-long "
-            f"timeouts). The control row shows Python's own per-chunk cost on a local file.")
+            f"than `dd` through the mount: each chunk's `open` is a FUSE request (OPEN) the client waits for, and its "
+            f"`close` sends a RELEASE the client does not wait for (blobs are opened with FOPEN_NOFLUSH, so no FLUSH), "
+            f"while the two `stat`s are served from the kernel's attribute cache (day-long timeouts). The control row "
+            f"shows Python's own per-chunk cost on a local file.")
         return "\n".join(out)
 
     def raw(self):
