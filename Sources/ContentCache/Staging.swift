@@ -322,8 +322,20 @@ final class EarlyFeed: GrowingBlobContents {
             if let reason = now.givenUp { throw CacheError("the upload before the commit stopped: \(reason)") }
             if now.written > offset {
                 let wanted = UnsafeMutableRawBufferPointer(rebasing: buffer[..<Int(min(Int64(buffer.count), now.written - offset))])
-                let got = try file.read(into: wanted, offset: offset)
-                guard got > 0 else { throw CacheError("the staged file ended before its written size") }
+                // A file truncated meanwhile reads short before its truncation gives the feed up:
+                // either way the feed is given up before the reader hears of it, so that whoever
+                // sees the upload end knows it is to be dropped.
+                let got: Int
+                do throws(CacheError) {
+                    got = try file.read(into: wanted, offset: offset)
+                } catch {
+                    giveUp("the staged file could not be read: \(error)")
+                    throw error
+                }
+                guard got > 0 else {
+                    giveUp("the staged file ended before its written size")
+                    throw CacheError("the upload before the commit stopped: the staged file ended before its written size")
+                }
                 return got
             }
             if now.sealed { return 0 }

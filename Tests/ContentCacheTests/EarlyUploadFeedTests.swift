@@ -88,6 +88,16 @@ private final class EarlyTakingPublisher: CachePublisher {
     let directory = NSTemporaryDirectory() + "early-feed-" + UUID().uuidString
     let threshold = Int(UploadQueue.earlyUploadThreshold)
 
+    /// A content store, a staging area and a started queue publishing to an `EarlyTakingPublisher`.
+    private func startedQueue() throws -> (ContentStore, StagingArea, EarlyTakingPublisher, UploadQueue) {
+        let store = try ContentStore(directory: directory)
+        let staging = try StagingArea(cacheDirectory: directory)
+        let publisher = EarlyTakingPublisher()
+        let queue = try UploadQueue(store: store, publisher: publisher, logger: Logger(label: "test"))
+        queue.start()
+        return (store, staging, publisher, queue)
+    }
+
     private func bytes(_ count: Int, seed: UInt8) -> [UInt8] {
         (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &* 7 &+ ($0 >> 13)) }
     }
@@ -105,12 +115,8 @@ private final class EarlyTakingPublisher: CachePublisher {
 
     @Test func aFileWrittenInOrderIsReadWhileWrittenAndItsCommitHandsTheUploadToThePublication() throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let store = try ContentStore(directory: directory)
-        let staging = try StagingArea(cacheDirectory: directory)
-        let publisher = EarlyTakingPublisher()
-        let queue = try UploadQueue(store: store, publisher: publisher, logger: Logger(label: "test"))
+        let (store, staging, publisher, queue) = try startedQueue()
         defer { queue.stop() }
-        queue.start()
 
         let content = bytes(threshold + 3_000_000, seed: 1)
         let digest = Digest.sha256(of: content)
@@ -139,12 +145,8 @@ private final class EarlyTakingPublisher: CachePublisher {
     @Test(arguments: ["written out of order", "truncated", "removed", "refused"])
     func aFileThatWillNotBeCommittedAsStreamedGivesItsUploadUp(_ change: String) async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let store = try ContentStore(directory: directory)
-        let staging = try StagingArea(cacheDirectory: directory)
-        let publisher = EarlyTakingPublisher()
-        let queue = try UploadQueue(store: store, publisher: publisher, logger: Logger(label: "test"))
+        let (_, staging, publisher, queue) = try startedQueue()
         defer { queue.stop() }
-        queue.start()
 
         let content = bytes(threshold + 1_000_000, seed: 2)
         let file = try staging.newFile()

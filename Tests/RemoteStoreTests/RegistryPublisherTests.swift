@@ -432,14 +432,18 @@ private final class TestGrowingContents: GrowingBlobContents {
     }
 }
 
-/// An early upload run on a thread of its own, as the upload queue runs it.
-private func runInBackground(_ upload: any EarlyBlobUpload) -> DispatchSemaphore {
+/// An early upload of contents the test writes, run on a thread of its own as the upload queue
+/// runs it; `ran` is signalled when `run` returns.
+private func startedEarlyUpload(_ publisher: RegistryPublisher) throws
+    -> (contents: TestGrowingContents, upload: any EarlyBlobUpload, ran: DispatchSemaphore) {
+    let contents = TestGrowingContents()
+    let upload = try #require(publisher.beginEarlyUpload(of: contents))
     let ran = DispatchSemaphore(value: 0)
     Thread.detachNewThread {
         upload.run()
         ran.signal()
     }
-    return ran
+    return (contents, upload, ran)
 }
 
 @Suite("RegistryPublisher uploads begun before the commit")
@@ -448,9 +452,7 @@ struct RegistryPublisherEarlyUploadTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 21)
         let publisher = try setup.publisher(monolithicLimit: 4096)
-        let contents = TestGrowingContents()
-        let upload = try #require(publisher.beginEarlyUpload(of: contents))
-        let ran = runInBackground(upload)
+        let (contents, upload, ran) = try startedEarlyUpload(publisher)
         contents.append(Array(blob.bytes[..<1000]))
         contents.append(Array(blob.bytes[1000...]))
         contents.seal()
@@ -470,9 +472,7 @@ struct RegistryPublisherEarlyUploadTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 2500, seed: 22)
         let publisher = try setup.publisher(monolithicLimit: 1000, chunkSize: 500)
-        let contents = TestGrowingContents()
-        let upload = try #require(publisher.beginEarlyUpload(of: contents))
-        let ran = runInBackground(upload)
+        let (contents, upload, ran) = try startedEarlyUpload(publisher)
         contents.append(blob.bytes)
         contents.seal()
         #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
@@ -487,9 +487,7 @@ struct RegistryPublisherEarlyUploadTests {
         let blob = try BlobFile(count: 3000, seed: 23)
         let publisher = try setup.publisher(monolithicLimit: 4096)
         setup.registry.cutPatches(afterBytes: 700, session: .keepsWhatArrived)
-        let contents = TestGrowingContents()
-        let upload = try #require(publisher.beginEarlyUpload(of: contents))
-        let ran = runInBackground(upload)
+        let (contents, upload, ran) = try startedEarlyUpload(publisher)
         contents.append(blob.bytes)
         contents.seal()
         #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
@@ -505,9 +503,7 @@ struct RegistryPublisherEarlyUploadTests {
         let setup = PushSetup()
         let blob = try BlobFile(count: 3000, seed: 24)
         let publisher = try setup.publisher(monolithicLimit: 4096)
-        let contents = TestGrowingContents()
-        let upload = try #require(publisher.beginEarlyUpload(of: contents))
-        let ran = runInBackground(upload)
+        let (contents, upload, ran) = try startedEarlyUpload(publisher)
         contents.append(Array(blob.bytes[..<2000]))  // the commit says 3000
         contents.seal()
         #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
@@ -521,9 +517,7 @@ struct RegistryPublisherEarlyUploadTests {
     @Test func contentsGivenUpEndTheStreamAndAbandonDeletesTheSession() throws {
         let setup = PushSetup()
         let publisher = try setup.publisher(monolithicLimit: 4096)
-        let contents = TestGrowingContents()
-        let upload = try #require(publisher.beginEarlyUpload(of: contents))
-        let ran = runInBackground(upload)
+        let (contents, upload, ran) = try startedEarlyUpload(publisher)
         contents.append([UInt8](repeating: 7, count: 1500))
         contents.fail("the file was removed")
         #expect(ran.wait(timeout: .now() + .seconds(20)) == .success)
