@@ -208,7 +208,7 @@ struct TarReaderTests {
 
     @Test func sparseMembersShowTheirSizeAndAreMarked() throws {
         let scratch = try ScratchDirectory()
-        try shell("cd '\(scratch.path)' && truncate -s 1M sparse && printf data >> sparse && printf x | dd of=sparse bs=1 seek=4096 conv=notrunc 2>/dev/null")
+        try shell("cd '\(scratch.path)' && truncate -s 1M sparse && printf data >> sparse && printf x | dd of=sparse bs=1 seek=4096 conv=notrunc 2>/dev/null && sync sparse")
         for format in ["gnu", "pax"] {
             let archive = try shell("tar -C '\(scratch.path)' --sparse --format=\(format) -cf - sparse")
             let entries = try parseTar(archive)
