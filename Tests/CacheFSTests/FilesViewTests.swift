@@ -176,4 +176,16 @@ private let mediaTypes = [
         #expect(try fixture.filesystem.getattr(sparse).get().attributes.size == (1 << 20) + 4)
         #expect(fixture.read(sparse, offset: 0, count: 10) == .failure(.ioError))
     }
+
+    @Test func refreshShowsTheNewLayersTrees() throws {
+        let (first, _) = try makeLayer(compressor: "gzip -c")
+        let (second, _) = try makeLayer(compressor: "zstd -c")
+        let fixture = try Fixture(layers: [first])
+        defer { fixture.removeCache() }
+        let sha256 = try fixture.inode("files/sha256")
+        _ = try fixture.inode("files/sha256/\(Digest.sha256(of: first).hex)/usr/hello")
+        try fixture.filesystem.show(InMemorySource(layers: [second], layerMediaType: mediaTypes["zstd -c"]!).snapshot)
+        #expect(try fixture.filesystem.readdir(sha256).get().map(\.name) == [".", "..", Digest.sha256(of: second).hex])
+        #expect(fixture.filesystem.lookup(parent: sha256, name: Digest.sha256(of: first).hex).map { _ in 0 } == .failure(.noSuchFileOrDirectory))
+    }
 }
