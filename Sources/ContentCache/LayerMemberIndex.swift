@@ -9,7 +9,11 @@ import Synchronization
 ///
 /// The walk reads through `LayerReader`'s random access: it reads headers and skips every
 /// member's data, so a read starts at the checkpoint before the next header and decompresses
-/// only the spans that hold headers (a layer of a few large files costs a few spans). It runs
+/// only the spans that hold headers (a layer of a few large files costs a few spans). The first
+/// read after a skip is small (`firstChunk`): the next header may be all the walk needs there.
+/// Reads that go on from where the last one ended run to the next checkpoint: the read after
+/// it starts there afresh, where a read ending mid-span would leave the decoder past the next
+/// one's start (it decodes ahead in pieces) and make it decompress the span again. It runs
 /// on the fetcher's worker pool, one step queued by the reply of the one before, and saves what
 /// it found (write, fsync, rename) so that the tar is walked once per machine.
 public final class LayerMemberIndex: Sendable {
@@ -17,8 +21,10 @@ public final class LayerMemberIndex: Sendable {
 
     let layers: LayerReader
     let logger: Logger
-    /// Uncompressed bytes asked of the reader at once while walking headers.
-    static let walkChunk = 256 << 10
+    /// The most uncompressed bytes asked of the reader at once while walking headers.
+    static let walkChunk = 4 << 20
+    /// The bytes asked for at a new place in the stream (its start, or after a skip).
+    static let firstChunk = 64 << 10
 
     /// Callers waiting for a walk, by layer; a layer is here only while its walk runs.
     let walks = Mutex<[Digest: [@Sendable (Members) -> Void]]>([:])
@@ -61,11 +67,12 @@ public final class LayerMemberIndex: Sendable {
         let queued = fetcher.localQueue.enqueue(.reader, dropped: { [self] in finish(layer, .failure(.cancelled)) }) { [self] in
             if let saved = fetcher.store.loadLayerMembers(layer.digest) { return finish(layer, .success(saved)) }
             // An uncompressed layer is its blob: no pass over it is needed to know its size.
-            if layer.compression == .none { return step(Walk(layer: layer, size: layer.size)) }
+            if layer.compression == .none { return step(Walk(layer: layer, size: layer.size, checkpoints: [0])) }
             layers.withIndex(of: layer) { [self] index in
                 switch index {
                 case .failure(let error): finish(layer, .failure(error))
-                case .success(let index): step(Walk(layer: layer, size: index.uncompressedSize))
+                case .success(let index):
+                    step(Walk(layer: layer, size: index.uncompressedSize, checkpoints: index.checkpoints.map(\.uncompressedOffset)))
                 }
             }
         }
@@ -77,19 +84,40 @@ public final class LayerMemberIndex: Sendable {
     final class Walk: @unchecked Sendable {
         let layer: LayerSpec
         let size: Int64
+        /// Where reads may start decompressing afresh, in order.
+        let checkpoints: [Int64]
         var parser = TarReader()
         var members: [TarEntry] = []
+        /// The next read starts where the last one ended.
+        var continues = false
 
-        init(layer: LayerSpec, size: Int64) {
+        init(layer: LayerSpec, size: Int64, checkpoints: [Int64]) {
             self.layer = layer
             self.size = size
+            self.checkpoints = checkpoints
+        }
+
+        /// Where a read from `offset` ends: `firstChunk` on at a new place, else the next
+        /// checkpoint, at most `walkChunk` on.
+        func readEnd(from offset: Int64) -> Int64 {
+            guard continues else { return min(offset + Int64(LayerMemberIndex.firstChunk), size) }
+            var low = 0, high = checkpoints.count
+            while low < high {
+                let middle = (low + high) / 2
+                if checkpoints[middle] <= offset { low = middle + 1 } else { high = middle }
+            }
+            let nextCheckpoint = low < checkpoints.count ? checkpoints[low] : size
+            return min(nextCheckpoint, offset + Int64(LayerMemberIndex.walkChunk), size)
         }
     }
 
     private func step(_ walk: Walk) {
         let layer = walk.layer
         // What the parser does not need is never read: the next read starts at a header.
-        if walk.parser.dataAhead > 0 { walk.parser.skip(min(walk.parser.dataAhead, walk.size - walk.parser.position)) }
+        if walk.parser.dataAhead > 0 {
+            walk.parser.skip(min(walk.parser.dataAhead, walk.size - walk.parser.position))
+            walk.continues = false
+        }
         let offset = walk.parser.position
         guard offset < walk.size && !walk.parser.isFinished else {
             do throws(TarError) {
@@ -99,7 +127,7 @@ public final class LayerMemberIndex: Sendable {
             }
             return save(walk)
         }
-        let count = Int(min(Int64(Self.walkChunk), walk.size - offset))
+        let count = Int(walk.readEnd(from: offset) - offset)
         layers.read(layer, offset: offset, count: count) { [self] result in
             let outcome: Result<Void, BlobReadError> = result.flatMap { bytes in
                 guard bytes.count == count else { return .failure(.undecodable(layer.digest, "a short read of its tar")) }
@@ -111,6 +139,7 @@ public final class LayerMemberIndex: Sendable {
                 return .success(())
             }
             if case .failure(let error) = outcome { return finish(layer, .failure(error)) }
+            walk.continues = true
             let queued = layers.fetcher.queue.enqueue(.reader, dropped: { [self] in finish(layer, .failure(.cancelled)) }) { [self] in
                 step(walk)
             }

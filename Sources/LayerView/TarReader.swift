@@ -393,7 +393,7 @@ public struct TarReader: Sendable {
             if bytes[start] == 0 { break }
             guard let space = bytes[start...].prefix(24).firstIndex(of: UInt8(ascii: " ")),
                   let length = Int(String(decoding: bytes[start..<space], as: UTF8.self)), length > space - start + 1,
-                  start + length <= bytes.count, bytes[start + length - 1] == UInt8(ascii: "\n") else { return nil }
+                  length <= bytes.count - start, bytes[start + length - 1] == UInt8(ascii: "\n") else { return nil }
             let record = bytes[(space + 1)..<(start + length - 1)]
             guard let equals = record.firstIndex(of: UInt8(ascii: "=")) else { return nil }
             let key = String(decoding: record[record.startIndex..<equals], as: UTF8.self)

@@ -181,6 +181,22 @@ struct FilesViewIntegrationTests {
             #expect(served > 0 && served <= 6 << 20 && served < blobSize / 2,
                     "reading a 15-byte file fetched \(served) of the blob's \(blobSize) bytes")
             #expect(try await second.unmount(in: ws).status == 0)
+
+            // With only the checkpoint index there, a new walk over the tar's headers makes the
+            // same tree. It reads up to the tar's end, which (as for blobs/) is answered only
+            // once the whole blob is verified: the blob comes once, and no more.
+            let indexOnly = try ws.makeDirectory("index-only-cache")
+            try await shell("mkdir -p '\(indexOnly)/layers' && cp '\(cache)/layers/\(gzipLayer.digest.hex).index' '\(indexOnly)/layers/'",
+                            in: ws)
+            let walkedBefore = registry.blobBytesServed(repo: "files", digest: gzipLayer.digest.description)
+            let third = try await ws.mountExpectingSuccess(source, cacheDir: indexOnly)
+            let extractedAgain = try ws.makeDirectory("extracted-again")
+            try await shell("tar -C '\(extractedAgain)' -z --same-owner --numeric-owner -xpf '\(gzipLayer.blob)'", in: ws)
+            let walkedListing = try await listing(of: third.path("files/sha256/" + gzipLayer.digest.hex), in: ws)
+            #expect(try await walkedListing == listing(of: extractedAgain, in: ws))
+            let walked = registry.blobBytesServed(repo: "files", digest: gzipLayer.digest.description) - walkedBefore
+            #expect(walked > 0 && walked <= blobSize, "walking the headers fetched \(walked) of the blob's \(blobSize) bytes")
+            #expect(try await third.unmount(in: ws).status == 0)
         }
     }
 }
