@@ -188,4 +188,26 @@ private let mediaTypes = [
         #expect(try fixture.filesystem.readdir(sha256).get().map(\.name) == [".", "..", Digest.sha256(of: second).hex])
         #expect(fixture.filesystem.lookup(parent: sha256, name: Digest.sha256(of: first).hex).map { _ in 0 } == .failure(.noSuchFileOrDirectory))
     }
+
+    /// A walk that outlasts the wait answers the waiter with an error and goes on; the next
+    /// caller gets what it found.
+    @Test func aWaitForAWalkIsBoundedAndTheWalkGoesOn() throws {
+        let (layer, _) = try makeLayer(compressor: nil)
+        // The remote holds its first stream until resumed.
+        let fixture = try Fixture(layers: [layer], behaviour: .init(pauseAfter: 0), layerMediaType: mediaTypes[""]!)
+        defer { fixture.removeCache() }
+        let members = LayerMemberIndex(layers: LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test")),
+                                       logger: Logger(label: "test"))
+        let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count), compression: .none, diffID: nil)
+        guard case .failure(.local(let message)) = members.members(of: spec, waitingAtMost: .milliseconds(200)) else {
+            Issue.record("the wait was not bounded")
+            return
+        }
+        #expect(message.contains("not known after"))
+        // Streams after this one no longer pause.
+        fixture.source.update { $0.pauseAfter = nil }
+        fixture.source.resume()
+        let found = try members.members(of: spec, waitingAtMost: .seconds(600)).get()
+        #expect(found.contains { $0.path == "usr/hello" && $0.size == 6 })
+    }
 }
