@@ -72,7 +72,7 @@ let package = Package(
         // One fuzz target per parser of remote or user input (docs/FUZZING.md). Built here so
         // they compile and replay their corpus in the tests; scripts/fuzz.sh adds libFuzzer.
         .target(name: "FuzzTargets", dependencies: [
-            "OCI", "HTTPClient", "RemoteStore", "ContentCache",
+            "OCI", "HTTPClient", "RemoteStore", "ContentCache", "LayerView",
             .product(name: "Logging", package: "swift-log"),
         ], path: "Fuzz/Targets", swiftSettings: sourceSettings),
 
@@ -95,7 +95,7 @@ let package = Package(
 // its own, and libFuzzer's would clash with it. Only that build (in its own scratch directory)
 // instruments the parsers and has the driver, so `swift build` and the tests never need libFuzzer.
 if let libFuzzerRuntime = Context.environment["OCICACHEFS_LIBFUZZER_RUNTIME"] {
-    let instrumented: Set = ["SystemSupport", "OCI", "HTTPClient", "RemoteStore", "ContentCache", "FuzzTargets"]
+    let instrumented: Set = ["SystemSupport", "OCI", "HTTPClient", "RemoteStore", "LayerView", "ContentCache", "FuzzTargets"]
     for target in package.targets where instrumented.contains(target.name) {
         target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-sanitize=fuzzer"])]
     }

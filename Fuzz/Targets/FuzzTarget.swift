@@ -1,6 +1,7 @@
 import ContentCache
 import FoundationEssentials
 import HTTPClient
+import LayerView
 import Logging
 import OCI
 import RemoteStore
@@ -34,6 +35,9 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case awsCredentialsResponse = "aws-credentials-response"
     /// `--cache-size` and `--min-free` values.
     case cacheSize = "cache-size"
+    /// A layer's uncompressed tar, as the `files/` view walks it: the parser, the tree made of
+    /// its members and the entry list kept in the cache directory.
+    case tar
 
     public func run(_ bytes: [UInt8]) {
         switch self {
@@ -48,6 +52,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .awsSharedFile: Self.awsSharedFile(String(decoding: bytes, as: UTF8.self))
         case .awsCredentialsResponse: Self.awsCredentialsResponse(bytes)
         case .cacheSize: Self.cacheSize(String(decoding: bytes, as: UTF8.self))
+        case .tar: Self.tar(bytes)
         }
     }
 
@@ -252,6 +257,63 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     private static func cacheSize(_ text: String) {
         guard let size = CacheLimits.parseSize(text) else { return }
         check(size >= 0, "negative size \(size) from \(text)")
+    }
+
+    // MARK: Layers
+
+    private static func tar(_ bytes: [UInt8]) {
+        // Fed whole and in odd pieces, skipping data where it may: the same members either way.
+        func parse(piece: Int, skipping: Bool) -> (entries: [TarEntry], error: TarError?) {
+            var reader = TarReader()
+            var entries: [TarEntry] = []
+            var start = 0
+            do throws(TarError) {
+                while start < bytes.count {
+                    if skipping, reader.dataAhead > 0 {
+                        let skipped = min(reader.dataAhead, Int64(bytes.count - start))
+                        reader.skip(skipped)
+                        start += Int(skipped)
+                        continue
+                    }
+                    let end = min(bytes.count, start + piece)
+                    var failure: TarError?
+                    bytes[start..<end].withUnsafeBytes { chunk in
+                        do throws(TarError) { try reader.feed(chunk) { entries.append($0) } } catch { failure = error }
+                    }
+                    if let failure { throw failure }
+                    start = end
+                }
+                check(reader.position == Int64(bytes.count), "position \(reader.position) after \(bytes.count) bytes")
+                try reader.finish()
+            } catch {
+                return (entries, error)
+            }
+            return (entries, nil)
+        }
+        let whole = parse(piece: bytes.count + 1, skipping: false)
+        let pieces = parse(piece: 7, skipping: true)
+        check(whole.entries == pieces.entries && whole.error == pieces.error, "feeding in pieces changes what is parsed")
+        for entry in whole.entries {
+            check(entry.size >= 0 && entry.dataOffset >= 512 && entry.dataOffset % 512 == 0, "entry \(entry)")
+            check(entry.isSparse || entry.kind != .regular || entry.dataOffset + entry.size <= Int64(bytes.count) || whole.error != nil,
+                  "data past the stream's end for \(entry.path)")
+        }
+        check(TarEntryList.parse(TarEntryList.serialized(whole.entries)) == whole.entries, "entry list does not read back")
+        let tree = TarTree(entries: whole.entries)
+        // Every node is reached by names that are not `.`, `..` or empty, with no cycle.
+        var seen = Set<Int>()
+        var pending = [0]
+        while let directory = pending.popLast() {
+            check(tree.nodes[directory].entry.kind == .directory, "a node with children that is no directory")
+            for (name, child) in tree.nodes[directory].children {
+                check(!name.isEmpty && name != "." && name != ".." && !name.contains("/"), "name \(name.debugDescription)")
+                check(tree.nodes[child].entry.kind != .hardLink, "a hard link node")
+                if tree.nodes[child].entry.kind == .directory {
+                    check(seen.insert(child).inserted, "directory \(child) reached twice")
+                    pending.append(child)
+                }
+            }
+        }
     }
 
     // MARK: Checks

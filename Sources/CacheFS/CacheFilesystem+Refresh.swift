@@ -11,7 +11,7 @@ extension CacheFilesystem {
     /// Shows `snapshot` from now on in place of what the mount showed (`ocicachefs refresh`):
     /// `index.json` gets the new tags (the kernel's cached pages and attributes of it are
     /// dropped), blobs the new resolution lists appear, and blobs it no longer lists leave
-    /// `blobs/sha256`; `layers/sha256` follows the same way. A blob is content-addressed, so a file opened before keeps its inode and
+    /// `blobs/sha256`; `layers/sha256` and `files/sha256` follow the same way. A blob is content-addressed, so a file opened before keeps its inode and
     /// reads the same bytes until it is closed.
     ///
     /// A writable mount's `index.json` is its clients' file, staged and published as they write
@@ -41,9 +41,26 @@ extension CacheFilesystem {
             for (digest, bytes) in snapshot.smallBlobs { blobs[digest.hex] = .bytes(bytes) }
             for (digest, size) in snapshot.lazyBlobs { blobs[digest.hex] = .lazyBlob(digest, size: size) }
             show(blobs, in: blobsInode)
+            let specs = Self.layerSpecs(snapshot)
             if let layers = state.nodes[Self.rootInode]!.children!["layers"].flatMap({ state.nodes[$0]?.children?["sha256"] }) {
-                show(Dictionary(uniqueKeysWithValues: Self.layerSpecs(snapshot).values.map { ($0.digest.hex, Content.layer($0)) }),
-                     in: layers)
+                show(Dictionary(uniqueKeysWithValues: specs.values.map { ($0.digest.hex, Content.layer($0)) }), in: layers)
+            }
+            // A layer's tree is made on first use; one the new resolution drops leaves with it.
+            if let files = state.nodes[Self.rootInode]!.children!["files"].flatMap({ state.nodes[$0]?.children?["sha256"] }) {
+                let shown = state.nodes[files]!.children!
+                let wanted = Set(specs.keys.map(\.hex))
+                for name in shown.orderedNames() where !wanted.contains(name) {
+                    state.unbuiltTrees[shown[name]!] = nil
+                    Self.detach(shown[name]!, in: &state)
+                }
+                for spec in specs.values where shown[spec.digest.hex] == nil {
+                    let inode = state.nextInode
+                    state.nextInode += 1
+                    state.nodes[inode] = Node(parent: files, name: spec.digest.hex, content: .directory(children: DirectoryEntries(), creatable: false),
+                                              permissions: 0o555, modified: now)
+                    Self.setChild(files, spec.digest.hex, inode, in: &state)
+                    state.unbuiltTrees[inode] = spec
+                }
             }
             guard let index = state.nodes[Self.rootInode]!.children!["index.json"] else { return nil }
             state.nodes[index]!.content = .bytes(OCILayout.indexFile(snapshot.tags))

@@ -249,6 +249,8 @@ extension CacheFilesystem {
         }
         return state.withLock { state in
             guard var node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
+            // The `files/` view shows a layer as it is, on every mount.
+            guard node.member == nil || changes.isEmpty else { return .failure(refusal) }
             if let permissions = changes.permissions { node.permissions = permissions & 0o7777 }
             if let modified = changes.modified { node.modified = modified }
             state.nodes[inode] = node

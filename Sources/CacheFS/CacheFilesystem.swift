@@ -34,6 +34,9 @@ public final class CacheFilesystem: Sendable {
         case lazyBlob(Digest, size: Int64)
         /// `layers/sha256/<hex>`: the uncompressed tar of a layer blob.
         case layer(LayerSpec)
+        /// Below `files/sha256/<hex>`: a member of the layer's tar that is no directory (a
+        /// regular file's bytes are at `dataOffset` of the uncompressed stream).
+        case layerMember(LayerSpec, TarEntry)
         case scratchFile([UInt8])
         case scratchDirectory(children: DirectoryEntries)
         /// A regular file of a writable mount: its bytes are on disk, in the staging area.
@@ -51,6 +54,8 @@ public final class CacheFilesystem: Sendable {
         var unlinked = false
         /// Written or truncated since its last flush (the commit point of `index.json`).
         var changed = false
+        /// Set for what the `files/` view shows of a layer: its owner and link count.
+        var member: MemberAttributes?
 
         /// Made by clients: they may change and remove it.
         var isScratch: Bool {
@@ -81,12 +86,17 @@ public final class CacheFilesystem: Sendable {
         var nodes: [UInt64: Node] = [:]
         var nextInode: UInt64 = CacheFilesystem.rootInode + 1
         var scratchBytes = 0
+        /// `files/sha256/<hex>` directories whose trees are not made yet: the first lookup or
+        /// listing in one makes it.
+        var unbuiltTrees: [UInt64: LayerSpec] = [:]
     }
 
     let state: Mutex<State>
     let fetcher: BlobFetcher
     /// The `layers/` view's decompression.
     let layers: LayerReader
+    /// The `files/` view's lists of each layer's members.
+    let members: LayerMemberIndex
     /// Drops what the kernel cached of an inode's content; set by the binding.
     let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
     let logger: Logger
@@ -121,6 +131,7 @@ public final class CacheFilesystem: Sendable {
         self.scratchCapacity = scratchCapacity
         self.fetcher = fetcher
         self.layers = LayerReader(fetcher: fetcher, logger: logger)
+        self.members = LayerMemberIndex(layers: layers, logger: logger)
         self.logger = logger
         self.nextLayers = Mutex(Self.nextLayers(snapshot))
         self.uid = getuid()
@@ -196,8 +207,16 @@ public final class CacheFilesystem: Sendable {
         // Beside the layout, never part of it: the uncompressed tar of every layer the tags reach.
         let layers = add(root, "layers", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
         let layersSHA256 = add(layers, "sha256", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
-        for spec in layerSpecs(snapshot).values {
+        let specs = layerSpecs(snapshot)
+        for spec in specs.values {
             _ = add(layersSHA256, spec.digest.hex, .layer(spec), permissions: 0o444)
+        }
+        // And the files inside each of those layers, as a tree made on first use.
+        let files = add(root, "files", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
+        let filesSHA256 = add(files, "sha256", .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
+        for spec in specs.values {
+            let tree = add(filesSHA256, spec.digest.hex, .directory(children: DirectoryEntries(), creatable: false), permissions: 0o555)
+            state.unbuiltTrees[tree] = spec
         }
         return (state, sha256)
     }
@@ -225,6 +244,7 @@ public final class CacheFilesystem: Sendable {
     // MARK: Reading the tree
 
     public func lookup(parent: UInt64, name: String) -> Result<Entry, FSError> {
+        if case .failure(let error) = buildFileTree(parent) { return .failure(error) }
         let layer = state.withLock { state in state.nodes[parent]?.children?[name].flatMap { Self.layerSpec(of: $0, in: state) } }
         if let layer, case .failure(let error) = indexLayer(layer) { return .failure(error) }
         return state.withLock { state in
@@ -259,7 +279,8 @@ public final class CacheFilesystem: Sendable {
     /// The directory's entries in name order after `.` and `..`, from the `offset`-th, at most
     /// `limit` of them: the kernel lists a large directory a page at a time.
     public func readdir(_ inode: UInt64, offset: Int = 0, limit: Int = .max) -> Result<[DirectoryEntry], FSError> {
-        state.withLock { state in Self.listing(inode, offset: offset, limit: limit, in: state) }
+        if case .failure(let error) = buildFileTree(inode) { return .failure(error) }
+        return state.withLock { state in Self.listing(inode, offset: offset, limit: limit, in: state) }
     }
 
     /// `readdir` with each entry's attributes, so that the kernel needs no lookup per name
@@ -267,7 +288,8 @@ public final class CacheFilesystem: Sendable {
     /// every entry but `.` and `..` as looked up; so does this, and `forget` takes back those
     /// that did not fit in the kernel's buffer.
     public func readdirPlus(_ inode: UInt64, offset: Int, limit: Int) -> Result<[(entry: DirectoryEntry, attributes: Entry?)], FSError> {
-        state.withLock { state in
+        if case .failure(let error) = buildFileTree(inode) { return .failure(error) }
+        return state.withLock { state in
             Self.listing(inode, offset: offset, limit: limit, in: state).map { entries in
                 entries.map { entry in
                     guard entry.name != "." && entry.name != ".." else { return (entry, nil) }
@@ -294,14 +316,15 @@ public final class CacheFilesystem: Sendable {
         let first = min(max(start - dots.count, 0), names.count)
         for name in names[first..<min(names.count, first + max(limit - entries.count, 0))] {
             let child = children[name]!
-            entries.append(DirectoryEntry(name: name, inode: child, type: state.nodes[child]!.children == nil ? .regular : .directory))
+            entries.append(DirectoryEntry(name: name, inode: child, type: fileType(of: state.nodes[child]!)))
         }
         return .success(entries)
     }
 
     /// Whether the inode is a directory, for opendir.
     public func isDirectory(_ inode: UInt64) -> Result<Void, FSError> {
-        state.withLock { state in
+        if case .failure(let error) = buildFileTree(inode) { return .failure(error) }
+        return state.withLock { state in
             guard let node = state.nodes[inode] else { return .failure(.noSuchFileOrDirectory) }
             return node.children == nil ? .failure(.notDirectory) : .success(())
         }
@@ -375,7 +398,10 @@ public final class CacheFilesystem: Sendable {
             switch node.content {
             case .directory, .scratchDirectory:
                 return .failure(.isDirectory)
-            case .bytes, .lazyBlob, .layer:
+            case .layerMember(_, let member) where member.kind != .regular:
+                // The kernel opens devices and fifos itself and follows symlinks: never here.
+                return .failure(.invalidArgument)
+            case .bytes, .lazyBlob, .layer, .layerMember:
                 if flags.wantsWrite || flags.truncates { return .failure(refusal) }
                 node.opens += 1
                 state.nodes[inode] = node
@@ -438,6 +464,8 @@ public final class CacheFilesystem: Sendable {
             readStaged(file, offset: offset, count: count, reply: reply)
         case .layer(let layer)?:
             readLayer(layer, offset: offset, count: count, reply: reply)
+        case .layerMember(let layer, let member)?:
+            readMember(member, of: layer, offset: offset, count: count, reply: reply)
         case .lazyBlob(let digest, let size)?:
             if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers.withLock({ $0[digest] }) {
                 fetcher.prefetch(next.digest, size: next.size)
@@ -601,18 +629,24 @@ public final class CacheFilesystem: Sendable {
     // MARK: Helpers
 
     func entry(_ inode: UInt64, _ node: Node) -> Entry {
-        let type: FileType = node.children == nil ? .regular : .directory
+        let type = fileType(of: node)
         let size: Int64
+        var device: UInt64 = 0
         switch node.content {
         case .bytes(let bytes), .scratchFile(let bytes): size = Int64(bytes.count)
         case .stagedFile(let file): size = file.size
         case .lazyBlob(_, let blobSize): size = blobSize
         case .layer(let layer): size = layers.knownSize(of: layer) ?? 0
+        case .layerMember(_, let member):
+            // A symlink's size is its target's length, as lstat gives it.
+            size = member.kind == .symlink ? Int64(member.linkTarget.utf8.count) : member.size
+            device = Self.deviceNumber(major: member.deviceMajor, minor: member.deviceMinor)
         case .directory, .scratchDirectory: size = 4096
         }
-        let attributes = FileAttributes(inode: inode, type: type, permissions: node.permissions,
-                                        linkCount: type == .directory ? 2 : (node.unlinked ? 0 : 1),
-                                        size: size, modified: node.modified, uid: uid, gid: gid)
+        var attributes = FileAttributes(inode: inode, type: type, permissions: node.permissions,
+                                        linkCount: node.member?.linkCount ?? (type == .directory ? 2 : (node.unlinked ? 0 : 1)),
+                                        size: size, modified: node.modified, uid: node.member?.uid ?? uid, gid: node.member?.gid ?? gid)
+        attributes.device = device
         return Entry(attributes: attributes, cacheSeconds: node.isScratch ? Self.scratchCacheSeconds : Self.immutableCacheSeconds)
     }
 
@@ -624,6 +658,7 @@ public final class CacheFilesystem: Sendable {
             // `layers/` view is never changed.
             guard node.isScratch || writable != nil else { return .failure(refusal) }
             if case .layer = node.content { return .failure(refusal) }
+            if node.member != nil { return .failure(refusal) }
             if directory {
                 guard let children = node.children else { return .failure(.notDirectory) }
                 guard node.isScratch else { return .failure(refusal) }

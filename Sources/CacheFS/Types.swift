@@ -43,8 +43,22 @@ public struct Timestamp: Sendable, Equatable {
 public enum FileType: Sendable, Equatable {
     case directory
     case regular
+    /// The `files/` view shows a layer's symlinks, devices and fifos as the tar holds them.
+    case symlink
+    case characterDevice
+    case blockDevice
+    case fifo
 
-    public var modeBits: UInt32 { self == .directory ? UInt32(S_IFDIR) : UInt32(S_IFREG) }
+    public var modeBits: UInt32 {
+        switch self {
+        case .directory: return UInt32(S_IFDIR)
+        case .regular: return UInt32(S_IFREG)
+        case .symlink: return UInt32(S_IFLNK)
+        case .characterDevice: return UInt32(S_IFCHR)
+        case .blockDevice: return UInt32(S_IFBLK)
+        case .fifo: return UInt32(S_IFIFO)
+        }
+    }
 }
 
 public struct FileAttributes: Sendable, Equatable {
@@ -57,6 +71,8 @@ public struct FileAttributes: Sendable, Equatable {
     public var modified: Timestamp
     public var uid: UInt32
     public var gid: UInt32
+    /// A device's number (`st_rdev`, as glibc's `makedev` makes it); 0 for anything else.
+    public var device: UInt64 = 0
 
     public var mode: UInt32 { type.modeBits | permissions }
 }

@@ -9,13 +9,53 @@ import Synchronization
 
 /// What the `layers/` view keeps in the cache directory, beside the blob it was computed from:
 /// `layers/<hex>.index` (the layer's exact uncompressed size and checkpoints) and, for a layer
-/// whose checkpoints are too far apart, `layers/<hex>.spans` (its uncompressed stream). Both
-/// count against the cache's size and go when their blob is evicted.
+/// whose checkpoints are too far apart, `layers/<hex>.spans` (its uncompressed stream); and
+/// what the `files/` view keeps: `layers/<hex>.files` (the layer's tar members, `TarEntryList`).
+/// All count against the cache's size and go when their blob is evicted.
 extension ContentStore {
     var layersDirectory: String { directory + "/layers" }
 
     func layerIndexPath(_ digest: Digest) -> String { layersDirectory + "/" + digest.hex + ".index" }
     func layerSpansPath(_ digest: Digest) -> String { layersDirectory + "/" + digest.hex + ".spans" }
+    func layerMembersPath(_ digest: Digest) -> String { layersDirectory + "/" + digest.hex + ".files" }
+
+    /// The members a walk over this layer saved; nil when there are none or the file is not
+    /// whole (then it is removed, to be made again).
+    func loadLayerMembers(_ digest: Digest) -> [TarEntry]? {
+        let path = layerMembersPath(digest)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        let file = OpenFile(fd: fd)
+        var info = stat()
+        guard fstat(fd, &info) == 0, info.st_size < 1 << 32, let bytes = try? file.read(offset: 0, count: Int(info.st_size)),
+              let entries = TarEntryList.parse(bytes) else {
+            unlink(path)
+            return nil
+        }
+        markUsed(digest)
+        return entries
+    }
+
+    /// Writes the members under a name of its own, then fsync and rename: the file appears
+    /// whole or not at all, for this mount and any other on the machine.
+    /// Returns the bytes the file takes.
+    func saveLayerMembers(_ entries: [TarEntry], of digest: Digest) throws(CacheError) -> Int64 {
+        let path = layerMembersPath(digest)
+        let temporaryPath = "\(path).\(getpid()).tmp"
+        let fd = open(temporaryPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw CacheError.system("cannot create \(temporaryPath)") }
+        let file = OpenFile(fd: fd)
+        let bytes = TarEntryList.serialized(entries)
+        do throws(CacheError) {
+            try file.write(bytes, at: 0)
+            guard fsync(fd) == 0 else { throw CacheError.system("fsync of \(temporaryPath) failed") }
+            guard rename(temporaryPath, path) == 0 else { throw CacheError.system("cannot rename \(temporaryPath)") }
+        } catch {
+            unlink(temporaryPath)
+            throw error
+        }
+        return Int64(bytes.count)
+    }
 
     /// The index a pass over this blob saved, with the file it reads windows from, or nil when
     /// there is none or its table does not parse whole (a damaged file is removed, to be
@@ -128,6 +168,7 @@ extension ContentStore {
     func removeLayerFiles(_ digest: Digest) {
         unlink(layerIndexPath(digest))
         unlink(layerSpansPath(digest))
+        unlink(layerMembersPath(digest))
     }
 
     /// Index files a pass was writing when its process died.
@@ -151,7 +192,7 @@ extension ContentStore {
         var bytes: [Digest: Int64] = [:]
         for name in names {
             let parts = name.split(separator: ".")
-            guard parts.count == 2, parts[1] == "index" || parts[1] == "spans", let digest = Digest(hex: String(parts[0])) else { continue }
+            guard parts.count == 2, ["index", "spans", "files"].contains(parts[1]), let digest = Digest(hex: String(parts[0])) else { continue }
             var info = stat()
             guard stat(layers + "/" + name, &info) == 0 else { continue }
             bytes[digest, default: 0] += Int64(info.st_blocks) * 512

@@ -94,7 +94,7 @@ final class PendingRead: Sendable {
         let fs = fixture.filesystem
 
         let rootNames = try fs.readdir(CacheFilesystem.rootInode).get().map(\.name)
-        #expect(rootNames == [".", "..", "blobs", "index.json", "ingest", "layers", "oci-layout"])
+        #expect(rootNames == [".", "..", "blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
         let blobNames = Set(try fs.readdir(fixture.inode("blobs/sha256")).get().map(\.name).filter { !$0.hasPrefix(".") })
         let expected = Set(fixture.source.snapshot.smallBlobs.keys.map(\.hex) + fixture.source.snapshot.lazyBlobs.keys.map(\.hex))
         #expect(blobNames == expected)
@@ -168,7 +168,7 @@ final class PendingRead: Sendable {
         fs.release(supported.attributes.inode)
         try fs.unlink(parent: probe, name: "supported").get()
         try fs.rmdir(parent: root, name: ".fsverity-check-123").get()
-        #expect(try fs.readdir(root).get().map(\.name) == [".", "..", "blobs", "index.json", "ingest", "layers", "oci-layout"])
+        #expect(try fs.readdir(root).get().map(\.name) == [".", "..", "blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
     }
 
     @Test func scratchFilesBehaveLikeFiles() throws {

@@ -129,11 +129,14 @@ struct NamespaceSimulation {
     var forgetUnlinkInModel = false
 
     /// One remote and fetcher for every run: scratch operations never reach them. An
-    /// uncompressed layer, so that its `layers/` entry needs no pass over it to be stat'ed.
-    static let source = InMemorySource(layers: [[1, 2, 3]], layerMediaType: "application/vnd.oci.image.layer.v1.tar")
+    /// uncompressed layer, so that its `layers/` entry needs no pass over it to be stat'ed; an
+    /// empty tar (its end-of-archive blocks), so that its `files/` tree lists.
+    static let source = InMemorySource(layers: [[UInt8](repeating: 0, count: 1024)], layerMediaType: "application/vnd.oci.image.layer.v1.tar")
     static let fetcher: BlobFetcher? = {
-        let directory = NSTemporaryDirectory() + "scratch-model-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // Kept while the tests run (the `files/` view reads the layer through it), and made
+        // afresh by the next run under the same name, so runs leave one small directory.
+        let directory = NSTemporaryDirectory() + "scratch-model-cache"
+        try? FileManager.default.removeItem(atPath: directory)
         return (try? ContentStore(directory: directory)).map { BlobFetcher(store: $0, source: source, logger: Logger(label: "model")) }
     }()
 

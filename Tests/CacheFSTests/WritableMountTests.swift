@@ -68,7 +68,7 @@ import Glibc
         // BuildKit leaves an empty ingest/ behind; nothing else remains of the staging.
         #expect(try fixture.filesystem.readdir(client.step(client.lookup("ingest"), "ingest").attributes.inode).get().count == 2)
         #expect(try fixture.filesystem.readdir(CacheFilesystem.rootInode).get().map(\.name)
-            == [".", "..", "blobs", "index.json", "ingest", "layers", "oci-layout"])
+            == [".", "..", "blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
         // Nothing is left to upload, and nothing is journaled.
         #expect(fixture.uploads.pendingBlobs.isEmpty && fixture.uploads.pendingTags.isEmpty)
     }

@@ -161,12 +161,12 @@ final class WritableNamespaceSimulation {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    /// The mount's own entries: `blobs`, `layers` and their `sha256` fixed, the rest ordinary.
+    /// The mount's own entries: `blobs`, `layers`, `files` and their `sha256` fixed, the rest ordinary.
     private func adoptFixedTree(_ directory: WritableModelNode) throws {
         for entry in try filesystem.readdir(directory.inode).get() where entry.name != "." && entry.name != ".." {
             let kind: WritableModelNode.Kind
             switch entry.name {
-            case "blobs", "layers", "sha256": kind = .fixedDirectory(creatable: false)
+            case "blobs", "layers", "files", "sha256": kind = .fixedDirectory(creatable: false)
             default: kind = entry.type == .directory ? .directory : .file
             }
             let attributes = try filesystem.getattr(entry.inode).get().attributes

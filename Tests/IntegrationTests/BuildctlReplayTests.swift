@@ -175,7 +175,7 @@ struct BuildctlReplayTests {
             // The fs-verity ioctl must fail (unsupported), the probe leaves nothing behind, and
             // the lock file is gone again.
             #expect(outcome.verityErrno != 0, "FS_IOC_ENABLE_VERITY should be refused")
-            #expect(FileIO.listDirectory(root) == ["blobs", "index.json", "ingest", "layers", "oci-layout"],
+            #expect(FileIO.listDirectory(root) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"],
                     "probe dir and lock file must be gone: \(FileIO.listDirectory(root))")
             #expect(Digest.sha256(of: outcome.manifest).description == seed.manifest.digest)
             let configBlob = seed.blobs.first { $0.role == "cacheconfig" }
@@ -315,7 +315,7 @@ struct BuildctlReplayTests {
 
             // Nothing above changed what is published.
             #expect(try FileIO.readAll(indexPath) == indexBefore)
-            #expect(FileIO.listDirectory(root) == ["blobs", "index.json", "ingest", "layers", "oci-layout"])
+            #expect(FileIO.listDirectory(root) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
             #expect(FileIO.listDirectory(root + "/ingest").isEmpty)
             #expect(Set(FileIO.listDirectory(root + "/blobs/sha256")) == Set(seed.blobs.map(\.hex)))
             Check.blobsVerify(mount, seed.blobs)

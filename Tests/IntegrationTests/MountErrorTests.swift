@@ -311,7 +311,7 @@ struct MountErrorTests {
                 #expect(index["schemaVersion"] as? Int == 2)
                 #expect((index["manifests"] as? [Any])?.isEmpty == true, "\(reference): manifests must be [] in \(index)")
                 #expect(FileIO.listDirectory(mount.path("blobs/sha256")).isEmpty)
-                #expect(FileIO.listDirectory(mount.mountpoint) == ["blobs", "index.json", "ingest", "layers", "oci-layout"])
+                #expect(FileIO.listDirectory(mount.mountpoint) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
                 // buildctl's lock dance works on the empty layout too.
                 #expect(try BuildctlImport.readIndexUnderLock(mount.mountpoint) == FileIO.readAll(mount.path("index.json")))
                 let unmounted = try await mount.unmount(in: ws)

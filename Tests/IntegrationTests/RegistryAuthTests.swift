@@ -61,7 +61,7 @@ struct RegistryAuthTests {
             try Check.blobsListedWithSizes(mount, seed)
             #expect(FileIO.listDirectory(mount.path("blobs/sha256")).count == Set(seed.blobs.map(\.digest)).count,
                     "blobs/sha256 should hold exactly the summary's blobs")
-            #expect(FileIO.listDirectory(mount.mountpoint) == ["blobs", "index.json", "ingest", "layers", "oci-layout"])
+            #expect(FileIO.listDirectory(mount.mountpoint) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
             #expect(FileIO.listDirectory(mount.path("ingest")).isEmpty)
             #expect(try FileIO.readAll(mount.path("oci-layout")) == Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8))
             let before = cache.registry.blobGets(repo: repo, digests: layerDigests)

@@ -287,7 +287,7 @@ struct S3Tests {
 
             let outcome = try BuildctlImport.run(root, tag: "cache")
             #expect(outcome.verityErrno != 0, "FS_IOC_ENABLE_VERITY should be refused")
-            #expect(FileIO.listDirectory(root) == ["blobs", "index.json", "ingest", "layers", "oci-layout"],
+            #expect(FileIO.listDirectory(root) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"],
                     "probe dir and lock file must be gone: \(FileIO.listDirectory(root))")
             #expect(Digest.sha256(of: outcome.manifest).description == manifests["cache"])
             #expect(outcome.cacheConfig.map { Digest.sha256(of: $0).description } == seed.manifestObjects["cache"]?.digest,

@@ -51,7 +51,7 @@ struct WritableMountIntegrationTests {
             #expect(Set(second.written(new)) == Set(new.blobs.map(\.digest)).subtracting([Layers.base.digest]))
 
             // The layout as BuildKit leaves a local directory.
-            #expect(FileIO.listDirectory(mount.mountpoint) == ["blobs", "index.json", "ingest", "layers", "oci-layout"])
+            #expect(FileIO.listDirectory(mount.mountpoint) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
             #expect(FileIO.listDirectory(mount.path("ingest")).isEmpty)
             let allBlobs = Set((old.blobs + new.blobs).map(\.hex))
             #expect(Set(FileIO.listDirectory(mount.path("blobs/sha256"))) == allBlobs)
@@ -496,7 +496,7 @@ struct WritableMountIntegrationTests {
             #expect(close(holder) == 0 && close(other) == 0)
             #expect(unlink(lockPath) == 0)
             #expect(FileIO.errnoOf { unlink(lockPath) } == ENOENT)
-            #expect(FileIO.listDirectory(root) == ["blobs", "index.json", "ingest", "layers", "oci-layout"])
+            #expect(FileIO.listDirectory(root) == ["blobs", "files", "index.json", "ingest", "layers", "oci-layout"])
 
             let unmounted = try await mount.unmount(in: ws)
             #expect(unmounted.status == 0, "\(unmounted)")
