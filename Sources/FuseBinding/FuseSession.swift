@@ -239,6 +239,7 @@ struct FuseRequest: @unchecked Sendable {
         result.st_ino = UInt(attributes.inode)
         result.st_mode = attributes.mode
         result.st_nlink = UInt(attributes.linkCount)
+        result.st_rdev = UInt(attributes.device)
         result.st_size = Int(attributes.size)
         result.st_uid = attributes.uid
         result.st_gid = attributes.gid
@@ -280,6 +281,10 @@ private func makeOperations() -> fuse_lowlevel_ops {
             request.filesystem.forget(item.ino, count: Int(item.nlookup))
         }
         fuse_reply_none(req)
+    }
+    ops.readlink = { req, inode in
+        let request = FuseRequest(raw: req!)
+        request.reply(request.filesystem.readlink(inode)) { target in _ = fuse_reply_readlink(req, target) }
     }
     ops.getattr = { req, inode, _ in
         let request = FuseRequest(raw: req!)

@@ -111,11 +111,13 @@ private func push(_ layers: [FilesLayer], to registry: Registry, in ws: Workspac
 
 /// What find sees of a tree, one line per entry below it, sorted: type, mode, owner, mtime
 /// (to the nanosecond), link count, and the size of everything but directories (whose size is
-/// the filesystem's own business). Symlink targets are compared apart (see below).
+/// the filesystem's own business), a symlink's target (readlink through the mount), and a
+/// device's major and minor numbers.
 private func listing(of directory: String, in ws: Workspace) async throws -> String {
     try await shell("""
         cd '\(directory)' && { find . -mindepth 1 -type d -printf '%p %y %m %U %G %T@ %n\\n'; \
-        find . -mindepth 1 ! -type d -printf '%p %y %m %U %G %T@ %n %s\\n'; } | LC_ALL=C sort
+        find . -mindepth 1 ! -type d -printf '%p %y %m %U %G %T@ %n %s -> %l\\n'; \
+        find . -mindepth 1 \\( -type c -o -type b \\) -exec stat -c '%n device %t:%T' {} +; } | LC_ALL=C sort
         """, in: ws).stdout
 }
 
