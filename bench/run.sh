@@ -339,7 +339,7 @@ if awk -v l="$load1" 'BEGIN { exit !(l > 1.0) }'; then
     echo "run.sh: warning: load average $load1: other work on this machine makes the figures noisier" >&2
 fi
 echo "== measuring ($([ "$quick" -eq 1 ] && echo quick || echo full) mode; parts $parts)" >&2
-other_parts=$(tr ',' '\n' <<< "$parts" | grep -vx layers | paste -sd, -)
+other_parts=$(tr "," "\n" <<< "$parts" | { grep -vx layers || true; } | paste -sd, -)
 if [ -n "$other_parts" ]; then
     # bench.py measures the other parts (its last --parts wins).
     python3 bench/bench.py "${bench_args[@]}" --parts "$other_parts"

@@ -48,6 +48,9 @@ public final class LayerReader: Sendable {
     static let readChunk = 256 << 10
     /// Decoders kept between reads for readers that go on where they stopped.
     static let idleDecodersKept = 8
+    /// Decoders working on one layer at once, each from its own checkpoint: a sequential reader's
+    /// readahead (8 MiB) spans several checkpoints, and one inflater is the limit of such a read.
+    package static let driversPerLayer = max(1, min(ProcessInfo.processInfo.activeProcessorCount, 4))
 
     enum LayerState {
         case indexing(waiters: [@Sendable (Result<LayerIndex, BlobReadError>) -> Void])

@@ -4,6 +4,7 @@ import Foundation
 import LayerView
 import Logging
 import OCI
+import Synchronization
 import Testing
 
 // The `layers/` view through the core, in process, over the in-memory remote: sizes, reads,
@@ -130,6 +131,35 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
             let expected = Array(tar[start..<min(tar.count, start + range.count)])
             #expect(try read.result?.get() == expected, "read of \(range.count) at \(range.offset)")
         }
+    }
+
+    /// A sequential reader's readahead reaches past several checkpoints: decoders start from
+    /// each at once (one per core), and every read still gets exactly its bytes.
+    @Test func readsPastSeveralCheckpointsAreDecodedInParallel() throws {
+        let tar = tarLikeBytes(12_000_000, seed: 46)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count), compression: .gzip,
+                             diffID: Digest.sha256(of: tar))
+        let reader = LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test"), spacing: 1 << 20)
+        let index = try reader.index(of: spec).get()
+        #expect(index.checkpoints.count >= 6)
+        let chunk = 1 << 20
+        let offsets = Array(stride(from: 0, to: tar.count, by: chunk))
+        let answers = Mutex<[Int: [UInt8]]>([:])
+        let done = DispatchSemaphore(value: 0)
+        for offset in offsets {
+            reader.read(spec, offset: Int64(offset), count: chunk) { result in
+                if case .success(let bytes) = result { answers.withLock { $0[offset] = Array(bytes) } }
+                done.signal()
+            }
+        }
+        for _ in offsets { done.wait() }
+        for offset in offsets {
+            #expect(answers.withLock { $0[offset] } == Array(tar[offset..<min(tar.count, offset + chunk)]), "at \(offset)")
+        }
+        #expect(reader.mostDriversAtOnce(of: spec) >= min(2, LayerReader.driversPerLayer))
     }
 
     @Test func aSingleFrameZstdLayerKeepsItsStreamAsSpans() throws {
