@@ -151,7 +151,8 @@ public final class LayerReader: Sendable {
     final class Pass: @unchecked Sendable {
         let layer: LayerSpec
         let decoder: LayerDecoder
-        let hasher: PassHasher
+        var hasher = DigestVerifier()
+        var position: Int64 = 0
         /// The uncompressed stream, written as it comes, for a zstd layer: kept if its frames
         /// turn out too far apart to start reads from.
         var spans: ContentStore.LayerSpansFile?
@@ -162,11 +163,10 @@ public final class LayerReader: Sendable {
         var checkpoints: [LayerCheckpoint] = [.start]
         let reader: BlobFetcher.ReaderID
 
-        init(layer: LayerSpec, decoder: LayerDecoder, hasher: PassHasher, spans: ContentStore.LayerSpansFile?,
-             indexFile: ContentStore.LayerIndexFile?, reader: BlobFetcher.ReaderID) {
+        init(layer: LayerSpec, decoder: LayerDecoder, spans: ContentStore.LayerSpansFile?, indexFile: ContentStore.LayerIndexFile?,
+             reader: BlobFetcher.ReaderID) {
             self.layer = layer
             self.decoder = decoder
-            self.hasher = hasher
             self.spans = spans
             self.indexFile = indexFile
             self.reader = reader
@@ -184,78 +184,32 @@ public final class LayerReader: Sendable {
         let indexFile = try? ContentStore.LayerIndexFile(store: fetcher.store, digest: layer.digest)
         // Held while the pass runs: eviction spares the blob.
         let (reader, _) = fetcher.openReader(layer.digest)
-        guard layer.size > 0 else {
-            fetcher.closeReader(reader, of: layer.digest)
-            return finishIndexing(layer, .failure(.undecodable(layer.digest, "the layer is empty")))
-        }
-        passStep(Pass(layer: layer, decoder: decoder, hasher: PassHasher(queue: fetcher.queue), spans: spans, indexFile: indexFile,
-                      reader: reader))
+        passStep(Pass(layer: layer, decoder: decoder, spans: spans, indexFile: indexFile, reader: reader))
     }
 
-    /// Fetches the blob where the decoder stands and decodes it; once everything is fed, one
-    /// more step with no input drains what the inflater still holds and checks the stream's end.
     private func passStep(_ pass: Pass) {
         let layer = pass.layer
-        let offset = pass.decoder.compressedPosition
-        let count = Int(min(Int64(Self.passChunk), layer.size - offset))
-        guard count > 0 else { return continuePass(pass, UnsafeRawBufferPointer(start: nil, count: 0), ends: true) }
-        fetcher.read(layer.digest, size: layer.size, offset: offset, count: count) { [self] result in
-            switch result {
-            case .failure(let error):
-                endPass(pass, .failure(error))
-            case .success(let bytes):
-                guard bytes.count == count else { return endPass(pass, .failure(.local("layer \(layer.digest): short read of its blob"))) }
-                continuePass(pass, bytes, ends: offset + Int64(count) == layer.size)
+        let count = Int(min(Int64(Self.passChunk), layer.size - pass.position))
+        guard count > 0 else { return endPass(pass, .failure(.undecodable(layer.digest, "the layer is empty"))) }
+        fetcher.read(layer.digest, size: layer.size, offset: pass.position, count: count) { [self] result in
+            let outcome: Result<Void, BlobReadError> = result.flatMap { bytes in
+                guard bytes.count == count else { return .failure(.local("layer \(layer.digest): short read of its blob")) }
+                return decodeInPass(pass, bytes, ends: pass.position + Int64(count) == layer.size)
             }
+            if case .failure(let error) = outcome { return endPass(pass, .failure(error)) }
+            pass.position += Int64(count)
+            if pass.position == layer.size { return endPass(pass, .success(())) }
+            let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in endPass(pass, .failure(.cancelled)) }) { [self] in passStep(pass) }
+            if !queued { endPass(pass, .failure(.cancelled)) }
         }
     }
 
-    /// Decodes `bytes` (the blob at the decoder's position), handing each filled buffer to the
-    /// hasher; then queues the next step, or leaves it to the hasher to queue once a buffer is
-    /// free, or ends the pass once the hasher has seen everything.
-    private func continuePass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) {
-        var input = bytes
-        while true {
-            let before = pass.decoder.compressedPosition
-            let outcome = decodeInPass(pass, input, ends: ends)
-            guard case .success(let bufferFull) = outcome else {
-                if case .failure(let error) = outcome { endPass(pass, .failure(error)) }
-                return
-            }
-            input = UnsafeRawBufferPointer(rebasing: input[Int(pass.decoder.compressedPosition - before)...])
-            if !bufferFull {
-                // The decoder stops early only for a full buffer: input left over means it can go no further.
-                guard input.isEmpty else { return endPass(pass, .failure(.undecodable(pass.layer.digest, "the decoder stopped"))) }
-                if ends {
-                    return pass.hasher.finish { [self] digest in endPass(pass, digest.map { .success($0) } ?? .failure(.cancelled)) }
-                }
-                return queuePassStep(pass)
-            }
-            let resume: @Sendable () -> Void = { [self] in
-                let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in endPass(pass, .failure(.cancelled)) }) { [self] in
-                    if pass.hasher.takeFreed() { passStep(pass) } else { endPass(pass, .failure(.cancelled)) }
-                }
-                if !queued { endPass(pass, .failure(.cancelled)) }
-            }
-            // With the other buffer still being hashed, the rest of this input is fetched again
-            // once it is free.
-            guard pass.hasher.handOver(resume: resume) else { return }
-        }
-    }
-
-    private func queuePassStep(_ pass: Pass) {
-        let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in endPass(pass, .failure(.cancelled)) }) { [self] in passStep(pass) }
-        if !queued { endPass(pass, .failure(.cancelled)) }
-    }
-
-    /// Returns whether the decoder stopped because the hasher's buffer is full.
-    private func decodeInPass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) -> Result<Bool, BlobReadError> {
+    private func decodeInPass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) -> Result<Void, BlobReadError> {
         var spansFailed = false
-        var bufferFull = false
         let spansBefore = pass.spansWritten
         do throws(LayerDecodeError) {
             try pass.decoder.feed(bytes, ends: ends) { piece in
-                bufferFull = !pass.hasher.append(piece)
+                pass.hasher.update(piece)
                 if let spans = pass.spans {
                     do throws(CacheError) {
                         try spans.file.write(piece, at: pass.spansWritten)
@@ -264,7 +218,7 @@ public final class LayerReader: Sendable {
                         spansFailed = true
                     }
                 }
-                return !bufferFull
+                return true
             }
         } catch {
             return .failure(.undecodable(pass.layer.digest, error.description))
@@ -291,14 +245,14 @@ public final class LayerReader: Sendable {
             // Spans take room as a download does: evicting least recently used blobs.
             _ = fetcher.makeRoom(for: pass.layer.digest, bytes: pass.spansWritten - spansBefore)
         }
-        return .success(bufferFull)
+        return .success(())
     }
 
-    /// `outcome`: the uncompressed stream's digest, or why the pass failed.
-    private func endPass(_ pass: Pass, _ outcome: Result<Digest, BlobReadError>) {
+    private func endPass(_ pass: Pass, _ outcome: Result<Void, BlobReadError>) {
         let layer = pass.layer
         defer { fetcher.closeReader(pass.reader, of: layer.digest) }
-        let result = outcome.flatMap { found -> Result<LayerIndex, BlobReadError> in
+        let result = outcome.flatMap { () -> Result<LayerIndex, BlobReadError> in
+            let found = pass.hasher.finalize()
             if let diffID = layer.diffID, found != diffID {
                 return .failure(.undecodable(layer.digest, "its uncompressed stream is \(found), not its diffID \(diffID)"))
             }

@@ -46,7 +46,7 @@ public final class LayerDecoder: @unchecked Sendable {
     private let codec: Codec
     /// The output buffer each step writes into; handed to `output`, valid during that call.
     private let outputBuffer: UnsafeMutableRawBufferPointer
-    public static let outputBufferSize = 128 << 10
+    static let outputBufferSize = 128 << 10
 
     /// - Parameter spacing: record checkpoints at least this many output bytes apart; nil to
     ///   record none.
