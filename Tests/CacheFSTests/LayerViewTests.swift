@@ -162,6 +162,33 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(reader.mostDriversAtOnce(of: spec) >= min(2, LayerReader.driversPerLayer))
     }
 
+    /// A layer whose every fetched megabyte inflates to many megabytes has its whole stream
+    /// checked against its diffID by the first pass, and a wrong diffID refuses it.
+    @Test func thePassChecksTheDiffIDOfOutputMuchLargerThanItsInput() throws {
+        var tar: [UInt8] = []
+        for part in 0..<40 { tar += Array(String(repeating: "line \(part) of a very repetitive layer\n", count: 30_000).utf8) }
+        tar += randomBytes(300_000, seed: 47)
+        for compression in ["gzip", "zstd"] {
+            let layer = try compress(tar, with: compression, ["-c", "-q"])
+            #expect(layer.count < tar.count / 20)
+            for diffID in [Digest.sha256(of: tar), Digest.sha256(of: Array(tar.dropLast()))] {
+                let fixture = try Fixture(layers: [layer], layerMediaType: "application/vnd.oci.image.layer.v1.tar+" + compression)
+                defer { fixture.removeCache() }
+                let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count),
+                                     compression: compression == "gzip" ? .gzip : .zstd, diffID: diffID)
+                let reader = LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test"))
+                switch reader.index(of: spec) {
+                case .success(let index):
+                    #expect(diffID == Digest.sha256(of: tar), "\(compression): a wrong diffID was accepted")
+                    #expect(index.uncompressedSize == Int64(tar.count))
+                case .failure(let error):
+                    #expect(diffID != Digest.sha256(of: tar), "\(compression): \(error)")
+                    #expect("\(error)".contains("diffID"), "\(compression): \(error)")
+                }
+            }
+        }
+    }
+
     @Test func aSingleFrameZstdLayerKeepsItsStreamAsSpans() throws {
         let tar = tarLikeBytes(9_000_000, seed: 41)
         let layer = try compress(tar, with: "zstd", ["-q", "-c"])
