@@ -16,6 +16,10 @@
 #             to the registry and to S3 until `ocicachefs unmount` returns, vs curl uploads of the same
 #             blobs 8 at once; its re-export through a fresh mount (requests, bytes); the CI job with
 #             its export vs restoring and saving the whole cache directory
+#   layers    issue 15: the `layers/` view of a 1 GiB tar (256 MiB quick) as a gzip and a zstd layer:
+#             cold sequential read vs `curl | gzip -dc` (`zstd -dc`), random 1 MiB reads once indexed vs
+#             decompressing up to them, the daemon's CPU and peak RSS; full mode: a 4 GiB layer's peak
+#             RSS through `layers/` vs `blobs/` (bench/bench_layers.py; its section follows the others)
 #
 #   bench/run.sh                 full mode, every part: 1 GiB blob, the 4 GiB peak-RSS case; writes docs/performance.md
 #   bench/run.sh --quick         256 MiB blob, 256 MiB CI cache, no 4 GiB case; writes no doc unless --doc
@@ -37,7 +41,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-all_parts="registry,s3,shaped,peers,ci,wide,export"
+all_parts="registry,s3,shaped,peers,ci,wide,export,layers"
 quick=0 keep=0 doc="" parts="$all_parts" only=0
 args_text=""
 while [ $# -gt 0 ]; do
@@ -58,7 +62,7 @@ for p in ${parts//,/ }; do
     [[ ",$all_parts," == *",$p,"* ]] || die "unknown part '$p' in --only (parts: $all_parts)"
 done
 need_registry=0 need_s3=0
-{ has registry || has ci || has wide || has export; } && need_registry=1
+{ has registry || has ci || has wide || has export || has layers; } && need_registry=1
 { has s3 || has shaped || has peers || has ci || has export; } && need_s3=1
 
 [ "$(id -u)" -eq 0 ] || die "needs root (drop_caches, read_ahead_kb, FUSE mounts, network namespaces)"
@@ -89,17 +93,21 @@ if [ "$need_s3" -eq 1 ]; then
     fi
     command -v nginx >/dev/null || die "nginx not found after installing nginx-light"
 fi
+if has layers; then
+    for tool in tar gzip zstd; do command -v "$tool" >/dev/null || die "$tool not found (apt-get install tar gzip zstd)"; done
+fi
 if has shaped; then
     for tool in ip nsenter; do command -v "$tool" >/dev/null || die "$tool not found (apt-get install iproute2 util-linux)"; done
     [ -c /dev/net/tun ] || die "/dev/net/tun is missing (the shaped link's delay line needs TUN devices)"
 fi
 
 if [ "$quick" -eq 1 ]; then
-    size=$((256 << 20)) huge=0 need_gib=3 ci_scale=8
+    size=$((256 << 20)) huge=0 layers_huge=0 need_gib=3 ci_scale=8
 else
     size=$((1 << 30)) huge=$((4 << 30)) need_gib=16 ci_scale=1
+    layers_huge=$huge
     has registry || huge=0
-    if [ "${BENCH_SKIP_4G:-0}" = 1 ]; then huge=0 need_gib=9; args_text="BENCH_SKIP_4G=1 bench/run.sh$args_text"; fi
+    if [ "${BENCH_SKIP_4G:-0}" = 1 ]; then huge=0 layers_huge=0 need_gib=9; args_text="BENCH_SKIP_4G=1 bench/run.sh$args_text"; fi
     [ -n "$doc" ] || [ "$only" -eq 1 ] || doc="$root/docs/performance.md"
 fi
 [[ "$args_text" == BENCH_SKIP_4G* ]] || args_text="bench/run.sh$args_text"
@@ -115,6 +123,9 @@ has wide && need_gib=$((need_gib + 2))   # 120,000 small blobs in the registry's
 # export: two caches' worth of layers at a time (sources, registry, moto, the mount's cache) and
 # the CI caches in both stores
 has export && need_gib=$((need_gib + (quick ? 3 : 10)))
+# layers: the tar and its two compressed copies while seeding, the registry's and a cache's copies
+# (the 4 GiB layer: its tar, its gzip, the registry's copy and a cache's)
+has layers && need_gib=$((need_gib + (quick ? 2 : 5) + (layers_huge ? 11 : 0)))
 [ "$avail_gib" -ge "$need_gib" ] || die "$tmp_base has ${avail_gib} GiB free, this mode needs about $need_gib GiB (set BENCH_TMPDIR)"
 
 # What the binary is built from, recorded now (other commits may land while the bench runs).
@@ -328,5 +339,16 @@ if awk -v l="$load1" 'BEGIN { exit !(l > 1.0) }'; then
     echo "run.sh: warning: load average $load1: other work on this machine makes the figures noisier" >&2
 fi
 echo "== measuring ($([ "$quick" -eq 1 ] && echo quick || echo full) mode; parts $parts)" >&2
-python3 bench/bench.py "${bench_args[@]}"
+other_parts=$(tr "," "\n" <<< "$parts" | { grep -vx layers || true; } | paste -sd, -)
+if [ -n "$other_parts" ]; then
+    # bench.py measures the other parts (its last --parts wins).
+    python3 bench/bench.py "${bench_args[@]}" --parts "$other_parts"
+fi
+if has layers; then
+    layers_args=(--work "$work" --binary "$binary" --registry-dir "$work/registry" --registry-port "$port"
+                 --registry-pid "$registry_pid" --size "$size" --huge-size "$layers_huge" --command "$args_text")
+    [ -n "$doc" ] && layers_args+=(--doc "$doc")
+    [ -n "$doc" ] && [ -n "$other_parts" ] && layers_args+=(--append)
+    python3 bench/bench_layers.py "${layers_args[@]}"
+fi
 [ -n "$doc" ] || echo "run.sh: this run leaves docs/performance.md alone (pass --doc FILE to write a report)" >&2

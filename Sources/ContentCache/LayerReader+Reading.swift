@@ -21,19 +21,56 @@ final class LayerRead: @unchecked Sendable {
     }
 }
 
-/// The reads of one layer and the decoder serving them: one driver at a time, on a worker.
-// SAFETY: `pending`, `driving` and `idle` are read and changed only under the reader's state lock; a decoder taken out of `idle` belongs to the driver that took it.
+/// One decoder working through a layer for the reads waiting on it, on a worker.
+// SAFETY: `position` is read and changed only under the reader's state lock.
+final class LayerDriver: @unchecked Sendable {
+    /// Where its output stands; nil until it has picked the read it starts for.
+    var position: Int64?
+}
+
+/// The reads of one layer and the decoders serving them: up to `LayerReader.driversPerLayer`
+/// drivers at once, each from its own checkpoint, so that a sequential reader whose readahead
+/// reaches past the next checkpoint keeps more than one core decompressing.
+// SAFETY: `pending`, `drivers` and `idle` are read and changed only under the reader's state lock; a decoder taken out of `idle` belongs to the driver that took it.
 final class LayerSession: @unchecked Sendable {
     /// The index file, open: checkpoints' windows are read from it (even once evicted).
     let windows: OpenFile?
     var pending: [LayerRead] = []
-    var driving = false
+    var drivers: [LayerDriver] = []
+    /// The most drivers that worked at once (for tests).
+    var mostDrivers = 0
     /// Where the last read left the decoder: a reader going on sequentially continues it.
     var idle: LayerDecoder?
     /// A window in the index file proved damaged: every decoder starts at the layer's start.
     var windowsDamaged = false
 
     init(windows: OpenFile?) { self.windows = windows }
+
+    /// Where a decoder serving `offset` starts: the checkpoint before it.
+    func start(for offset: Int64, in index: LayerIndex) -> LayerCheckpoint {
+        windowsDamaged ? .start : index.checkpoint(before: offset)
+    }
+
+    /// Whether a driver other than `driver` reaches `offset` without passing a checkpoint
+    /// (one not yet started is counted as reaching everything: it is about to pick).
+    func isCovered(_ offset: Int64, in index: LayerIndex, except driver: LayerDriver?) -> Bool {
+        drivers.contains { other in
+            guard other !== driver else { return false }
+            guard let position = other.position else { return true }
+            return position <= offset && start(for: offset, in: index).uncompressedOffset <= position
+        }
+    }
+
+    /// A waiting read no driver reaches, when there is room for another driver: it is given
+    /// one, returned to be scheduled.
+    func newDriverIfUseful(in index: LayerIndex) -> LayerDriver? {
+        guard drivers.count < LayerReader.driversPerLayer,
+              pending.contains(where: { !isCovered($0.next, in: index, except: nil) }) else { return nil }
+        let driver = LayerDriver()
+        drivers.append(driver)
+        mostDrivers = max(mostDrivers, drivers.count)
+        return driver
+    }
 }
 
 extension LayerReader {
@@ -74,76 +111,90 @@ extension LayerReader {
         if !queued { reply(.failure(.cancelled)) }
     }
 
+    /// The most decoders that have worked on the layer at once since its index was loaded.
+    package func mostDriversAtOnce(of layer: LayerSpec) -> Int {
+        state.withLock { state in session(of: layer, in: state)?.mostDrivers ?? 0 }
+    }
+
     private func session(of layer: LayerSpec, in state: State) -> LayerSession? {
         if case .indexed(_, let session)? = state.layers[layer.digest] { return session }
         return nil
     }
 
     private func enqueue(_ read: LayerRead, of layer: LayerSpec, index: LayerIndex) {
-        let startDriver = state.withLock { state -> Bool? in
-            guard let session = session(of: layer, in: state) else { return nil }
+        let start = state.withLock { state -> LayerDriver?? in
+            guard let session = session(of: layer, in: state) else { return .none }
             session.pending.append(read)
-            defer { session.driving = true }
-            return !session.driving
+            return .some(session.newDriverIfUseful(in: index))
         }
-        guard let startDriver else { return read.reply(.failure(.cancelled)) }
-        if startDriver { scheduleDrive(layer, index: index) }
+        guard let start else { return read.reply(.failure(.cancelled)) }
+        if let driver = start { scheduleDrive(layer, index: index, driver: driver) }
     }
 
-    private func scheduleDrive(_ layer: LayerSpec, index: LayerIndex) {
-        let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in failPending(layer, .cancelled, stopDriving: true) }) { [self] in
-            drive(layer, index: index)
+    private func scheduleDrive(_ layer: LayerSpec, index: LayerIndex, driver: LayerDriver) {
+        let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in failPending(layer, .cancelled, stopping: driver) }) { [self] in
+            drive(layer, index: index, driver: driver)
         }
-        if !queued { failPending(layer, .cancelled, stopDriving: true) }
+        if !queued { failPending(layer, .cancelled, stopping: driver) }
     }
 
-    /// Picks the waiting read that starts first and the decoder for it: the one the last read
-    /// left, when it stands between that read and the checkpoint before it, else a new one
-    /// from that checkpoint.
-    private func drive(_ layer: LayerSpec, index: LayerIndex) {
-        let plan = state.withLock { state -> (start: Int64, kept: LayerDecoder?, windows: OpenFile?, damaged: Bool)? in
+    /// Picks the waiting read that starts first among those no other driver reaches, and the
+    /// decoder for it: the one the last read left, when it stands between that read and the
+    /// checkpoint before it, else a new one from that checkpoint. With no such read the
+    /// driver ends.
+    private func drive(_ layer: LayerSpec, index: LayerIndex, driver: LayerDriver) {
+        typealias Plan = (checkpoint: LayerCheckpoint, kept: LayerDecoder?, windows: OpenFile?, another: LayerDriver?)
+        let plan = state.withLock { state -> Plan? in
             guard let session = session(of: layer, in: state) else { return nil }
-            guard let first = session.pending.min(by: { $0.next < $1.next }) else {
-                session.driving = false
+            let free = session.pending.filter { !session.isCovered($0.next, in: index, except: driver) }
+            guard let first = free.min(by: { $0.next < $1.next }) else {
+                session.drivers.removeAll { $0 === driver }
                 return nil
             }
-            defer { session.idle = nil }
-            state.idleDecoders.removeAll { $0 == layer.digest }
-            return (first.next, session.idle, session.windows, session.windowsDamaged)
+            let checkpoint = session.start(for: first.next, in: index)
+            var kept: LayerDecoder?
+            if let idle = session.idle, (checkpoint.uncompressedOffset...first.next).contains(idle.uncompressedPosition) {
+                kept = idle
+                session.idle = nil
+                state.idleDecoders.removeAll { $0 == layer.digest }
+            }
+            driver.position = kept?.uncompressedPosition ?? checkpoint.uncompressedOffset
+            return (checkpoint, kept, session.windows, session.newDriverIfUseful(in: index))
         }
         guard let plan else { return }
-        let checkpoint = plan.damaged ? .start : index.checkpoint(before: plan.start)
-        if let kept = plan.kept, (checkpoint.uncompressedOffset...plan.start).contains(kept.uncompressedPosition) {
-            return decodeStep(layer, index: index, decoder: kept)
-        }
-        var restored = checkpoint
-        if let loaded = fetcher.store.loadWindow(of: checkpoint, from: plan.windows) {
+        if let another = plan.another { scheduleDrive(layer, index: index, driver: another) }
+        if let kept = plan.kept { return decodeStep(layer, index: index, decoder: kept, driver: driver) }
+        var restored = plan.checkpoint
+        if let loaded = fetcher.store.loadWindow(of: plan.checkpoint, from: plan.windows) {
             restored = loaded
         } else {
             // The index file was damaged after the pass: the start always serves (slowly), and
             // the next mount makes the pass again.
             logger.warning("a layer's index file is damaged; reading from the layer's start", metadata: ["digest": "\(layer.digest)"])
             fetcher.store.removeLayerFiles(layer.digest)
-            state.withLock { state in session(of: layer, in: state)?.windowsDamaged = true }
+            state.withLock { state in
+                session(of: layer, in: state)?.windowsDamaged = true
+                driver.position = 0
+            }
             restored = .start
         }
         do throws(LayerDecodeError) {
-            decodeStep(layer, index: index, decoder: try LayerDecoder(compression: layer.compression, from: restored))
+            decodeStep(layer, index: index, decoder: try LayerDecoder(compression: layer.compression, from: restored), driver: driver)
         } catch {
-            failPending(layer, .undecodable(layer.digest, error.description), stopDriving: false)
-            scheduleDrive(layer, index: index)
+            failPending(layer, .undecodable(layer.digest, error.description), stopping: nil)
+            scheduleDrive(layer, index: index, driver: driver)
         }
     }
 
     /// Feeds the decoder the next compressed bytes and hands its output to every read that
     /// waits for it; stops once no waiting read is just ahead of the output.
-    private func decodeStep(_ layer: LayerSpec, index: LayerIndex, decoder: LayerDecoder) {
+    private func decodeStep(_ layer: LayerSpec, index: LayerIndex, decoder: LayerDecoder, driver: LayerDriver) {
         let offset = decoder.compressedPosition
         let count = Int(min(Int64(Self.readChunk), layer.size - offset))
         guard count > 0 else {
             // The stream ended before the reads it was serving: the index does not describe it.
-            failPending(layer, .undecodable(layer.digest, "the stream ends before its indexed size"), stopDriving: false)
-            return scheduleDrive(layer, index: index)
+            failPending(layer, .undecodable(layer.digest, "the stream ends before its indexed size"), stopping: nil)
+            return scheduleDrive(layer, index: index, driver: driver)
         }
         fetcher.read(layer.digest, size: layer.size, offset: offset, count: count) { [self] result in
             var answered: [LayerRead] = []
@@ -155,7 +206,8 @@ extension LayerReader {
             case .success(let bytes):
                 do throws(LayerDecodeError) {
                     try decoder.feed(bytes, ends: offset + Int64(count) == layer.size) { piece in
-                        wanted = deliver(piece, endingAt: decoder.uncompressedPosition, of: layer, index: index, answering: &answered)
+                        wanted = deliver(piece, endingAt: decoder.uncompressedPosition, of: layer, index: index, by: driver,
+                                         answering: &answered)
                         return wanted
                     }
                 } catch {
@@ -164,29 +216,30 @@ extension LayerReader {
             }
             for read in answered { read.buffer.withUnsafeBytes { read.reply(.success($0)) } }
             if let failure {
-                failPending(layer, failure, stopDriving: false)
-                return scheduleDrive(layer, index: index)
+                failPending(layer, failure, stopping: nil)
+                return scheduleDrive(layer, index: index, driver: driver)
             }
             if wanted && decoder.uncompressedPosition < index.uncompressedSize {
-                let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in failPending(layer, .cancelled, stopDriving: true) }) { [self] in
-                    decodeStep(layer, index: index, decoder: decoder)
+                let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in failPending(layer, .cancelled, stopping: driver) }) { [self] in
+                    decodeStep(layer, index: index, decoder: decoder, driver: driver)
                 }
-                if !queued { failPending(layer, .cancelled, stopDriving: true) }
+                if !queued { failPending(layer, .cancelled, stopping: driver) }
             } else {
                 keepIdle(decoder, of: layer)
-                scheduleDrive(layer, index: index)
+                scheduleDrive(layer, index: index, driver: driver)
             }
         }
     }
 
     /// Copies a piece of output into the reads it continues; returns whether a waiting read
-    /// lies ahead with no checkpoint between the output and it, so that continuing beats
-    /// starting afresh.
+    /// lies ahead with no checkpoint between the output and it, and no other driver before it,
+    /// so that continuing beats starting afresh.
     private func deliver(_ piece: UnsafeRawBufferPointer, endingAt end: Int64, of layer: LayerSpec, index: LayerIndex,
-                         answering answered: inout [LayerRead]) -> Bool {
+                         by driver: LayerDriver, answering answered: inout [LayerRead]) -> Bool {
         let start = end - Int64(piece.count)
         return state.withLock { state in
             guard let session = session(of: layer, in: state) else { return false }
+            driver.position = end
             var done: [ObjectIdentifier] = []
             for read in session.pending where read.next >= start && read.next < end {
                 let upTo = min(read.range.upperBound, end)
@@ -201,9 +254,11 @@ extension LayerReader {
                 }
             }
             if !done.isEmpty { session.pending.removeAll { done.contains(ObjectIdentifier($0)) } }
-            let restarts = !session.windowsDamaged
             return session.pending.contains { read in
-                read.next >= end && (!restarts || index.checkpoint(before: read.next).uncompressedOffset <= end)
+                read.next >= end && session.start(for: read.next, in: index).uncompressedOffset <= end
+                    && !session.drivers.contains { other in
+                        other !== driver && other.position.map { (end...read.next).contains($0) } ?? false
+                    }
             }
         }
     }
@@ -222,13 +277,13 @@ extension LayerReader {
         }
     }
 
-    /// Fails every read waiting on the layer; `stopDriving` when no driver will look again.
-    private func failPending(_ layer: LayerSpec, _ error: BlobReadError, stopDriving: Bool) {
+    /// Fails every read waiting on the layer; `stopping`: a driver that will not look again.
+    private func failPending(_ layer: LayerSpec, _ error: BlobReadError, stopping driver: LayerDriver?) {
         let failed = state.withLock { state -> [LayerRead] in
             guard let session = session(of: layer, in: state) else { return [] }
             defer {
                 session.pending = []
-                if stopDriving { session.driving = false }
+                if let driver { session.drivers.removeAll { $0 === driver } }
             }
             return session.pending
         }

@@ -48,6 +48,9 @@ public final class LayerReader: Sendable {
     static let readChunk = 256 << 10
     /// Decoders kept between reads for readers that go on where they stopped.
     static let idleDecodersKept = 8
+    /// Decoders working on one layer at once, each from its own checkpoint: a sequential reader's
+    /// readahead (8 MiB) spans several checkpoints, and one inflater is the limit of such a read.
+    package static let driversPerLayer = max(1, min(ProcessInfo.processInfo.activeProcessorCount, 4))
 
     enum LayerState {
         case indexing(waiters: [@Sendable (Result<LayerIndex, BlobReadError>) -> Void])
@@ -261,10 +264,21 @@ public final class LayerReader: Sendable {
         }
         if case .success(let index) = result {
             var index = index
-            if index.keepsSpans, let spans = pass.spans, !spans.keep() { index.keepsSpans = false }
             if !index.keepsSpans { pass.spans?.abandon() }
-            save(index, to: pass.indexFile, of: layer.digest)
-            return finishIndexing(layer, .success(index), windows: pass.indexFile?.file)
+            // The waiters are answered before the files are made durable (fsyncing a gigabyte of
+            // spans takes seconds): the spans are renamed into place first, so reads open them by
+            // name, and no index names them until they are fsynced, so after a crash they are an
+            // orphan the next pass replaces. The windows are read through the open index file.
+            if index.keepsSpans, let spans = pass.spans, rename(spans.temporaryPath, spans.path) != 0 {
+                spans.abandon()
+                index.keepsSpans = false
+            }
+            finishIndexing(layer, .success(index), windows: pass.indexFile?.file)
+            if index.keepsSpans, let spans = pass.spans, fsync(spans.file.fd) != 0 {
+                unlink(spans.path)
+                index.keepsSpans = false
+            }
+            return save(index, to: pass.indexFile, of: layer.digest)
         }
         pass.spans?.abandon()
         pass.indexFile?.abandon()

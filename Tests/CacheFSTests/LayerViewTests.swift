@@ -4,6 +4,7 @@ import Foundation
 import LayerView
 import Logging
 import OCI
+import Synchronization
 import Testing
 
 // The `layers/` view through the core, in process, over the in-memory remote: sizes, reads,
@@ -129,6 +130,62 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
             let start = min(Int(range.offset), tar.count)
             let expected = Array(tar[start..<min(tar.count, start + range.count)])
             #expect(try read.result?.get() == expected, "read of \(range.count) at \(range.offset)")
+        }
+    }
+
+    /// A sequential reader's readahead reaches past several checkpoints: decoders start from
+    /// each at once (one per core), and every read still gets exactly its bytes.
+    @Test func readsPastSeveralCheckpointsAreDecodedInParallel() throws {
+        let tar = tarLikeBytes(12_000_000, seed: 46)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let fixture = try Fixture(layers: [layer])
+        defer { fixture.removeCache() }
+        let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count), compression: .gzip,
+                             diffID: Digest.sha256(of: tar))
+        let reader = LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test"), spacing: 1 << 20)
+        let index = try reader.index(of: spec).get()
+        #expect(index.checkpoints.count >= 6)
+        let chunk = 1 << 20
+        let offsets = Array(stride(from: 0, to: tar.count, by: chunk))
+        let answers = Mutex<[Int: [UInt8]]>([:])
+        let done = DispatchSemaphore(value: 0)
+        for offset in offsets {
+            reader.read(spec, offset: Int64(offset), count: chunk) { result in
+                if case .success(let bytes) = result { answers.withLock { $0[offset] = Array(bytes) } }
+                done.signal()
+            }
+        }
+        for _ in offsets { done.wait() }
+        for offset in offsets {
+            #expect(answers.withLock { $0[offset] } == Array(tar[offset..<min(tar.count, offset + chunk)]), "at \(offset)")
+        }
+        #expect(reader.mostDriversAtOnce(of: spec) >= min(2, LayerReader.driversPerLayer))
+    }
+
+    /// A layer whose every fetched megabyte inflates to many megabytes has its whole stream
+    /// checked against its diffID by the first pass, and a wrong diffID refuses it.
+    @Test func thePassChecksTheDiffIDOfOutputMuchLargerThanItsInput() throws {
+        var tar: [UInt8] = []
+        for part in 0..<40 { tar += Array(String(repeating: "line \(part) of a very repetitive layer\n", count: 30_000).utf8) }
+        tar += randomBytes(300_000, seed: 47)
+        for compression in ["gzip", "zstd"] {
+            let layer = try compress(tar, with: compression, ["-c", "-q"])
+            #expect(layer.count < tar.count / 20)
+            for diffID in [Digest.sha256(of: tar), Digest.sha256(of: Array(tar.dropLast()))] {
+                let fixture = try Fixture(layers: [layer], layerMediaType: "application/vnd.oci.image.layer.v1.tar+" + compression)
+                defer { fixture.removeCache() }
+                let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count),
+                                     compression: compression == "gzip" ? .gzip : .zstd, diffID: diffID)
+                let reader = LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test"))
+                switch reader.index(of: spec) {
+                case .success(let index):
+                    #expect(diffID == Digest.sha256(of: tar), "\(compression): a wrong diffID was accepted")
+                    #expect(index.uncompressedSize == Int64(tar.count))
+                case .failure(let error):
+                    #expect(diffID != Digest.sha256(of: tar), "\(compression): \(error)")
+                    #expect("\(error)".contains("diffID"), "\(compression): \(error)")
+                }
+            }
         }
     }
 
