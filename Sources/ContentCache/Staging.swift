@@ -230,13 +230,12 @@ public final class StagedFile: Sendable {
 
     // MARK: Uploads before the commit
 
-    /// Claims the file for an upload before its commit: true once, while its bytes so far
-    /// arrived in order from its start.
+    /// Claims the file for an upload before its commit: true at the first call only, and only
+    /// when its bytes so far arrived in order from its start (a file asked too late is never
+    /// asked again).
     func claimEarlyUpload() -> Bool {
-        guard !earlyUploadClaimed.load(ordering: .relaxed) else { return false }
-        return hashing.withLock { verifier in
-            verifier != nil && !earlyUploadClaimed.exchange(true, ordering: .acquiringAndReleasing)
-        }
+        guard !earlyUploadClaimed.exchange(true, ordering: .acquiringAndReleasing) else { return false }
+        return hashing.withLock { $0 != nil }
     }
 
     /// Whether the file was claimed for an upload before its commit (`claimEarlyUpload`).
