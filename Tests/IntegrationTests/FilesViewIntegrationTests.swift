@@ -14,7 +14,6 @@ import Glibc
 // fixtures), pushed to Debian's docker-registry: what find, stat and cat see of each layer's
 // tree equals what `tar -x` (as root, keeping owners) makes of the same layer.
 
-private let quietLogger = Logger(label: "FilesViewIntegrationTests") { _ in SwiftLogNoOpLogHandler() }
 
 private struct FilesLayer {
     var name: String
@@ -23,13 +22,6 @@ private struct FilesLayer {
     /// How `tar` reads the blob.
     var tarFlags: String
     var digest: Digest { Digest.sha256(of: FileManager.default.contents(atPath: blob).map(Array.init) ?? []) }
-}
-
-@discardableResult
-private func shell(_ command: String, in ws: Workspace) async throws -> ProcessResult {
-    let result = try await Processes.run("/bin/sh", ["-c", command], timeout: 300, in: ws)
-    guard result.status == 0 else { throw HarnessError("`\(command)` failed: \(result)") }
-    return result
 }
 
 /// A root filesystem with what layers hold: long names (past 100 and 255 bytes), symlinks
@@ -85,28 +77,8 @@ private func makeLayers(in ws: Workspace) async throws -> [FilesLayer] {
 }
 
 private func push(_ layers: [FilesLayer], to registry: Registry, in ws: Workspace) throws {
-    let publisher = RegistryPublisher(reference: try RegistryReference(parsing: "\(registry.host)/files"), insecure: false,
-                                      credential: nil, transport: CurlTransport(), timeout: .seconds(60), logger: quietLogger)
-    var descriptors: [Descriptor] = []
-    for layer in layers {
-        let size = Int64(try FileIO.statFile(layer.blob).st_size)
-        _ = try publisher.publishBlob(layer.digest, size: size, contentsAt: layer.blob)
-        descriptors.append(Descriptor(mediaType: layer.mediaType, digest: layer.digest, size: size))
-    }
-    let config = Array(#"{"architecture":"amd64","os":"linux"}"#.utf8)
-    let configPath = ws.path("files-image-config.json")
-    #expect(FileManager.default.createFile(atPath: configPath, contents: Data(config)))
-    let configDescriptor = Descriptor(mediaType: MediaType.ociConfig, digest: Digest.sha256(of: config), size: Int64(config.count))
-    _ = try publisher.publishBlob(configDescriptor.digest, size: configDescriptor.size, contentsAt: configPath)
-    struct Manifest: Encodable {
-        var schemaVersion = 2
-        var mediaType = MediaType.ociManifest
-        var config: Descriptor
-        var layers: [Descriptor]
-    }
-    let manifestBytes = OCILayout.canonicalJSON(Manifest(config: configDescriptor, layers: descriptors))
-    let manifest = Descriptor(mediaType: MediaType.ociManifest, digest: Digest.sha256(of: manifestBytes), size: Int64(manifestBytes.count))
-    try publisher.publishTag("files", manifest: manifest, manifestBytes: manifestBytes, smallBlob: { _ in nil })
+    try pushImage(layers.map { ImageLayer(blob: $0.blob, mediaType: $0.mediaType) },
+                  config: Array(#"{"architecture":"amd64","os":"linux"}"#.utf8), to: registry, repository: "files", tag: "files", in: ws)
 }
 
 /// What find sees of a tree, one line per entry below it, sorted: type, mode, owner, mtime

@@ -13,7 +13,6 @@ import Glibc
 // here with real tar, gzip and zstd (and one written by BuildKit v0.11.6, from the fixtures),
 // pushed to Debian's docker-registry.
 
-private let quietLogger = Logger(label: "LayerViewIntegrationTests") { _ in SwiftLogNoOpLogHandler() }
 
 /// One layer blob of the test image and what its view must show.
 private struct TestLayer {
@@ -28,13 +27,6 @@ private struct TestLayer {
     /// Decompresses to something other than its diffID's stream: the view must fail with EIO.
     var corrupt = false
     var digest: Digest { Digest.sha256(of: FileManager.default.contents(atPath: blob).map(Array.init) ?? []) }
-}
-
-@discardableResult
-private func shell(_ command: String, in ws: Workspace) async throws -> ProcessResult {
-    let result = try await Processes.run("/bin/sh", ["-c", command], timeout: 120, in: ws)
-    guard result.status == 0 else { throw HarnessError("`\(command)` failed: \(result)") }
-    return result
 }
 
 private func sha256(ofFile path: String) throws -> Digest {
@@ -93,30 +85,12 @@ private func makeLayers(in ws: Workspace) async throws -> [TestLayer] {
 /// Pushes the layers as one OCI image, tag `layers`: the zstd layers' diffIDs only in the image
 /// config's rootfs.diff_ids, the others also in `containerd.io/uncompressed`.
 private func push(_ layers: [TestLayer], to registry: Registry, in ws: Workspace) throws {
-    let publisher = RegistryPublisher(reference: try RegistryReference(parsing: "\(registry.host)/view"), insecure: false,
-                                      credential: nil, transport: CurlTransport(), timeout: .seconds(60), logger: quietLogger)
-    var descriptors: [Descriptor] = []
-    for layer in layers {
-        let size = Int64(try FileIO.statFile(layer.blob).st_size)
-        _ = try publisher.publishBlob(layer.digest, size: size, contentsAt: layer.blob)
-        let annotations = layer.mediaType.hasSuffix("zstd") ? nil : [Annotation.uncompressed: layer.diffID.description]
-        descriptors.append(Descriptor(mediaType: layer.mediaType, digest: layer.digest, size: size, annotations: annotations))
-    }
     let diffIDs = layers.map { "\"\($0.diffID)\"" }.joined(separator: ",")
     let config = Array(#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[\#(diffIDs)]}}"#.utf8)
-    let configPath = ws.path("image-config.json")
-    #expect(FileManager.default.createFile(atPath: configPath, contents: Data(config)))
-    let configDescriptor = Descriptor(mediaType: MediaType.ociConfig, digest: Digest.sha256(of: config), size: Int64(config.count))
-    _ = try publisher.publishBlob(configDescriptor.digest, size: configDescriptor.size, contentsAt: configPath)
-    struct Manifest: Encodable {
-        var schemaVersion = 2
-        var mediaType = MediaType.ociManifest
-        var config: Descriptor
-        var layers: [Descriptor]
-    }
-    let manifestBytes = OCILayout.canonicalJSON(Manifest(config: configDescriptor, layers: descriptors))
-    let manifest = Descriptor(mediaType: MediaType.ociManifest, digest: Digest.sha256(of: manifestBytes), size: Int64(manifestBytes.count))
-    try publisher.publishTag("layers", manifest: manifest, manifestBytes: manifestBytes, smallBlob: { _ in nil })
+    try pushImage(layers.map { layer in
+        ImageLayer(blob: layer.blob, mediaType: layer.mediaType,
+                   annotations: layer.mediaType.hasSuffix("zstd") ? nil : [Annotation.uncompressed: layer.diffID.description])
+    }, config: config, to: registry, repository: "view", tag: "layers", in: ws)
 }
 
 private func preads(_ path: String, _ ranges: [(offset: Int64, count: Int)]) throws -> [[UInt8]] {
