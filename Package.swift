@@ -82,7 +82,7 @@ let package = Package(
         .testTarget(name: "RemoteStoreTests", dependencies: ["RemoteStore", "HTTPClient", "OCI"]),
         // What the reference-model tests share: a seeded generator and a shrinker.
         .target(name: "ModelTesting", path: "Tests/ModelTesting"),
-        .testTarget(name: "LayerViewTests", dependencies: ["LayerView"]),
+        .testTarget(name: "LayerViewTests", dependencies: ["LayerView", "ModelTesting"]),
         .testTarget(name: "ContentCacheTests", dependencies: ["ContentCache", "CChecksum", "OCI", "ModelTesting"]),
         .testTarget(name: "FuseBindingTests", dependencies: ["FuseBinding", "CacheFS"]),
         .testTarget(name: "CacheFSTests", dependencies: ["CacheFS", "ContentCache", "LayerView", "RemoteStore", "OCI", "SystemSupport", "ModelTesting"]),

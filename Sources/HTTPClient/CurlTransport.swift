@@ -536,6 +536,20 @@ private let curlWriteCallback: curl_write_callback = { buffer, size, count, user
 enum BodyReader {
     case file(FileRangeReader)
     case stream(any StreamedRequestBody)
+
+    /// Fills `buffer` with the next bytes (0 at the end); throws to stop the exchange.
+    mutating func next(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        switch self {
+        case .file(var reader):
+            defer { self = .file(reader) }
+            guard let got = reader.read(into: buffer) else {
+                throw HTTPTransportError.aborted("the request body's file ended early or could not be read")
+            }
+            return got
+        case .stream(let stream):
+            return try stream.next(into: buffer)
+        }
+    }
 }
 
 /// Reads a request body from a file range for curl's read callback.
@@ -566,22 +580,11 @@ private let curlReadCallback: curl_read_callback = { buffer, size, count, userda
     let context = Unmanaged<TransferContext>.fromOpaque(userdata).takeUnretainedValue()
     // SAFETY: curl guarantees `buffer` has room for `size * count` bytes during this call.
     let room = UnsafeMutableRawBufferPointer(start: buffer, count: size * count)
-    switch context.upload {
-    case .file(var reader)?:
-        defer { context.upload = .file(reader) }
-        guard let got = reader.read(into: room) else {
-            context.handlerError = HTTPTransportError.aborted("the request body's file ended early or could not be read")
-            return CCurl_READFUNC_ABORT()
-        }
+    do {
+        guard let got = try context.upload?.next(into: room) else { return CCurl_READFUNC_ABORT() }
         return got
-    case .stream(let stream)?:
-        do {
-            return try stream.next(into: room)
-        } catch {
-            context.handlerError = error
-            return CCurl_READFUNC_ABORT()
-        }
-    case nil:
+    } catch {
+        context.handlerError = error
         return CCurl_READFUNC_ABORT()
     }
 }

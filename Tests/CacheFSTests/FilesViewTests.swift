@@ -4,26 +4,12 @@ import Foundation
 import LayerView
 import Logging
 import OCI
+import ModelTesting
 import Testing
 
 // The `files/` view through the core, in process, over the in-memory remote: the tree of a
 // layer real tar wrote, reads of its files, the member list kept in the cache directory and
 // evicted with its blob, and broken tars.
-
-/// Runs a shell command; fails the test when it fails.
-@discardableResult
-private func sh(_ command: String) throws -> [UInt8] {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/bin/sh")
-    process.arguments = ["-c", command]
-    let stdout = Pipe()
-    process.standardOutput = stdout
-    try process.run()
-    let output = stdout.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw FSError.ioError }
-    return Array(output)
-}
 
 /// A layer tar of a small tree, compressed with `compressor` (nil: uncompressed).
 private func makeLayer(compressor: String?) throws -> (layer: [UInt8], big: [UInt8]) {
@@ -32,14 +18,14 @@ private func makeLayer(compressor: String?) throws -> (layer: [UInt8], big: [UIn
     try FileManager.default.createDirectory(atPath: directory + "/tree/usr/bin", withIntermediateDirectories: true)
     let big = randomBytes(3_000_000, seed: 77)
     try Data(big).write(to: URL(fileURLWithPath: directory + "/tree/usr/bin/big"))
-    try sh("""
+    try shell("""
         cd '\(directory)/tree' && printf 'hello\\n' > usr/hello && ln usr/hello usr/hello-again && ln -s hello usr/link \
         && touch usr/.wh.gone && chmod 0640 usr/hello && chown 12:34 usr/hello \
         && touch -d '2020-01-02 03:04:05' usr/hello && mkfifo usr/fifo
         """)
-    try sh("tar -C '\(directory)/tree' --format=pax --sort=name -cf '\(directory)/layer.tar' usr")
-    if let compressor { try sh("\(compressor) < '\(directory)/layer.tar' > '\(directory)/layer.out'") } else {
-        try sh("cp '\(directory)/layer.tar' '\(directory)/layer.out'")
+    try shell("tar -C '\(directory)/tree' --format=pax --sort=name -cf '\(directory)/layer.tar' usr")
+    if let compressor { try shell("\(compressor) < '\(directory)/layer.tar' > '\(directory)/layer.out'") } else {
+        try shell("cp '\(directory)/layer.tar' '\(directory)/layer.out'")
     }
     return (try Array(Data(contentsOf: URL(fileURLWithPath: directory + "/layer.out"))), big)
 }
@@ -145,7 +131,7 @@ private let mediaTypes = [
         let directory = NSTemporaryDirectory() + "files-hostile-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: directory) }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        try sh("""
+        try shell("""
             cd '\(directory)' && truncate -s 1M sparse && printf data >> sparse \
             && printf x | dd of=sparse bs=1 seek=4096 conv=notrunc 2>/dev/null && sync sparse \
             && tar --sparse --format=pax -cf layer.tar sparse && python3 - <<'EOF'
@@ -171,7 +157,7 @@ private let mediaTypes = [
         #expect(try fixture.read(fixture.inode(tree + "/ok"), offset: 0, count: 10).get() == Array("fine".utf8))
         #expect(try fixture.filesystem.readlink(fixture.inode(tree + "/loop")).get() == "loop")
         // GNU tar stores it sparse only when the filesystem says it has holes (after the sync).
-        #expect(String(decoding: try sh("strings '\(directory)/layer.tar'"), as: UTF8.self).contains("GNU.sparse.major"))
+        #expect(String(decoding: try shell("strings '\(directory)/layer.tar'"), as: UTF8.self).contains("GNU.sparse.major"))
         let sparse = try fixture.inode(tree + "/sparse")
         #expect(try fixture.filesystem.getattr(sparse).get().attributes.size == (1 << 20) + 4)
         #expect(fixture.read(sparse, offset: 0, count: 10) == .failure(.ioError))

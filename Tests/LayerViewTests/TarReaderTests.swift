@@ -1,5 +1,6 @@
 import Foundation
 import LayerView
+import ModelTesting
 import Testing
 
 // The tar parser of the `files/` view on archives real GNU tar writes (its own format and PAX),
@@ -22,21 +23,6 @@ final class ScratchDirectory {
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
         try Data(text.utf8).write(to: url)
     }
-}
-
-/// Runs a command and returns its stdout; fails the test when it fails.
-@discardableResult
-func shell(_ command: String) throws -> [UInt8] {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/bin/sh")
-    process.arguments = ["-c", command]
-    let stdout = Pipe()
-    process.standardOutput = stdout
-    try process.run()
-    let output = stdout.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw CodecTestError("`\(command)` failed with status \(process.terminationStatus)") }
-    return Array(output)
 }
 
 /// Every entry of a whole archive, fed in pieces of `piece` bytes; throws what the parser throws.
