@@ -38,6 +38,7 @@ CI_TAG = 3                       # the job imports ci-3
 CI_CHAINS = 10
 CI_SIZES_MIB = (80, 64, 40, 20)  # one chain = 204 MiB; 10 chains = 2040 MiB
 CI_PARALLEL = 4                  # curls at once in the whole-cache download
+CI_CONCURRENT = 4                # CI jobs at once on one machine (issue 16)
 
 
 def med(xs):
@@ -558,7 +559,7 @@ class S3Parts:
             config = next(m for m in manifest["manifests"] if m["mediaType"] == CACHECONFIG)
             layers = [m for m in manifest["manifests"] if m["mediaType"] != CACHECONFIG]
         whole(config["digest"])
-        buf = bytearray(MiB)
+        buf = buildctl_pattern.aligned_buffer(MiB)
         for layer in layers:
             total += buildctl_pattern.read_blob(os.path.join(layout, "blobs/sha256", layer["digest"].split(":", 1)[1]),
                                                 buf=buf)
@@ -576,12 +577,16 @@ class S3Parts:
         with concurrent.futures.ThreadPoolExecutor(CI_PARALLEL) as pool:
             return sum(pool.map(one, jobs))
 
-    def download_registry_cache(self, dest):
+    def download_registry_cache(self, dest, only_tag=None):
         """The whole cache directory from the registry: every tag's manifest, every blob, into an
-        OCI layout, CI_PARALLEL curls at once (as a CI cache restore would, before the job)."""
+        OCI layout, CI_PARALLEL curls at once (as a CI cache restore would, before the job).
+        With only_tag, that tag's blobs alone: a cache directory holding only the job's chain."""
         base = f"http://{self.b.registry}/v2/bench/ci"
-        p = self.b.run(["curl", "-sSf", f"{base}/tags/list"])
-        tags = sorted(json.loads(p.stdout)["tags"])
+        if only_tag:
+            tags = [only_tag]
+        else:
+            p = self.b.run(["curl", "-sSf", f"{base}/tags/list"])
+            tags = sorted(json.loads(p.stdout)["tags"])
         blobs_dir = os.path.join(dest, "blobs/sha256")
         os.makedirs(blobs_dir, exist_ok=True)
         index = []
@@ -777,6 +782,99 @@ class S3Parts:
                          f"{fmt_bytes(self.b.s(f'ci_mount_wire_{src}')[-1])}; whole download + reads "
                          f"{fmt_s(elapsed)}, {fmt_bytes(wire)}")
 
+    def bench_ci_whole_chain_and_concurrent(self):
+        """Issue 16's two CI measurements, from the registry.
+
+        Whole chain: the mounted job above (every layer of the chain read, cold mount) against a
+        cache directory that holds only that chain, restored first (CI_PARALLEL curls) and read
+        locally: the job reads the whole cache, so only speed can win.
+
+        Concurrent: CI_CONCURRENT jobs on one machine, each its own mount, all sharing one fresh
+        --cache-dir, the import replays running at once; against as many independent
+        whole-cache restores, each followed by its replay, all at once. Afterwards every layer is
+        read again through every mount and hashed (byte-exact), and the registry's log must show
+        the chain's bytes once (one download per blob)."""
+        tag = f"ci-{CI_TAG}"
+        chain = self.ci_reg[tag]["layers"]
+        chain_bytes = sum(l["size"] for l in chain)
+        server_files = [self.b.registry_blob_file(l["digest"]) for t in self.ci_reg.values() for l in t["layers"]]
+        source = f"type=registry,ref={self.b.registry}/bench/ci:{tag}"
+        mounts = [os.path.join(self.work, f"ci-job-{n}") for n in range(CI_CONCURRENT)]
+        for mnt in mounts:
+            os.makedirs(mnt, exist_ok=True)
+        for run in range(self.a.ci_runs):
+            # Whole chain: restore only the chain, then read it locally.
+            dest = os.path.join(self.work, "ci-chain-restore")
+            self.b.rm(dest)
+            os.makedirs(dest)
+            self.cold_start(server_files)
+            start = time.perf_counter()
+            self.download_registry_cache(dest, only_tag=tag)
+            t_dl = time.perf_counter() - start
+            read = self.replay_import(dest, tag)
+            elapsed = time.perf_counter() - start
+            if read != chain_bytes:
+                raise self.b.error(f"the chain restore read {read} bytes of layers, expected {chain_bytes}")
+            self.b.rm(dest)
+            self.b.sample("ci_chain_restore_registry", elapsed)
+            self.b.sample("ci_chain_restore_dl_registry", t_dl)
+
+            # Concurrent jobs through mounts sharing one cache directory.
+            cache = self.b.new_cache_dir()
+            self.cold_start(server_files)
+            since = self.b.log_offset()
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(CI_CONCURRENT) as pool:
+                def job(mnt):
+                    self.mount(source, cache, mnt=mnt)
+                    return self.replay_import(mnt, tag)
+                reads = list(pool.map(job, mounts))
+            elapsed = time.perf_counter() - start
+            wire, reqs = self.registry_settle(since, [cache])
+            if reads != [chain_bytes] * CI_CONCURRENT:
+                raise self.b.error(f"concurrent jobs read {reads} bytes of layers, expected {chain_bytes} each")
+            for mnt in mounts:
+                for layer in chain:
+                    path = os.path.join(mnt, "blobs/sha256", layer["digest"].split(":", 1)[1])
+                    h = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        while block := f.read(MiB):
+                            h.update(block)
+                    if "sha256:" + h.hexdigest() != layer["digest"]:
+                        raise self.b.error(f"{path} through the concurrent job's mount does not match its digest")
+            for mnt in mounts:
+                self.unmount(mnt)
+            self.b.rm(cache)
+            self.b.sample("ci4_mount_registry", elapsed)
+            self.b.sample("ci4_mount_wire_registry", wire)
+            self.b.sample("ci4_mount_requests_registry", reqs)
+
+            # As many independent whole-cache restores, each then its replay, all at once.
+            dests = [os.path.join(self.work, f"ci-restore-{n}") for n in range(CI_CONCURRENT)]
+            for dest in dests:
+                self.b.rm(dest)
+                os.makedirs(dest)
+            self.cold_start(server_files)
+            since = self.b.log_offset()
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(CI_CONCURRENT) as pool:
+                def restore(dest):
+                    self.download_registry_cache(dest)
+                    return self.replay_import(dest, tag)
+                reads = list(pool.map(restore, dests))
+            elapsed = time.perf_counter() - start
+            wire, reqs = self.registry_requests(since)
+            for dest in dests:
+                self.b.rm(dest)
+            if reads != [chain_bytes] * CI_CONCURRENT:
+                raise self.b.error(f"concurrent restores read {reads} bytes of layers, expected {chain_bytes} each")
+            self.b.sample("ci4_dl_registry", elapsed)
+            self.b.sample("ci4_dl_wire_registry", wire)
+            self.log(f"ci run {run + 1}: chain restore + reads {fmt_s(self.b.s('ci_chain_restore_registry')[-1])}; "
+                     f"{CI_CONCURRENT} concurrent jobs mounted {fmt_s(self.b.s('ci4_mount_registry')[-1])} "
+                     f"({fmt_bytes(self.b.s('ci4_mount_wire_registry')[-1])}), restored "
+                     f"{fmt_s(elapsed)} ({fmt_bytes(wire)})")
+
     # ------------------------------------------------------------ all
     def go(self):
         self.seed()
@@ -788,6 +886,7 @@ class S3Parts:
             self.bench_peers()
         if "ci" in self.parts:
             self.bench_ci()
+            self.bench_ci_whole_chain_and_concurrent()
 
 
 # ---------------------------------------------------------------- report of part 2
@@ -922,6 +1021,23 @@ class S3Report:
                 self.ratio[f"ci_bytes_{src}"] = ours / base
                 self.row("9", "same: bytes transferred", fmt_bytes(ours), "the whole-cache download", fmt_bytes(base),
                          f"{ours / base:.3f}×", "≤ 0.12×")
+            if self.b.s("ci_chain_restore_registry"):
+                ours, base = self.m("ci_mount_registry"), self.m("ci_chain_restore_registry")
+                self.ratio["ci_chain"] = ours / base
+                self.row("9", f"whole-chain import from the registry: the mounted job above (every layer of `{ci['tag']}` read, "
+                         "cold mount)", fmt_s(ours),
+                         f"restore a cache directory holding only that chain ({ci['parallel']} curls at once), then the "
+                         "same reads locally", fmt_s(base), f"{ours / base:.3f}× the time", "≤ 0.9× (issue 16)")
+                ours, base = self.m("ci4_mount_registry"), self.m("ci4_dl_registry")
+                self.ratio["ci4_time"] = ours / base
+                self.row("9", f"{CI_CONCURRENT} CI jobs at once from the registry, each its own mount, one shared "
+                         "`--cache-dir`: mount + import, until the last ends", fmt_s(ours),
+                         f"{CI_CONCURRENT} independent whole-cache restores, each then the same reads, all at once",
+                         fmt_s(base), f"{ours / base:.3f}× the time", "")
+                ours, base = self.m("ci4_mount_wire_registry"), self.m("ci4_dl_wire_registry")
+                self.row("9", f"same: bytes from the registry ({int(self.m('ci4_mount_requests_registry'))} requests)",
+                         fmt_bytes(ours), f"the {CI_CONCURRENT} restores", fmt_bytes(base), f"{ours / base:.3f}×",
+                         f"the chain once ({fmt_bytes(ci['chain_bytes']['registry'])})")
 
     # ---- targets
     def targets(self):
@@ -1014,6 +1130,27 @@ class S3Report:
                        f"{fmt_rate(ci['chain_bytes'][src], self.m(f'ci_mount_{src}') - mount_only)}; the baseline's "
                        f"download ran at {fmt_rate(self.m(f'ci_dl_wire_{src}'), dl_only)} with {ci['parallel']} "
                        f"streams" + (" on loopback." if src != "s3-shaped" else ".")))
+            if "ci_chain" in self.ratio:
+                r = self.ratio["ci_chain"]
+                mount_only = self.m("ci_mount_only_registry")
+                out.append(
+                    f"- **Whole-chain import ≤ 0.9× restoring the cache first** (issue 16; the registry, every layer of "
+                    f"the chain read, the cache directory holding only that chain): {self.verdict(r <= 0.9)} — {r:.3f}× "
+                    f"({fmt_s(self.m('ci_mount_registry'))}, of which mounting {fmt_s(mount_only)}, against "
+                    f"{fmt_s(self.m('ci_chain_restore_registry'))}{spread(self.b.s('ci_chain_restore_registry'))}, of which "
+                    f"the restore {fmt_s(self.m('ci_chain_restore_dl_registry'))} at "
+                    f"{fmt_rate(ci['chain_bytes']['registry'], self.m('ci_chain_restore_dl_registry'))} with "
+                    f"{ci['parallel']} streams; the mounted reads ran at "
+                    f"{fmt_rate(ci['chain_bytes']['registry'], self.m('ci_mount_registry') - mount_only)}, one layer "
+                    f"after another as buildctl reads them).")
+                wire, chain = self.m("ci4_mount_wire_registry"), ci["chain_bytes"]["registry"]
+                out.append(
+                    f"- **{CI_CONCURRENT} concurrent CI jobs sharing one cache directory: one download per blob, all "
+                    f"byte-exact** (issue 16): {self.verdict(wire <= chain * 1.01 + MiB)} — {fmt_bytes(wire)} from the "
+                    f"registry for a chain of {fmt_bytes(chain)} read by {CI_CONCURRENT} jobs, every layer hashed "
+                    f"through every mount afterwards; {self.ratio['ci4_time']:.3f}× the time of {CI_CONCURRENT} "
+                    f"independent whole-cache restores ({fmt_s(self.m('ci4_mount_registry'))} against "
+                    f"{fmt_s(self.m('ci4_dl_registry'))}, which moved {fmt_bytes(self.m('ci4_dl_wire_registry'))}).")
         elif "registry" in self.parts:
             out.append("- **CI case: ≤ 0.12× the bytes and ≤ 0.3× the time of downloading the whole cache directory**: "
                        "not measured in this run (part `ci`).")

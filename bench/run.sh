@@ -10,6 +10,8 @@
 #   shaped    item 3: the same behind a per-connection rate cap and added latency, vs 1 and 8 curl streams
 #   peers     item 5: cold and warm vs rclone mount --vfs-cache-mode full and s3fs (use_cache), same object
 #   ci        item 9: a 2 GiB cache, a job reading one tag's chain (10%), vs downloading the whole cache first
+#             issue 16: that job vs restoring a cache of only its chain; 4 such jobs at once through 4 mounts
+#             sharing one cache directory vs 4 whole-cache restores at once (bytes, time, every layer hashed)
 #   wide      issue 13 item 4: mount and `ls -l` of caches of 20,000 and 100,000 blobs, vs a 1-blob mount
 #             and `ls -l` of as many empty files on tmpfs (seeding 100,000 blobs takes a minute or two)
 #   export    issue 14: a buildctl-style export of a 1 GiB cache (8 layers) through a --writable mount

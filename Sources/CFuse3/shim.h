@@ -41,4 +41,12 @@ static inline void CFuse3_tuneConnection(struct fuse_conn_info *conn, unsigned m
     conn->want &= ~FUSE_CAP_FLOCK_LOCKS;
     conn->want &= ~FUSE_CAP_POSIX_LOCKS;
 }
+// Zero-message opens: the kernel offers them in `capable`; the first open answered ENOSYS
+// turns them on. Without OPEN an atomic O_TRUNC would reach nobody, so the VFS must send the
+// truncation as a setattr.
+static inline int CFuse3_skipOpensIfOffered(struct fuse_conn_info *conn) {
+    if (!(conn->capable & FUSE_CAP_NO_OPEN_SUPPORT)) return 0;
+    conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+    return 1;
+}
 #endif

@@ -346,7 +346,8 @@ extension CacheFilesystem {
     /// `index.json` is not a valid OCI index or a changed tag reaches a blob the mount lacks;
     /// such a tag is not published. Always succeeds in a read-only mount.
     public func flush(_ inode: UInt64, handle: UInt64 = 0) -> Result<Void, FSError> {
-        guard let writable else { return .success(()) }
+        // ENOSYS: the kernel stops sending flushes, as it stopped sending opens.
+        guard let writable else { return opensSkipped.load(ordering: .relaxed) ? .failure(.notImplemented) : .success(()) }
         let index = state.withLock { state -> StagedFile? in
             guard var node = state.nodes[inode], node.changed, !node.unlinked, node.parent == Self.rootInode, node.name == "index.json",
                   case .stagedFile(let file) = node.content else { return nil }

@@ -56,6 +56,8 @@ public final class CacheFilesystem: Sendable {
         var changed = false
         /// Set for what the `files/` view shows of a layer: its owner and link count.
         var member: MemberAttributes?
+        /// A lazy blob read while the kernel skips opens: see CacheFilesystem+ZeroMessageOpens.
+        var incarnation: Incarnation?
 
         /// Made by clients: they may change and remove it.
         var isScratch: Bool {
@@ -99,6 +101,10 @@ public final class CacheFilesystem: Sendable {
     let members: LayerMemberIndex
     /// Drops what the kernel cached of an inode's content; set by the binding.
     let pageCacheInvalidator = Mutex<(@Sendable (UInt64, _ spared: [Range<Int64>]) -> Void)?>(nil)
+    /// Drops the kernel's cached lookup of a name; set by the binding.
+    let entryInvalidator = Mutex<(@Sendable (_ parent: UInt64, _ name: String) -> Void)?>(nil)
+    /// True once the kernel opens, flushes and releases files without telling us.
+    let opensSkipped = Atomic<Bool>(false)
     let logger: Logger
     private let uid: UInt32
     private let gid: UInt32
@@ -151,14 +157,19 @@ public final class CacheFilesystem: Sendable {
     }
 
     private func withdraw(_ digest: Digest, sparing spared: [Range<Int64>]) {
-        let inodes = state.withLock { state in
-            state.nodes.filter { _, node in
+        let (inodes, retired) = state.withLock { state in
+            let inodes = state.nodes.filter { _, node in
                 if case .lazyBlob(digest, _) = node.content { return true }
                 return false
             }.map(\.key)
+            return (inodes, inodes.compactMap { Self.retire($0, in: &state) })
         }
-        guard let invalidate = pageCacheInvalidator.withLock({ $0 }) else { return }
-        for inode in inodes { invalidate(inode, spared) }
+        if let invalidate = pageCacheInvalidator.withLock({ $0 }) {
+            for inode in inodes { invalidate(inode, spared) }
+        }
+        if let invalidate = entryInvalidator.withLock({ $0 }) {
+            for name in retired { invalidate(name.parent, name.name) }
+        }
     }
 
     // MARK: Layout
@@ -258,12 +269,18 @@ public final class CacheFilesystem: Sendable {
 
     /// The kernel dropped `count` references to an inode; unlinked scratch entries go away.
     public func forget(_ inode: UInt64, count: Int) {
-        state.withLock { state in
-            guard var node = state.nodes[inode] else { return }
+        let unpinned = state.withLock { state -> (BlobFetcher.ReaderID, Digest)? in
+            guard var node = state.nodes[inode] else { return nil }
             node.lookups = max(0, node.lookups - count)
+            // The kernel dropped the inode, and its cached pages with it.
+            let incarnation = node.lookups == 0 ? node.incarnation : nil
+            if node.lookups == 0 { node.incarnation = nil }
             state.nodes[inode] = node
             Self.dropIfUnreferenced(inode, in: &state)
+            guard let pin = incarnation?.pin, case .lazyBlob(let digest, _) = node.content else { return nil }
+            return (pin, digest)
         }
+        if let (pin, digest) = unpinned { fetcher.closeReader(pin, of: digest) }
     }
 
     public func getattr(_ inode: UInt64) -> Result<Entry, FSError> {
@@ -335,6 +352,8 @@ public final class CacheFilesystem: Sendable {
     /// be given is verified: until then a download that fails its digest must take back what
     /// it answered.
     public func open(_ inode: UInt64, flags: OpenFlags) -> Result<OpenedFile, FSError> {
+        // The kernel takes ENOSYS as "open every file without asking from now on".
+        if opensSkipped.load(ordering: .relaxed) { return .failure(.notImplemented) }
         if let layer = state.withLock({ Self.layerSpec(of: inode, in: $0) }), !flags.wantsWrite, !flags.truncates,
            case .failure(let error) = indexLayer(layer) {
             return .failure(error)
@@ -471,8 +490,17 @@ public final class CacheFilesystem: Sendable {
                 fetcher.prefetch(next.digest, size: next.size)
             }
             let logger = self.logger
-            let reader = handle == 0 ? nil : BlobFetcher.ReaderID(rawValue: handle)
-            fetcher.read(digest, size: size, offset: offset, count: count, reader: reader) { result in
+            var reader = handle == 0 ? nil : BlobFetcher.ReaderID(rawValue: handle)
+            let incarnation = handle == 0 && opensSkipped.load(ordering: .relaxed)
+            if incarnation {
+                guard let read = incarnationReader(inode, of: digest) else { return reply(.failure(.ioError)) }
+                reader = read
+            }
+            fetcher.read(digest, size: size, offset: offset, count: count, reader: reader) { [self] result in
+                // Only a verified blob answers a read that reaches its end.
+                if incarnation, case .success(let bytes) = result, bytes.count > 0, offset + Int64(bytes.count) >= size {
+                    incarnationVerified(inode, of: digest)
+                }
                 reply(result.mapError { error in
                     if case .cancelled = error {} else {
                         logger.warning("read failed", metadata: ["digest": "\(digest)", "offset": "\(offset)", "error": "\(error)"])
@@ -504,7 +532,8 @@ public final class CacheFilesystem: Sendable {
             switch Self.insert(parent: parent, name: name, content: .scratchFile([]), permissions: permissions, refusal: refusal, in: &state) {
             case .success(let inode):
                 state.nodes[inode]!.lookups += 1
-                state.nodes[inode]!.opens += 1
+                // Without opens the kernel sends no release either.
+                if !opensSkipped.load(ordering: .relaxed) { state.nodes[inode]!.opens += 1 }
                 return .success((entry(inode, state.nodes[inode]!), OpenedFile(keepCache: false)))
             case .failure(let error):
                 return .failure(error)

@@ -20,6 +20,7 @@ public struct FSError: Error, Sendable, Equatable, CustomStringConvertible {
     public static let nameTooLong = FSError(ENAMETOOLONG)
     public static let badFileDescriptor = FSError(EBADF)
     public static let notPermitted = FSError(EPERM)
+    public static let notImplemented = FSError(ENOSYS)
 
     public var description: String { String(cString: strerror(code)) }
 }

@@ -53,6 +53,19 @@ public final class FuseSession: Sendable {
         self.session = created
         self.context = context
         filesystem.onPageCacheInvalid { [weak self] inode, spared in self?.invalidatePageCache(inode, sparing: spared) }
+        filesystem.onEntryInvalid { [weak self] parent, name in self?.invalidateEntry(name, in: parent) }
+    }
+
+    /// Asks the kernel to forget its lookup of `name`: the next one comes here.
+    private func invalidateEntry(_ name: String, in parent: UInt64) {
+        alive.withLock { alive in
+            guard alive else { return }
+            let status = name.withCString { fuse_lowlevel_notify_inval_entry(session, parent, $0, strlen($0)) }
+            if status != 0 && status != -ENOENT {
+                context.takeUnretainedValue().logger.warning("cannot drop the kernel's lookup of a retired blob inode",
+                                                             metadata: ["name": "\(name)", "errno": "\(-status)"])
+            }
+        }
     }
 
     /// Asks the kernel to drop its cached pages of `inode` outside `spared`, and returns once it
@@ -262,8 +275,11 @@ private func name(_ pointer: UnsafePointer<CChar>?) -> String {
 private func makeOperations() -> fuse_lowlevel_ops {
     var ops = fuse_lowlevel_ops()
     ops.`init` = { userdata, connection in
-        guard let connection else { return }
+        guard let connection, let userdata else { return }
         CFuse3_tuneConnection(connection, 1 << 20, 64)
+        // SAFETY: the userdata is the retained FuseContext, alive until the session is destroyed.
+        let filesystem = Unmanaged<FuseContext>.fromOpaque(userdata).takeUnretainedValue().filesystem
+        if filesystem.acceptsSkippedOpens && CFuse3_skipOpensIfOffered(connection) != 0 { filesystem.skipOpens() }
     }
     ops.lookup = { req, parent, namePointer in
         let request = FuseRequest(raw: req!)

@@ -49,6 +49,51 @@ import Testing
         fixture.filesystem.release(inode, handle: verified.handle)
     }
 
+    /// Defect 1 with zero-message opens (read-only mounts): reads carry no handle and the
+    /// kernel keeps pages across opens, so the inode answered with bytes of a download that
+    /// then failed its digest is retired: it fails from then on, the kernel is told to drop its
+    /// pages and its lookup of the name, and the name leads to a new inode with the real blob.
+    @Test func withoutOpensAnInodeServedBytesOfAFailedDownloadIsRetired() throws {
+        let layer = randomBytes(1 << 20, seed: 122)
+        var lie = layer
+        for index in 0..<(64 << 10) { lie[index] ^= 0xFF }
+        let digest = Digest.sha256(of: layer)
+        let fixture = try Fixture(layers: [layer], behaviour: .init(substitutes: [digest: lie]), tuning: Self.tuning)
+        defer { fixture.removeCache() }
+        fixture.filesystem.skipOpens()
+        let invalidatedPages = Mutex<[UInt64]>([])
+        let invalidatedNames = Mutex<[String]>([])
+        fixture.filesystem.onPageCacheInvalid { inode, _ in invalidatedPages.withLock { $0.append(inode) } }
+        fixture.filesystem.onEntryInvalid { _, name in invalidatedNames.withLock { $0.append(name) } }
+        let inode = try blobInode(fixture, layer)
+        #expect(fixture.filesystem.open(inode, flags: OpenFlags(O_RDONLY)).failure == .notImplemented)
+        #expect(fixture.filesystem.flush(inode).failure == .notImplemented)
+
+        #expect(try fixture.read(inode, offset: 0, count: 4096).get() == Array(lie[0..<4096]))
+        #expect(fixture.read(inode, offset: Int64(layer.count - 4096), count: 4096).failure == .ioError)
+        #expect(invalidatedPages.withLock { $0 } == [inode])
+        #expect(invalidatedNames.withLock { $0 } == [digest.hex])
+
+        fixture.source.update { $0.substitutes = [:] }
+        for offset in [0, layer.count / 2, layer.count - 4096] {
+            #expect(fixture.read(inode, offset: Int64(offset), count: 4096).failure == .ioError,
+                    "the inode that saw the lie must not now see other bytes (offset \(offset))")
+        }
+        #expect(try fixture.filesystem.getattr(inode).get().attributes.size == Int64(layer.count),
+                "the kernel may still stat the retired inode")
+        let renewed = try blobInode(fixture, layer)
+        #expect(renewed != inode)
+        #expect(try fixture.readWhole(renewed).get() == layer)
+        // Verified now: no retirement without a failed download.
+        #expect(try fixture.read(renewed, offset: 0, count: 4096).get() == Array(layer[0..<4096]))
+        #expect(invalidatedNames.withLock { $0 } == [digest.hex])
+
+        // The kernel forgets the retired inode: it goes.
+        fixture.filesystem.forget(inode, count: 1)
+        #expect(fixture.filesystem.getattr(inode).failure == .noSuchFileOrDirectory)
+        #expect(try blobInode(fixture, layer) == renewed)
+    }
+
     /// Defect 1 without the kernel: blocks an earlier process recorded with matching CRCs but
     /// bad from the start. The blob is fetched again from scratch, and the handle that was
     /// answered from the bad blocks fails instead of reading on into the new download.

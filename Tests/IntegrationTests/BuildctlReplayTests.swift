@@ -231,6 +231,14 @@ struct BuildctlReplayTests {
                         "\(what): got \(code == 0 ? "success" : String(cString: strerror(code))) (\(code)), want \(expected.map { String(cString: strerror($0)) })",
                         sourceLocation: sourceLocation)
             }
+            // A read-only mount lets the kernel open files without asking (zero-message opens),
+            // so an open for writing may succeed: then its first write is what fails.
+            func expectOpenAndWriteRefused(_ what: String, _ path: String, _ flags: Int32,
+                                           sourceLocation: SourceLocation = #_sourceLocation) {
+                let code = FileIO.errnoOfOpenAndWrite(path, flags)
+                #expect(code == EROFS, "\(what): got \(code == 0 ? "success" : String(cString: strerror(code))) (\(code)), want EROFS",
+                        sourceLocation: sourceLocation)
+            }
             func openFD(_ path: String, _ flags: Int32) -> Int32 {
                 let fd = open(path, flags | O_CLOEXEC, 0o644)
                 if fd >= 0 { close(fd); return 0 }
@@ -239,11 +247,11 @@ struct BuildctlReplayTests {
 
             // Writes to published content: EROFS.
             for path in [indexPath, layerPath, manifestPath] {
-                expectErrno([EROFS], "open(O_WRONLY) \(path)") { openFD(path, O_WRONLY) }
-                expectErrno([EROFS], "open(O_RDWR) \(path)") { openFD(path, O_RDWR) }
+                expectOpenAndWriteRefused("open(O_WRONLY) and write \(path)", path, O_WRONLY)
+                expectOpenAndWriteRefused("open(O_RDWR) and write \(path)", path, O_RDWR)
                 expectErrno([EROFS], "open(O_WRONLY|O_TRUNC) \(path)") { openFD(path, O_WRONLY | O_TRUNC) }
-                expectErrno([EROFS], "open(O_RDWR|O_CREAT) \(path)") { openFD(path, O_RDWR | O_CREAT) }
-                expectErrno([EROFS], "open(O_WRONLY|O_APPEND) \(path)") { openFD(path, O_WRONLY | O_APPEND) }
+                expectOpenAndWriteRefused("open(O_RDWR|O_CREAT) and write \(path)", path, O_RDWR | O_CREAT)
+                expectOpenAndWriteRefused("open(O_WRONLY|O_APPEND) and write \(path)", path, O_WRONLY | O_APPEND)
                 expectErrno([EROFS], "truncate \(path)") { truncate(path, 0) }
                 expectErrno([EROFS], "chmod \(path)") { chmod(path, 0o644) }
                 expectErrno([EROFS], "unlink \(path)") { unlink(path) }

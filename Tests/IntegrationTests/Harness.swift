@@ -846,6 +846,18 @@ enum FileIO {
         return rc < 0 ? errno : 0
     }
 
+    /// The errno of opening `path` with `flags` and writing a byte, 0 when both succeed. A
+    /// read-only mount lets the kernel open files without asking (zero-message opens), so an
+    /// open for writing may succeed and its first write be what fails.
+    static func errnoOfOpenAndWrite(_ path: String, _ flags: Int32) -> Int32 {
+        let fd = open(path, flags | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return errno }
+        let written = write(fd, "x", 1)
+        let code = errno
+        close(fd)
+        return written == 1 ? 0 : code
+    }
+
     /// Reads until EOF or the first error; returns the bytes read and that error's errno.
     static func readUntilFailure(_ path: String) -> (bytes: Int, errno: Int32?, reads: Int) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)

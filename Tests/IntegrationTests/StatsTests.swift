@@ -168,6 +168,47 @@ struct StatsTests {
         }
     }
 
+    @Test("on a read-only mount the kernel opens, flushes and releases files without asking the daemon (after the first open's ENOSYS)")
+    func readOnlyOpensStayInTheKernel() async throws {
+        try await withWorkspace("stats-no-open") { ws in
+            let registry = try await ws.startRegistry()
+            let seeded = try await ws.seed(registry, variant: "manifest", layers: 1, layerSize: 3 << 20)
+            let layer = seeded.layers[0]
+            let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"))
+            let path = mount.path("blobs/sha256/" + layer.hex)
+            var chunk = [UInt8](repeating: 0, count: 1 << 20)
+            var read: [UInt8] = []
+            for offset in stride(from: 0, to: Int(layer.size), by: chunk.count) {
+                let fd = open(path, O_RDONLY | O_CLOEXEC)
+                #expect(fd >= 0)
+                let got = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
+                read += chunk[..<max(got, 0)]
+                #expect(close(fd) == 0)
+            }
+            #expect(Digest.sha256(of: read).description == layer.digest)
+            // Scratch files still work: create, write, O_TRUNC (now a setattr), read back, unlink.
+            let scratch = mount.path("ingest/probe")
+            #expect(FileManager.default.createFile(atPath: scratch, contents: Data("0123456789".utf8)))
+            let truncating = open(scratch, O_WRONLY | O_TRUNC | O_CLOEXEC)
+            #expect(truncating >= 0 && write(truncating, "ab", 2) == 2 && close(truncating) == 0)
+            #expect(try String(contentsOfFile: scratch, encoding: .utf8) == "ab")
+            #expect(unlink(scratch) == 0)
+            // A blob cannot be truncated or written through an open that now succeeds.
+            let blob = open(path, O_WRONLY | O_CLOEXEC)
+            if blob >= 0 {
+                #expect(write(blob, "x", 1) == -1 && errno == EROFS)
+                close(blob)
+            }
+            #expect(open(path, O_WRONLY | O_TRUNC | O_CLOEXEC) == -1 && errno == EROFS)
+            let counts = try #require(try await Self.stats(mount.mountpoint, in: ws)["fileRequests"] as? [String: Int])
+            // The mount's own readiness check opened index.json first: that open was the one answered ENOSYS.
+            #expect((counts["open"] ?? 0) <= 1, "\(counts)")
+            #expect((counts["flush"] ?? 0) <= 1, "\(counts)")
+            #expect((counts["release"] ?? 0) == 0, "\(counts)")
+            #expect(try await mount.unmount(in: ws).status == 0)
+        }
+    }
+
     @Test("stats of a directory that is not a mount is one line")
     func statsOfANonMount() async throws {
         try await withWorkspace("stats-none") { ws in
