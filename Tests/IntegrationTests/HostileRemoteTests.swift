@@ -63,6 +63,11 @@ struct HostileRemoteTests {
             let again = Self.pread(fd, offset: 0, count: 64 << 10)
             #expect(again.errno == EIO, "the handle that read corrupt bytes must fail, not read \(again.bytes.count) other bytes; log: \(mount.log.suffix(3000))")
             #expect(Self.pread(fd, offset: Int(layer.size) - 4096, count: 4096).errno == EIO)
+            // The kernel opens files of a read-only mount without asking the daemon, so the
+            // inode stands in for the handle: the name now leads to a new one.
+            var held = stat(), named = stat()
+            #expect(fstat(fd, &held) == 0 && stat(path, &named) == 0 && held.st_ino != named.st_ino,
+                    "the retired inode \(held.st_ino) must not be what the name leads to (\(named.st_ino))")
             close(fd)
 
             // A new reader gets exactly the blob.
