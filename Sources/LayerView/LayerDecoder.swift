@@ -46,7 +46,8 @@ public final class LayerDecoder: @unchecked Sendable {
     private let codec: Codec
     /// The output buffer each step writes into; handed to `output`, valid during that call.
     private let outputBuffer: UnsafeMutableRawBufferPointer
-    static let outputBufferSize = 128 << 10
+    /// The most output `feed` hands over at once.
+    public static let outputBufferSize = 128 << 10
 
     /// - Parameter spacing: record checkpoints at least this many output bytes apart; nil to
     ///   record none.
