@@ -29,8 +29,15 @@ final class PassOutput: Sendable {
         /// The uncompressed stream, written as it comes; nil once it could not be (no room).
         var spans: ContentStore.LayerSpansFile?
         var spansWritten: Int64 = 0
+        /// A gzip layer's members are checked here, beside the decompression.
+        var memberCheck: GzipMemberCheck?
+        /// Set when a member's output does not match its trailer.
+        var damage: String?
 
-        init(spans: ContentStore.LayerSpansFile?) { self.spans = spans }
+        init(spans: ContentStore.LayerSpansFile?, checksMembers: Bool) {
+            self.spans = spans
+            memberCheck = checksMembers ? GzipMemberCheck() : nil
+        }
     }
 
     struct Parked: Sendable {
@@ -47,6 +54,9 @@ final class PassOutput: Sendable {
         var parked: Parked?
         /// The pass's end, once the decoder is done: called when the last buffer is drained.
         var whenDrained: (@Sendable () -> Void)?
+        /// gzip members the decoder saw end, not yet checked: each is known before the buffer
+        /// holding its last byte is handed over.
+        var memberEnds: [GzipMemberEnd] = []
     }
 
     private let state: Mutex<State>
@@ -66,7 +76,7 @@ final class PassOutput: Sendable {
         allocations = (0..<Self.bufferCount).map { _ in Buffer(memory: .allocate(byteCount: capacity, alignment: 4096)) }
         state = Mutex(State(free: Array(allocations.dropFirst())))
         current = allocations.first
-        sink = Sink(spans: spans)
+        sink = Sink(spans: spans, checksMembers: layer.compression == .gzip)
         self.fetcher = fetcher
         self.digest = layer.digest
         spansRoom = fetcher.limits.map { $0.maxBytes - layer.size }
@@ -74,6 +84,21 @@ final class PassOutput: Sendable {
 
     deinit {
         for buffer in allocations { buffer.memory.deallocate() }
+    }
+
+    /// gzip members that ended by the decoder's output so far: they are checked as the stage
+    /// reaches their end.
+    func expect(_ ends: [GzipMemberEnd]) {
+        guard !ends.isEmpty else { return }
+        state.withLock { $0.memberEnds += ends }
+    }
+
+    /// Checks the members that end where the stream ended; call once the last drain is done.
+    func checkLastMembers() {
+        checkMembers(UnsafeRawBufferPointer(start: nil, count: 0), at: sink.hasher.byteCount)
+        if sink.memberCheck != nil, state.withLock({ !$0.memberEnds.isEmpty }) {
+            sink.damage = "a gzip member ends past the stream"
+        }
     }
 
     /// Copies a piece of the decoder's output in; returns false when the decoder must stop:
@@ -170,7 +195,28 @@ final class PassOutput: Sendable {
         }
     }
 
+    /// Feeds `bytes`, the output at `position`, to the member check, ending each member whose
+    /// end falls among them.
+    private func checkMembers(_ bytes: UnsafeRawBufferPointer, at position: Int64) {
+        guard var check = sink.memberCheck else { return }
+        var done = 0
+        while let end = state.withLock({ state -> GzipMemberEnd? in
+            guard let first = state.memberEnds.first, first.uncompressedOffset <= position + Int64(bytes.count) else { return nil }
+            return state.memberEnds.removeFirst()
+        }) {
+            let upTo = max(done, Int(end.uncompressedOffset - position))
+            check.update(UnsafeRawBufferPointer(rebasing: bytes[done..<upTo]))
+            if !check.endMember(end), sink.damage == nil {
+                sink.damage = "a gzip member's CRC or size does not match its output (ending at \(end.uncompressedOffset))"
+            }
+            done = upTo
+        }
+        check.update(UnsafeRawBufferPointer(rebasing: bytes[done...]))
+        sink.memberCheck = check
+    }
+
     private func consume(_ bytes: UnsafeRawBufferPointer) {
+        checkMembers(bytes, at: sink.hasher.byteCount)
         sink.hasher.update(bytes)
         guard let spans = sink.spans else { return }
         if let spansRoom, sink.spansWritten + Int64(bytes.count) > spansRoom {

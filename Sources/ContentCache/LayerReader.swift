@@ -171,7 +171,8 @@ public final class LayerReader: Sendable {
     private func startPass(_ layer: LayerSpec) {
         let decoder: LayerDecoder
         do throws(LayerDecodeError) {
-            decoder = try LayerDecoder(compression: layer.compression, recordingEvery: spacing)
+            // gzip members' CRCs are checked by the output stage, on the other core.
+            decoder = try LayerDecoder(compression: layer.compression, recordingEvery: spacing, checkingMembers: false)
         } catch {
             return finishIndexing(layer, .failure(.undecodable(layer.digest, error.description)))
         }
@@ -230,12 +231,14 @@ public final class LayerReader: Sendable {
         var stopped = false
         do throws(LayerDecodeError) {
             try pass.decoder.feed(bytes, ends: ends) { piece in
+                pass.output.expect(pass.decoder.takeMemberEnds())
                 stopped = !pass.output.append(piece)
                 return !stopped
             }
         } catch {
             return .failure(.undecodable(pass.layer.digest, error.description))
         }
+        pass.output.expect(pass.decoder.takeMemberEnds())
         // Windows go to disk as they come: a 4 GiB layer has 64 MiB of them.
         for checkpoint in pass.decoder.takeRecorded() {
             if let indexFile = pass.indexFile {
@@ -265,6 +268,10 @@ public final class LayerReader: Sendable {
         let sink = pass.output.sink
         defer { fetcher.closeReader(pass.reader, of: layer.digest) }
         let result = outcome.flatMap { () -> Result<LayerIndex, BlobReadError> in
+            pass.output.checkLastMembers()
+            if let damage = sink.damage {
+                return .failure(.undecodable(layer.digest, LayerDecodeError.corrupt(damage).description))
+            }
             let found = sink.hasher.finalize()
             if let diffID = layer.diffID, found != diffID {
                 return .failure(.undecodable(layer.digest, "its uncompressed stream is \(found), not its diffID \(diffID)"))

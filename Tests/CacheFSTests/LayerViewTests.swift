@@ -263,6 +263,34 @@ private func appears(_ path: String) -> Bool {
         }
     }
 
+    /// The pass checks every gzip member's CRC and size against its trailer (beside the
+    /// decompression, not inside zlib): a layer that inflates cleanly but whose trailer lies is
+    /// refused, with no diffID to catch it.
+    @Test func aGzipMemberWhoseTrailerLiesIsRefused() throws {
+        let first = tarLikeBytes(3_000_000, seed: 49), second = tarLikeBytes(2_000_000, seed: 50)
+        let one = try compress(first, with: "gzip", ["-c"]), two = try compress(second, with: "gzip", ["-c"])
+        func flipped(_ bytes: [UInt8], at position: Int) -> [UInt8] {
+            var bytes = bytes
+            bytes[position] ^= 0x01
+            return bytes
+        }
+        let cases = [("intact", one + two), ("the first member's CRC", flipped(one, at: one.count - 8) + two),
+                     ("the second member's size", one + flipped(two, at: two.count - 1))]
+        for (name, layer) in cases {
+            let fixture = try Fixture(layers: [layer])
+            defer { fixture.removeCache() }
+            let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count), compression: .gzip, diffID: nil)
+            switch LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test")).index(of: spec) {
+            case .success(let index):
+                #expect(name == "intact", "\(name): accepted")
+                #expect(index.uncompressedSize == Int64(first.count + second.count))
+            case .failure(let error):
+                #expect(name != "intact", "\(error)")
+                #expect("\(error)".contains("CRC or size"), "\(name): \(error)")
+            }
+        }
+    }
+
     @Test func aDamagedLayerIsAnIOErrorAndListsNothingElse() throws {
         var layer = try compress(tarLikeBytes(1_000_000, seed: 42), with: "gzip", ["-c"])
         layer[layer.count / 2] ^= 0x40
