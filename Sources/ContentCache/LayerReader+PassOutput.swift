@@ -2,9 +2,10 @@ import LayerView
 import OCI
 import Synchronization
 
-/// The first pass's second stage: it hashes the uncompressed stream against the diffID and
-/// writes it to the spans file on a worker of its own, beside the decompression, so that the
-/// pass keeps two cores busy instead of doing every step one after the other on one.
+/// The first pass's second stage: it hashes the uncompressed stream against the diffID, checks
+/// gzip members' CRC and size, and writes the stream to the spans file, on a worker of its own
+/// beside the decompression, so that the pass keeps two cores busy instead of doing every step
+/// one after the other on one.
 ///
 /// The decoder fills a few fixed buffers and hands each over once full; the stage empties them
 /// in order and gives them back. When none is free the decoder stops where it is and is queued
@@ -66,9 +67,13 @@ final class PassOutput: Sendable {
     private let digest: Digest
     /// The most spans the cache may hold beside the blob; nil when it is not bounded.
     private let spansRoom: Int64?
-    /// The buffer the decoder is filling; only the decoder's step (one at a time) touches it.
-    // SAFETY: see above; handed from one step to the next through the fetcher's queue.
+    /// The buffer the decoder is filling.
+    // SAFETY: touched by the decoder's step (one at a time, each queued by the one before), or by
+    // the stage while the decoder is parked, before it queues the decoder again.
     private nonisolated(unsafe) var current: Buffer?
+    /// Output the decoder gave with no buffer to take it: the pass cannot be trusted.
+    // SAFETY: set by the decoder's step, read by the pass's end, which runs after the last step.
+    private(set) nonisolated(unsafe) var lostOutput = false
 
     init(spans: ContentStore.LayerSpansFile?, fetcher: BlobFetcher, layer: LayerSpec) {
         // A buffer takes a whole chunk plus the decoder's largest piece, which is copied whole.
@@ -104,7 +109,11 @@ final class PassOutput: Sendable {
     /// Copies a piece of the decoder's output in; returns false when the decoder must stop:
     /// the piece is taken, but no buffer is free for the next one (`park` then).
     func append(_ piece: UnsafeRawBufferPointer) -> Bool {
-        guard var buffer = current else { return false }
+        guard var buffer = current else {
+            // Not reached: the decoder stops at the hand-over that leaves it without a buffer.
+            lostOutput = true
+            return false
+        }
         UnsafeMutableRawBufferPointer(rebasing: buffer.memory[buffer.count..<buffer.count + piece.count]).copyMemory(from: piece)
         buffer.count += piece.count
         guard buffer.count >= Self.chunkSize else {

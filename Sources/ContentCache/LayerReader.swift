@@ -269,6 +269,7 @@ public final class LayerReader: Sendable {
         defer { fetcher.closeReader(pass.reader, of: layer.digest) }
         let result = outcome.flatMap { () -> Result<LayerIndex, BlobReadError> in
             pass.output.checkLastMembers()
+            if pass.output.lostOutput { return .failure(.local("layer \(layer.digest): the pass lost output")) }
             if let damage = sink.damage {
                 return .failure(.undecodable(layer.digest, LayerDecodeError.corrupt(damage).description))
             }
