@@ -74,8 +74,9 @@ final class LayerSession: @unchecked Sendable {
 }
 
 extension LayerReader {
-    /// Reads `count` bytes at `offset` of the layer's uncompressed tar. `reply` is called once,
-    /// from a worker (or at once for an empty read); the bytes are valid during the call.
+    /// Reads `count` bytes at `offset` of the layer's uncompressed tar. `reply` is called once:
+    /// on the calling thread when the bytes are local (an empty read, kept spans), else from a
+    /// worker; the bytes are valid during the call.
     public func read(_ layer: LayerSpec, offset: Int64, count: Int, reply: @escaping Reply) {
         if layer.compression == .none {
             return fetcher.read(layer.digest, size: layer.size, offset: offset, count: count, reply: reply)
@@ -96,19 +97,18 @@ extension LayerReader {
         }
     }
 
-    /// A layer that keeps its uncompressed stream is read from it; were the file evicted
+    /// A layer that keeps its uncompressed stream is read from it, at once and into a read
+    /// buffer, as a complete blob is (local bytes, nothing to decompress); were the file evicted
     /// meanwhile, from its checkpoints.
     private func readSpans(_ layer: LayerSpec, index: LayerIndex, range: Range<Int64>, reply: @escaping Reply) {
-        let queued = fetcher.localQueue.enqueue(.reader, dropped: { reply(.failure(.cancelled)) }) { [self] in
-            guard let spans = fetcher.store.openLayerSpans(layer.digest) else {
-                return enqueue(LayerRead(range: range, reply: reply), of: layer, index: index)
+        let served = fetcher.store.openLayerSpans(layer.digest).flatMap { spans in
+            fetcher.buffers.withBuffer(count: range.count) { buffer -> Bool in
+                guard let filled = try? spans.read(into: buffer, offset: range.lowerBound), filled == range.count else { return false }
+                reply(.success(UnsafeRawBufferPointer(buffer)))
+                return true
             }
-            var bytes = [UInt8](repeating: 0, count: range.count)
-            let filled = bytes.withUnsafeMutableBytes { buffer in (try? spans.read(into: buffer, offset: range.lowerBound)) ?? -1 }
-            guard filled == range.count else { return enqueue(LayerRead(range: range, reply: reply), of: layer, index: index) }
-            bytes.withUnsafeBytes { reply(.success($0)) }
-        }
-        if !queued { reply(.failure(.cancelled)) }
+        } ?? false
+        if !served { enqueue(LayerRead(range: range, reply: reply), of: layer, index: index) }
     }
 
     /// The most decoders that have worked on the layer at once since its index was loaded.

@@ -41,8 +41,6 @@ public final class LayerReader: Sendable {
     let logger: Logger
     /// Output between checkpoints: the most a read decompresses before its first byte.
     let spacing: Int64
-    /// A zstd layer whose frames are further apart than this keeps its uncompressed stream.
-    var longestSpanWithoutSpans: Int64 { spacing * 2 }
     /// Compressed bytes asked of the fetcher at once: at most a read buffer (1 MiB).
     static let passChunk = 1 << 20
     static let readChunk = 256 << 10
@@ -145,29 +143,26 @@ public final class LayerReader: Sendable {
 
     // MARK: - The first pass
 
-    /// One pass over a layer from its start: everything it touches is used by one step at a
-    /// time, each step queued by the one before.
-    // SAFETY: used by one job at a time; each step is queued by the reply of the one before.
+    /// One pass over a layer from its start. The decoder's side is used by one step at a time,
+    /// each step queued by the one before; its output is hashed and kept by a `PassOutput`
+    /// beside it.
+    // SAFETY: used by one step at a time; each step is queued by the reply of the one before
+    // (or by the output stage resuming it), and the end runs once both sides are done.
     final class Pass: @unchecked Sendable {
         let layer: LayerSpec
         let decoder: LayerDecoder
-        var hasher = DigestVerifier()
-        var position: Int64 = 0
-        /// The uncompressed stream, written as it comes, for a zstd layer: kept if its frames
-        /// turn out too far apart to start reads from.
-        var spans: ContentStore.LayerSpansFile?
-        var spansWritten: Int64 = 0
+        let output: PassOutput
         /// The index file the windows go to as they are recorded; nil when it could not be
         /// written (then only checkpoints without a window are kept).
         var indexFile: ContentStore.LayerIndexFile?
         var checkpoints: [LayerCheckpoint] = [.start]
         let reader: BlobFetcher.ReaderID
 
-        init(layer: LayerSpec, decoder: LayerDecoder, spans: ContentStore.LayerSpansFile?, indexFile: ContentStore.LayerIndexFile?,
+        init(layer: LayerSpec, decoder: LayerDecoder, output: PassOutput, indexFile: ContentStore.LayerIndexFile?,
              reader: BlobFetcher.ReaderID) {
             self.layer = layer
             self.decoder = decoder
-            self.spans = spans
+            self.output = output
             self.indexFile = indexFile
             self.reader = reader
         }
@@ -176,53 +171,74 @@ public final class LayerReader: Sendable {
     private func startPass(_ layer: LayerSpec) {
         let decoder: LayerDecoder
         do throws(LayerDecodeError) {
-            decoder = try LayerDecoder(compression: layer.compression, recordingEvery: spacing)
+            // gzip members' CRCs are checked by the output stage, on the other core.
+            decoder = try LayerDecoder(compression: layer.compression, recordingEvery: spacing, checkingMembers: false)
         } catch {
             return finishIndexing(layer, .failure(.undecodable(layer.digest, error.description)))
         }
-        let spans = layer.compression == .zstd ? try? ContentStore.LayerSpansFile(store: fetcher.store, digest: layer.digest) : nil
+        // The uncompressed stream is kept whole: the read that follows a pass (a `stat`, then a
+        // read of the whole layer) then copies it instead of decompressing it all again.
+        let spans = try? ContentStore.LayerSpansFile(store: fetcher.store, digest: layer.digest)
         let indexFile = try? ContentStore.LayerIndexFile(store: fetcher.store, digest: layer.digest)
         // Held while the pass runs: eviction spares the blob.
         let (reader, _) = fetcher.openReader(layer.digest)
-        passStep(Pass(layer: layer, decoder: decoder, spans: spans, indexFile: indexFile, reader: reader))
+        let output = PassOutput(spans: spans, fetcher: fetcher, layer: layer)
+        passStep(Pass(layer: layer, decoder: decoder, output: output, indexFile: indexFile, reader: reader))
     }
 
+    /// Decodes the next piece of the blob, from where the decoder stands (a step stopped for
+    /// want of an output buffer goes on from inside the piece it had).
     private func passStep(_ pass: Pass) {
         let layer = pass.layer
-        let count = Int(min(Int64(Self.passChunk), layer.size - pass.position))
-        guard count > 0 else { return endPass(pass, .failure(.undecodable(layer.digest, "the layer is empty"))) }
-        fetcher.read(layer.digest, size: layer.size, offset: pass.position, count: count) { [self] result in
-            let outcome: Result<Void, BlobReadError> = result.flatMap { bytes in
+        let offset = pass.decoder.compressedPosition
+        let count = Int(min(Int64(Self.passChunk), layer.size - offset))
+        guard count > 0 else {
+            guard offset > 0 else { return endPass(pass, .failure(.undecodable(layer.digest, "the layer is empty"))) }
+            // All input is in; the decoder may still hold output it had no room to give.
+            return passDecoded(pass, decodeInPass(pass, UnsafeRawBufferPointer(start: nil, count: 0), ends: true))
+        }
+        fetcher.read(layer.digest, size: layer.size, offset: offset, count: count) { [self] result in
+            let outcome: Result<Bool, BlobReadError> = result.flatMap { bytes in
                 guard bytes.count == count else { return .failure(.local("layer \(layer.digest): short read of its blob")) }
-                return decodeInPass(pass, bytes, ends: pass.position + Int64(count) == layer.size)
+                return decodeInPass(pass, bytes, ends: offset + Int64(count) == layer.size)
             }
-            if case .failure(let error) = outcome { return endPass(pass, .failure(error)) }
-            pass.position += Int64(count)
-            if pass.position == layer.size { return endPass(pass, .success(())) }
+            if case .success(false) = outcome, pass.decoder.compressedPosition == offset, count > 0 {
+                // Neither stopped nor moved: the decoder cannot take these bytes.
+                return endPass(pass, .failure(.undecodable(layer.digest, "the decoder makes no progress")))
+            }
+            passDecoded(pass, outcome)
+        }
+    }
+
+    /// `outcome`: whether the step stopped for want of an output buffer.
+    private func passDecoded(_ pass: Pass, _ outcome: Result<Bool, BlobReadError>) {
+        switch outcome {
+        case .failure(let error):
+            endPass(pass, .failure(error))
+        case .success(true):
+            pass.output.park(PassOutput.Parked(resume: { [self] in passStep(pass) },
+                                               cancelled: { [self] in endPass(pass, .failure(.cancelled)) }))
+        case .success(false):
+            if pass.decoder.compressedPosition == pass.layer.size { return endPass(pass, .success(())) }
             let queued = fetcher.queue.enqueue(.reader, dropped: { [self] in endPass(pass, .failure(.cancelled)) }) { [self] in passStep(pass) }
             if !queued { endPass(pass, .failure(.cancelled)) }
         }
     }
 
-    private func decodeInPass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) -> Result<Void, BlobReadError> {
-        var spansFailed = false
-        let spansBefore = pass.spansWritten
+    /// Feeds the decoder; the success says whether it stopped early for want of an output
+    /// buffer (then it goes on from `compressedPosition` once one is free).
+    private func decodeInPass(_ pass: Pass, _ bytes: UnsafeRawBufferPointer, ends: Bool) -> Result<Bool, BlobReadError> {
+        var stopped = false
         do throws(LayerDecodeError) {
             try pass.decoder.feed(bytes, ends: ends) { piece in
-                pass.hasher.update(piece)
-                if let spans = pass.spans {
-                    do throws(CacheError) {
-                        try spans.file.write(piece, at: pass.spansWritten)
-                        pass.spansWritten += Int64(piece.count)
-                    } catch {
-                        spansFailed = true
-                    }
-                }
-                return true
+                pass.output.expect(pass.decoder.takeMemberEnds())
+                stopped = !pass.output.append(piece)
+                return !stopped
             }
         } catch {
             return .failure(.undecodable(pass.layer.digest, error.description))
         }
+        pass.output.expect(pass.decoder.takeMemberEnds())
         // Windows go to disk as they come: a 4 GiB layer has 64 MiB of them.
         for checkpoint in pass.decoder.takeRecorded() {
             if let indexFile = pass.indexFile {
@@ -237,50 +253,55 @@ public final class LayerReader: Sendable {
             }
             if checkpoint.kind == .streamStart { pass.checkpoints.append(checkpoint) }
         }
-        if spansFailed {
-            // The cache's disk is full: the layer is read from its checkpoints alone.
-            pass.spans?.abandon()
-            pass.spans = nil
-        } else if pass.spans != nil {
-            // Spans take room as a download does: evicting least recently used blobs.
-            _ = fetcher.makeRoom(for: pass.layer.digest, bytes: pass.spansWritten - spansBefore)
-        }
-        return .success(())
+        return .success(stopped)
     }
 
+    /// Ends the pass once its output stage has hashed and written everything handed to it.
     private func endPass(_ pass: Pass, _ outcome: Result<Void, BlobReadError>) {
+        let keeping: Bool
+        if case .success = outcome { keeping = true } else { keeping = false }
+        pass.output.finish(keeping: keeping) { [self] in passEnded(pass, outcome) }
+    }
+
+    private func passEnded(_ pass: Pass, _ outcome: Result<Void, BlobReadError>) {
         let layer = pass.layer
+        let sink = pass.output.sink
         defer { fetcher.closeReader(pass.reader, of: layer.digest) }
         let result = outcome.flatMap { () -> Result<LayerIndex, BlobReadError> in
-            let found = pass.hasher.finalize()
+            pass.output.checkLastMembers()
+            if pass.output.lostOutput { return .failure(.local("layer \(layer.digest): the pass lost output")) }
+            if let damage = sink.damage {
+                return .failure(.undecodable(layer.digest, LayerDecodeError.corrupt(damage).description))
+            }
+            let found = sink.hasher.finalize()
             if let diffID = layer.diffID, found != diffID {
                 return .failure(.undecodable(layer.digest, "its uncompressed stream is \(found), not its diffID \(diffID)"))
             }
             let size = pass.decoder.uncompressedPosition
             var index = LayerIndex(compression: layer.compression, compressedSize: layer.size, uncompressedSize: size,
                                    checkpoints: pass.checkpoints.filter { $0.uncompressedOffset < size })
-            index.keepsSpans = pass.spans != nil && index.longestSpan > longestSpanWithoutSpans
+            index.keepsSpans = sink.spans != nil && sink.spansWritten == size
             return .success(index)
         }
         if case .success(let index) = result {
             var index = index
-            if !index.keepsSpans { pass.spans?.abandon() }
+            if !index.keepsSpans { sink.spans?.abandon() }
             // The waiters are answered before the files are made durable (fsyncing a gigabyte of
             // spans takes seconds): the spans are renamed into place first, so reads open them by
             // name, and no index names them until they are fsynced, so after a crash they are an
             // orphan the next pass replaces. The windows are read through the open index file.
-            if index.keepsSpans, let spans = pass.spans, rename(spans.temporaryPath, spans.path) != 0 {
+            if index.keepsSpans, let spans = sink.spans, rename(spans.temporaryPath, spans.path) != 0 {
                 spans.abandon()
                 index.keepsSpans = false
             }
             finishIndexing(layer, .success(index), windows: pass.indexFile?.file)
-            if index.keepsSpans, let spans = pass.spans, fsync(spans.file.fd) != 0 {
+            if index.keepsSpans, let spans = sink.spans, fsync(spans.file.fd) != 0 {
                 unlink(spans.path)
                 index.keepsSpans = false
             }
             return save(index, to: pass.indexFile, of: layer.digest)
         }
-        pass.spans?.abandon()
+        sink.spans?.abandon()
         pass.indexFile?.abandon()
         if case .failure(let error) = result, error != .cancelled {
             logger.error("layer cannot be presented", metadata: ["digest": "\(layer.digest)", "error": "\(error)"])

@@ -18,6 +18,37 @@ public enum LayerDecodeError: Error, Sendable, Equatable, CustomStringConvertibl
     }
 }
 
+/// A gzip member's trailer, handed to a decoder's owner that checks the output itself
+/// (`checkingMembers: false`).
+public struct GzipMemberEnd: Sendable, Equatable {
+    /// Where the member's output ends in the uncompressed stream.
+    public var uncompressedOffset: Int64
+    /// The CRC-32 and the size (modulo 2³²) of the member's output, as its trailer says.
+    public var crc: UInt32
+    public var sizeModulo: UInt32
+}
+
+/// Checks gzip members' output against their trailers, for a decoder that leaves it to its
+/// owner: the CRC-32 is then computed beside the decompression instead of inside it.
+public struct GzipMemberCheck: Sendable {
+    private var crc: UInt = 0
+    private var count: Int64 = 0
+
+    public init() {}
+
+    public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        guard let base = bytes.baseAddress, !bytes.isEmpty else { return }
+        crc = crc32_z(crc, base.assumingMemoryBound(to: Bytef.self), bytes.count)
+        count += Int64(bytes.count)
+    }
+
+    /// Whether the member's output so far matches `end`; the next member starts afresh.
+    public mutating func endMember(_ end: GzipMemberEnd) -> Bool {
+        defer { self = GzipMemberCheck() }
+        return UInt32(truncatingIfNeeded: crc) == end.crc && UInt32(truncatingIfNeeded: count) == end.sizeModulo
+    }
+}
+
 /// One layer's decompression from a checkpoint onwards, with no I/O: compressed bytes go in
 /// (in order, from `compressedPosition`), uncompressed bytes come out, and with
 /// `recordingEvery` it records checkpoints at least that much output apart where a later
@@ -35,6 +66,15 @@ public final class LayerDecoder: @unchecked Sendable {
     /// Checkpoints recorded since the last `takeRecorded`, beyond the one the decoder started at.
     public private(set) var recorded: [LayerCheckpoint] = []
 
+    /// gzip members ended since the last `takeMemberEnds`, when their output is left to the
+    /// owner to check (`checkingMembers: false`).
+    public private(set) var memberEnds: [GzipMemberEnd] = []
+
+    public func takeMemberEnds() -> [GzipMemberEnd] {
+        defer { memberEnds = [] }
+        return memberEnds
+    }
+
     /// The checkpoints recorded so far, handed over (with their windows) and forgotten here.
     public func takeRecorded() -> [LayerCheckpoint] {
         defer { recorded = [] }
@@ -46,12 +86,16 @@ public final class LayerDecoder: @unchecked Sendable {
     private let codec: Codec
     /// The output buffer each step writes into; handed to `output`, valid during that call.
     private let outputBuffer: UnsafeMutableRawBufferPointer
-    static let outputBufferSize = 128 << 10
+    /// The most output `feed` hands over at once.
+    public static let outputBufferSize = 128 << 10
 
-    /// - Parameter spacing: record checkpoints at least this many output bytes apart; nil to
-    ///   record none.
+    /// - Parameters:
+    ///   - spacing: record checkpoints at least this many output bytes apart; nil to record none.
+    ///   - checkingMembers: false to leave gzip members' CRC and size to the owner, through
+    ///     `memberEnds` and `GzipMemberCheck` (zlib's CRC-32 would otherwise run on the
+    ///     decompressing thread).
     public init(compression: LayerCompression, from checkpoint: LayerCheckpoint = .start,
-                recordingEvery spacing: Int64? = nil) throws(LayerDecodeError) {
+                recordingEvery spacing: Int64? = nil, checkingMembers: Bool = true) throws(LayerDecodeError) {
         self.compression = compression
         self.compressedPosition = checkpoint.compressedOffset
         self.uncompressedPosition = checkpoint.uncompressedOffset
@@ -59,7 +103,7 @@ public final class LayerDecoder: @unchecked Sendable {
         self.lastCheckpoint = checkpoint.uncompressedOffset
         switch compression {
         case .none: codec = .passThrough
-        case .gzip: codec = .gzip(try GzipStream(resumingAt: checkpoint))
+        case .gzip: codec = .gzip(try GzipStream(resumingAt: checkpoint, checkingMembers: checkingMembers))
         case .zstd: codec = .zstd(try ZstdStream())
         }
         outputBuffer = .allocate(byteCount: Self.outputBufferSize, alignment: 16)
@@ -87,8 +131,12 @@ public final class LayerDecoder: @unchecked Sendable {
                 if step.consumed == 0 && step.produced == 0 && !step.atBoundary { break }
                 used += step.consumed
                 compressedPosition += Int64(step.consumed)
+                uncompressedPosition += Int64(step.produced)
+                // Known before the output that completes the member is handed over.
+                if let trailer = stream.takeEndedMember() {
+                    memberEnds.append(GzipMemberEnd(uncompressedOffset: uncompressedPosition, crc: trailer.crc, sizeModulo: trailer.size))
+                }
                 if step.produced > 0 {
-                    uncompressedPosition += Int64(step.produced)
                     wanted = output(UnsafeRawBufferPointer(rebasing: outputBuffer[..<step.produced]))
                 }
                 if step.atBoundary, let spacing, uncompressedPosition - lastCheckpoint >= spacing,
@@ -153,13 +201,20 @@ final class GzipStream {
     private var initialized = false
     /// The last inflate call filled the output buffer, so more may be pending inside zlib.
     private(set) var mayHaveOutput = false
+    /// false: zlib checks no member's CRC and size; the trailers are handed out instead.
+    private let checkingMembers: Bool
+    /// The last 8 compressed bytes consumed: a member's trailer once it ends.
+    private var lastEight: UInt64 = 0
+    private var endedMember: (crc: UInt32, size: UInt32)?
 
-    init(resumingAt checkpoint: LayerCheckpoint) throws(LayerDecodeError) {
+    init(resumingAt checkpoint: LayerCheckpoint, checkingMembers: Bool = true) throws(LayerDecodeError) {
         stream = .allocate(capacity: 1)
         stream.initialize(to: z_stream())
+        self.checkingMembers = checkingMembers
         switch checkpoint.kind {
         case .streamStart:
             guard CZlib_inflateInit2(stream, 31) == Z_OK else { stream.deallocate(); throw .noMemory }
+            if !checkingMembers { inflateValidate(stream, 0) }
             phase = .inflating(raw: false)
         case .deflateBlock:
             guard CZlib_inflateInit2(stream, -15) == Z_OK else { stream.deallocate(); throw .noMemory }
@@ -183,6 +238,12 @@ final class GzipStream {
         stream.deallocate()
     }
 
+    /// The trailer of the member that just ended, when zlib was not checking it.
+    func takeEndedMember() -> (crc: UInt32, size: UInt32)? {
+        defer { endedMember = nil }
+        return endedMember
+    }
+
     var endedCleanly: Bool {
         if case .betweenMembers = phase { return true }
         return false
@@ -197,6 +258,7 @@ final class GzipStream {
         case .betweenMembers:
             guard !input.isEmpty else { return DecodeStep(consumed: 0, produced: 0) }
             guard inflateReset2(stream, 31) == Z_OK else { throw .corrupt("cannot start the next gzip member") }
+            if !checkingMembers { inflateValidate(stream, 0) }
             phase = .inflating(raw: false)
             // The start of a member is a checkpoint that needs no window.
             return DecodeStep(consumed: 0, produced: 0, atBoundary: true)
@@ -212,11 +274,19 @@ final class GzipStream {
             let consumed = availableIn - Int(stream.pointee.avail_in)
             let produced = output.count - Int(stream.pointee.avail_out)
             if consumed > 0 { lastByte = input[consumed - 1] }
+            if !checkingMembers {
+                for byte in input[max(0, consumed - 8)..<consumed] { lastEight = lastEight << 8 | UInt64(byte) }
+            }
             mayHaveOutput = stream.pointee.avail_out == 0
             switch status {
             case Z_STREAM_END:
                 phase = raw ? .trailer(remaining: 8) : .betweenMembers
                 mayHaveOutput = false
+                if !checkingMembers && !raw {
+                    // The trailer is little-endian CRC-32 then size; `lastEight` holds it big-endian.
+                    let trailer = lastEight.byteSwapped
+                    endedMember = (UInt32(truncatingIfNeeded: trailer), UInt32(truncatingIfNeeded: trailer >> 32))
+                }
                 return DecodeStep(consumed: consumed, produced: produced)
             case Z_OK, Z_BUF_ERROR:
                 let dataType = stream.pointee.data_type

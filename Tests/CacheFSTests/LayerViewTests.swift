@@ -37,6 +37,13 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
     return Array(bytes.prefix(count))
 }
 
+/// Whether `path` exists, once the pass that writes it has had its time: the index is saved
+/// after the pass answers (behind the fsync of its spans).
+private func appears(_ path: String) -> Bool {
+    for _ in 0..<6000 where !FileManager.default.fileExists(atPath: path) { usleep(10_000) }
+    return FileManager.default.fileExists(atPath: path)
+}
+
 @Suite struct LayerViewTests {
     @Test func aGzipLayerReadsAsItsTarAndItsIndexGoesWithItsBlob() throws {
         let tar = tarLikeBytes(6_000_000, seed: 40)
@@ -54,15 +61,19 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(try fixture.read(view, offset: Int64(tar.count), count: 10).get().isEmpty)
 
         let indexPath = fixture.cacheDirectory + "/layers/" + digest.hex + ".index"
-        #expect(FileManager.default.fileExists(atPath: indexPath))
+        let spansPath = fixture.cacheDirectory + "/layers/" + digest.hex + ".spans"
+        #expect(appears(indexPath))
+        // The pass kept the stream: the reads above copied it, decompressing nothing again.
+        #expect(try Array(Data(contentsOf: URL(fileURLWithPath: spansPath))) == tar)
         fixture.fetcher.waitUntilIdle()
         let store = try ContentStore(directory: fixture.cacheDirectory)
         let blobBytes = try #require(store.completeBlobs().first { $0.digest == digest }).size
         // The index counts with its blob, and goes with it.
         let removed = store.evict(toFit: CacheLimits(maxBytes: 0, minFreeBytes: 0))
         #expect(removed.map(\.digest).contains(digest))
-        #expect(try #require(removed.first { $0.digest == digest }).size > blobBytes)
+        #expect(try #require(removed.first { $0.digest == digest }).size >= blobBytes + Int64(tar.count))
         #expect(!FileManager.default.fileExists(atPath: indexPath))
+        #expect(!FileManager.default.fileExists(atPath: spansPath))
     }
 
     @Test func theNextMountReadsTheSavedIndexAndSurvivesADamagedWindow() throws {
@@ -74,12 +85,17 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(try first.filesystem.getattr(first.inode("layers/sha256/" + hex)).get().attributes.size == Int64(tar.count))
         first.fetcher.waitUntilIdle()
         let indexPath = first.cacheDirectory + "/layers/" + hex + ".index"
+        try #require(appears(indexPath))
         let saved = try Array(Data(contentsOf: URL(fileURLWithPath: indexPath)))
         let index = try #require(LayerIndex(serializedFile: saved))
         #expect(index.uncompressedSize == Int64(tar.count) && index.checkpoints.count >= 2)
 
         // Another mount of the same cache directory: no pass (the remote is not asked for the
-        // blob, which is in the cache), reads from checkpoints.
+        // blob, which is in the cache), reads from checkpoints, the spans being gone (as when
+        // the disk had no room for them).
+        let spansPath = first.cacheDirectory + "/layers/" + hex + ".spans"
+        #expect(index.keepsSpans && FileManager.default.fileExists(atPath: spansPath))
+        try FileManager.default.removeItem(atPath: spansPath)
         let second = try Fixture(layers: [layer], cacheDirectory: first.cacheDirectory)
         let view = try second.inode("layers/sha256/" + hex)
         #expect(try second.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
@@ -145,6 +161,8 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         let reader = LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test"), spacing: 1 << 20)
         let index = try reader.index(of: spec).get()
         #expect(index.checkpoints.count >= 6)
+        // Without the spans (as when the disk had no room for them), reads decode from checkpoints.
+        try FileManager.default.removeItem(atPath: fixture.cacheDirectory + "/layers/" + spec.digest.hex + ".spans")
         let chunk = 1 << 20
         let offsets = Array(stride(from: 0, to: tar.count, by: chunk))
         let answers = Mutex<[Int: [UInt8]]>([:])
@@ -163,7 +181,10 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
     }
 
     /// A layer whose every fetched megabyte inflates to many megabytes has its whole stream
-    /// checked against its diffID by the first pass, and a wrong diffID refuses it.
+    /// checked against its diffID by the first pass, and a wrong diffID refuses it. The pass's
+    /// decoder outruns its output stage (hashing, spans) and stops for its buffers again and
+    /// again, over a blob fetched as it goes and over one already in the cache (answered at
+    /// once): the spans it keeps are the stream, in order.
     @Test func thePassChecksTheDiffIDOfOutputMuchLargerThanItsInput() throws {
         var tar: [UInt8] = []
         for part in 0..<40 { tar += Array(String(repeating: "line \(part) of a very repetitive layer\n", count: 30_000).utf8) }
@@ -181,6 +202,16 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
                 case .success(let index):
                     #expect(diffID == Digest.sha256(of: tar), "\(compression): a wrong diffID was accepted")
                     #expect(index.uncompressedSize == Int64(tar.count))
+                    let layerFiles = fixture.cacheDirectory + "/layers/" + spec.digest.hex
+                    #expect(index.keepsSpans)
+                    #expect(try Array(Data(contentsOf: URL(fileURLWithPath: layerFiles + ".spans"))) == tar, "\(compression): spans")
+                    // Again, from the blob now in the cache.
+                    fixture.fetcher.waitUntilIdle()
+                    try FileManager.default.removeItem(atPath: layerFiles + ".spans")
+                    try FileManager.default.removeItem(atPath: layerFiles + ".index")
+                    let again = try LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test")).index(of: spec).get()
+                    #expect(again.uncompressedSize == Int64(tar.count) && again.keepsSpans)
+                    #expect(try Array(Data(contentsOf: URL(fileURLWithPath: layerFiles + ".spans"))) == tar, "\(compression): spans again")
                 case .failure(let error):
                     #expect(diffID != Digest.sha256(of: tar), "\(compression): \(error)")
                     #expect("\(error)".contains("diffID"), "\(compression): \(error)")
@@ -210,6 +241,54 @@ private func tarLikeBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/layers/" + digest.hex + ".index"))
         // Without them, reads decompress from the frame start, fetching the blob again.
         #expect(try fixture.read(view, offset: 7_000_000, count: 65_536).get() == Array(tar[7_000_000..<7_065_536]))
+    }
+
+    /// A stream that would not fit in the cache beside its blob is not kept: the layer is read
+    /// from its checkpoints.
+    @Test func spansBeyondTheCacheSizeAreNotKept() throws {
+        let tar = tarLikeBytes(6_000_000, seed: 48)
+        let layer = try compress(tar, with: "gzip", ["-c"])
+        let fixture = try Fixture(layers: [layer], limits: CacheLimits(maxBytes: Int64(layer.count + tar.count / 2), minFreeBytes: 0))
+        defer { fixture.removeCache() }
+        let hex = Digest.sha256(of: layer).hex
+        let view = try fixture.inode("layers/sha256/" + hex)
+        #expect(try fixture.filesystem.getattr(view).get().attributes.size == Int64(tar.count))
+        try #require(appears(fixture.cacheDirectory + "/layers/" + hex + ".index"))
+        let saved = try Array(Data(contentsOf: URL(fileURLWithPath: fixture.cacheDirectory + "/layers/" + hex + ".index")))
+        #expect(try #require(LayerIndex(serializedFile: saved)).keepsSpans == false)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: fixture.cacheDirectory + "/layers")
+        #expect(leftovers == [hex + ".index"])
+        for offset in [5_000_000, 100, 2_500_000] {
+            #expect(try fixture.read(view, offset: Int64(offset), count: 65_536).get() == Array(tar[offset..<offset + 65_536]))
+        }
+    }
+
+    /// The pass checks every gzip member's CRC and size against its trailer (beside the
+    /// decompression, not inside zlib): a layer that inflates cleanly but whose trailer lies is
+    /// refused, with no diffID to catch it.
+    @Test func aGzipMemberWhoseTrailerLiesIsRefused() throws {
+        let first = tarLikeBytes(3_000_000, seed: 49), second = tarLikeBytes(2_000_000, seed: 50)
+        let one = try compress(first, with: "gzip", ["-c"]), two = try compress(second, with: "gzip", ["-c"])
+        func flipped(_ bytes: [UInt8], at position: Int) -> [UInt8] {
+            var bytes = bytes
+            bytes[position] ^= 0x01
+            return bytes
+        }
+        let cases = [("intact", one + two), ("the first member's CRC", flipped(one, at: one.count - 8) + two),
+                     ("the second member's size", one + flipped(two, at: two.count - 1))]
+        for (name, layer) in cases {
+            let fixture = try Fixture(layers: [layer])
+            defer { fixture.removeCache() }
+            let spec = LayerSpec(digest: Digest.sha256(of: layer), size: Int64(layer.count), compression: .gzip, diffID: nil)
+            switch LayerReader(fetcher: fixture.fetcher, logger: Logger(label: "test")).index(of: spec) {
+            case .success(let index):
+                #expect(name == "intact", "\(name): accepted")
+                #expect(index.uncompressedSize == Int64(first.count + second.count))
+            case .failure(let error):
+                #expect(name != "intact", "\(error)")
+                #expect("\(error)".contains("CRC or size"), "\(name): \(error)")
+            }
+        }
     }
 
     @Test func aDamagedLayerIsAnIOErrorAndListsNothingElse() throws {
