@@ -127,6 +127,23 @@ struct StatsTests {
         }
     }
 
+    /// Reads a blob as buildctl's import does (per 1 MiB chunk open, pread, close), expects
+    /// exactly its bytes, and returns the number of chunks.
+    static func readByChunks(_ path: String, expecting layer: SeedSummary.Blob,
+                             sourceLocation: SourceLocation = #_sourceLocation) -> Int {
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var read: [UInt8] = []
+        for offset in stride(from: 0, to: Int(layer.size), by: chunk.count) {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            #expect(fd >= 0, sourceLocation: sourceLocation)
+            let got = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
+            read += chunk[..<max(got, 0)]
+            #expect(close(fd) == 0, sourceLocation: sourceLocation)
+        }
+        #expect(Digest.sha256(of: read).description == layer.digest, sourceLocation: sourceLocation)
+        return (Int(layer.size) + chunk.count - 1) / chunk.count
+    }
+
     @Test("buildctl's per-chunk opens of a blob cost the daemon an open and a release each, never a flush; the close of a written index.json still reaches it")
     func readOnlyClosesAreKeptByTheKernel() async throws {
         try await withWorkspace("stats-opens") { ws in
@@ -135,19 +152,7 @@ struct StatsTests {
             let layer = seeded.layers[0]
             let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"), writable: true)
             let before = try #require(try await Self.stats(mount.mountpoint, in: ws)["fileRequests"] as? [String: Int])
-            // buildctl's import: per 1 MiB chunk open, pread, close.
-            let path = mount.path("blobs/sha256/" + layer.hex)
-            var chunk = [UInt8](repeating: 0, count: 1 << 20)
-            var read: [UInt8] = []
-            for offset in stride(from: 0, to: Int(layer.size), by: chunk.count) {
-                let fd = open(path, O_RDONLY | O_CLOEXEC)
-                #expect(fd >= 0)
-                let got = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
-                read += chunk[..<max(got, 0)]
-                #expect(close(fd) == 0)
-            }
-            #expect(Digest.sha256(of: read).description == layer.digest)
-            let chunks = (Int(layer.size) + chunk.count - 1) / chunk.count
+            let chunks = Self.readByChunks(mount.path("blobs/sha256/" + layer.hex), expecting: layer)
             // Releases arrive after close returns: wait for them, within a bound.
             var after: [String: Int] = [:]
             for _ in 0..<200 {
@@ -176,16 +181,7 @@ struct StatsTests {
             let layer = seeded.layers[0]
             let mount = try await ws.mountExpectingSuccess(registry.source("cache:main"))
             let path = mount.path("blobs/sha256/" + layer.hex)
-            var chunk = [UInt8](repeating: 0, count: 1 << 20)
-            var read: [UInt8] = []
-            for offset in stride(from: 0, to: Int(layer.size), by: chunk.count) {
-                let fd = open(path, O_RDONLY | O_CLOEXEC)
-                #expect(fd >= 0)
-                let got = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
-                read += chunk[..<max(got, 0)]
-                #expect(close(fd) == 0)
-            }
-            #expect(Digest.sha256(of: read).description == layer.digest)
+            _ = Self.readByChunks(path, expecting: layer)
             // Scratch files still work: create, write, O_TRUNC (now a setattr), read back, unlink.
             let scratch = mount.path("ingest/probe")
             #expect(FileManager.default.createFile(atPath: scratch, contents: Data("0123456789".utf8)))
