@@ -67,7 +67,7 @@ extension CacheFilesystem {
             state.nodes[index]!.modified = now
             return index
         }
-        nextLayers.withLock { $0 = Self.nextLayers(snapshot) }
+        chainAhead.withLock { $0.successors = Self.nextLayers(snapshot) }
         if let index, let invalidate = pageCacheInvalidator.withLock({ $0 }) { invalidate(index, []) }
     }
 }

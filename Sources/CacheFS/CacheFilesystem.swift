@@ -109,9 +109,8 @@ public final class CacheFilesystem: Sendable {
     private let uid: UInt32
     private let gid: UInt32
 
-    /// The layer built directly on each layer of the cache's chains, with its size. BuildKit
-    /// imports a chain by reading its layers whole, one after another, base first.
-    let nextLayers: Mutex<[Digest: (digest: Digest, size: Int64)]>
+    /// What a read of a layer fetches ahead of BuildKit.
+    let chainAhead: Mutex<ChainAhead>
     /// Set when the mount takes exports.
     let writable: WritableMount?
     /// What refuses a change the mount does not allow: the whole filesystem is read-only
@@ -120,9 +119,6 @@ public final class CacheFilesystem: Sendable {
     let refusal: FSError
     /// `blobs/sha256`, where a rename commits a blob.
     let blobsInode: UInt64
-    /// How close to a layer's end a read starts the next layer's fetch: about one chunk, so
-    /// that its first bytes arrive while the reader finishes this one.
-    static let nextLayerLead: Int64 = 8 << 20
 
     /// A read-only mount.
     public convenience init(snapshot: CacheSnapshot, fetcher: BlobFetcher, logger: Logger,
@@ -139,7 +135,7 @@ public final class CacheFilesystem: Sendable {
         self.layers = LayerReader(fetcher: fetcher, logger: logger)
         self.members = LayerMemberIndex(layers: layers, logger: logger)
         self.logger = logger
-        self.nextLayers = Mutex(Self.nextLayers(snapshot))
+        self.chainAhead = Mutex(ChainAhead(successors: Self.nextLayers(snapshot)))
         self.uid = getuid()
         self.gid = getgid()
         self.state = Mutex(state)
@@ -486,8 +482,8 @@ public final class CacheFilesystem: Sendable {
         case .layerMember(let layer, let member)?:
             readMember(member, of: layer, offset: offset, count: count, reply: reply)
         case .lazyBlob(let digest, let size)?:
-            if offset + Int64(count) + Self.nextLayerLead >= size, let next = nextLayers.withLock({ $0[digest] }) {
-                fetcher.prefetch(next.digest, size: next.size)
+            if let ahead = chainAhead.withLock({ $0.layers(after: digest, now: .now) }) {
+                fetcher.prefetch(ahead)
             }
             let logger = self.logger
             var reader = handle == 0 ? nil : BlobFetcher.ReaderID(rawValue: handle)

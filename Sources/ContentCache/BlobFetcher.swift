@@ -143,10 +143,8 @@ public final class BlobFetcher: Sendable {
         var commitsWanted = 0
         var lastRead = ContinuousClock.now
         var cancelled = false
-        /// Blobs whose start was fetched ahead of any reader (at most once each), and those
-        /// of them still waiting in the queue to open their transfer.
-        var prefetched: Set<Digest> = []
-        var prefetchesQueued = 0
+        /// Blobs fetched ahead of any reader that wait for a worker to open their transfer.
+        var prefetchesOpening: Set<Digest> = []
         /// Until when the cache's filesystem counts as full: new downloads are held in memory.
         var diskFullUntil: ContinuousClock.Instant?
         /// Room eviction made that downloads have not filled yet. Room is made as bytes
@@ -220,7 +218,7 @@ public final class BlobFetcher: Sendable {
         self.limits = limits
         self.tuning = tuning
         self.memoryLimit = memoryLimit
-        self.queue = FetchQueue(workers: tuning.connections)
+        self.queue = FetchQueue(workers: tuning.connections, prefetchLimit: tuning.connections / 4)
         self.localQueue = FetchQueue(workers: 4)
         self.buffers = ReadBuffers(size: max(Int(tuning.blockSize), 1 << 20), count: max(2, ProcessInfo.processInfo.activeProcessorCount))
     }
@@ -309,27 +307,55 @@ public final class BlobFetcher: Sendable {
         if !queued { reply(.failure(.cancelled)) }
     }
 
-    /// Starts fetching the start of a blob nobody reads yet, as much as a first read fetches,
-    /// at read-ahead priority: BuildKit reads a chain's layers one after another, and the next
-    /// one's first read then finds its bytes there or on their way. Opening the partial file
-    /// (and making room for it) happens on a fetch worker, not in the caller's read.
-    public func prefetch(_ digest: Digest, size: Int64) {
-        let queued = state.withLock { state -> Bool in
-            guard !state.cancelled, state.transfers[digest] == nil, state.prefetched.insert(digest).inserted else { return false }
-            state.prefetchesQueued += 1
-            return true
+    /// Fetches blobs nobody reads yet, whole, in order, at the lowest priority (at most a
+    /// quarter of the connections): BuildKit imports a chain by reading its layers whole, one
+    /// after another, and the layers after the one it reads then arrive meanwhile. Blobs are
+    /// taken while they fit in a quarter of the cache's cap; complete ones cost nothing. Calling
+    /// it again for a blob keeps its queued fetches wanted (see `unwatchedFetchLimit`). Opening
+    /// a partial file (and making room for it) happens on a worker, not in the caller's read.
+    public func prefetch(_ blobs: [(digest: Digest, size: Int64)]) {
+        var budget = limits.map { $0.maxBytes / 4 } ?? .max
+        let now = ContinuousClock.now
+        for (digest, size) in blobs {
+            enum Next { case touched, open, skip }
+            let next = state.withLock { state -> Next in
+                if state.cancelled || state.backoffs[digest] != nil || state.prefetchesOpening.contains(digest) { return .skip }
+                if let transfer = state.transfers[digest] {
+                    return transfer.machine.verified || transfer.inMemory ? .skip : .touched
+                }
+                return .open
+            }
+            if next == .skip || (next == .open && store.hasComplete(digest)) { continue }
+            guard size <= budget else { return }
+            budget -= size
+            if next == .touched {
+                event(digest) { $0.prefetch(now: now) }
+                continue
+            }
+            let queued = state.withLock { state -> Bool in
+                guard !state.cancelled, state.transfers[digest] == nil else { return false }
+                return state.prefetchesOpening.insert(digest).inserted
+            }
+            guard queued else { continue }
+            let started = localQueue.enqueue(.prefetch, dropped: { [self] in state.withLock { _ = $0.prefetchesOpening.remove(digest) } }) {
+                [self] in startPrefetch(digest, size: size)
+            }
+            if !started { state.withLock { _ = $0.prefetchesOpening.remove(digest) } }
         }
-        guard queued else { return }
-        queue.enqueue(.readAhead) { [self] in startPrefetch(digest, size: size) }
     }
 
-    /// A blob already opened, failing or complete is left alone.
+    /// A blob already opened, failing or complete, or held in memory for lack of room, is left
+    /// alone.
     private func startPrefetch(_ digest: Digest, size: Int64) {
         // Counted until its jobs are, so that `waitUntilIdle` sees one or the other.
-        defer { state.withLock { $0.prefetchesQueued -= 1 } }
-        guard !store.hasComplete(digest), state.withLock({ $0.backoffs[digest] == nil }),
+        defer { state.withLock { _ = $0.prefetchesOpening.remove(digest) } }
+        let diskFull = state.withLock { state in state.diskFullUntil.map { ContinuousClock.now < $0 } ?? false }
+        guard !diskFull, !store.hasComplete(digest), state.withLock({ $0.backoffs[digest] == nil }),
               case .success(nil) = openTransfer(digest, size: size) else { return }
-        event(digest) { $0.prefetch() }
+        // Held in memory after all (the disk filled meanwhile): a prefetch takes no memory a
+        // reader may need.
+        guard state.withLock({ $0.transfers[digest].map { !$0.inMemory } ?? false }) else { return }
+        event(digest) { $0.prefetch(now: .now) }
     }
 
     /// A file handle on the blob opened: kept out of eviction while it is open, its use
@@ -401,7 +427,7 @@ public final class BlobFetcher: Sendable {
         state.withLock { $0.commitsWanted += 1 }
         defer { state.withLock { $0.commitsWanted -= 1 } }
         while commitsInFlight.load(ordering: .acquiring) > 0
-            || state.withLock({ $0.prefetchesQueued > 0 || $0.transfers.values.contains { !$0.machine.jobs.isEmpty || $0.machine.hashing || $0.awaitsCommit } }) {
+            || state.withLock({ !$0.prefetchesOpening.isEmpty || $0.transfers.values.contains { !$0.machine.jobs.isEmpty || $0.machine.hashing || $0.awaitsCommit } }) {
             SystemThread.sleep(for: .milliseconds(1))
         }
     }

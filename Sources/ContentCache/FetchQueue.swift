@@ -5,9 +5,11 @@ import Synchronization
 
 /// The one budget of range requests in flight for a whole process: a fixed set of worker
 /// threads, so connections, threads and buffers stay bounded however many blobs are read at
-/// once. Work a reader is waiting for runs before read-ahead.
+/// once. Work a reader is waiting for runs before read-ahead, and read-ahead before
+/// prefetches of blobs nobody reads yet, of which at most `prefetchLimit` run at once so that
+/// the rest of the budget stays free for readers.
 final class FetchQueue: Sendable {
-    enum Priority: Sendable { case reader, readAhead }
+    enum Priority: Sendable { case reader, readAhead, prefetch }
 
     private struct Job {
         var run: @Sendable () -> Void
@@ -18,15 +20,19 @@ final class FetchQueue: Sendable {
     private struct Pending {
         var readers: [Job] = []
         var readAhead: [Job] = []
+        var prefetches: [Job] = []
+        var prefetchesRunning = 0
         var stopped = false
     }
 
     private let pending = Mutex(Pending())
     private let available = DispatchSemaphore(value: 0)
     let workerCount: Int
+    let prefetchLimit: Int
 
-    init(workers: Int) {
+    init(workers: Int, prefetchLimit: Int = 1) {
         workerCount = max(workers, 1)
+        self.prefetchLimit = min(max(prefetchLimit, 1), workerCount)
         for _ in 0..<workerCount {
             SystemThread.start(named: "ocicachefs-fetch") { [self] in work() }
         }
@@ -41,6 +47,7 @@ final class FetchQueue: Sendable {
             switch priority {
             case .reader: pending.readers.append(Job(run: job, dropped: dropped))
             case .readAhead: pending.readAhead.append(Job(run: job, dropped: dropped))
+            case .prefetch: pending.prefetches.append(Job(run: job, dropped: dropped))
             }
             return true
         }
@@ -55,8 +62,9 @@ final class FetchQueue: Sendable {
             defer {
                 pending.readers = []
                 pending.readAhead = []
+                pending.prefetches = []
             }
-            return pending.readers + pending.readAhead
+            return pending.readers + pending.readAhead + pending.prefetches
         }
         for _ in 0..<workerCount { available.signal() }
         for job in dropped { job.dropped?() }
@@ -65,15 +73,28 @@ final class FetchQueue: Sendable {
     private func work() {
         while true {
             available.wait()
-            let job = pending.withLock { pending -> Job?? in
+            let taken = pending.withLock { pending -> (job: Job, prefetch: Bool)?? in
                 if pending.stopped { return .some(nil) }
-                if !pending.readers.isEmpty { return pending.readers.removeFirst() }
-                if !pending.readAhead.isEmpty { return pending.readAhead.removeFirst() }
+                if !pending.readers.isEmpty { return (pending.readers.removeFirst(), false) }
+                if !pending.readAhead.isEmpty { return (pending.readAhead.removeFirst(), false) }
+                // A prefetch passed over here took a wake-up it is owed: the end of a running
+                // prefetch gives one back.
+                if !pending.prefetches.isEmpty && pending.prefetchesRunning < prefetchLimit {
+                    pending.prefetchesRunning += 1
+                    return (pending.prefetches.removeFirst(), true)
+                }
                 return nil
             }
-            switch job {
+            switch taken {
             case .some(nil): return
-            case .some(let job?): job.run()
+            case .some(let taken?):
+                taken.job.run()
+                guard taken.prefetch else { continue }
+                let owed = pending.withLock { pending -> Bool in
+                    pending.prefetchesRunning -= 1
+                    return !pending.prefetches.isEmpty
+                }
+                if owed { available.signal() }
             case nil: continue
             }
         }

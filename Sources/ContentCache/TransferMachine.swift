@@ -174,7 +174,8 @@ struct TransferMachine: Sendable {
         }
         if !unchecked.isEmpty { return .check(unchecked) }
         let ahead = window.advance(offset: read.range.lowerBound, end: read.range.upperBound)
-        var actions = schedule(reading: read.range, ahead: ahead, speculative: false)
+        var actions = schedule(reading: read.range, ahead: ahead)
+        actions += hasten(read.range.lowerBound..<min(size, read.range.upperBound + ahead))
         if canServe(read) {
             if !verified, let reader = read.reader { unverifiedReaders.insert(reader) }
             return .serve(actions)
@@ -184,10 +185,13 @@ struct TransferMachine: Sendable {
         return .waiting(actions)
     }
 
-    /// The start of a blob nobody reads yet, as much as a first read would fetch.
-    mutating func prefetch() -> [Action] {
-        guard !verified, !discarded else { return [] }
-        return schedule(reading: 0..<min(size, limits.initialReadAhead), ahead: limits.initialReadAhead, speculative: true)
+    /// The whole of a blob nobody reads yet, at the lowest priority: what is absent is queued,
+    /// and a fetch already queued counts as watched from now (see `isWanted`). A blob whose
+    /// last fetch failed is left to its readers.
+    mutating func prefetch(now: ContinuousClock.Instant) -> [Action] {
+        guard !verified, !discarded, lastFailure == nil else { return [] }
+        lastUse = max(lastUse, now)
+        return schedule(reading: 0..<size, ahead: 0, speculative: .prefetch)
     }
 
     /// Whether a fetch should go on, or be tried again: the blob is not verified, and a read
@@ -417,8 +421,9 @@ struct TransferMachine: Sendable {
     }
 
     /// Queues the absent blocks of the read and of the read-ahead after it, as jobs cut at
-    /// chunk boundaries. `speculative`: nobody reads `range` yet, so it too is read-ahead.
-    private mutating func schedule(reading range: Range<Int64>, ahead: Int64, speculative: Bool) -> [Action] {
+    /// chunk boundaries. `speculative`: nobody reads `range` yet, so all of it is fetched at
+    /// that priority.
+    private mutating func schedule(reading range: Range<Int64>, ahead: Int64, speculative: FetchQueue.Priority? = nil) -> [Action] {
         let chunkSize = limits.chunkSize
         var wantedEnd = min(size, range.upperBound + ahead)
         // Once the window spans chunks, fetch whole ones: fewer, evenly sized requests.
@@ -439,16 +444,17 @@ struct TransferMachine: Sendable {
             // One stream brings every block; a job for the first absent one starts it, when
             // anything this read wants is missing.
             guard wanted.contains(where: { blocks[$0] == .absent }), let first = blocks.firstIndex(of: .absent) else { return [] }
-            let id = newJob(Job(blocks: first...first, priority: .reader))
+            let priority = speculative ?? .reader
+            let id = newJob(Job(blocks: first...first, priority: priority))
             blocks[first] = .queued(id)
-            return [.enqueue(id, .reader)]
+            return [.enqueue(id, priority)]
         }
         let blocksPerChunk = Int(chunkSize / limits.blockSize)
         var actions: [Action] = []
         var runStart: Int?
         func closeRun(_ end: Int, _ machine: inout TransferMachine) {
             guard let start = runStart else { return }
-            let priority: FetchQueue.Priority = start <= reading.upperBound && !speculative ? .reader : .readAhead
+            let priority = speculative ?? (start <= reading.upperBound ? .reader : .readAhead)
             let id = machine.newJob(Job(blocks: start...end, priority: priority))
             for index in start...end { machine.blocks[index] = .queued(id) }
             actions.append(.enqueue(id, priority))
@@ -466,11 +472,12 @@ struct TransferMachine: Sendable {
         return actions
     }
 
-    /// A read now waits on blocks queued behind read-ahead: they move to a new job ahead of it.
+    /// A read now waits on blocks queued behind read-ahead or a prefetch: they move to a new
+    /// job ahead of it.
     private mutating func promote(reading range: Range<Int64>) -> [Action] {
         let behind = covering(range).filter { index in
             guard case .queued(let owner) = blocks[index] else { return false }
-            return jobs[owner]?.priority == .readAhead
+            return jobs[owner].map { $0.priority != .reader } ?? false
         }
         guard let first = behind.first, var last = behind.last, case .queued(let owner) = blocks[last] else { return [] }
         // The rest of that read-ahead job comes along: one request instead of two for bytes
@@ -481,11 +488,29 @@ struct TransferMachine: Sendable {
         return [.enqueue(id, .reader)]
     }
 
+    /// A reader's window reached blocks a prefetch queued: their jobs, whole, become read-ahead,
+    /// so that the blob being read comes before those that may be read next.
+    private mutating func hasten(_ range: Range<Int64>) -> [Action] {
+        guard !verified, !range.isEmpty else { return [] }
+        var owners: [JobID] = []
+        for index in covering(range) {
+            if case .queued(let owner) = blocks[index], jobs[owner]?.priority == .prefetch, owners.last != owner {
+                owners.append(owner)
+            }
+        }
+        return owners.compactMap { owner in
+            guard let job = jobs[owner] else { return nil }
+            let id = newJob(Job(blocks: job.blocks, priority: .readAhead))
+            for index in job.blocks where blocks[index] == .queued(owner) { blocks[index] = .queued(id) }
+            return .enqueue(id, .readAhead)
+        }
+    }
+
     /// Queues fetches for the blocks waiting reads still lack.
     private mutating func rescheduleWaiters() -> [Action] {
         var actions: [Action] = []
         for read in waiters {
-            actions += schedule(reading: read.range, ahead: 0, speculative: false)
+            actions += schedule(reading: read.range, ahead: 0)
         }
         return actions
     }

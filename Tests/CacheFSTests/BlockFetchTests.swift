@@ -93,24 +93,41 @@ import Glibc
         #expect(ramp.map { $0.count / block } == [2, 2, 4, 3, 5], "requests in blocks: \(ramp.map { $0.count / block })")
     }
 
-    /// BuildKit reads a chain's layers whole, base first: nearing a layer's end starts the next
-    /// layer's first request, and its reader then finds those bytes fetched once, already.
-    @Test func nearingALayersEndFetchesTheStartOfTheNextInItsChain() throws {
-        let layers = [randomBytes(1 << 20, seed: 64), randomBytes(1 << 20, seed: 65), randomBytes(1 << 20, seed: 66)]
+    /// BuildKit reads a chain's layers whole, base first: a read of a layer fetches every
+    /// layer after it in its chain, whole, in chunk-sized requests; their reader then finds
+    /// them there, each byte fetched once.
+    @Test func readingALayerFetchesTheRestOfItsChainAhead() throws {
+        let layers = (0..<3).map { randomBytes(1 << 20, seed: 64 + UInt64($0)) }
         let fixture = try Fixture(layers: layers, tuning: Self.tuning, chained: true)
         defer { fixture.removeCache() }
         let digests = layers.map { Digest.sha256(of: $0) }
-        #expect(try fixture.readWhole(try blobInode(fixture, layers[0]), chunk: 64 << 10).get() == layers[0])
+        #expect(try fixture.read(try blobInode(fixture, layers[0]), offset: 0, count: 4096).get() == Array(layers[0][0..<4096]))
         fixture.fetcher.waitUntilIdle()
-        // What a first read of the next layer would ask for: its block and one of read-ahead.
-        #expect(fixture.source.requestedRanges(of: digests[1]) == [0...(2 * Self.tuning.blockSize - 1)])
-        #expect(fixture.source.requestedRanges(of: digests[2]).isEmpty)
-        #expect(try fixture.readWhole(try blobInode(fixture, layers[1]), chunk: 64 << 10).get() == layers[1])
+        for index in 1...2 {
+            let ranges = fixture.source.requestedRanges(of: digests[index]).sorted { $0.lowerBound < $1.lowerBound }
+            #expect(ranges.count == layers[index].count / Int(Self.tuning.chunkSize), "layer \(index): \(ranges)")
+            #expect(ranges.allSatisfy { Int64($0.count) <= Self.tuning.chunkSize })
+            #expect(zip(ranges, ranges.dropFirst()).allSatisfy { $0.upperBound + 1 == $1.lowerBound }, "layer \(index): \(ranges)")
+            #expect(ranges.reduce(0) { $0 + $1.count } == layers[index].count)
+        }
+        let before = fixture.source.bytesSent()
+        for index in 1...2 {
+            #expect(try fixture.readWhole(try blobInode(fixture, layers[index]), chunk: 64 << 10).get() == layers[index])
+        }
+        #expect(fixture.source.bytesSent() == before, "the layers fetched ahead are read without another request")
+    }
+
+    /// What is fetched ahead stays within a quarter of the cache's cap, nearest layer first.
+    @Test func theChainAheadStopsAtAQuarterOfTheCacheCap() throws {
+        let layers = (0..<3).map { randomBytes(1 << 20, seed: 70 + UInt64($0)) }
+        let fixture = try Fixture(layers: layers, limits: CacheLimits(maxBytes: 6 << 20, minFreeBytes: 0), tuning: Self.tuning,
+                                  chained: true)
+        defer { fixture.removeCache() }
+        let digests = layers.map { Digest.sha256(of: $0) }
+        #expect(try fixture.read(try blobInode(fixture, layers[0]), offset: 0, count: 4096).get() == Array(layers[0][0..<4096]))
         fixture.fetcher.waitUntilIdle()
-        let second = fixture.source.requestedRanges(of: digests[1]).sorted { $0.lowerBound < $1.lowerBound }
-        #expect(zip(second, second.dropFirst()).allSatisfy { $0.upperBound < $1.lowerBound }, "a byte fetched twice: \(second)")
-        #expect(second.reduce(0) { $0 + $1.count } == layers[1].count)
-        #expect(fixture.source.requestedRanges(of: digests[2]) == [0...(2 * Self.tuning.blockSize - 1)])
+        #expect(fixture.source.requestedRanges(of: digests[1]).reduce(0) { $0 + $1.count } == layers[1].count)
+        #expect(fixture.source.requestedRanges(of: digests[2]).isEmpty, "1.5 MiB of room ahead holds one layer of 1 MiB")
     }
 
     @Test func layersOutsideAChainAreNotFetchedAhead() throws {

@@ -177,9 +177,12 @@ struct Simulation {
         case 7: hashStep()
         case 8: advanceClock(seconds: Int64(argument % 40))
         default:
-            if argument % 2 == 0 {
+            if argument % 3 == 0 {
                 log.append("remote recovers")
                 remoteLies = false
+            } else if argument % 3 == 1 {
+                log.append("prefetch")
+                perform(machine.prefetch(now: now))
             } else {
                 let reader = UInt64(argument % 3 + 1)
                 log.append("close reader \(reader)")

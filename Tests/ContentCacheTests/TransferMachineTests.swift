@@ -32,4 +32,33 @@ import Testing
         #expect(machine.waiters.isEmpty)
         #expect(!machine.isWanted(retrying: false, now: now))
     }
+
+    /// A prefetch queues the whole blob in chunk-sized jobs at the lowest priority; a reader
+    /// that arrives moves the jobs its window reaches to read-ahead, and what it waits on to
+    /// the front, so the blob being read is never stuck behind blobs that may be read next.
+    @Test func aReaderHastensThePrefetchOfTheBlobItReads() throws {
+        let now = ContinuousClock.now
+        let size = 4 * Self.limits.chunkSize
+        var machine = TransferMachine(digest: Simulation.digest, size: size, limits: Self.limits, generation: 1,
+                                      recorded: Array(repeating: nil, count: Int(size / Self.limits.blockSize)), now: now)
+        let prefetched = machine.prefetch(now: now)
+        #expect(prefetched.count == 4)
+        #expect(prefetched.allSatisfy { if case .enqueue(_, .prefetch) = $0 { return true } else { return false } })
+        #expect(machine.blocks.allSatisfy { if case .queued = $0 { return true } else { return false } })
+        // Asked again, nothing more is queued: every block already has its job.
+        #expect(machine.prefetch(now: now).isEmpty)
+
+        let read = TransferMachine.Read(id: .init(rawValue: 1), range: 0..<Self.limits.blockSize, reader: 1, since: now)
+        guard case .waiting(let actions) = machine.read(read, now: now) else { Issue.record("the read should wait"); return }
+        let priorities = actions.compactMap { action -> FetchQueue.Priority? in
+            if case .enqueue(_, let priority) = action { return priority } else { return nil }
+        }
+        #expect(priorities == [.readAhead, .reader], "\(actions)")
+        guard case .queued(let owner) = machine.blocks[0], case .queued(let next) = machine.blocks[Int(Self.limits.chunkSize / Self.limits.blockSize) - 1]
+        else { Issue.record("the first chunk should be queued"); return }
+        #expect(machine.jobs[owner]?.priority == .reader)
+        #expect(machine.jobs[next]?.priority == .reader, "the rest of the chunk comes along with the block waited on")
+        guard case .queued(let later) = machine.blocks.last else { Issue.record("the last chunk should be queued"); return }
+        #expect(machine.jobs[later]?.priority == .prefetch, "beyond the window the prefetch stays behind")
+    }
 }
