@@ -40,6 +40,17 @@ struct CertificateFileTests {
         #expect(problem(two) == nil)
     }
 
+    /// A bundle the size of a system one (Debian's holds about 140), CRLF line ends included.
+    @Test func aLargeBundleIsAcceptedWhole() throws {
+        let bundle = try write(Array(repeating: Self.certificate, count: 150).joined(separator: "\n")
+            .replacingOccurrences(of: "\n", with: "\r\n") + "\r\n")
+        let lastBroken = try write(Array(repeating: Self.certificate, count: 150).joined(separator: "\n") + "\n"
+            + String(Self.certificate.dropLast(30)))
+        defer { for path in [bundle, lastBroken] { try? FileManager.default.removeItem(atPath: path) } }
+        #expect(problem(bundle) == nil)
+        #expect(problem(lastBroken)?.contains("certificate 151 has no END CERTIFICATE line") == true)
+    }
+
     @Test func unusableFilesAreNamedWithTheReason() throws {
         let text = try write("not a certificate\n")
         let key = try write("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n")
