@@ -589,17 +589,15 @@ class Bench:
     def bench_pattern(self):
         big, size = self.big, self.a.size
         digest = big["layers"][0]["digest"]
-        # Compiled, as buildctl is; the Python replay (the CI part's) is kept as a control row.
-        compiled = [self.a.pattern_binary]
-        script = [sys.executable, os.path.join(HERE, "buildctl_pattern.py")]
+        pattern = [sys.executable, os.path.join(HERE, "buildctl_pattern.py")]
         cached = os.path.join(self.keep_cache, "blobs/sha256", digest.split(":", 1)[1])
 
-        def pat(path, replay=compiled):
-            # Each replay times its own loop: start-up is not part of the pattern.
-            p = self.run(replay + [path])
+        def pat(path):
+            # The script times its own loop: Python's start-up is not part of the pattern.
+            p = self.run(pattern + [path])
             nbytes, seconds = p.stdout.split()
             if int(nbytes) != size:
-                raise BenchError(f"{replay[-1]} read {nbytes} bytes, expected {size}")
+                raise BenchError(f"buildctl_pattern.py read {nbytes} bytes, expected {size}")
             return float(seconds)
 
         self.mount(big["ref"], self.keep_cache)
@@ -609,7 +607,6 @@ class Bench:
             for _ in range(self.a.runs):
                 self.sample("pattern_warm", pat(path))
                 self.sample("dd_warm", self.dd(path, size))
-                self.sample("pattern_warm_script", pat(path, script))
                 self.drop_caches()
                 self.sample("pattern_dropped", pat(path))
                 self.drop_caches()
@@ -867,8 +864,6 @@ class Report:
             "8", "buildctl pattern after `drop_caches`", "pattern_dropped", "`dd bs=1M` after `drop_caches`", "dd_dropped")
         self.speed_row("8", "(control) buildctl pattern on the cached file directly", "pattern_direct",
                        "`dd bs=1M` of the cached file", "dd_direct")
-        self.speed_row("8", "(control) the same pattern replayed by Python, page cache warm", "pattern_warm_script",
-                       "`dd bs=1M` through the same mount", "dd_warm")
 
     def table(self):
         lines = ["| # | measurement | ocicachefs | baseline | baseline value | ratio | issue target |",
@@ -1075,10 +1070,7 @@ class Report:
             f"the kernel opens, flushes and releases files without a request to the daemon (zero-message opens), and "
             f"the two `stat`s are served from the kernel's attribute cache (day-long timeouts): what remains is the "
             f"kernel's own cost of an open and a close of a FUSE file. The control row shows the same pattern on a "
-            f"local file. The replay is compiled C (`bench/buildctl_pattern.c`), as buildctl is compiled Go, reading "
-            f"into a page-aligned buffer as Go's allocator gives buildctl; the Python replay of the same calls "
-            f"(`bench/buildctl_pattern.py`, the CI part's) is the last control row: its interpreter's cost per chunk "
-            f"is of the order of the mount's.")
+            f"local file (the script reads into a page-aligned buffer, as Go's allocator gives buildctl).")
         return "\n".join(out)
 
     def raw(self):
@@ -1171,10 +1163,9 @@ per second, "MB/s" 10⁶.""")
    registry log and the cache directory stopped changing for 1.5 s (the download runs on after the read).
 7. `VmHWM` from `/proc/PID/status` of the daemon (PID from `/run/ocicachefs/*.pid`) after `dd` of the
    whole blob, versus its value right after mounting and `curl`'s max RSS (`wait4`).
-8. `bench/buildctl_pattern.c` (compiled with `gcc -O2`): per 1 MiB chunk `stat`, `stat`, `open`,
-   `pread`, `close`, as buildctl's local cache importer does; versus `dd bs=1M` through the same mount,
-   and (controls) both on the cached file directly, and the same calls replayed by
-   `bench/buildctl_pattern.py`.""")
+8. `bench/buildctl_pattern.py`: per 1 MiB chunk `stat`, `stat`, `open`, `pread`, `close`, as buildctl's
+   local cache importer does; versus `dd bs=1M` through the same mount, and (control, for Python's own
+   cost) both on the cached file directly.""")
         else:
             how.append("- Items 1, 2 (registry), 4, 6, 7, 8: not run (part `registry`).")
         if self.wide.W:
@@ -1279,7 +1270,6 @@ def main():
     ap.add_argument("--registry-pid", type=int, help="for its CPU time")
     ap.add_argument("--binary", required=True)
     ap.add_argument("--passthrough")
-    ap.add_argument("--pattern-binary", help="bench/buildctl_pattern.c, compiled")
     ap.add_argument("--moto-port", type=int)
     ap.add_argument("--moto-pid", type=int)
     ap.add_argument("--nginx-port", type=int, help="the caching nginx in front of moto")

@@ -194,8 +194,6 @@ if has registry; then
     cp "$examples/passthrough_ll.c" "$examples/passthrough_helpers.h" "$work/pt/"
     gcc -O2 -o "$work/pt/passthrough_ll" "$work/pt/passthrough_ll.c" $(pkg-config fuse3 --cflags --libs)
     bench_args+=(--passthrough "$work/pt/passthrough_ll")
-    gcc -O2 -o "$work/pt/buildctl_pattern" bench/buildctl_pattern.c
-    bench_args+=(--pattern-binary "$work/pt/buildctl_pattern")
 fi
 
 if [ "$need_registry" -eq 1 ]; then
