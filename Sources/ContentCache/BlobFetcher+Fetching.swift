@@ -390,6 +390,10 @@ extension BlobFetcher {
                     break
                 }
                 hashed += 1
+                // Readers far behind the hash read from disk; the mount's page cache holds a
+                // second copy of what they read.
+                let lag = Int((tuning.cachedBehindHash + journal.blockSize - 1) / journal.blockSize)
+                if !transfer.inMemory && index >= lag { data.dropCachedPages(journal.range(ofBlock: index - lag)) }
             }
             if let damaged {
                 logger.warning("a downloaded block no longer matches its checksum; fetching it again",

@@ -272,6 +272,12 @@ final class OpenFile: @unchecked Sendable {
         SystemSupport.startWriteBack(fd: fd, range)
     }
 
+    /// Lets the kernel drop the range's clean pages (what is dirty or being written stays).
+    /// Advisory: a failure changes nothing.
+    func dropCachedPages(_ range: Range<Int64>) {
+        _ = posix_fadvise(fd, off_t(range.lowerBound), off_t(range.count), POSIX_FADV_DONTNEED)
+    }
+
     func write(_ bytes: [UInt8], at offset: Int64) throws(CacheError) {
         let failure = bytes.withUnsafeBytes { raw -> CacheError? in
             do throws(CacheError) {

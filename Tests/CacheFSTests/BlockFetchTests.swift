@@ -130,6 +130,22 @@ import Glibc
         #expect(fixture.source.requestedRanges(of: digests[2]).isEmpty, "1.5 MiB of room ahead holds one layer of 1 MiB")
     }
 
+    /// A download drops its pages far behind its hash; a reader that far behind gets its bytes
+    /// from disk, the same bytes.
+    @Test func aReaderFarBehindTheHashReadsTheDroppedPagesFromDisk() throws {
+        let layer = randomBytes(4 << 20, seed: 75)
+        var tuning = Self.tuning
+        tuning.cachedBehindHash = 256 << 10
+        let fixture = try Fixture(layers: [layer], tuning: tuning)
+        defer { fixture.removeCache() }
+        let inode = try blobInode(fixture, layer)
+        let ahead = try fixture.readWhole(inode, chunk: 64 << 10)
+        #expect(try ahead.get() == layer)
+        #expect(try fixture.read(inode, offset: 0, count: 1 << 20).get() == Array(layer[0..<(1 << 20)]))
+        fixture.fetcher.waitUntilIdle()
+        #expect(fixture.source.bytesSent() == Int64(layer.count), "nothing fetched twice")
+    }
+
     @Test func layersOutsideAChainAreNotFetchedAhead() throws {
         let layers = [randomBytes(1 << 20, seed: 67), randomBytes(1 << 20, seed: 68)]
         let fixture = try Fixture(layers: layers, tuning: Self.tuning)
