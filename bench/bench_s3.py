@@ -1141,8 +1141,10 @@ class S3Report:
                     f"the restore {fmt_s(self.m('ci_chain_restore_dl_registry'))} at "
                     f"{fmt_rate(ci['chain_bytes']['registry'], self.m('ci_chain_restore_dl_registry'))} with "
                     f"{ci['parallel']} streams; the mounted reads ran at "
-                    f"{fmt_rate(ci['chain_bytes']['registry'], self.m('ci_mount_registry') - mount_only)}, one layer "
-                    f"after another as buildctl reads them).")
+                    f"{fmt_rate(ci['chain_bytes']['registry'], self.m('ci_mount_registry') - mount_only)}: buildctl reads "
+                    f"the layers one after another while the mount fetches the rest of the chain on up to 4 more "
+                    f"connections, every byte received, written, hashed and served by the daemon on the machine's "
+                    f"{os.cpu_count()} cores, which the registry shares).")
                 wire, chain = self.m("ci4_mount_wire_registry"), ci["chain_bytes"]["registry"]
                 out.append(
                     f"- **{CI_CONCURRENT} concurrent CI jobs sharing one cache directory: one download per blob, all "
