@@ -1260,7 +1260,10 @@ One-off measurements that decided how the code works; the code cites this sectio
   layer's first 2 MiB. The CI job's whole-chain import (4 layers, 204 MiB, registry) took
   1.19 s against 336 ms for restoring only the chain (3.5×, run of 4801014); with the layers
   after the one read fetched whole meanwhile, on at most 4 of the 16 connections, 576 to
-  792 ms against 298 to 860 ms (1.69×, 5 runs of 623d8e9, `--only ci`).
+  792 ms against 298 to 860 ms (1.69×, 5 runs of 623d8e9, `--only ci`). Allowing prefetches
+  8 of the 16 connections instead of 4 made the same mount and import no faster (6 alternating
+  pairs, warm binary: 0.54 to 1.17 s, median 0.68 s, against 0.55 to 0.67 s, median 0.57 s):
+  the reads are CPU-bound.
 - **The certificate file is checked as bytes** (`CurlTransport.checkCertificateFile`): with
   `SSL_CERT_FILE` set to Debian's bundle (140 certificates), parsing it as Swift `Character`s
   took about 33 ms in the command and again in its daemon (strace); as bytes, 3 to 6 ms. A
