@@ -219,7 +219,9 @@ struct MountCommand: ParsableCommand {
     }
 
     /// `--ca-file`, else `SSL_CERT_FILE`: absolute (the daemon works in /), and checked here,
-    /// so that a file libcurl could not use fails the mount at once with its reason.
+    /// so that a file libcurl could not use fails the mount at once with its reason. A daemon
+    /// the command started (it passes the source on a descriptor) takes the file the command
+    /// checked.
     private func certificateAuthorityFile() throws -> String? {
         let path: String, origin: String
         if let caFile {
@@ -230,6 +232,7 @@ struct MountCommand: ParsableCommand {
             return nil
         }
         let absolute = UnmountCommand.lexicallyAbsolute(path)
+        if sourceFD != nil { return absolute }
         do {
             try CurlTransport.checkCertificateFile(absolute)
         } catch {
