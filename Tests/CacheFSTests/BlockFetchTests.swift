@@ -117,6 +117,27 @@ import Glibc
         #expect(fixture.source.bytesSent() == before, "the layers fetched ahead are read without another request")
     }
 
+    /// A layer fetched ahead from a lying remote is discarded unread and nothing of it is kept;
+    /// its reader, fetching it again, is never served it whole (EIO at its end); once the
+    /// remote tells the truth it is served.
+    @Test func aLayerFetchedAheadFromALyingRemoteIsNeverServed() throws {
+        let layers = (0..<2).map { randomBytes(1 << 20, seed: 80 + UInt64($0)) }
+        let digests = layers.map { Digest.sha256(of: $0) }
+        var lie = layers[1]
+        lie[lie.count / 3] ^= 0x01
+        let fixture = try Fixture(layers: layers, behaviour: .init(substitutes: [digests[1]: lie]), tuning: Self.tuning,
+                                  chained: true)
+        defer { fixture.removeCache() }
+        #expect(try fixture.read(try blobInode(fixture, layers[0]), offset: 0, count: 4096).get() == Array(layers[0][0..<4096]))
+        fixture.fetcher.waitUntilIdle()
+        #expect(fixture.source.requestedRanges(of: digests[1]).reduce(0) { $0 + $1.count } == layers[1].count, "fetched ahead whole")
+        #expect(!FileManager.default.fileExists(atPath: fixture.cacheDirectory + "/blobs/sha256/" + digests[1].hex))
+        let inode = try blobInode(fixture, layers[1])
+        #expect(fixture.readWhole(inode, chunk: 64 << 10).failure == .ioError)
+        fixture.source.update { $0.substitutes = [:] }
+        #expect(try fixture.readWhole(inode, chunk: 64 << 10).get() == layers[1])
+    }
+
     /// What is fetched ahead stays within a quarter of the cache's cap, nearest layer first.
     @Test func theChainAheadStopsAtAQuarterOfTheCacheCap() throws {
         let layers = (0..<3).map { randomBytes(1 << 20, seed: 70 + UInt64($0)) }
