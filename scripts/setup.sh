@@ -7,7 +7,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 packages=(fuse3 libfuse3-dev libcurl4-openssl-dev libzstd-dev zlib1g-dev
-          docker-registry skopeo apache2-utils curl python3 python3-pip zstd)
+          docker-registry skopeo apache2-utils curl python3 python3-pip zstd iproute2)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

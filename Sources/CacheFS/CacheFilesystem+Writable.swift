@@ -203,13 +203,31 @@ extension CacheFilesystem {
             do throws(CacheError) {
                 try file.write(data, at: offset)
                 // Most likely a blob on its way to `blobs/sha256`: its upload need not wait for the rename.
-                writable.uploads.beginEarlyUpload(of: file)
+                writable.uploads.beginEarlyUpload(of: file) { ingestAnnouncement(of: inode) }
                 return .success(data.count)
             } catch {
                 logger.error("write to the staging area failed", metadata: ["error": "\(error)"])
                 return .failure(Self.errno(of: error))
             }
         }
+    }
+
+    /// The blob a client announced for the staged file `inode` when it is an ingest's `data`
+    /// (BuildKit's exports: `ingest/<id>/{ref,total,data}`, see `AnnouncedBlob`).
+    func ingestAnnouncement(of inode: UInt64) -> AnnouncedBlob? {
+        let (ref, total) = state.withLock { state -> (StagedFile?, StagedFile?) in
+            guard let node = state.nodes[inode], node.name == "data", let siblings = state.nodes[node.parent]?.children else {
+                return (nil, nil)
+            }
+            func staged(_ name: String) -> StagedFile? {
+                guard let sibling = siblings[name], case .stagedFile(let file)? = state.nodes[sibling]?.content else { return nil }
+                return file
+            }
+            return (staged("ref"), staged("total"))
+        }
+        // Both are one short line; anything longer is no announcement.
+        guard let ref = try? ref?.contents(limit: 4096), let total = try? total?.contents(limit: 64) else { return nil }
+        return AnnouncedBlob(ingestRef: ref, total: total)
     }
 
     func truncate(_ file: StagedFile, to size: Int64) -> Result<Void, FSError> {

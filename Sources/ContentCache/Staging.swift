@@ -219,7 +219,7 @@ public final class StagedFile: Sendable {
             throw CacheError.system("cannot move \(path) into the cache as \(digest)")
         }
         named.store(false, ordering: .releasing)
-        early.withLock { $0?.feed.seal(at: byteCount.load(ordering: .relaxed)) }
+        early.withLock { $0?.feed.seal(at: byteCount.load(ordering: .relaxed), as: digest) }
     }
 
     /// The file lost its last name in the mount: its bytes live on while it is open.
@@ -241,12 +241,13 @@ public final class StagedFile: Sendable {
     /// Whether the file was claimed for an upload before its commit (`claimEarlyUpload`).
     public var earlyUploadTried: Bool { earlyUploadClaimed.load(ordering: .relaxed) }
 
-    /// Starts `makeUpload`'s upload on a feed of the file's bytes; nil when the file is no
-    /// longer written in order, or the publisher takes no early uploads.
-    func attachEarlyUpload(_ makeUpload: (EarlyFeed) -> (any EarlyBlobUpload)?) -> (feed: EarlyFeed, upload: any EarlyBlobUpload)? {
+    /// Starts `makeUpload`'s upload on a feed of the file's bytes, announced as `announced`;
+    /// nil when the file is no longer written in order, or the publisher takes no early uploads.
+    func attachEarlyUpload(announced: AnnouncedBlob?,
+                           _ makeUpload: (EarlyFeed) -> (any EarlyBlobUpload)?) -> (feed: EarlyFeed, upload: any EarlyBlobUpload)? {
         hashing.withLock { verifier -> (feed: EarlyFeed, upload: any EarlyBlobUpload)? in
             guard verifier != nil else { return nil }
-            let feed = EarlyFeed(file: file, written: byteCount.load(ordering: .relaxed))
+            let feed = EarlyFeed(file: file, written: byteCount.load(ordering: .relaxed), announced: announced)
             guard let upload = makeUpload(feed) else { return nil }
             early.withLock { $0 = (feed, upload) }
             return (feed, upload)
@@ -280,7 +281,9 @@ final class EarlyFeed: GrowingBlobContents {
 
     private struct State {
         var written: Int64
-        var sealed = false
+        /// Set when the commit seals the feed: the digest its bytes were verified as.
+        var committed: Digest?
+        var sealed: Bool { committed != nil }
         var givenUp: String?
         /// A reader sleeps on `wake`.
         var readerWaiting = false
@@ -289,9 +292,11 @@ final class EarlyFeed: GrowingBlobContents {
     private let file: OpenFile
     private let state: Mutex<State>
     private let wake = DispatchSemaphore(value: 0)
+    let announced: AnnouncedBlob?
 
-    init(file: OpenFile, written: Int64) {
+    init(file: OpenFile, written: Int64, announced: AnnouncedBlob? = nil) {
         self.file = file
+        self.announced = announced
         state = Mutex(State(written: written))
     }
 
@@ -299,7 +304,7 @@ final class EarlyFeed: GrowingBlobContents {
     var wasGivenUp: Bool { state.withLock { $0.givenUp != nil } }
 
     func advance(to written: Int64) { change { $0.written = written } }
-    func seal(at size: Int64) { change { if $0.givenUp == nil { $0.written = size; $0.sealed = true } } }
+    func seal(at size: Int64, as digest: Digest) { change { if $0.givenUp == nil { $0.written = size; $0.committed = digest } } }
     func giveUp(_ reason: String) { change { if !$0.sealed, $0.givenUp == nil { $0.givenUp = reason } } }
 
     private func change(_ body: (inout State) -> Void) {
@@ -338,11 +343,29 @@ final class EarlyFeed: GrowingBlobContents {
                 return got
             }
             if now.sealed { return 0 }
-            let left = ContinuousClock.now.duration(to: deadline)
-            guard left > .zero, wake.wait(timeout: UploadQueue.deadline(after: left)) == .success else {
-                giveUp("no byte was written for \(Self.stallLimit)")
-                throw CacheError("the upload before the commit stopped: no byte was written for \(Self.stallLimit)")
+            try sleep(until: deadline)
+        }
+    }
+
+    func committedDigest() throws -> Digest {
+        let deadline = ContinuousClock.now + Self.stallLimit
+        while true {
+            let now = state.withLock { state -> State in
+                if !state.sealed, state.givenUp == nil { state.readerWaiting = true }
+                return state
             }
+            if let reason = now.givenUp { throw CacheError("the upload before the commit stopped: \(reason)") }
+            if let digest = now.committed { return digest }
+            try sleep(until: deadline)
+        }
+    }
+
+    /// Sleeps until the feed changes; gives the feed up when `deadline` passes first.
+    private func sleep(until deadline: ContinuousClock.Instant) throws(CacheError) {
+        let left = ContinuousClock.now.duration(to: deadline)
+        guard left > .zero, wake.wait(timeout: UploadQueue.deadline(after: left)) == .success else {
+            giveUp("nothing was written or committed for \(Self.stallLimit)")
+            throw CacheError("the upload before the commit stopped: nothing was written or committed for \(Self.stallLimit)")
         }
     }
 }

@@ -259,15 +259,17 @@ public final class UploadQueue: Sendable {
     }
 
     /// Files at least this big, written in order from their start, begin their upload before
-    /// their commit, when the remote can take bytes of unknown digest (a registry can): a
-    /// client's rename then waits for nothing, and the upload overlaps the client's writes.
+    /// their commit, when the remote can take them (a registry takes bytes of unknown digest;
+    /// S3 takes a blob whose digest and size the client announced): a client's rename then
+    /// waits for nothing, and the upload overlaps the client's writes.
     public static let earlyUploadThreshold: Int64 = 8 << 20
 
     /// Starts sending `file` while the client writes it, if it qualifies (see
-    /// `earlyUploadThreshold`) and fewer than `workerCount` such uploads are sending. Its
-    /// commit hands the upload to `startUpload`; a file given up (rewritten, removed, never
-    /// committed) has what it sent dropped.
-    public func beginEarlyUpload(of file: StagedFile) {
+    /// `earlyUploadThreshold`) and fewer than `workerCount` such uploads are sending; asked
+    /// only then, `announced` says what the client announced the file will be. Its commit
+    /// hands the upload to `startUpload`; a file given up (rewritten, removed, never committed)
+    /// has what it sent dropped.
+    public func beginEarlyUpload(of file: StagedFile, announced: () -> AnnouncedBlob? = { nil }) {
         guard file.size >= Self.earlyUploadThreshold, !file.earlyUploadTried else { return }
         let admitted = state.withLock { state -> Bool in
             guard started.load(ordering: .relaxed), !state.stopped, state.earlySending < workerCount else { return false }
@@ -275,7 +277,8 @@ public final class UploadQueue: Sendable {
             return true
         }
         guard admitted else { return }
-        guard file.claimEarlyUpload(), let (feed, upload) = file.attachEarlyUpload({ publisher.beginEarlyUpload(of: $0) }) else {
+        guard file.claimEarlyUpload(),
+              let (feed, upload) = file.attachEarlyUpload(announced: announced(), { publisher.beginEarlyUpload(of: $0) }) else {
             state.withLock { $0.earlySending -= 1 }
             return
         }

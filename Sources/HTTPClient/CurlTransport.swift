@@ -188,8 +188,11 @@ public final class CurlTransport: HTTPTransport {
             code = curl_easy_perform(curl)
         case .stream(let stream)?:
             context.upload = .stream(stream)
-            // No INFILESIZE: an upload of unknown size goes with chunked framing.
             try check(CCurl_easy_setopt_long(curl, CURLOPT_UPLOAD, 1), "UPLOAD")
+            // Without INFILESIZE an upload of unknown size goes with chunked framing.
+            if let length = stream.length {
+                try check(CCurl_easy_setopt_off_t(curl, CURLOPT_INFILESIZE_LARGE, curl_off_t(length)), "INFILESIZE_LARGE")
+            }
             try readBodyThroughCallback(curl, method: method, context: contextPointer)
             code = curl_easy_perform(curl)
         default:

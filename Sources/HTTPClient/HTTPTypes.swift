@@ -43,8 +43,8 @@ public enum HTTPRequestBody: Sendable, Equatable {
     /// holds a blob in memory. The descriptor stays open, and the range unchanged, until the
     /// exchange ends; a file shorter than the range fails the exchange.
     case fileRange(descriptor: Int32, offset: Int64, length: Int64)
-    /// Bytes produced while they are sent, their length unknown until they end: sent with
-    /// chunked framing.
+    /// Bytes produced while they are sent: with a Content-Length when the stream knows its
+    /// length, else with chunked framing.
     case stream(any StreamedRequestBody)
 
     /// The body's length, when it is known before it is sent.
@@ -52,7 +52,7 @@ public enum HTTPRequestBody: Sendable, Equatable {
         switch self {
         case .bytes(let bytes): return Int64(bytes.count)
         case .fileRange(_, _, let length): return length
-        case .stream: return nil
+        case .stream(let stream): return stream.length
         }
     }
 
@@ -77,6 +77,13 @@ public protocol StreamedRequestBody: AnyObject, Sendable {
     /// Fills the start of `buffer` with the next bytes, waiting for them within the stream's
     /// own bound; 0 once the body is complete. Throwing stops the exchange with that error.
     func next(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// How many bytes the body will hold, when that is known before they are made; a stream
+    /// that ends short of it fails the exchange.
+    var length: Int64? { get }
+}
+
+extension StreamedRequestBody {
+    public var length: Int64? { nil }
 }
 
 public struct HTTPRequest: Sendable {

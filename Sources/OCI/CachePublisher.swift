@@ -46,6 +46,33 @@ public protocol GrowingBlobContents: AnyObject, Sendable {
     /// to be written; 0 when the contents are final and end at `offset`. Throws when they will
     /// not become a blob as they are (rewritten, truncated, removed, or no longer written).
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int
+    /// What the writer said the contents will be, before writing them: a hint, never trusted.
+    var announced: AnnouncedBlob? { get }
+    /// Waits a bounded time for the contents to be committed, and returns the digest they
+    /// were committed as (after checking their bytes); throws when they will not be.
+    func committedDigest() throws -> Digest
+}
+
+/// The blob a writer announced before writing it. containerd's content store, which BuildKit's
+/// local exporter writes through, keeps beside each ingest's `data` a `ref` (the
+/// `<kind>-<digest>` key containerd makes of the descriptor, or `<name>@<digest>` under a
+/// reference name) and a `total` (the descriptor's size).
+public struct AnnouncedBlob: Sendable, Equatable {
+    public var digest: Digest
+    public var size: Int64
+
+    public init(digest: Digest, size: Int64) {
+        self.digest = digest
+        self.size = size
+    }
+
+    /// The blob an ingest's `ref` and `total` name; nil when they name none.
+    public init?(ingestRef: [UInt8], total: [UInt8]) {
+        let named = "sha256:".utf8.count + 64
+        guard ingestRef.count >= named, let digest = Digest(String(decoding: ingestRef.suffix(named), as: UTF8.self)),
+              let size = Int64(String(decoding: total, as: UTF8.self)), size >= 0 else { return nil }
+        self.init(digest: digest, size: size)
+    }
 }
 
 /// Bytes a publisher is sending before their digest is known (`beginEarlyUpload`).

@@ -252,17 +252,7 @@ public final class RegistryPublisher: CachePublisher {
 
     public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
                             sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication {
-        if let early {
-            do {
-                return try early.finish(as: digest, size: size)
-            } catch {
-                // Sent to no avail (cut, refused, or other bytes): the ordinary way starts over
-                // and finds the blob if the closing request did arrive.
-                logger.info("an upload started before the commit did not finish; uploading the blob again",
-                            metadata: ["blob": "\(digest)", "error": "\(error)"])
-                early.abandon()
-            }
-        }
+        if let published = early?.finishOrAbandon(as: digest, size: size, logger: logger) { return published }
         return try publishBlob(digest, size: size, contentsAt: path)
     }
 
@@ -409,6 +399,25 @@ public final class RegistryPublisher: CachePublisher {
                 afterFailure()
             }
         }
+    }
+}
+
+/// Thrown by `finish` of an early upload that sent nothing, by choice (the remote held the blob).
+struct EarlyUploadNotSent: Error {}
+
+extension EarlyBlobUpload {
+    /// `finish`, or else `abandon`: nil then, and the blob is to be published the ordinary way,
+    /// which starts over and finds the blob if the closing request did arrive.
+    func finishOrAbandon(as digest: Digest, size: Int64, logger: Logger) -> BlobPublication? {
+        do {
+            return try finish(as: digest, size: size)
+        } catch is EarlyUploadNotSent {
+        } catch {
+            logger.info("an upload started before the commit did not finish; uploading the blob again",
+                        metadata: ["blob": "\(digest)", "error": "\(error)"])
+        }
+        abandon()
+        return nil
     }
 }
 

@@ -165,6 +165,36 @@ public final class S3Publisher: CachePublisher {
         }
     }
 
+    // MARK: Early uploads
+
+    /// A blob the client announced (`AnnouncedBlob`) that fits in one request is sent while it
+    /// is written: the PutObject of the announced key, signed with the announced digest. Its
+    /// last byte waits for the commit, and goes only when the commit verified the bytes as the
+    /// announced blob; otherwise the request is cut short and S3 stores nothing, whether or not
+    /// the server checks the hash the request was signed with.
+    public func beginEarlyUpload(of contents: any GrowingBlobContents) -> (any EarlyBlobUpload)? {
+        guard let announced = contents.announced, announced.size > 0, announced.size <= multipartThreshold else { return nil }
+        return S3EarlyUpload(publisher: self, contents: contents, announced: announced)
+    }
+
+    public func publishBlob(_ digest: Digest, size: Int64, contentsAt path: String,
+                            sentEarlyBy early: (any EarlyBlobUpload)?) throws -> BlobPublication {
+        if let published = early?.finishOrAbandon(as: digest, size: size, logger: logger) { return published }
+        return try publishBlob(digest, size: size, contentsAt: path)
+    }
+
+    /// `S3EarlyUpload.run`: false when S3 already holds an object of the announced size (the
+    /// commit then publishes the ordinary way, refreshing it if it is old).
+    fileprivate func sendEarly(_ contents: any GrowingBlobContents, announced: AnnouncedBlob) throws(RemoteStoreError) -> Bool {
+        let key = location.blobKey(announced.digest.description)
+        if let existing = try existingObject(key), existing.size == announced.size { return false }
+        // One attempt: the body cannot be made again, and the commit's ordinary upload retries.
+        _ = try request("PUT", key: key, body: .stream(AnnouncedBlobBody(contents, announced: announced)),
+                        payloadHash: announced.digest.hex, totalTimeout: nil, attempts: 1)
+        logger.debug("uploaded blob while it was written", metadata: ["key": "\(key)", "bytes": "\(announced.size)"])
+        return true
+    }
+
     // MARK: Multipart uploads
 
     /// CreateMultipartUpload, `send` for every part (numbered from 1, `partParallelism` at a
@@ -309,8 +339,8 @@ public final class S3Publisher: CachePublisher {
     /// `RetryBackoff` says); the answer's body, always small here, is collected. An error
     /// document in a 2xx answer is a failure like any other.
     private func request(_ method: String, key: String, query: [(String, String)] = [], headers: HTTPHeaders = HTTPHeaders(),
-                         body: HTTPRequestBody? = nil, payloadHash: String? = nil, totalTimeout: Duration?)
-        throws(RemoteStoreError) -> HTTPResponse {
+                         body: HTTPRequestBody? = nil, payloadHash: String? = nil, totalTimeout: Duration?,
+                         attempts: Int = attempts) throws(RemoteStoreError) -> HTTPResponse {
         let what = "\(displayName): \(method) \(key)"
         var failures = 0
         while true {
@@ -335,7 +365,7 @@ public final class S3Publisher: CachePublisher {
                 failure = .transport("\(what): \(error)")
             }
             failures += 1
-            guard failure.isTransient, failures < Self.attempts else { throw failure }
+            guard failure.isTransient, failures < attempts else { throw failure }
             logger.warning("retrying", metadata: ["what": "\(what)", "attempt": "\(failures)", "error": "\(failure)"])
             SystemThread.sleep(for: RetryBackoff.pause(afterFailures: failures))
         }
@@ -381,5 +411,84 @@ public final class S3Publisher: CachePublisher {
     /// `2025-06-01T10:00:00Z`, for the metadata a refresh sets.
     private static func timestamp(_ date: Date) -> String {
         date.formatted(Date.ISO8601FormatStyle())
+    }
+}
+
+/// An upload of an announced blob while the client writes it (`S3Publisher.beginEarlyUpload`).
+private final class S3EarlyUpload: EarlyBlobUpload {
+    let publisher: S3Publisher
+    let contents: any GrowingBlobContents
+    let announced: AnnouncedBlob
+    /// Whether `run` stored the blob (false: S3 already held it), or why it could not; nil while it runs.
+    private let outcome = Mutex<Result<Bool, RemoteStoreError>?>(nil)
+    private let ended = DispatchSemaphore(value: 0)
+
+    init(publisher: S3Publisher, contents: any GrowingBlobContents, announced: AnnouncedBlob) {
+        self.publisher = publisher
+        self.contents = contents
+        self.announced = announced
+    }
+
+    func run() {
+        let result: Result<Bool, RemoteStoreError>
+        do throws(RemoteStoreError) {
+            result = .success(try publisher.sendEarly(contents, announced: announced))
+        } catch {
+            result = .failure(error)
+        }
+        outcome.withLock { $0 = result }
+        ended.signal()
+    }
+
+    private func waitForRun() -> Result<Bool, RemoteStoreError> {
+        ended.wait()
+        ended.signal()  // for any later caller
+        return outcome.withLock { $0! }
+    }
+
+    func finish(as digest: Digest, size: Int64) throws -> BlobPublication {
+        guard try waitForRun().get() else { throw EarlyUploadNotSent() }
+        // The last byte went only once the commit verified the bytes as the announced blob.
+        guard digest == announced.digest, size == announced.size else {
+            throw RemoteStoreError.invalidContent("blob \(announced.digest) was sent before the commit, not \(digest)")
+        }
+        return .uploaded(bytes: size)
+    }
+
+    /// What a cut request sent, S3 does not keep; what a whole one sent is the announced blob.
+    func abandon() { _ = waitForRun() }
+}
+
+/// The body of an announced blob's PutObject: the contents as they are written, the last byte
+/// only once the commit verified them as that blob.
+private final class AnnouncedBlobBody: StreamedRequestBody {
+    let contents: any GrowingBlobContents
+    let announced: AnnouncedBlob
+    private let count = Atomic<Int64>(0)
+
+    init(_ contents: any GrowingBlobContents, announced: AnnouncedBlob) {
+        self.contents = contents
+        self.announced = announced
+    }
+
+    var length: Int64? { announced.size }
+
+    func next(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let sent = count.load(ordering: .relaxed)
+        guard sent < announced.size else { return 0 }
+        let lastByte = sent == announced.size - 1
+        if lastByte {
+            let committed = try contents.committedDigest()
+            guard committed == announced.digest else {
+                throw RemoteStoreError.invalidContent("the bytes were committed as \(committed), not as the announced \(announced.digest)")
+            }
+        }
+        let room = lastByte ? 1 : Int(min(Int64(buffer.count), announced.size - 1 - sent))
+        let got = try contents.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<room]), at: sent)
+        guard got > 0 else {
+            throw RemoteStoreError.invalidContent("the contents ended after \(sent) bytes; \(announced.size) were announced")
+        }
+        count.add(Int64(got), ordering: .relaxed)
+        return got
     }
 }

@@ -170,7 +170,10 @@ private final class EarlyTakingPublisher: CachePublisher {
         let file = try staging.newFile()
         let content = bytes(1000, seed: 3)
         try content.withUnsafeBytes { try file.write($0, at: 0) }
-        let upload = try #require(file.attachEarlyUpload { RecordingEarlyUpload($0) }?.upload as? RecordingEarlyUpload)
+        let announced = AnnouncedBlob(digest: Digest.sha256(of: content), size: 1000)
+        let (feed, early) = try #require(file.attachEarlyUpload(announced: announced) { RecordingEarlyUpload($0) })
+        let upload = try #require(early as? RecordingEarlyUpload)
+        #expect(feed.announced == announced, "the announcement travels with the feed, unchecked")
         let runner = Thread { upload.run() }
         runner.start()
         // A write wakes the reader; the seal ends its stream at the file's size.
@@ -181,6 +184,7 @@ private final class EarlyTakingPublisher: CachePublisher {
         #expect(upload.waitForRun())
         #expect(upload.state.withLock { $0.failure } == nil)
         #expect(upload.state.withLock { $0.received } == content + content)
+        #expect(try feed.committedDigest() == digest, "the digest the commit verified")
     }
 
     private func eventually(_ condition: () -> Bool) async -> Bool {

@@ -116,4 +116,89 @@ struct EarlyUploadTests {
             #expect(Self.openSessions(remote).isEmpty, "no upload session is left: \(Self.openSessions(remote))")
         }
     }
+
+    // MARK: S3: blobs the client announced
+
+    /// Makes `ingest/<name>/` with the `ref` and `total` containerd writes before `data`.
+    private static func announce(_ directory: String, ref: String, size: Int) throws {
+        guard mkdir(directory, 0o755) == 0 else { throw HarnessError("mkdir \(directory): errno \(errno)") }
+        try BuildctlExport.writeFile(directory + "/ref", Array(ref.utf8), flags: O_WRONLY | O_CREAT | O_TRUNC)
+        try BuildctlExport.writeFile(directory + "/total", Array(String(size).utf8), flags: O_WRONLY | O_CREAT | O_TRUNC)
+    }
+
+    /// Bytes the server's side of every TCP connection to `port` acknowledged (`ss`'s
+    /// `bytes_acked`, counted by the kernel): what was sent, whether or not a request ended.
+    private static func bytesAcknowledged(byPort port: Int, in ws: Workspace) throws -> Int64 {
+        let ss = try Harness.tool("ss", neededFor: "counting the bytes sent to the S3 server (Debian package iproute2)")
+        guard let listing = Processes.runSync(ss, ["-tinH", "dport = :\(port)"], in: ws), listing.status == 0 else {
+            throw HarnessError("ss could not list the connections to port \(port)")
+        }
+        return listing.stdout.split(whereSeparator: { $0.isWhitespace }).reduce(Int64(0)) { total, field in
+            field.hasPrefix("bytes_acked:") ? total + (Int64(field.dropFirst("bytes_acked:".count)) ?? 0) : total
+        }
+    }
+
+    @Test("a blob announced in its ingest's ref and total streams to S3 while it is written, and S3 stores it only once its rename checked it: one PutObject in all")
+    func anAnnouncedBlobStreamsToS3BeforeItsRename() async throws {
+        try await withWorkspace("earlys3") { ws in
+            let remote = try await ExportRemote.start(.s3, in: ws)
+            let mark = remote.requests().count
+            let mount = try await remote.mount(["main"], writable: true)
+            let root = mount.mountpoint
+            let bytes = try #require(BuildCache.Layer.random(seed: 81, size: 24 << 20).bytes)
+            let digest = Digest.sha256(of: bytes)
+            let before = try Self.bytesAcknowledged(byPort: remote.port, in: ws)
+
+            try Self.announce(root + "/ingest/big", ref: "layer-" + digest.description, size: bytes.count)
+            let data = root + "/ingest/big/data"
+            let fd = try BuildctlExport.openFile(data, O_WRONLY | O_CREAT, 0o644)
+            try Self.write(fd, bytes[...], at: 0)
+            #expect(fsync(fd) == 0 && close(fd) == 0)
+            var sent: Int64 = 0
+            let streamed = await LifecycleTests.eventually(30) {
+                sent = ((try? Self.bytesAcknowledged(byPort: remote.port, in: ws)) ?? 0) - before
+                return sent >= Int64(bytes.count - (1 << 20))
+            }
+            #expect(streamed, "S3 acknowledged \(sent) bytes before the rename")
+            let storedEarly = try await remote.blobs([digest]).count
+            #expect(storedEarly == 0, "nothing is stored before the rename")
+            #expect(rename(data, root + "/blobs/sha256/" + digest.hex) == 0)
+
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
+            let writes = remote.blobWrites(remote.requests()[mark...])
+            #expect(writes.map(\.method) == ["PUT"], "one PutObject, the one sent while written: \(writes)")
+            #expect(try await remote.blobs([digest])[digest].map { sameBytes($0, bytes) } == true)
+        }
+    }
+
+    @Test("an ingest whose ref announces other bytes than its data gets nothing stored under the announced name: the data renamed under its own digest is published after its commit, renamed under the announced one it fails with EIO")
+    func aFalseAnnouncementStoresNothing() async throws {
+        try await withWorkspace("earlys3lie") { ws in
+            let remote = try await ExportRemote.start(.s3, in: ws)
+            let mount = try await remote.mount(["main"], writable: true)
+            let root = mount.mountpoint
+            let size = 12 << 20
+            let written = try #require(BuildCache.Layer.random(seed: 82, size: size).bytes)
+            let other = try #require(BuildCache.Layer.random(seed: 83, size: size).bytes)
+            let writtenDigest = Digest.sha256(of: written), announcedDigest = Digest.sha256(of: other)
+
+            // Announced as `other`, renamed under its own digest.
+            try Self.announce(root + "/ingest/own", ref: "layer-" + announcedDigest.description, size: size)
+            try BuildctlExport.writeFile(root + "/ingest/own/data", written, flags: O_WRONLY | O_CREAT)
+            #expect(rename(root + "/ingest/own/data", root + "/blobs/sha256/" + writtenDigest.hex) == 0)
+
+            // Announced as `other`, renamed under that name: the rename checks the bytes.
+            let liar = Array(written.reversed())
+            try Self.announce(root + "/ingest/liar", ref: "layer-" + announcedDigest.description, size: size)
+            try BuildctlExport.writeFile(root + "/ingest/liar/data", liar, flags: O_WRONLY | O_CREAT)
+            #expect(FileIO.errnoOf { rename(root + "/ingest/liar/data", root + "/blobs/sha256/" + announcedDigest.hex) } == EIO)
+
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
+            let stored = try await remote.blobs([writtenDigest, announcedDigest])
+            #expect(stored[writtenDigest].map { sameBytes($0, written) } == true, "the committed bytes under their own digest")
+            #expect(!stored.keys.contains(announcedDigest), "nothing under the announced name")
+        }
+    }
 }

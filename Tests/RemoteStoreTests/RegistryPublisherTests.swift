@@ -399,17 +399,22 @@ struct RegistryPublisherTagTests {
 }
 
 /// Bytes a test writes while an early upload reads them, as a staged file feeds one.
-private final class TestGrowingContents: GrowingBlobContents {
+final class TestGrowingContents: GrowingBlobContents {
     private struct State {
         var bytes: [UInt8] = []
         var sealed = false
+        var committed: Digest?
         var failure: String?
     }
     private let state = Mutex(State())
     private let wake = DispatchSemaphore(value: 0)
+    let announced: AnnouncedBlob?
+
+    init(announced: AnnouncedBlob? = nil) { self.announced = announced }
 
     func append(_ more: [UInt8]) { change { $0.bytes += more } }
-    func seal() { change { $0.sealed = true } }
+    /// Committed as `digest`, or as the digest of what was appended.
+    func seal(as digest: Digest? = nil) { change { $0.sealed = true; $0.committed = digest ?? Digest.sha256(of: $0.bytes) } }
     func fail(_ reason: String) { change { $0.failure = reason } }
 
     private func change(_ body: (inout State) -> Void) {
@@ -427,6 +432,15 @@ private final class TestGrowingContents: GrowingBlobContents {
                 return piece.count
             }
             if now.sealed { return 0 }
+            guard wake.wait(timeout: .now() + .seconds(10)) == .success else { throw HTTPTransportError.timedOut("test contents stalled") }
+        }
+    }
+
+    func committedDigest() throws -> Digest {
+        while true {
+            let now = state.withLock { $0 }
+            if let failure = now.failure { throw HTTPTransportError.aborted(failure) }
+            if let committed = now.committed { return committed }
             guard wake.wait(timeout: .now() + .seconds(10)) == .success else { throw HTTPTransportError.timedOut("test contents stalled") }
         }
     }
