@@ -216,3 +216,26 @@ struct DescriptorTests {
         }
     }
 }
+
+@Suite struct AnnouncedBlobTests {
+    let hex = String(repeating: "ab", count: 32)
+
+    @Test func containerdIngestRefsNameTheirDigest() {
+        let announced = AnnouncedBlob(digest: Digest(hex: hex)!, size: 4096)
+        for ref in ["layer-sha256:\(hex)", "config-sha256:\(hex)", "unknown-sha256:\(hex)",
+                    "main@sha256:\(hex)", "sha256:\(hex)"] {
+            #expect(AnnouncedBlob(ingestRef: Array(ref.utf8), total: Array("4096".utf8)) == announced, "\(ref)")
+        }
+    }
+
+    @Test func anythingElseIsNoAnnouncement() {
+        let cases: [(ref: String, total: String)] = [
+            ("layer-sha256:\(hex.uppercased())", "1"), ("layer-sha256:\(hex.dropLast())", "1"), ("layer-sha512:\(hex)", "1"),
+            ("layer-sha256:\(hex)\n", "1"), ("", "1"), ("layer-sha256:\(hex)", ""), ("layer-sha256:\(hex)", "12x"),
+            ("layer-sha256:\(hex)", "-1"), ("layer-sha256:\(hex)", " 1"), ("layer-sha256:\(hex)", "99999999999999999999"),
+        ]
+        for (ref, total) in cases {
+            #expect(AnnouncedBlob(ingestRef: Array(ref.utf8), total: Array(total.utf8)) == nil, "\(ref) \(total)")
+        }
+    }
+}
