@@ -90,7 +90,7 @@ public final class UploadQueue: Sendable {
         var stopped = false
         /// Uploads that began before their blob's commit, waiting for its publication.
         var earlyUploads: [Digest: any EarlyBlobUpload] = [:]
-        /// Early uploads still sending (at most `workerCount`).
+        /// Early uploads still sending (at most `earlyUploadLimit`).
         var earlySending = 0
     }
 
@@ -101,6 +101,12 @@ public final class UploadQueue: Sendable {
     let maxAttempts: Int
     let retryPause: @Sendable (Int) -> Duration
     let workerCount: Int
+    /// Early uploads sending at once: twice the workers. BuildKit writes four layers at once,
+    /// and the next four start while the first four's uploads still trail their writes; with
+    /// one per worker those missed their early start and went up after their commit, and a
+    /// 1 GiB export to a registry took 4.39 s instead of 4.19 s (medians of 6 alternating
+    /// runs, the client's first write to the unmount's return).
+    let earlyUploadLimit: Int
     private let state = Mutex(State())
     /// Held while a tag's journal entry and its state change together, so that a publication
     /// finishing never removes the entry of a newer one being recorded.
@@ -128,6 +134,7 @@ public final class UploadQueue: Sendable {
         self.maxAttempts = max(maxAttempts, 1)
         self.retryPause = retryPause
         self.workerCount = max(workers, 1)
+        self.earlyUploadLimit = 2 * workerCount
         journal = try UploadJournal(store: store, remoteName: remoteName ?? publisher.displayName)
         resume(journal.load())
     }
@@ -265,14 +272,14 @@ public final class UploadQueue: Sendable {
     public static let earlyUploadThreshold: Int64 = 8 << 20
 
     /// Starts sending `file` while the client writes it, if it qualifies (see
-    /// `earlyUploadThreshold`) and fewer than `workerCount` such uploads are sending; asked
+    /// `earlyUploadThreshold`) and fewer than `earlyUploadLimit` such uploads are sending; asked
     /// only then, `announced` says what the client announced the file will be. Its commit
     /// hands the upload to `startUpload`; a file given up (rewritten, removed, never committed)
     /// has what it sent dropped.
     public func beginEarlyUpload(of file: StagedFile, announced: () -> AnnouncedBlob? = { nil }) {
         guard file.size >= Self.earlyUploadThreshold, !file.earlyUploadTried else { return }
         let admitted = state.withLock { state -> Bool in
-            guard started.load(ordering: .relaxed), !state.stopped, state.earlySending < workerCount else { return false }
+            guard started.load(ordering: .relaxed), !state.stopped, state.earlySending < earlyUploadLimit else { return false }
             state.earlySending += 1
             return true
         }

@@ -142,6 +142,33 @@ private final class EarlyTakingPublisher: CachePublisher {
         #expect(upload.state.withLock { $0.abandoned } == 0)
     }
 
+    /// BuildKit writes four layers at once and starts the next four while the first four's
+    /// uploads still trail: twice as many early uploads as workers run at once, and a file
+    /// asked while none is free begins at a later write, once one ended.
+    @Test func twiceTheWorkersBeginEarlyAndTheNextBeginsWhenOneEnds() throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let (_, staging, publisher, queue) = try startedQueue()
+        defer { queue.stop() }
+        let limit = 2 * UploadQueue.defaultWorkers
+        let content = bytes(threshold, seed: 4)
+        let files = try (0...limit).map { _ in try staging.newFile() }
+        for file in files { try write(content[...], to: file, at: 0, queue: queue) }
+        #expect(publisher.started.withLock { $0.count } == limit)
+        #expect(!files[limit].earlyUploadTried, "the file asked while none was free was not claimed")
+
+        files[0].removeName()
+        let ended = try #require(publisher.started.withLock { $0.first })
+        #expect(ended.waitForRun())
+        var begun = false
+        for piece in 0..<200 where !begun {
+            // The slot frees once the ended upload's thread returns; the file grows in order.
+            try write(content[..<(1 << 20)], to: files[limit], at: threshold + piece << 20, queue: queue)
+            begun = publisher.started.withLock { $0.count } == limit + 1
+            if !begun { usleep(10_000) }
+        }
+        #expect(begun, "the next file began once a slot was free")
+    }
+
     @Test(arguments: ["written out of order", "truncated", "removed", "refused"])
     func aFileThatWillNotBeCommittedAsStreamedGivesItsUploadUp(_ change: String) async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
