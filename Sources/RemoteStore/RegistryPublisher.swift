@@ -402,32 +402,12 @@ public final class RegistryPublisher: CachePublisher {
     }
 }
 
-/// Thrown by `finish` of an early upload that sent nothing, by choice (the remote held the blob).
-struct EarlyUploadNotSent: Error {}
-
-extension EarlyBlobUpload {
-    /// `finish`, or else `abandon`: nil then, and the blob is to be published the ordinary way,
-    /// which starts over and finds the blob if the closing request did arrive.
-    func finishOrAbandon(as digest: Digest, size: Int64, logger: Logger) -> BlobPublication? {
-        do {
-            return try finish(as: digest, size: size)
-        } catch is EarlyUploadNotSent {
-        } catch {
-            logger.info("an upload started before the commit did not finish; uploading the blob again",
-                        metadata: ["blob": "\(digest)", "error": "\(error)"])
-        }
-        abandon()
-        return nil
-    }
-}
-
 /// An upload that starts while the client still writes the blob (`beginEarlyUpload`).
 private final class RegistryEarlyUpload: EarlyBlobUpload {
     let publisher: RegistryPublisher
     let contents: any GrowingBlobContents
-    /// The session `run` filled, or why it could not; nil while it runs.
-    private let outcome = Mutex<Result<UploadSession, RemoteStoreError>?>(nil)
-    private let ended = DispatchSemaphore(value: 0)
+    /// The session `run` filled, or why it could not.
+    private let outcome = EarlyRunOutcome<UploadSession>()
     /// Finished or abandoned: the session is no one's any more.
     private let settled = Atomic<Bool>(false)
 
@@ -436,26 +416,10 @@ private final class RegistryEarlyUpload: EarlyBlobUpload {
         self.contents = contents
     }
 
-    func run() {
-        let result: Result<UploadSession, RemoteStoreError>
-        do throws(RemoteStoreError) {
-            result = .success(try publisher.sendEarly(contents))
-        } catch {
-            result = .failure(error)
-        }
-        outcome.withLock { $0 = result }
-        ended.signal()
-    }
-
-    /// What `run` left, once it ended.
-    private func waitForRun() -> Result<UploadSession, RemoteStoreError> {
-        ended.wait()
-        ended.signal()  // for any later caller
-        return outcome.withLock { $0! }
-    }
+    func run() { outcome.record { () throws(RemoteStoreError) in try publisher.sendEarly(contents) } }
 
     func finish(as digest: Digest, size: Int64) throws -> BlobPublication {
-        let session = try waitForRun().get()
+        let session = try outcome.wait().get()
         guard session.offset == size else {
             throw RemoteStoreError.invalidContent("\(session.offset) bytes were sent before the commit, the blob has \(size)")
         }
@@ -467,7 +431,7 @@ private final class RegistryEarlyUpload: EarlyBlobUpload {
     }
 
     func abandon() {
-        guard case .success(let session) = waitForRun(), !settled.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        guard case .success(let session) = outcome.wait(), !settled.exchange(true, ordering: .acquiringAndReleasing) else { return }
         publisher.abandonEarly(session)
     }
 }

@@ -419,9 +419,8 @@ private final class S3EarlyUpload: EarlyBlobUpload {
     let publisher: S3Publisher
     let contents: any GrowingBlobContents
     let announced: AnnouncedBlob
-    /// Whether `run` stored the blob (false: S3 already held it), or why it could not; nil while it runs.
-    private let outcome = Mutex<Result<Bool, RemoteStoreError>?>(nil)
-    private let ended = DispatchSemaphore(value: 0)
+    /// Whether `run` stored the blob (false: S3 already held it), or why it could not.
+    private let outcome = EarlyRunOutcome<Bool>()
 
     init(publisher: S3Publisher, contents: any GrowingBlobContents, announced: AnnouncedBlob) {
         self.publisher = publisher
@@ -429,25 +428,10 @@ private final class S3EarlyUpload: EarlyBlobUpload {
         self.announced = announced
     }
 
-    func run() {
-        let result: Result<Bool, RemoteStoreError>
-        do throws(RemoteStoreError) {
-            result = .success(try publisher.sendEarly(contents, announced: announced))
-        } catch {
-            result = .failure(error)
-        }
-        outcome.withLock { $0 = result }
-        ended.signal()
-    }
-
-    private func waitForRun() -> Result<Bool, RemoteStoreError> {
-        ended.wait()
-        ended.signal()  // for any later caller
-        return outcome.withLock { $0! }
-    }
+    func run() { outcome.record { () throws(RemoteStoreError) in try publisher.sendEarly(contents, announced: announced) } }
 
     func finish(as digest: Digest, size: Int64) throws -> BlobPublication {
-        guard try waitForRun().get() else { throw EarlyUploadNotSent() }
+        guard try outcome.wait().get() else { throw EarlyUploadNotSent() }
         // The last byte went only once the commit verified the bytes as the announced blob.
         guard digest == announced.digest, size == announced.size else {
             throw RemoteStoreError.invalidContent("blob \(announced.digest) was sent before the commit, not \(digest)")
@@ -456,7 +440,7 @@ private final class S3EarlyUpload: EarlyBlobUpload {
     }
 
     /// What a cut request sent, S3 does not keep; what a whole one sent is the announced blob.
-    func abandon() { _ = waitForRun() }
+    func abandon() { _ = outcome.wait() }
 }
 
 /// The body of an announced blob's PutObject: the contents as they are written, the last byte
