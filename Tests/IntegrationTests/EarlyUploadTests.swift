@@ -201,4 +201,30 @@ struct EarlyUploadTests {
             #expect(!stored.keys.contains(announcedDigest), "nothing under the announced name")
         }
     }
+
+    @Test("an announced blob S3 already holds is not sent again: a second export of it, through another mount and cache directory, only checks for it")
+    func anAnnouncedBlobS3HoldsIsNotSentAgain() async throws {
+        try await withWorkspace("earlys3held") { ws in
+            let remote = try await ExportRemote.start(.s3, in: ws)
+            let bytes = try #require(BuildCache.Layer.random(seed: 84, size: 12 << 20).bytes)
+            let digest = Digest.sha256(of: bytes)
+            var marks: [Int] = []
+            for (index, tag) in ["main", "other"].enumerated() {
+                marks.append(remote.requests().count)
+                let mount = try await remote.mount([tag], writable: true, cacheDir: try ws.makeDirectory("cache-\(tag)"))
+                let root = mount.mountpoint
+                try Self.announce(root + "/ingest/held", ref: "layer-" + digest.description, size: bytes.count)
+                try BuildctlExport.writeFile(root + "/ingest/held/data", bytes, flags: O_WRONLY | O_CREAT)
+                #expect(rename(root + "/ingest/held/data", root + "/blobs/sha256/" + digest.hex) == 0, "export \(index + 1)")
+                let unmounted = try await mount.unmount(in: ws)
+                #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
+            }
+            let first = remote.requests()[marks[0]..<marks[1]], second = remote.requests()[marks[1]...]
+            #expect(remote.uploadedBlobs(first) == [digest.description], "the first export sends the blob once")
+            #expect(remote.blobWrites(second).isEmpty, "the second sends nothing: \(Array(second))")
+            #expect(!remote.blobChecks(second).isEmpty, "it asked whether S3 holds the blob")
+            #expect(try await remote.blobs([digest])[digest].map { sameBytes($0, bytes) } == true)
+        }
+    }
 }
+
