@@ -177,7 +177,7 @@ extension CacheFilesystem {
                 .map { inode in
                     state.nodes[inode]!.lookups += 1
                     state.nodes[inode]!.opens += 1
-                    return (entry(inode, state.nodes[inode]!), OpenedFile(keepCache: false))
+                    return (entry(inode, state.nodes[inode]!), OpenedFile.stagedFile)
                 }
         }
     }

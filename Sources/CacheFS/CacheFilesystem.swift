@@ -432,7 +432,7 @@ public final class CacheFilesystem: Sendable {
                     node.modified = .now()
                 }
                 state.nodes[inode] = node
-                return .success((OpenedFile(keepCache: false), truncates ? .truncate(file) : .nothing))
+                return .success((OpenedFile.stagedFile, truncates ? .truncate(file) : .nothing))
             case .scratchFile(let bytes):
                 if flags.truncates && flags.wantsWrite {
                     state.scratchBytes -= bytes.count
@@ -785,6 +785,13 @@ public struct OpenedFile: Sendable, Equatable {
     /// Whether its close must reach the filesystem (`flush`): only files a client may write
     /// need it, and a close the kernel keeps to itself saves every 1 MiB chunk a round trip.
     public var needsFlush = true
+    /// Reads and writes bypass the kernel's page cache of the mount's file: a file a client
+    /// writes in a writable mount is staged on disk, and a second copy of its bytes in the
+    /// mount's page cache would cost the writer a copy and the machine its memory.
+    public var directIO = false
+
+    /// An open of a file staged in a writable mount.
+    static let stagedFile = OpenedFile(keepCache: false, directIO: true)
 }
 
 public struct FilesystemStatistics: Sendable {

@@ -346,6 +346,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
         request.reply(request.filesystem.open(inode, flags: OpenFlags(info.pointee.flags))) { opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
             CFuse3_setNoFlush(info, opened.needsFlush ? 0 : 1)
+            CFuse3_setDirectIO(info, opened.directIO ? 1 : 0)
             info.pointee.fh = opened.handle
             fuse_reply_open(req, info)
         }
@@ -358,6 +359,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
         request.reply(result) { entry, opened in
             CFuse3_setKeepCache(info, opened.keepCache ? 1 : 0)
             CFuse3_setNoFlush(info, opened.needsFlush ? 0 : 1)
+            CFuse3_setDirectIO(info, opened.directIO ? 1 : 0)
             info.pointee.fh = opened.handle
             var param = FuseRequest.entryParameters(entry)
             fuse_reply_create(req, &param, info)

@@ -17,6 +17,12 @@ public func startWriteBack(fd: Int32, _ range: Range<Int64>) {
     _ = CSystem_startWriteBack(fd, range.lowerBound, Int64(range.count))
 }
 
+/// How many pages of `range` of the file the kernel's page cache holds (`cachestat`, Linux 6.5).
+public func cachedPageCount(fd: Int32, _ range: Range<Int64>) -> Result<Int64, Errno> {
+    let pages = CSystem_cachedPages(fd, range.lowerBound, Int64(range.count))
+    return pages >= 0 ? .success(pages) : .failure(Errno(rawValue: errno))
+}
+
 /// An errno value, for results that carry a system call's failure.
 public struct Errno: Error, Sendable, Equatable {
     public let rawValue: Int32

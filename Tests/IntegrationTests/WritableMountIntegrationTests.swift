@@ -1,5 +1,6 @@
 import Foundation
 import OCI
+import SystemSupport
 import Testing
 
 #if canImport(Glibc)
@@ -505,6 +506,47 @@ struct WritableMountIntegrationTests {
             #expect(unmounted.status == 0, "\(unmounted)")
             let requests = remote.requests()[mark...]
             #expect(remote.blobWrites(requests).isEmpty && remote.tagWrites(requests).isEmpty, "an import publishes nothing: \(Array(requests))")
+        }
+    }
+
+    @Test("a file written through a writable mount leaves no copy in the mount's page cache (the staged file on disk is its one copy), and reads back as written")
+    func writtenFilesStayOutOfTheMountsPageCache() async throws {
+        try await withWorkspace("wdirect") { ws in
+            let remote = try await ExportRemote.start(.registry, in: ws)
+            let mount = try await remote.mount(["main"], writable: true)
+            let root = mount.mountpoint
+            let bytes = try #require(BuildCache.Layer.random(seed: 93, size: 8 << 20).bytes)
+            let whole = Int64(0)..<Int64(bytes.count)
+
+            /// Writes `bytes` into `path` in 1 MiB pieces, as BuildKit writes a blob; the file stays open.
+            func written(_ path: String) throws -> Int32 {
+                let fd = try BuildctlExport.openFile(path, O_RDWR | O_CREAT | O_TRUNC, 0o644)
+                var done = 0
+                while done < bytes.count {
+                    let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, min(1 << 20, $0.count - done), off_t(done)) }
+                    guard n > 0 else { throw HarnessError("pwrite failed: errno \(errno)") }
+                    done += n
+                }
+                return fd
+            }
+
+            // The control: the same writes into a local file leave their pages cached, so a count
+            // of 0 below is the mount's doing and not a blind cachestat.
+            let local = try written(ws.path("local-data"))
+            #expect(try cachedPageCount(fd: local, whole).get() == Int64(bytes.count) / Int64(getpagesize()))
+            #expect(close(local) == 0)
+
+            #expect(mkdir(root + "/ingest/direct", 0o755) == 0)
+            let fd = try written(root + "/ingest/direct/data")
+            #expect(try cachedPageCount(fd: fd, whole).get() == 0, "the client's writes left pages in the mount's page cache")
+            var readBack = [UInt8](repeating: 0, count: bytes.count)
+            let got = readBack.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, $0.count, 0) }
+            #expect(got == bytes.count && sameBytes(readBack, bytes), "the file reads back as written")
+            #expect(try cachedPageCount(fd: fd, whole).get() == 0, "reading it back left pages in the mount's page cache")
+            #expect(close(fd) == 0)
+
+            let unmounted = try await mount.unmount(in: ws)
+            #expect(unmounted.status == 0, "\(unmounted); daemon log: \(mount.log.suffix(3000))")
         }
     }
 }

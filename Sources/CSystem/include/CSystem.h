@@ -20,6 +20,10 @@ int CSystem_memoryFile(const char *name);
 /// SYNC_FILE_RANGE_WRITE).
 int CSystem_startWriteBack(int fd, long long offset, long long count);
 
+/// How many pages of a file's range the kernel's page cache holds (cachestat, Linux 6.5);
+/// -1 with errno set on failure.
+long long CSystem_cachedPages(int fd, long long offset, long long length);
+
 /// F_OFD_SETLK: a record lock owned by the open file description, not the process.
 extern const int CSystem_F_OFD_SETLK;
 /// POSIX_SPAWN_SETSID: the child starts a new session.
