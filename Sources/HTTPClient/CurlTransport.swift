@@ -22,6 +22,10 @@ public final class CurlTransport: HTTPTransport {
     private let maxIdleHandles: Int
     private let receiveBufferSize: Int
     private let certificateAuthorities: String?
+    /// libcurl's upload buffer: what one read of a request body fills and one send passes on.
+    /// Against libcurl's 64 KiB it cost the daemon less CPU per exported GiB, for 192 KiB more
+    /// per upload in flight (docs/performance.md, "Measurements behind design choices").
+    static let uploadBufferSize = 256 * 1024
 
     /// - Parameters:
     ///   - maxIdleHandles: easy handles (each with its own connection cache) kept for reuse.
@@ -224,6 +228,7 @@ public final class CurlTransport: HTTPTransport {
     private func readBodyThroughCallback(_ curl: UnsafeMutableRawPointer, method: String, context: UnsafeMutableRawPointer) throws {
         try check(CCurl_easy_setopt_read_callback(curl, CURLOPT_READFUNCTION, curlReadCallback), "READFUNCTION")
         try check(CCurl_easy_setopt_pointer(curl, CURLOPT_READDATA, context), "READDATA")
+        try check(CCurl_easy_setopt_long(curl, CURLOPT_UPLOAD_BUFFERSIZE, Self.uploadBufferSize), "UPLOAD_BUFFERSIZE")
         if method == "POST" {
             try check(CCurl_easy_setopt_string(curl, CURLOPT_CUSTOMREQUEST, "POST"), "CUSTOMREQUEST")
         }
