@@ -1292,9 +1292,10 @@ One-off measurements that decided how the code works; the code cites this sectio
   copies each write into the mount's page cache before the daemon reads it, and keeps those
   pages. Exporting 1 GiB to the loopback registry (`bench/export_replay.py` into a writable
   mount), the client's system CPU was 0.69 to 0.87 s without (5 runs) and 0.26 to 0.45 s with
-  (5 runs). The export's time stayed inside this machine's noise in 6 alternating pairs
-  (medians 4.10 s without, 4.09 s with, new faster in 4): the registry's own CPU, 4.1 to 5.9
-  CPU-s per export, varies more than the change saves.
+  (5 runs). The export's time stayed inside this machine's noise in 6 alternating pairs of
+  1ab5666's build (this change and the upload buffer below) against 0b9d962's (medians 4.09
+  and 4.10 s, the new one faster in 4): the registry's own CPU, 4.1 to 5.9 CPU-s per export,
+  varies more than the change saves.
 - **A 256 KiB upload buffer** (`CurlTransport.uploadBufferSize`): libcurl reads a request body
   and sends it in pieces of its upload buffer, 64 KiB by default. Same exports, alternating:
   the daemon's CPU per export had a median of 1.69 s with 64 KiB (10 runs), 1.57 s with
