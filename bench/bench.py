@@ -1305,6 +1305,20 @@ One-off measurements that decided how the code works; the code cites this sectio
 - **Not kept: starting write-back every 8 MiB of a staged file**, so that the client's fsync
   before its rename finds little left to write: 4 alternating pairs measured 4.41 to 5.45 s
   against 3.95 to 4.84 s without.
+- **Not kept: answering reads by splice** (`fuse_reply_data` with an fd-backed buffer, the
+  kernel's `FUSE_CAP_SPLICE_WRITE`, optionally `SPLICE_MOVE`; an experiment on c256d73 that
+  replied to blob reads from the cache file instead of reading it into a buffer). A new mount's
+  `dd bs=1M` of a complete 1 GiB blob whose cache file was in the page cache took 1.09 to
+  1.15 s and 1.16 to 1.20 daemon CPU-s with splice (2 runs; 1.21 s and 1.24 CPU-s with
+  `SPLICE_MOVE`) against 0.57 to 0.59 s and 0.41 to 0.48 CPU-s without (2 runs); a cold read
+  of the blob from the loopback registry cost 3.94 to 4.17 CPU-s per GiB with it (3.93 with
+  `SPLICE_MOVE`) against 3.08 to 3.18 without. The bytes were right (sha256 through the
+  mount); on this kernel and libfuse 3.14 the pipe costs more than the copy it saves.
+- **Not kept: decoding a layer's first pass straight into its output stage's buffers**
+  (`LayerDecoder.feed(into:)`, sparing the copy of each decoded piece, 4% of the pass's perf
+  samples for a zstd layer): the cold `stat` of a 1 GiB tar as a 300 MiB zstd blob took 1.76 to
+  2.09 s with it against 1.75 to 1.95 s without (4 alternating pairs, the pass's CPU 2.63 to
+  2.92 against 2.58 to 2.72 s).
 
 ## How each figure is measured
 
