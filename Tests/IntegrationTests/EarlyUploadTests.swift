@@ -28,8 +28,8 @@ struct EarlyUploadTests {
         return FileIO.listDirectory(uploads).filter { FileManager.default.fileExists(atPath: uploads + "/" + $0 + "/data") }
     }
 
-    /// Writes `bytes` from offset 0 in 1 MiB pieces into an open file.
-    private static func write(_ fd: Int32, _ bytes: ArraySlice<UInt8>, at offset: Int) throws {
+    /// Writes `bytes` at `offset` in 1 MiB pieces into an open file, as BuildKit writes a blob.
+    static func write(_ fd: Int32, _ bytes: ArraySlice<UInt8>, at offset: Int) throws {
         var done = 0
         while done < bytes.count {
             let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, min(1 << 20, $0.count - done), off_t(offset + done)) }

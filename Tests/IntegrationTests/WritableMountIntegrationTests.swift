@@ -518,15 +518,10 @@ struct WritableMountIntegrationTests {
             let bytes = try #require(BuildCache.Layer.random(seed: 93, size: 8 << 20).bytes)
             let whole = Int64(0)..<Int64(bytes.count)
 
-            /// Writes `bytes` into `path` in 1 MiB pieces, as BuildKit writes a blob; the file stays open.
+            /// Writes `bytes` into `path` as BuildKit writes a blob; the file stays open.
             func written(_ path: String) throws -> Int32 {
                 let fd = try BuildctlExport.openFile(path, O_RDWR | O_CREAT | O_TRUNC, 0o644)
-                var done = 0
-                while done < bytes.count {
-                    let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, min(1 << 20, $0.count - done), off_t(done)) }
-                    guard n > 0 else { throw HarnessError("pwrite failed: errno \(errno)") }
-                    done += n
-                }
+                try EarlyUploadTests.write(fd, bytes[...], at: 0)
                 return fd
             }
 
