@@ -290,22 +290,14 @@ final class OpenFile: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    /// Writes `head` and then `tail` at `offset`, in one system call unless the kernel takes
-    /// them in parts.
-    func write(_ head: UnsafeRawBufferPointer, followedBy tail: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
-               at offset: Int64) throws(CacheError) {
+    /// Writes all of `bytes` at `offset`.
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
+        guard !bytes.isEmpty else { return }
         pthread_mutex_lock(writeLock)
         defer { pthread_mutex_unlock(writeLock) }
         var written = 0
-        while written < head.count + tail.count {
-            let headDone = min(written, head.count), tailDone = written - headDone
-            var parts = (
-                iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress.map { $0 + headDone }), iov_len: head.count - headDone),
-                iovec(iov_base: UnsafeMutableRawPointer(mutating: tail.baseAddress.map { $0 + tailDone }), iov_len: tail.count - tailDone))
-            let n = withUnsafeMutablePointer(to: &parts) { tuple in
-                // SAFETY: a homogeneous tuple of two iovecs is laid out as an array of two.
-                tuple.withMemoryRebound(to: iovec.self, capacity: 2) { pwritev(fd, $0, 2, off_t(offset) + off_t(written)) }
-            }
+        while written < bytes.count {
+            let n = pwrite(fd, bytes.baseAddress! + written, bytes.count - written, off_t(offset) + off_t(written))
             if n < 0 {
                 if errno == EINTR { continue }
                 throw CacheError.system("write to the cache failed")

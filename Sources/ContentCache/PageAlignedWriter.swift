@@ -2,53 +2,69 @@
 @preconcurrency import Glibc
 #endif
 
-/// Writes a stream of received pieces into a file so that every write ends on a page boundary,
-/// holding back the partial last page of each piece until the next one completes it.
+/// Writes a stream of received pieces into a file in large writes that end on page
+/// boundaries: pieces are gathered until `capacity` bytes are held, then everything up to the
+/// last page boundary is written and the partial page kept for the next write or `flush`.
 ///
-/// A buffered write that covers a new page only in part makes ext4 zero the rest of that page,
-/// which the next write then overwrites. Pieces come in whatever sizes the socket delivers, and
-/// after the first odd-sized one every write starts and ends mid-page (docs/performance.md,
-/// "Measurements behind design choices", has what that cost).
+/// Two costs of ext4 on this path (docs/performance.md, "Measurements behind design choices"):
+/// a buffered write that covers a new page only in part makes ext4 zero the rest of that page,
+/// which the next write then overwrites; and every write pays a fixed price (the inode's lock,
+/// which the connections of one download contend for, and the timestamps), so writing each
+/// 16 to 64 KiB piece the socket delivers costs far more than writing the same bytes in
+/// 256 KiB.
 struct PageAlignedWriter: ~Copyable {
     static let pageSize = Int64(sysconf(Int32(_SC_PAGESIZE)))
+    /// One buffer per download in progress, so at most one per fetch worker.
+    static let defaultCapacity = 256 * 1024
 
     private let file: OpenFile
-    /// Received bytes not yet written; they never extend past the page `heldOffset` is in.
+    /// Received bytes not yet written, which belong at `heldOffset`.
     private let held: UnsafeMutableRawBufferPointer
     private var heldOffset: Int64 = 0
     private var heldCount = 0
 
-    init(file: OpenFile) {
+    /// `capacity` is rounded up to whole pages, at least two.
+    init(file: OpenFile, capacity: Int = defaultCapacity) {
         self.file = file
-        held = .allocate(byteCount: Int(Self.pageSize), alignment: 16)
+        let page = Int(Self.pageSize)
+        held = .allocate(byteCount: max(2, (capacity + page - 1) / page) * page, alignment: page)
     }
 
     deinit { held.deallocate() }
 
-    /// Writes `piece`, which belongs at `offset`, except for a partial last page, which is kept
-    /// for the next piece or `flush`. A piece that does not continue the held bytes flushes them
-    /// first.
+    /// Takes `piece`, which belongs at `offset`; what it completes is written, up to a page
+    /// boundary. A piece that does not continue the held bytes flushes them first.
     mutating func write(_ piece: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
         if heldCount > 0 && offset != heldOffset + Int64(heldCount) { try flush() }
         if heldCount == 0 { heldOffset = offset }
-        let end = heldOffset + Int64(heldCount + piece.count)
-        let pageEnd = end / Self.pageSize * Self.pageSize
-        let direct = pageEnd > heldOffset ? Int(pageEnd - heldOffset) - heldCount : 0
-        if direct > 0 {
-            try file.write(UnsafeRawBufferPointer(rebasing: held[..<heldCount]),
-                           followedBy: UnsafeRawBufferPointer(rebasing: piece[..<direct]), at: heldOffset)
-            heldOffset = pageEnd
-            heldCount = 0
+        var rest = piece
+        while !rest.isEmpty {
+            let taken = min(rest.count, held.count - heldCount)
+            UnsafeMutableRawBufferPointer(rebasing: held[heldCount..<(heldCount + taken)])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: rest[..<taken]))
+            heldCount += taken
+            rest = UnsafeRawBufferPointer(rebasing: rest[taken...])
+            if heldCount == held.count { try writeWholePages() }
         }
-        let rest = UnsafeRawBufferPointer(rebasing: piece[direct...])
-        UnsafeMutableRawBufferPointer(rebasing: held[heldCount...]).copyMemory(from: rest)
-        heldCount += rest.count
     }
 
     /// Writes whatever is held.
     mutating func flush() throws(CacheError) {
         guard heldCount > 0 else { return }
         try file.write(UnsafeRawBufferPointer(rebasing: held[..<heldCount]), at: heldOffset)
+        heldOffset += Int64(heldCount)
         heldCount = 0
+    }
+
+    /// Writes the held bytes up to the last page boundary they reach and moves the rest, less
+    /// than a page, to the front. With at least two pages held there is such a boundary.
+    private mutating func writeWholePages() throws(CacheError) {
+        let pageEnd = (heldOffset + Int64(heldCount)) / Self.pageSize * Self.pageSize
+        let count = Int(pageEnd - heldOffset)
+        try file.write(UnsafeRawBufferPointer(rebasing: held[..<count]), at: heldOffset)
+        let left = heldCount - count
+        if left > 0 { memmove(held.baseAddress!, held.baseAddress! + count, left) }
+        heldOffset = pageEnd
+        heldCount = left
     }
 }
