@@ -25,6 +25,14 @@ int CSystem_startWriteBack(int fd, long long offset, long long count) {
     return sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE);
 }
 
+int CSystem_allocateKeepingSize(int fd, long long offset, long long count) {
+    return fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, count);
+}
+
+int CSystem_freeKeepingSize(int fd, long long offset, long long count) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count);
+}
+
 // Linux 6.5's cachestat(2), which glibc 2.36 and its kernel headers do not name yet.
 #ifndef __NR_cachestat
 #define __NR_cachestat 451

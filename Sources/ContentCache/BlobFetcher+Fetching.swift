@@ -88,13 +88,33 @@ extension BlobFetcher {
     ///
     /// A full cache directory costs no read: least recently used blobs are evicted and the
     /// block written again, and when nothing more can go the download moves to memory.
+    ///
+    /// The disk blocks of the blocks it writes are allocated before the request, and those of
+    /// the ones a failed fetch did not record are given back, so a remote that sends less than
+    /// it declared leaves no allocation behind.
     @discardableResult
     private func fetch(_ digest: Digest, job: JobID, blocks ours: Set<Int>, span: ClosedRange<Int>, into transfer: Transfer,
                        wholeStream: Bool) -> Bool {
+        let onDisk = !transfer.inMemory
+        let allocated = onDisk ? Self.runs(of: ours, within: span).map { run in
+            transfer.journal.range(ofBlock: run.lowerBound).lowerBound..<transfer.journal.range(ofBlock: run.upperBound).upperBound
+        } : []
+        if onDisk { makeRoom(for: digest, bytes: Int64(ours.count) * transfer.journal.blockSize) }
+        for range in allocated { transfer.data.allocateAhead(range) }
+        let fetched = fetchAllocated(digest, job: job, blocks: ours, span: span, into: transfer, wholeStream: wholeStream)
+        if !fetched && !allocated.isEmpty {
+            for index in ours.sorted() where transfer.journal.recordedChecksum(ofBlock: index) == nil {
+                transfer.data.free(transfer.journal.range(ofBlock: index))
+            }
+        }
+        return fetched
+    }
+
+    private func fetchAllocated(_ digest: Digest, job: JobID, blocks ours: Set<Int>, span: ClosedRange<Int>, into transfer: Transfer,
+                                wholeStream: Bool) -> Bool {
         let data = transfer.data, journal = transfer.journal
         let first = journal.range(ofBlock: span.lowerBound).lowerBound
         let end = journal.range(ofBlock: span.upperBound).upperBound
-        if !transfer.inMemory { makeRoom(for: digest, bytes: Int64(ours.count) * journal.blockSize) }
         var position = first
         var blockChecksum: UInt32 = 0
         var writer = PageAlignedWriter(file: data)
@@ -358,6 +378,22 @@ extension BlobFetcher {
                 if !abandoned.isEmpty { event(digest, on: transfer) { $0.abandonedElsewhere(abandoned) } }
             }
         }
+    }
+
+    /// The runs of consecutive blocks of `blocks` inside `span`, in order.
+    static func runs(of blocks: Set<Int>, within span: ClosedRange<Int>) -> [ClosedRange<Int>] {
+        var runs: [ClosedRange<Int>] = []
+        var start: Int?
+        for index in span {
+            if blocks.contains(index) {
+                if start == nil { start = index }
+            } else if let first = start {
+                runs.append(first...(index - 1))
+                start = nil
+            }
+        }
+        if let first = start { runs.append(first...span.upperBound) }
+        return runs
     }
 }
 

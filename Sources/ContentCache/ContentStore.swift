@@ -272,6 +272,18 @@ final class OpenFile: @unchecked Sendable {
         SystemSupport.startWriteBack(fd: fd, range)
     }
 
+    /// Allocates the range's disk blocks ahead of its writes, which then need no delayed
+    /// allocation (docs/performance.md, "Measurements behind design choices"). Advisory: where
+    /// it fails, the writes allocate as they go.
+    func allocateAhead(_ range: Range<Int64>) {
+        SystemSupport.allocateKeepingSize(fd: fd, range)
+    }
+
+    /// Gives back the range's disk blocks; it then reads as zeros.
+    func free(_ range: Range<Int64>) {
+        SystemSupport.freeKeepingSize(fd: fd, range)
+    }
+
     /// Lets the kernel drop the range's clean pages (what is dirty or being written stays).
     /// Advisory: a failure changes nothing.
     func dropCachedPages(_ range: Range<Int64>) {

@@ -11,6 +11,20 @@ public func createMemoryFile(named name: String) -> Result<Int32, Errno> {
     return fd >= 0 ? .success(fd) : .failure(Errno(rawValue: errno))
 }
 
+/// Allocates the disk blocks of `range` in the file without changing its size; false when the
+/// filesystem cannot (the writes then allocate as they go).
+@discardableResult
+public func allocateKeepingSize(fd: Int32, _ range: Range<Int64>) -> Bool {
+    CSystem_allocateKeepingSize(fd, range.lowerBound, Int64(range.count)) == 0
+}
+
+/// Frees the disk blocks of `range` in the file without changing its size (the range then
+/// reads as zeros); false when the filesystem cannot.
+@discardableResult
+public func freeKeepingSize(fd: Int32, _ range: Range<Int64>) -> Bool {
+    CSystem_freeKeepingSize(fd, range.lowerBound, Int64(range.count)) == 0
+}
+
 /// Starts writing the dirty pages of `range` of the file to disk without waiting for them
 /// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`). Advisory: a failure changes nothing.
 public func startWriteBack(fd: Int32, _ range: Range<Int64>) {

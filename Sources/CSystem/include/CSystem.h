@@ -20,6 +20,14 @@ int CSystem_memoryFile(const char *name);
 /// SYNC_FILE_RANGE_WRITE).
 int CSystem_startWriteBack(int fd, long long offset, long long count);
 
+/// Allocates a file range's disk blocks without changing its size (fallocate with
+/// FALLOC_FL_KEEP_SIZE).
+int CSystem_allocateKeepingSize(int fd, long long offset, long long count);
+
+/// Frees a file range's disk blocks without changing its size: the range reads as zeros
+/// (fallocate with FALLOC_FL_PUNCH_HOLE).
+int CSystem_freeKeepingSize(int fd, long long offset, long long count);
+
 /// How many pages of a file's range the kernel's page cache holds (cachestat, Linux 6.5);
 /// -1 with errno set on failure.
 long long CSystem_cachedPages(int fd, long long offset, long long length);
