@@ -22,20 +22,24 @@ import Testing
 
     @Test func hardwareAndTableAgreeAtEveryLengthAndAlignmentAndAcrossPieces() {
         var state: UInt64 = 0x1234_5678
-        let bytes = (0..<4099).map { _ -> UInt8 in
+        let bytes = (0..<40_000).map { _ -> UInt8 in
             state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
             return UInt8(truncatingIfNeeded: state >> 33)
         }
         bytes.withUnsafeBytes { all in
             for start in 0..<9 {
-                for length in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 1000, 4090] {
+                // From 12 KiB on, the instructions run in three interleaved lanes of 4 KiB whose CRCs are joined.
+                for length in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 1000, 4090, 12_287, 12_288, 12_289, 24_576 + 13, 39_990] {
                     let piece = UnsafeRawBufferPointer(rebasing: all[start..<(start + length)])
                     #expect(crc32c(0, piece) == CChecksum_crc32cPortable(0, piece.baseAddress, piece.count), "at \(start), \(length) bytes")
                 }
             }
             let whole = crc32c(0, all)
-            let split = crc32c(crc32c(0, UnsafeRawBufferPointer(rebasing: all[..<1001])), UnsafeRawBufferPointer(rebasing: all[1001...]))
-            #expect(whole == split, "continued over two pieces")
+            #expect(whole == CChecksum_crc32cPortable(0, all.baseAddress, all.count))
+            for cut in [1001, 12_288, 20_000] {
+                let split = crc32c(crc32c(0, UnsafeRawBufferPointer(rebasing: all[..<cut])), UnsafeRawBufferPointer(rebasing: all[cut...]))
+                #expect(whole == split, "continued over two pieces cut at \(cut)")
+            }
         }
     }
 
