@@ -27,6 +27,7 @@ struct PageAlignedWriter: ~Copyable {
     init(file: OpenFile, capacity: Int = defaultCapacity) {
         self.file = file
         let page = Int(Self.pageSize)
+        // SAFETY: owned by this noncopyable writer alone and freed in its deinit.
         held = .allocate(byteCount: max(2, (capacity + page - 1) / page) * page, alignment: page)
     }
 
@@ -63,6 +64,7 @@ struct PageAlignedWriter: ~Copyable {
         let count = Int(pageEnd - heldOffset)
         try file.write(UnsafeRawBufferPointer(rebasing: held[..<count]), at: heldOffset)
         let left = heldCount - count
+        // SAFETY: both ranges lie inside `held`; memmove allows them to overlap.
         if left > 0 { memmove(held.baseAddress!, held.baseAddress! + count, left) }
         heldOffset = pageEnd
         heldCount = left
