@@ -95,16 +95,17 @@ extension BlobFetcher {
     @discardableResult
     private func fetch(_ digest: Digest, job: JobID, blocks ours: Set<Int>, span: ClosedRange<Int>, into transfer: Transfer,
                        wholeStream: Bool) -> Bool {
-        let onDisk = !transfer.inMemory
-        let allocated = onDisk ? Self.runs(of: ours, within: span).map { run in
-            transfer.journal.range(ofBlock: run.lowerBound).lowerBound..<transfer.journal.range(ofBlock: run.upperBound).upperBound
-        } : []
-        if onDisk { makeRoom(for: digest, bytes: Int64(ours.count) * transfer.journal.blockSize) }
-        for range in allocated { transfer.data.allocateAhead(range) }
+        let journal = transfer.journal
+        if !transfer.inMemory {
+            makeRoom(for: digest, bytes: Int64(ours.count) * journal.blockSize)
+            for run in Self.runs(of: ours, within: span) {
+                transfer.data.allocateAhead(journal.range(ofBlock: run.lowerBound).lowerBound..<journal.range(ofBlock: run.upperBound).upperBound)
+            }
+        }
         let fetched = fetchAllocated(digest, job: job, blocks: ours, span: span, into: transfer, wholeStream: wholeStream)
-        if !fetched && !allocated.isEmpty {
-            for index in ours.sorted() where transfer.journal.recordedChecksum(ofBlock: index) == nil {
-                transfer.data.free(transfer.journal.range(ofBlock: index))
+        if !fetched && !transfer.inMemory {
+            for index in ours.sorted() where journal.recordedChecksum(ofBlock: index) == nil {
+                transfer.data.free(journal.range(ofBlock: index))
             }
         }
         return fetched
