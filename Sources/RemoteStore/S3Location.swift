@@ -44,7 +44,10 @@ public struct S3Location: Sendable, Equatable {
             if let port = url.port, !(1...65535).contains(port) {
                 throw .configuration("endpoint_url=\(endpoint): port \(port) is outside 1-65535")
             }
-            self.endpoint = endpoint.hasSuffix("/") ? String(endpoint.dropLast()) : endpoint
+            // Every trailing slash: the request paths append their own.
+            var trimmed = Substring(endpoint)
+            while trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
+            self.endpoint = String(trimmed)
         } else {
             self.endpoint = "https://s3.\(region).amazonaws.com"
         }

@@ -100,6 +100,14 @@ func makeS3Source(_ attributes: String, transport: any HTTPTransport, environmen
         #expect(location.manifestKey("buildkit") == "manifests/buildkit")
     }
 
+    /// The fuzzer's find: only one of several trailing slashes used to go.
+    @Test(arguments: ["http://127.0.0.1:9000/", "http://127.0.0.1:9000/base//", "http://127.0.0.1:9000/base/a////"])
+    func everyTrailingSlashOfTheEndpointGoes(_ endpoint: String) throws {
+        let location = try S3Location(spec: SourceSpec(parsing: "type=s3,bucket=b,region=r,endpoint_url=" + endpoint), environment: [:])
+        #expect(!location.endpoint.hasSuffix("/"), "\(location.endpoint)")
+        #expect(location.endpoint.hasPrefix("http://127.0.0.1:9000"))
+    }
+
     @Test func environmentFallbacksAndPrefixes() throws {
         let spec = try SourceSpec(parsing: "type=s3,name=a;b;,prefix=team/,blobs_prefix=b/,manifests_prefix=m/")
         let location = try S3Location(spec: spec, environment: ["AWS_BUCKET": "envbucket", "AWS_REGION": "us-west-2"])
