@@ -1387,6 +1387,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mount-runs", type=int, default=5)
     ap.add_argument("--rss-runs", type=int, default=3, help="runs of the 4 GiB case")
+    ap.add_argument("--export-runs", type=int, default=5,
+                    help="runs of the export part; the export and its curl baseline take turns going first")
     ap.add_argument("--ci-runs", type=int, default=5,
                     help="runs of the CI job on loopback, whose ratio lies close to its target (behind the shaped link: --runs)")
     ap.add_argument("--quick", action="store_true")
