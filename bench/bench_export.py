@@ -1048,10 +1048,13 @@ class ExportReport:
     def requests_text(counts):
         return ", ".join(f"{n} × {k}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
+    def run_ratios(self, t):
+        """Each run's curl time ÷ the export's: a slow spell of the machine slows both of a run's
+        pair more than it slows the medians of each."""
+        return [c / o for o, c in zip(self.b.s(f"export_{t}"), self.b.s(f"export_curl_{t}"))]
+
     def paired_ratio(self, t):
-        """The median over runs of curl's time ÷ the export's in the same run: a slow spell of the
-        machine slows both of a run's pair more than it slows the medians of each."""
-        return med([c / o for o, c in zip(self.b.s(f"export_{t}"), self.b.s(f"export_curl_{t}"))])
+        return med(self.run_ratios(t))
 
     def build(self):
         if not self.E or "export" not in self.E:
@@ -1118,7 +1121,7 @@ class ExportReport:
         for t in TARGETS:
             ours, base = self.m(f"export_{t}"), self.m(f"export_curl_{t}")
             r = self.paired_ratio(t)
-            pairs = ", ".join(f"{c / o:.2f}" for o, c in zip(self.b.s(f"export_{t}"), self.b.s(f"export_curl_{t}")))
+            pairs = ", ".join(f"{x:.2f}" for x in self.run_ratios(t))
             writes, drain = self.m(f"export_{t}_writes"), self.m(f"export_{t}_drain")
             left = self.m(f"export_{t}_wire_left")
             nproc = os.cpu_count() or 1
