@@ -47,8 +47,10 @@ extension BlobFetcher {
             fetch(digest, job: job, blocks: Set(ours), span: 0...(journal.blockCount - 1), into: transfer, wholeStream: true)
             return
         }
-        // A reader's promoted job may span a chunk boundary; requests never do.
-        for run in TransferMachine.contiguousRuns(ours, blocksPerChunk: Int(tuning.chunkSize / tuning.blockSize)) {
+        // A reader's promoted job may span the boundary of the largest requests; requests never do.
+        let largestRequest = TransferMachine.requestSize(at: 0, blobSize: .max, chunkSize: machineLimits.chunkSize,
+                                                         window: machineLimits.maximumReadAhead, perWindow: machineLimits.requestsPerWindow)
+        for run in TransferMachine.contiguousRuns(ours, blocksPerChunk: Int(largestRequest / tuning.blockSize)) {
             if plan.overridingClaims {
                 // Another process holds these blocks' claims without landing them; both may now
                 // write the same bytes, which the digest check covers like any other.

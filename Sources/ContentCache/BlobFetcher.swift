@@ -45,8 +45,9 @@ public struct CommitTiming: Sendable {
 public struct FetchTuning: Sendable, Equatable {
     /// The unit of presence: each block is fetched, recorded and checked as a whole.
     public var blockSize: Int64
-    /// The largest range one request asks for; requests never cross a chunk boundary, so a
-    /// long read is fetched as fixed-size chunks on several connections at once.
+    /// The range one request asks for while the read-ahead window is small; requests never
+    /// cross a chunk boundary, so a long read is fetched on several connections at once. Once
+    /// the window holds more than 8 chunks, requests grow with it (`TransferMachine.requestSize`).
     public var chunkSize: Int64
     /// Read-ahead after a first or a random read, and its limit while reads stay sequential.
     public var initialReadAhead: Int64
@@ -60,7 +61,7 @@ public struct FetchTuning: Sendable, Equatable {
     public var cachedBehindHash: Int64
 
     public init(blockSize: Int64 = 1 << 20, chunkSize: Int64 = 8 << 20, initialReadAhead: Int64 = 1 << 20,
-                maximumReadAhead: Int64 = 64 << 20, connections: Int = 16, cachedBehindHash: Int64 = 1 << 30) {
+                maximumReadAhead: Int64 = 256 << 20, connections: Int = 16, cachedBehindHash: Int64 = 1 << 30) {
         self.blockSize = max(blockSize, 4096)
         self.chunkSize = max(chunkSize / self.blockSize, 1) * self.blockSize
         self.initialReadAhead = initialReadAhead

@@ -69,6 +69,9 @@ struct Scenario {
     var recordedBad: Set<Int>
     var recordedDamaged: Set<Int>
     var recordedGood: Set<Int>
+    /// Requests of one block that grow to two and four as the window does, instead of chunks
+    /// of four blocks.
+    var growingRequests: Bool
     /// Breaks the model's executor on purpose (it serves waiting reads of the end as soon as
     /// a job is queued), to show the checks catch it.
     var serveTheEndUnverified = false
@@ -79,6 +82,7 @@ struct Scenario {
         var generator = SeededGenerator(seed: seed ^ 0xABCDEF)
         blockCount = Int.random(in: 1...12, using: &generator)
         tail = Int64.random(in: 1...Self.blockSize, using: &generator)
+        growingRequests = Bool.random(using: &generator)
         let blocks = Array(0..<blockCount)
         lyingBlocks = Bool.random(using: &generator) ? Set(blocks.filter { _ in Int.random(in: 0..<4, using: &generator) == 0 }) : []
         recordedBad = []
@@ -97,6 +101,20 @@ struct Scenario {
     }
 
     var size: Int64 { Int64(blockCount - 1) * Self.blockSize + tail }
+
+    static let chunkLimits = TransferMachine.Limits(blockSize: blockSize, chunkSize: 4 * blockSize,
+                                                    initialReadAhead: blockSize, maximumReadAhead: 8 * blockSize,
+                                                    readStallLimit: .seconds(30), unwatchedFetchLimit: .seconds(10),
+                                                    otherProcessStall: .seconds(60))
+
+    var limits: TransferMachine.Limits {
+        var limits = Self.chunkLimits
+        if growingRequests {
+            limits.chunkSize = Self.blockSize
+            limits.requestsPerWindow = 2
+        }
+        return limits
+    }
 }
 
 /// The machine, a model executor around it, and the rules checked after every step.
@@ -127,10 +145,7 @@ struct Simulation {
     var log: [String] = []
     var failure: String?
 
-    static let limits = TransferMachine.Limits(blockSize: Scenario.blockSize, chunkSize: 4 * Scenario.blockSize,
-                                               initialReadAhead: Scenario.blockSize, maximumReadAhead: 8 * Scenario.blockSize,
-                                               readStallLimit: .seconds(30), unwatchedFetchLimit: .seconds(10),
-                                               otherProcessStall: .seconds(60))
+    static let limits = Scenario.chunkLimits
     static let digest = Digest.sha256(of: [0])
 
     init(_ scenario: Scenario) {
@@ -142,7 +157,7 @@ struct Simulation {
             disk[block] = scenario.recordedGood.contains(block) ? .good : .bad
             recordedIntact[block] = !scenario.recordedDamaged.contains(block)
         }
-        machine = TransferMachine(digest: Self.digest, size: scenario.size, limits: Self.limits, generation: 1,
+        machine = TransferMachine(digest: Self.digest, size: scenario.size, limits: scenario.limits, generation: 1,
                                   recorded: recorded, now: now)
     }
 
@@ -343,7 +358,7 @@ struct Simulation {
                 disk = [:]
                 recordedIntact = [:]
                 generation += 1
-                machine = TransferMachine(digest: Self.digest, size: scenario.size, limits: Self.limits, generation: generation,
+                machine = TransferMachine(digest: Self.digest, size: scenario.size, limits: scenario.limits, generation: generation,
                                           recorded: Array(repeating: nil, count: scenario.blockCount), now: now)
                 queued.removeAll { $0.generation != generation }
             case .forgetRecordedBlocks:
