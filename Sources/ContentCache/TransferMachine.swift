@@ -425,8 +425,8 @@ struct TransferMachine: Sendable {
     }
 
     /// Queues the absent blocks of the read and of the read-ahead after it, as jobs cut where
-    /// requests start (`requestSize`). `speculative`: nobody reads `range` yet, so all of it is fetched at
-    /// that priority.
+    /// requests start (`requestSize`). `speculative`: nobody reads `range` yet, so all of it is
+    /// fetched at that priority.
     private mutating func schedule(reading range: Range<Int64>, ahead: Int64, speculative: FetchQueue.Priority? = nil) -> [Action] {
         var wantedEnd = min(size, range.upperBound + ahead)
         // Once the window spans chunks, fetch whole requests: fewer, evenly sized ones.
