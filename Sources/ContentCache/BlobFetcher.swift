@@ -47,7 +47,8 @@ public struct FetchTuning: Sendable, Equatable {
     public var blockSize: Int64
     /// The range one request asks for while the read-ahead window is small; requests never
     /// cross a chunk boundary, so a long read is fetched on several connections at once. Once
-    /// the window holds more than 8 chunks, requests grow with it (`TransferMachine.requestSize`).
+    /// the window holds 8 requests of twice the chunk (at 128 MiB), requests grow with it
+    /// (`TransferMachine.requestSize`).
     public var chunkSize: Int64
     /// Read-ahead after a first or a random read, and its limit while reads stay sequential.
     public var initialReadAhead: Int64

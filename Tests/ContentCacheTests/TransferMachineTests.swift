@@ -64,7 +64,7 @@ import Testing
 
     /// Every request costs the server: docker-registry spent about twice the CPU serving a GiB
     /// as 8 MiB ranges as it did as 32 MiB ranges. With the default tuning a long sequential
-    /// read starts with chunk-sized requests and, once the window holds more than 8 chunks,
+    /// read starts with chunk-sized requests and, once the window holds 8 of twice the chunk,
     /// asks for larger aligned ones, still 8 or more in flight; a short read keeps small ones,
     /// and the last requests shrink again so that the streams end nearly together.
     @Test func aLongSequentialReadAsksForLargerRequestsAsItsWindowGrows() throws {
