@@ -158,6 +158,10 @@ class Bench:
     def cpu_of(self, pid):
         return sum(self.cpu_split(pid))
 
+    def machine_state(self):
+        """The load average and the cost of new page-cache pages, before and after the run."""
+        return machine_state(self.R)
+
     def drop_caches(self):
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -695,7 +699,7 @@ class Bench:
     # ------------------------------------------------------------ all
     def go(self):
         self.R["started"] = datetime.datetime.now(datetime.timezone.utc)
-        self.R["load_before"] = open("/proc/loadavg").read().split()[:3]
+        record_machine_state(self.R, self.work, "before")
         if "registry" in self.parts:
             self.seed()
             self.bench_mount()
@@ -713,8 +717,37 @@ class Bench:
         if "export" in self.parts:
             self.export = bench_export.ExportPart(self, self.a)
             self.export.go()
-        self.R["load_after"] = open("/proc/loadavg").read().split()[:3]
+        record_machine_state(self.R, self.work, "after")
         self.R["finished"] = datetime.datetime.now(datetime.timezone.utc)
+
+
+def page_cache_write_cost(directory, size=256 << 20):
+    """System CPU-seconds per GiB that writing a new file through the page cache costs now.
+
+    In a virtual machine whose host takes back the guest's free pages, the first touch of a page
+    is a fault in the host. On the 2-core test machine writing a new 1 GiB file cost from 0.2 to
+    3.2 CPU-s of system time within one hour (docs/performance.md, "Staged files by direct I/O:
+    tried, not kept"), and every cold read and export pays that rate for the pages it fills: a
+    figure taken before and after each run tells which state the run met."""
+    path = os.path.join(directory, "page-cache-probe")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={size >> 20}", "status=none"], check=True)
+    spent = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime - before
+    os.unlink(path)
+    return spent * (1 << 30) / size
+
+
+def machine_state(R):
+    """The load average and the cost of new page-cache pages, before and after a run."""
+    return (f"load average {' '.join(R['load_before'])} before, {' '.join(R['load_after'])} after; "
+            f"a new file written through the page cache cost {R['page_cost_before']:.2f} CPU-s per GiB before, "
+            f"{R['page_cost_after']:.2f} after")
+
+
+def record_machine_state(R, directory, when):
+    """Records the load average and the page cache's write cost; `when` is "before" or "after"."""
+    R[f"load_{when}"] = open("/proc/loadavg").read().split()[:3]
+    R[f"page_cost_{when}"] = page_cache_write_cost(directory)
 
 
 # ---------------------------------------------------------------- report
@@ -1119,7 +1152,7 @@ the same run; absolute times on these machines are noisy and are shown only for 
 - command: `{self.command}` (parts: {", ".join(self.parts)})
 - date: {started}
 - machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['memory']} memory, kernel {mach['kernel']};
-  work directory on `{mach['disk']}` (device, filesystem, size, free); load average {' '.join(R['load_before'])} before, {' '.join(R['load_after'])} after
+  work directory on `{mach['disk']}` (device, filesystem, size, free); {machine_state(R)}
 - {tools}
 - ocicachefs: release build of commit {mach['commit']} ({dirty})
 """

@@ -1301,8 +1301,8 @@ class ExportReport:
                 samples.append(f"| `{k}` | {', '.join(f'{x:.3f}' for x in xs)} s | {med(xs):.3f} s |")
         return (f"## Exports through a writable mount (issue 14)\n\n"
                 f"Measured {started} with `{command}` (release build of commit {self.a.build_commit or '?'}"
-                f"{', Sources/ changed' if self.a.build_dirty else ''}; load average {' '.join(self.R['load_before'])} "
-                f"before, {' '.join(self.R['load_after'])} after); medians of {self.a.export_runs} runs (the CI job: "
+                f"{', Sources/ changed' if self.a.build_dirty else ''}; {self.b.machine_state()}); "
+                f"medians of {self.a.export_runs} runs (the CI job: "
                 f"{self.a.runs}), the export and its `curl` baseline taking turns going first.\n\n"
                 + "\n".join(lines) + "\n\n" + self.targets() + "\n\n" + self.where_time() + "\n\n"
                 + self.how() + "\n\n" + "\n".join(samples) + "\n")

@@ -288,7 +288,7 @@ class LayersPart:
             b.rm(cache)
 
     def go(self):
-        self.R["load_before"] = open("/proc/loadavg").read().split()[:3]
+        bench.record_machine_state(self.R, self.b.work, "before")
         self.seed()
         for run in range(self.a.runs):
             for c, info in self.L.items():
@@ -306,7 +306,7 @@ class LayersPart:
                 self.rss_huge()
             log(f"huge: layers/ VmHWM {fmt_bytes(med(self.s('huge_layers_hwm')))}, "
                 f"blobs/ {fmt_bytes(med(self.s('huge_blobs_hwm')))}")
-        self.R["load_after"] = open("/proc/loadavg").read().split()[:3]
+        bench.record_machine_state(self.R, self.b.work, "after")
 
 
 # ---------------------------------------------------------------- report
@@ -394,7 +394,7 @@ class LayersReport:
         huge = seed.get("huge")
         return f"""{heading} The `layers/` view (issue 15)
 
-- command: `{command}`; {started}; load average {' '.join(self.R['load_before'])} before, {' '.join(self.R['load_after'])} after
+- command: `{command}`; {started}; {bench.machine_state(self.R)}
 - the layer: a {fmt_bytes(tar)} tar (`tar --sort=name`) of a fifth pseudo-random files and the rest
   text-like lines, compressed by `gzip` (level 6, one member) and `zstd` (level 3, one frame, as
   BuildKit writes zstd layers); {layers}; each pushed to docker-registry as the layer of a

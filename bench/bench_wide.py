@@ -343,8 +343,8 @@ class WideReport:
                 samples.append(f"| `{k}` | {', '.join(f'{x:.3f}' for x in xs)} s | {med(xs):.3f} s |")
         return (f"## Many blobs (issue 13 item 4)\n\n"
                 f"Measured {started} with `{command}` (release build of commit {self.a.build_commit or '?'}"
-                f"{', Sources/ changed' if self.a.build_dirty else ''}; load average {' '.join(self.R['load_before'])} "
-                f"before, {' '.join(self.R['load_after'])} after); medians of {self.a.runs} runs. The rest of this "
+                f"{', Sources/ changed' if self.a.build_dirty else ''}; {self.b.machine_state()}); "
+                f"medians of {self.a.runs} runs. The rest of this "
                 f"document comes from its own full run; a full run measures this part too.\n\n"
                 + "\n".join(lines) + "\n\n" + self.targets() + "\n\n" + self.where_time() + "\n\n"
                 + self.how() + "\n\n" + "\n".join(samples) + "\n")
