@@ -556,9 +556,11 @@ public final class CacheFilesystem: Sendable {
                 return .failure(node.children == nil ? .readOnlyFileSystem : .isDirectory)
             }
             guard offset >= 0 else { return .failure(.invalidArgument) }
-            let end = Int(offset) + data.count
-            let growth = max(0, end - bytes.count)
-            guard state.scratchBytes + growth <= scratchCapacity else { return .failure(.noSpace) }
+            // The kernel allows offsets up to Int64.max: the room left is compared, not the sum,
+            // so that a write far past the end is refused instead of overflowing.
+            let (end, overflowed) = Int(offset).addingReportingOverflow(data.count)
+            let growth = overflowed ? Int.max : max(0, end - bytes.count)
+            guard growth <= scratchCapacity - state.scratchBytes else { return .failure(.noSpace) }
             if end > bytes.count { bytes.append(contentsOf: repeatElement(0, count: end - bytes.count)) }
             bytes.replaceSubrange(Int(offset)..<end, with: data)
             node.content = .scratchFile(bytes)
@@ -577,8 +579,7 @@ public final class CacheFilesystem: Sendable {
             if let size = changes.size {
                 guard case .scratchFile(var bytes) = node.content else { return .failure(.isDirectory) }
                 guard size >= 0 else { return .failure(.invalidArgument) }
-                let growth = max(0, Int(size) - bytes.count)
-                guard state.scratchBytes + growth <= scratchCapacity else { return .failure(.noSpace) }
+                guard max(0, Int(size) - bytes.count) <= scratchCapacity - state.scratchBytes else { return .failure(.noSpace) }
                 state.scratchBytes += Int(size) - bytes.count
                 if Int(size) < bytes.count {
                     bytes.removeLast(bytes.count - Int(size))

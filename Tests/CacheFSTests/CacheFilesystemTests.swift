@@ -238,6 +238,15 @@ final class PendingRead: Sendable {
         #expect(fs.setattr(file.attributes.inode, AttributeChanges(size: Int64(fs.scratchCapacity) + 1)).failure == .noSpace)
         let byte: [UInt8] = [1]
         #expect(byte.withUnsafeBytes { fs.write(file.attributes.inode, offset: Int64(fs.scratchCapacity), data: $0) }.failure == .noSpace)
+
+        // Offsets and sizes up to the largest file size the kernel allows, while another scratch
+        // file holds bytes: refused, not an overflow.
+        let (other, _) = try fs.create(parent: CacheFilesystem.rootInode, name: "small", permissions: 0o644, flags: OpenFlags(O_WRONLY | O_CREAT)).get()
+        #expect(byte.withUnsafeBytes { fs.write(other.attributes.inode, offset: 0, data: $0) }.success == 1)
+        #expect(byte.withUnsafeBytes { fs.write(file.attributes.inode, offset: Int64.max - 1, data: $0) }.failure == .noSpace)
+        #expect(byte.withUnsafeBytes { fs.write(file.attributes.inode, offset: Int64.max, data: $0) }.failure == .noSpace)
+        #expect(fs.setattr(file.attributes.inode, AttributeChanges(size: Int64.max)).failure == .noSpace)
+        #expect(byte.withUnsafeBytes { fs.write(file.attributes.inode, offset: 0, data: $0) }.success == 1, "the area still takes what fits")
     }
 }
 
