@@ -154,11 +154,15 @@ public final class UploadQueue: Sendable {
             logger.warning("an upload journal entry cannot be read; it is left alone", metadata: ["path": "\(path)"])
         }
         var lost: [Digest] = []
+        let reachedByTags = Set(contents.tags.flatMap { $0.blobs.map(\.digest) })
         state.withLock { state in
             for (digest, size) in contents.blobs.sorted(by: { $0.key < $1.key }) {
                 // The journal is written before the blob's rename: a mount that died between
-                // the two never told its client the blob was committed.
-                guard store.hasComplete(digest) else {
+                // the two never told its client the blob was committed. A blob a journaled tag
+                // reaches was committed, or shown from another remote of the mount
+                // (`enqueueTag(_:uploadingFirst:)`): it stays, for the copier to bring here or
+                // for its failure to fail the tag.
+                guard store.hasComplete(digest) || reachedByTags.contains(digest) else {
                     lost.append(digest)
                     continue
                 }

@@ -61,6 +61,48 @@ import Testing
         #expect(Array(publisher.published.dropFirst(published.count)) == [second.digest.hex, "tag pr-42"])
     }
 
+    /// A mount killed (or stopped with the upload failed) before a blob shown from another
+    /// remote reached this one: the next mount copies it again before the tag, or fails the
+    /// tag; it never publishes a tag whose blob the remote lacks.
+    @Test(arguments: [true, false])
+    func aCopiedBlobLeftInTheJournalStillGoesBeforeItsTag(copiable: Bool) throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try ContentStore(directory: directory)
+        let staging = try StagingArea(cacheDirectory: directory)
+        let elsewhereBytes = Array("only on the other remote".utf8)
+        let elsewhere = Descriptor(mediaType: "application/octet-stream", digest: Digest.sha256(of: elsewhereBytes),
+                                   size: Int64(elsewhereBytes.count))
+        let (tagged, bytes) = manifest(#"{"schemaVersion":2}"#)
+        try Data(bytes).write(to: URL(fileURLWithPath: store.completePath(tagged.digest)))
+        let publication = TagPublication(tag: "pr-42", manifest: tagged, manifestBytes: bytes, smallBlobs: [:], blobs: [tagged, elsewhere])
+        // The first mount journals the blob and the tag, and never runs them.
+        let first = try UploadQueue(store: store, publisher: QueueRecordingPublisher(), logger: logger)
+        try first.enqueueTag(publication, uploadingFirst: [tagged, elsewhere])
+        first.stop()
+
+        let publisher = QueueRecordingPublisher()
+        let second = try UploadQueue(store: store, publisher: publisher, logger: logger, maxAttempts: 2, retryPause: { _ in .milliseconds(1) })
+        defer { second.stop() }
+        #expect(second.pendingBlobs[elsewhere.digest] == elsewhere.size, "the blob the cache never held is still to publish")
+        if copiable {
+            second.copyMissingBlobs { _, _ in
+                let file = try staging.newFile()
+                try elsewhereBytes.withUnsafeBytes { bytes in try file.write(bytes, at: 0) }
+                return file
+            }
+        }
+        second.start()
+        let unpublished = second.drain()
+        if copiable {
+            #expect(unpublished.isEmpty, "\(unpublished)")
+            #expect(Set(publisher.published.dropLast()) == [tagged.digest.hex, elsewhere.digest.hex])
+            #expect(publisher.published.last == "tag pr-42", "the tag goes last: \(publisher.published)")
+        } else {
+            #expect(!publisher.published.contains("tag pr-42"), "a tag whose blob the remote lacks: \(publisher.published)")
+            #expect(unpublished.contains { if case .tag("pr-42", _) = $0 { return true } else { return false } }, "\(unpublished)")
+        }
+    }
+
     @Test func aBlobNeitherCachedNorCopiableFailsItsTag() throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let store = try ContentStore(directory: directory)
