@@ -206,6 +206,9 @@ extension CacheFilesystem {
                 writable.uploads.beginEarlyUpload(of: file) { ingestAnnouncement(of: inode) }
                 return .success(data.count)
             } catch {
+                // Committed by a rename since it was looked up: it is a blob now, as if the
+                // rename had come first.
+                if file.isCommitted { return .failure(.badFileDescriptor) }
                 logger.error("write to the staging area failed", metadata: ["error": "\(error)"])
                 return .failure(Self.errno(of: error))
             }
@@ -235,6 +238,8 @@ extension CacheFilesystem {
             try file.truncate(to: size)
             return .success(())
         } catch {
+            // Committed by a rename since it was looked up: its name is gone from where it was.
+            if file.isCommitted { return .failure(.noSuchFileOrDirectory) }
             logger.error("truncation in the staging area failed", metadata: ["error": "\(error)"])
             return .failure(Self.errno(of: error))
         }

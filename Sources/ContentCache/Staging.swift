@@ -118,6 +118,10 @@ public final class StagedFile: Sendable {
     private let allocatedEnd = Atomic<Int64>(0)
     /// The file still has its name in the staging area: it was neither moved nor removed.
     private let named = Atomic<Bool>(true)
+    /// Moved into the content store: its bytes are a committed blob's and never change again.
+    /// Set under `hashing`, so that a write or truncation that looked the file up before the
+    /// commit and runs after it is refused.
+    private let committed = Atomic<Bool>(false)
     /// Whether an upload of the file before its commit was tried; at most once per file.
     private let earlyUploadClaimed = Atomic<Bool>(false)
     /// What an upload started before the commit reads, and the upload itself.
@@ -136,10 +140,18 @@ public final class StagedFile: Sendable {
     /// Its size in bytes, read without waiting for a write in progress.
     public var size: Int64 { byteCount.load(ordering: .acquiring) }
 
+    /// Whether it became a committed blob (`moveIntoStore`): it takes no more writes.
+    public var isCommitted: Bool { committed.load(ordering: .acquiring) }
+
+    private func refuseIfCommitted() throws(CacheError) {
+        guard !committed.load(ordering: .relaxed) else { throw CacheError("\(path) was committed as a blob: it changes no more") }
+    }
+
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws(CacheError) {
         // As pwrite: nothing written, nothing extended.
         guard !bytes.isEmpty else { return }
         try hashing.withLock { verifier throws(CacheError) in
+            try refuseIfCommitted()
             try file.write(bytes, at: offset)
             let size = byteCount.load(ordering: .relaxed)
             if verifier != nil, offset == size {
@@ -158,6 +170,7 @@ public final class StagedFile: Sendable {
 
     public func truncate(to newSize: Int64) throws(CacheError) {
         try hashing.withLock { verifier throws(CacheError) in
+            try refuseIfCommitted()
             guard ftruncate(file.fd, off_t(newSize)) == 0 else { throw CacheError.system("cannot truncate \(path)") }
             let size = byteCount.load(ordering: .relaxed)
             if newSize == 0 {
@@ -239,12 +252,12 @@ public final class StagedFile: Sendable {
     /// Moves the file, verified as `digest` and synced, into the content store as a complete
     /// blob. Called inside `whileUnchanging`.
     public func moveIntoStore(_ store: ContentStore, as digest: Digest) throws(CacheError) {
-        // Blocks allocated ahead past its end would count as the blob's: a truncation to its
-        // size releases them.
-        if allocatedEnd.load(ordering: .relaxed) > byteCount.load(ordering: .relaxed) {
-            guard ftruncate(file.fd, off_t(byteCount.load(ordering: .relaxed))) == 0 else {
-                throw CacheError.system("cannot truncate \(path)")
-            }
+        // Blocks allocated ahead past its end, or bytes a write that failed part-way left past
+        // it, would count as the blob's: a truncation to its size, the size verified, drops them.
+        let size = byteCount.load(ordering: .relaxed)
+        var info = stat()
+        if allocatedEnd.load(ordering: .relaxed) > size || fstat(file.fd, &info) != 0 || Int64(info.st_size) != size {
+            guard ftruncate(file.fd, off_t(size)) == 0 else { throw CacheError.system("cannot truncate \(path)") }
             allocatedEnd.store(0, ordering: .relaxed)
         }
         // Complete blobs are immutable; the mode says so to anyone looking at the cache.
@@ -253,6 +266,7 @@ public final class StagedFile: Sendable {
             throw CacheError.system("cannot move \(path) into the cache as \(digest)")
         }
         named.store(false, ordering: .releasing)
+        committed.store(true, ordering: .releasing)
         early.withLock { $0?.feed.seal(at: byteCount.load(ordering: .relaxed), as: digest) }
     }
 

@@ -47,6 +47,25 @@ import Testing
         #expect(try Data(contentsOf: URL(fileURLWithPath: committed)) == Data(content))
     }
 
+    /// A write that failed part-way (ENOSPC after some bytes) can leave bytes past the size the
+    /// file was verified at: the committed blob is the verified bytes alone.
+    @Test func bytesPastTheVerifiedSizeDoNotReachTheCommittedBlob() throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try ContentStore(directory: directory)
+        let staging = try StagingArea(cacheDirectory: directory)
+        let content = Array("the verified bytes".utf8)
+        let file = try staging.newFile()
+        try content.withUnsafeBytes { try file.write($0, at: 0) }
+        // What the failed write left, below the file's own bookkeeping.
+        try file.file.write(Array("and some debris".utf8), at: Int64(content.count))
+        let digest = Digest.sha256(of: content)
+        try file.whileUnchanging { actual, size throws(CacheError) in
+            #expect(actual == digest && size == Int64(content.count))
+            try file.moveIntoStore(store, as: digest)
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: store.completePath(digest))) == Data(content))
+    }
+
     @Test func aSmallFileIsLeftToDelayedAllocation() throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let staging = try StagingArea(cacheDirectory: directory)
