@@ -395,7 +395,7 @@ final class EarlyFeed: GrowingBlobContents {
         }
     }
 
-    func committedDigest() throws -> Digest {
+    func committed() throws -> (digest: Digest, size: Int64) {
         let deadline = ContinuousClock.now + Self.stallLimit
         while true {
             let now = state.withLock { state -> State in
@@ -403,7 +403,7 @@ final class EarlyFeed: GrowingBlobContents {
                 return state
             }
             if let reason = now.givenUp { throw CacheError("the upload before the commit stopped: \(reason)") }
-            if let digest = now.committed { return digest }
+            if let digest = now.committed { return (digest, now.written) }
             try sleep(until: deadline)
         }
     }

@@ -48,9 +48,9 @@ public protocol GrowingBlobContents: AnyObject, Sendable {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int
     /// What the writer said the contents will be, before writing them: a hint, never trusted.
     var announced: AnnouncedBlob? { get }
-    /// Waits a bounded time for the contents to be committed, and returns the digest they
-    /// were committed as (after checking their bytes); throws when they will not be.
-    func committedDigest() throws -> Digest
+    /// Waits a bounded time for the contents to be committed, and returns the digest and size
+    /// they were committed as (after checking their bytes); throws when they will not be.
+    func committed() throws -> (digest: Digest, size: Int64)
 }
 
 /// The blob a writer announced before writing it. containerd's content store, which BuildKit's

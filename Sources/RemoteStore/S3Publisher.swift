@@ -462,9 +462,10 @@ private final class AnnouncedBlobBody: StreamedRequestBody {
         guard sent < announced.size else { return 0 }
         let lastByte = sent == announced.size - 1
         if lastByte {
-            let committed = try contents.committedDigest()
-            guard committed == announced.digest else {
-                throw RemoteStoreError.invalidContent("the bytes were committed as \(committed), not as the announced \(announced.digest)")
+            let committed = try contents.committed()
+            guard committed.digest == announced.digest, committed.size == announced.size else {
+                throw RemoteStoreError.invalidContent(
+                    "the bytes were committed as \(committed.digest) (\(committed.size) bytes), not as the announced \(announced.digest) (\(announced.size) bytes)")
             }
         }
         let room = lastByte ? 1 : Int(min(Int64(buffer.count), announced.size - 1 - sent))

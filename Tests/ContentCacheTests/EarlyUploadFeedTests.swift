@@ -211,7 +211,8 @@ private final class EarlyTakingPublisher: CachePublisher {
         #expect(upload.waitForRun())
         #expect(upload.state.withLock { $0.failure } == nil)
         #expect(upload.state.withLock { $0.received } == content + content)
-        #expect(try feed.committedDigest() == digest, "the digest the commit verified")
+        let committed = try feed.committed()
+        #expect(committed.digest == digest && committed.size == 2000, "the digest and size the commit verified")
     }
 
     private func eventually(_ condition: () -> Bool) async -> Bool {

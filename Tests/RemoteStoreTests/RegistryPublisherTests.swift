@@ -436,11 +436,11 @@ final class TestGrowingContents: GrowingBlobContents {
         }
     }
 
-    func committedDigest() throws -> Digest {
+    func committed() throws -> (digest: Digest, size: Int64) {
         while true {
             let now = state.withLock { $0 }
             if let failure = now.failure { throw HTTPTransportError.aborted(failure) }
-            if let committed = now.committed { return committed }
+            if let committed = now.committed { return (committed, Int64(now.bytes.count)) }
             guard wake.wait(timeout: .now() + .seconds(10)) == .success else { throw HTTPTransportError.timedOut("test contents stalled") }
         }
     }

@@ -2,6 +2,7 @@ import Foundation
 import HTTPClient
 import Logging
 import OCI
+import Synchronization
 import Testing
 
 @testable import RemoteStore
@@ -16,7 +17,54 @@ private func makePublisher(_ transport: any HTTPTransport) throws -> S3Publisher
                        logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
 }
 
+/// FakeS3, except that a PutObject with a streamed body is read as a transport sends it, and
+/// kept when its whole body was read.
+private final class StreamStoringS3: HTTPTransport {
+    let fake: FakeS3
+    let stored = Mutex<[String: [UInt8]]>([:])
+
+    init(wrapping fake: FakeS3) { self.fake = fake }
+
+    func execute(_ request: HTTPRequest, onResponse: (HTTPResponseHead) throws -> Void,
+                 onBody: (UnsafeRawBufferPointer) throws -> Void) throws {
+        guard request.method == "PUT", case .stream(let stream)? = request.body else {
+            return try fake.execute(request, onResponse: onResponse, onBody: onBody)
+        }
+        var bytes: [UInt8] = []
+        var piece = [UInt8](repeating: 0, count: 3)
+        while true {
+            // A body that throws cuts the request: S3 keeps nothing of it.
+            let got = try piece.withUnsafeMutableBytes { try stream.next(into: $0) }
+            if got == 0 { break }
+            bytes += piece[..<got]
+        }
+        stored.withLock { $0[request.url] = bytes }
+        try onResponse(HTTPResponseHead(status: 200, headers: HTTPHeaders([("Content-Length", "0")])))
+    }
+}
+
 @Suite struct S3PublisherUnitTests {
+    /// The client announced the blob's digest with a size that is not the committed file's
+    /// (`total` lied): the PutObject's last byte waits for the commit, which is not the
+    /// announced blob, so S3 never stores a prefix under the blob's name.
+    @Test(arguments: [10, 5])
+    func anEarlyUploadSendsItsLastByteOnlyForTheAnnouncedDigestAndSize(announcedSize: Int64) throws {
+        let bytes = (0..<10).map { UInt8($0) }
+        let digest = Digest.sha256(of: bytes)
+        let transport = StreamStoringS3(wrapping: FakeS3(bucket: "cache", objects: [:]))
+        let contents = TestGrowingContents(announced: AnnouncedBlob(digest: digest, size: announcedSize))
+        let upload = try #require(try makePublisher(transport).beginEarlyUpload(of: contents))
+        contents.append(bytes)
+        contents.seal()
+        upload.run()
+        let stored = transport.stored.withLock { $0 }.filter { $0.key.contains(digest.hex) }
+        if announcedSize == 10 {
+            #expect(Array(stored.values) == [bytes], "the announced blob, whole")
+        } else {
+            #expect(stored.isEmpty, "a prefix stored under the blob's name: \(stored)")
+        }
+    }
+
     @Test func lastModifiedDatesAreRead() {
         #expect(S3Publisher.httpDate("Wed, 21 Oct 2015 07:28:00 GMT") == Date(timeIntervalSince1970: 1_445_412_480))
         #expect(S3Publisher.httpDate("Tue, 02 Dec 2025 19:00:59 GMT") == Date(timeIntervalSince1970: 1_764_702_059))
