@@ -107,6 +107,16 @@ public struct TarReader: Sendable {
     /// Set by `g` members for every entry after them.
     private var global: [String: String] = [:]
     private var zeroBlocks = 0
+    /// The PAX keys entries are made of. Only these are kept: a stream of headers full of other
+    /// keys would otherwise pile up (global ones for the whole walk, merged into every entry).
+    static let paxKeysUsed: Set<String> = [
+        "path", "linkpath", "size", "uid", "gid", "mtime",
+        "GNU.sparse.name", "GNU.sparse.realsize", "GNU.sparse.size", "GNU.sparse.major", "GNU.sparse.minor",
+        "GNU.sparse.map", "GNU.sparse.numblocks", "GNU.sparse.offset", "GNU.sparse.numbytes",
+    ]
+
+    /// PAX records held for the entries to come: at most `paxKeysUsed.count` of each kind.
+    var paxRecordsHeld: Int { global.count + extended.count }
 
     public init() {
         block.reserveCapacity(Self.blockSize)
@@ -326,10 +336,10 @@ public struct TarReader: Sendable {
         case UInt8(ascii: "K"): longLink = Self.string(metadata[...])
         case UInt8(ascii: "x"):
             guard let records = Self.paxRecords(metadata) else { throw .badHeader(at: offset, "a malformed PAX extended header") }
-            extended.merge(records) { _, new in new }
+            extended.merge(records.filter { Self.paxKeysUsed.contains($0.key) }) { _, new in new }
         case UInt8(ascii: "g"):
             guard let records = Self.paxRecords(metadata) else { throw .badHeader(at: offset, "a malformed PAX global header") }
-            global.merge(records) { _, new in new }
+            global.merge(records.filter { Self.paxKeysUsed.contains($0.key) }) { _, new in new }
         default:
             break
         }
@@ -418,7 +428,9 @@ public struct TarReader: Sendable {
             // -1.25 is a quarter second before -1.
             guard nanoseconds > 0 else { return (seconds, 0) }
             nanoseconds = 1_000_000_000 - nanoseconds
-            return (seconds - 1, nanoseconds)
+            // Int64.min and a fraction is before the earliest time this can hold.
+            let (earlier, overflowed) = seconds.subtractingReportingOverflow(1)
+            return overflowed ? nil : (earlier, nanoseconds)
         }
         return (seconds, nanoseconds)
     }

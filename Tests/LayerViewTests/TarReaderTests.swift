@@ -1,5 +1,5 @@
 import Foundation
-import LayerView
+@testable import LayerView
 import ModelTesting
 import Testing
 
@@ -170,6 +170,43 @@ struct TarReaderTests {
         #expect(entries[0].dataOffset == 512 && entries[0].modifiedSeconds == 0o14707054400)
         #expect(entries[1].modifiedSeconds == 1234 && entries[1].modifiedNanoseconds == 567_800_000)
         #expect(entries[2].modifiedSeconds == 1234)
+    }
+
+    /// PAX times before 1970 with a fraction count back from the second before; the earliest
+    /// second there is with a fraction cannot be held, and is a bad header, not an overflow.
+    @Test func negativePaxTimesAndTheEarliestOne() throws {
+        func archive(_ record: String) -> [UInt8] {
+            let records = Array(record.utf8)
+            return handHeader(name: "pax_global_header", flag: "g", size: Int64(records.count)) + padded(records)
+                + handHeader(name: "file", size: 0) + [UInt8](repeating: 0, count: 1024)
+        }
+        let entries = try parseTar(archive("15 mtime=-1.25\n"))
+        #expect(entries.first?.modifiedSeconds == -2 && entries.first?.modifiedNanoseconds == 750_000_000)
+        #expect(throws: TarError.self) { try parseTar(archive("32 mtime=-9223372036854775808.5\n")) }
+        #expect(try parseTar(archive("30 mtime=-9223372036854775808\n")).first?.modifiedSeconds == Int64.min)
+    }
+
+    /// Headers full of keys no entry is made of are not kept: a global header's would otherwise
+    /// stay for the whole walk and be merged into every entry after it.
+    @Test func paxKeysNoEntryUsesAreNotKept() throws {
+        var text = "mtime=77"
+        for index in 0..<5000 { text += "\n" + "k\(index)=v" }
+        // Each record's length counts its own digits.
+        let records = text.split(separator: "\n").map { record -> String in
+            let body = " " + record + "\n"
+            var length = body.utf8.count
+            while String(length).utf8.count + body.utf8.count != length { length = String(length).utf8.count + body.utf8.count }
+            return String(length) + body
+        }.joined()
+        let bytes = Array(records.utf8)
+        var reader = TarReader()
+        var entries: [TarEntry] = []
+        for flag: Character in ["g", "x"] {
+            try feed(&reader, handHeader(name: "pax", flag: flag, size: Int64(bytes.count)) + padded(bytes)) { entries.append($0) }
+        }
+        #expect(reader.paxRecordsHeld == 2, "mtime, in the global and the extended records")
+        try feed(&reader, handHeader(name: "file", size: 0) + [UInt8](repeating: 0, count: 1024)) { entries.append($0) }
+        #expect(entries.map(\.path) == ["file"] && entries.first?.modifiedSeconds == 77)
     }
 
     @Test func base256SizeOfAFileOver8GiB() throws {
