@@ -197,7 +197,7 @@ public struct LayerIndex: Sendable, Equatable {
         }
         guard let compressionByte = byte(), let compression = LayerCompression(rawValue: compressionByte),
               let spans = byte(), let compressedSize = integer(), let uncompressedSize = integer(),
-              let count = integer(), count >= 1, count <= Int64(body) else { return nil }
+              compressedSize >= 0, uncompressedSize >= 0, let count = integer(), count >= 1, count <= Int64(body) else { return nil }
         var checkpoints: [LayerCheckpoint] = []
         for _ in 0..<count {
             guard let kindByte = byte(), let kind = LayerCheckpoint.Kind(rawValue: kindByte), let bits = byte(), bits < 8,
@@ -208,7 +208,7 @@ public struct LayerIndex: Sendable, Equatable {
             var location: LayerCheckpoint.WindowLocation?
             if windowOffset >= 0 {
                 guard windowOffset >= Int64(Self.fileHeader.count), (0...(1 << 15)).contains(windowLength),
-                      windowOffset + windowLength <= tableOffset, (0...Int64(UInt32.max)).contains(windowCRC) else { return nil }
+                      windowOffset <= tableOffset - windowLength, (0...Int64(UInt32.max)).contains(windowCRC) else { return nil }
                 location = .init(offset: windowOffset, length: Int(windowLength), crc: UInt32(windowCRC))
             }
             guard (kind == .deflateBlock) == (location != nil) else { return nil }

@@ -172,6 +172,22 @@ func decodeRange(_ compressed: [UInt8], _ compression: LayerCompression, checkpo
         #expect(throws: LayerDecodeError.self) { _ = try decodeWhole(compressed, .gzip, spacing: 100_000) }
     }
 
+    /// A table whose checksum holds but whose values cannot be (written on purpose, not by
+    /// damage) is refused, not trapped on.
+    @Test func aTableWithImpossibleValuesAndAValidChecksumIsRefused() {
+        let start = LayerCheckpoint(kind: .streamStart, uncompressedOffset: 0, compressedOffset: 0)
+        let header = Int64(LayerIndex.fileHeader.count)
+        func parsed(_ index: LayerIndex) -> LayerIndex? {
+            LayerIndex(serializedFile: LayerIndex.fileHeader + index.trailer(tableOffset: header))
+        }
+        #expect(parsed(LayerIndex(compression: .gzip, compressedSize: 10, uncompressedSize: 20, checkpoints: [start])) != nil)
+        #expect(parsed(LayerIndex(compression: .gzip, compressedSize: 10, uncompressedSize: -1, checkpoints: [start])) == nil)
+        #expect(parsed(LayerIndex(compression: .gzip, compressedSize: -1, uncompressedSize: 20, checkpoints: [start])) == nil)
+        let farWindow = LayerCheckpoint(kind: .deflateBlock, uncompressedOffset: 0, compressedOffset: 0,
+                                        windowLocation: .init(offset: Int64.max - 10, length: 100, crc: 0))
+        #expect(parsed(LayerIndex(compression: .gzip, compressedSize: 10, uncompressedSize: 20, checkpoints: [farWindow])) == nil)
+    }
+
     @Test func indexRoundTripsAndRefusesDamage() throws {
         let compressed = try run("gzip", ["-c"], input: layerLikeBytes(count: 600_000, seed: 6))
         let (output, checkpoints) = try decodeWhole(compressed, .gzip, spacing: 100_000)
