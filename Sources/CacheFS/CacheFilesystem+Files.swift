@@ -65,6 +65,11 @@ extension CacheFilesystem {
             return .failure(.ioError)
         }
         let tree = TarTree(entries: entries)
+        guard !tree.exceedsNodeLimit else {
+            logger.warning("the files of a layer cannot be shown: its members make more than \(TarTree.defaultNodeLimit) files and directories",
+                           metadata: ["digest": "\(layer.digest)"])
+            return .failure(.ioError)
+        }
         if tree.problemCount > 0 {
             logger.warning("some members of a layer's tar cannot be shown", metadata: [
                 "digest": "\(layer.digest)", "left out": "\(tree.problemCount)",

@@ -20,11 +20,21 @@ public struct TarTree: Sendable {
     public private(set) var problems: [String] = []
     public private(set) var problemCount = 0
     public static let problemsKept = 16
+    /// The most nodes a tree holds. Far more than a real layer has (about a million files at
+    /// most), and a bound on what a small hostile blob can cost: each member's path may imply
+    /// thousands of directories, and gzip shrinks such a tar a thousandfold.
+    public static let defaultNodeLimit = 4_000_000
+    /// The members would make more than the node limit: the tree stops there, and is not the
+    /// layer's tree.
+    public private(set) var exceedsNodeLimit = false
 
-    public init(entries: [TarEntry]) {
+    public init(entries: [TarEntry], nodeLimit: Int = TarTree.defaultNodeLimit) {
         let rootEntry = TarEntry(path: ".", kind: .directory, mode: 0o755)
         nodes = [Node(entry: rootEntry, children: [:], linkCount: 2)]
-        for entry in entries { place(entry) }
+        for entry in entries {
+            place(entry, nodeLimit: nodeLimit)
+            if exceedsNodeLimit { break }
+        }
         countLinks()
     }
 
@@ -46,9 +56,14 @@ public struct TarTree: Sendable {
         if problems.count < Self.problemsKept { problems.append(message) }
     }
 
-    private mutating func place(_ entry: TarEntry) {
+    private mutating func place(_ entry: TarEntry, nodeLimit: Int) {
         guard let names = TarPath.components(entry.path) else {
             return problem("\(entry.path.debugDescription) leaves the layer's tree or has a name too long to show: left out")
+        }
+        // A member adds at most one node per component of its path.
+        guard nodes.count + names.count <= nodeLimit else {
+            exceedsNodeLimit = true
+            return
         }
         guard let name = names.last else {
             // `./`: the root's own metadata.

@@ -209,6 +209,19 @@ struct TarReaderTests {
         #expect(entries.map(\.path) == ["file"] && entries.first?.modifiedSeconds == 77)
     }
 
+    /// Members whose paths imply more directories than a tree holds (a small hostile blob can
+    /// imply millions): the tree says so instead of growing without bound.
+    @Test func aTreeStopsAtItsNodeLimit() {
+        let deep = (0..<40).map { branch in
+            TarEntry(path: "b\(branch)/" + Array(repeating: "d", count: 30).joined(separator: "/") + "/file", kind: .regular, mode: 0o644)
+        }
+        let bounded = TarTree(entries: deep, nodeLimit: 1000)
+        #expect(bounded.exceedsNodeLimit && bounded.nodes.count <= 1000)
+        let whole = TarTree(entries: deep, nodeLimit: 2000)
+        #expect(!whole.exceedsNodeLimit && whole.nodes.count == 1 + 40 * 32)
+        #expect(whole.node(at: "b39/" + Array(repeating: "d", count: 30).joined(separator: "/") + "/file") != nil)
+    }
+
     @Test func base256SizeOfAFileOver8GiB() throws {
         // 9 GiB does not fit 11 octal digits: GNU tar writes it in base-256. The data is not
         // there; the parser says how much it would skip, and the skip lands on the next header.
